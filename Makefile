@@ -1,0 +1,39 @@
+# The two commands a new user needs: `make demo` and `make test`. Both install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all demo test lint unit sysdeps venv bench clean
+
+all: test
+
+sysdeps:
+	@scripts/sysdeps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: sysdeps venv lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: sysdeps venv
+	$(PY) -m wiremesh.lab.demo
+
+bench: sysdeps venv
+	$(PY) bench/throughput
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

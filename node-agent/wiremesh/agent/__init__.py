@@ -1,0 +1,1 @@
+"""The node agent (wiremeshd) and the wiremesh CLI."""

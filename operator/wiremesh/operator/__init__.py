@@ -1,0 +1,1 @@
+"""Kubernetes operator for MeshNode and ACL resources."""

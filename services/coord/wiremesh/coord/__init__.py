@@ -1,0 +1,1 @@
+"""Coordination server: registration, addresses, network maps, admin API."""

@@ -1,0 +1,1 @@
+"""DERP relay (Tailscale DERP v2 wire protocol)."""

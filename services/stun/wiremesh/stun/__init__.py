@@ -1,0 +1,1 @@
+"""STUN server (RFC 8489 Binding over UDP)."""
