@@ -1,0 +1,427 @@
+"""The data plane: moves packets between a TUN interface and UDP, through the WireGuard Device.
+
+The Device (wiremesh.core.wireguard) is sans-I/O and not thread-safe; the Engine is the thin
+adapter that owns the file descriptors and threads and serialises every Device call with one lock:
+
+- a TUN reader thread: IP packet -> (outbound hook) -> Device.send -> UDP sendto
+- one UDP reader thread per socket (IPv4, IPv6): datagram -> Device.receive -> (inbound filter) -> TUN
+- a timer thread: Device.handle_timer at Device.next_timer(), flushing handshakes and keepalives
+
+Readers drain their descriptor without waiting and only poll() when it is empty, so a busy
+tunnel costs one system call per packet in each direction; poll() also watches a wake pipe so
+that stop() returns promptly.
+
+The control plane reconfigures a running Engine with set_peers / set_addresses / set_routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import functools
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from wiremesh.agent import netconf, tun
+
+log = logging.getLogger(__name__)
+
+MAX_DATAGRAM = 65535
+SOCKET_BUFFER = 4 << 20
+POLL_IDLE_MS = 1000
+MIN_TIMER_SLEEP = 0.001
+MAX_TIMER_SLEEP = 1.0
+
+InboundFilter = Callable[[bytes], bool]
+OutboundHook = Callable[[bytes], bool]
+Transport = Callable[[bytes, Hashable], None]
+OtherDatagramHandler = Callable[[bytes, tuple[str, int]], None]
+
+
+def looks_like_wireguard(data: bytes) -> bool:
+    """WireGuard messages start with type 1-4 and three zero bytes (disco and STUN do not)."""
+    return len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\x00\x00\x00"
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+class Engine:
+    """Owns one Device, one TUN interface and the UDP sockets; see the module docstring."""
+
+    def __init__(
+        self,
+        private_key: bytes,
+        tun_name: str,
+        listen_port: int = 0,
+        mtu: int = 1420,
+        metrics: Any = None,
+        *,
+        device: Any = None,
+    ) -> None:
+        tun.validate_ifname(tun_name)
+        if device is None:
+            from wiremesh.core.wireguard import Device
+
+            device = Device(private_key, time.monotonic())
+        self.device = device
+        self.tun_name = tun_name
+        self.listen_port = listen_port
+        self.mtu = mtu
+        # Everything the Device is asked goes through this lock (the Device is not thread-safe).
+        self.lock = threading.Lock()
+        # Hooks the control plane and the packet filter plug in; None means "pass everything".
+        self.inbound_filter: InboundFilter | None = None
+        self.outbound_hook: OutboundHook | None = None
+        # Datagrams that are not WireGuard (disco, STUN) go here when set; otherwise to the Device.
+        self.other_datagram_handler: OtherDatagramHandler | None = None
+        # Sends to endpoints that are not (host, port) tuples, e.g. a DERP relay, go here.
+        self.transport: Transport | None = None
+        self.event_handlers: list[Callable[[object], None]] = []
+        # Drops the Engine itself counts (the Device counts its own in device.drops).
+        self.drops: Counter[str] = Counter()
+        self.allowed_ips: dict[bytes, tuple[str, ...]] = {}
+        self.public_key = b""
+        self._tun_fd = -1
+        self._sock4: socket.socket | None = None
+        self._sock6: socket.socket | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._timer_wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        if metrics is not None:
+            from wiremesh.agent.metrics import EngineCollector
+
+            metrics.register(EngineCollector(self))
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Create the TUN interface, bind the sockets and start the packet threads."""
+        if self._started:
+            raise RuntimeError("engine already started")
+        self._tun_fd = tun.open_tun(self.tun_name)
+        try:
+            netconf.set_link(self.tun_name, mtu=self.mtu, up=True)
+            self._open_sockets()
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            self._close_fds()
+            raise
+        self._started = True
+        self._stopping.clear()
+        targets: list[tuple[str, Callable[[], None]]] = [
+            ("wm-tun", self._tun_loop),
+            ("wm-timer", self._timer_loop),
+        ]
+        for sock in (self._sock4, self._sock6):
+            if sock is not None:
+                targets.append((f"wm-udp{sock.family.name[-1]}", functools.partial(self._udp_loop, sock)))
+        for name, target in targets:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "engine_started interface=%s listen_port=%d mtu=%d ipv6=%s",
+            self.tun_name,
+            self.listen_port,
+            self.mtu,
+            self._sock6 is not None,
+        )
+
+    def stop(self) -> None:
+        """Stop the threads, close the descriptors and remove the interface. Idempotent."""
+        if not self._started:
+            return
+        self._stopping.set()
+        self._timer_wake.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        self._close_fds()
+        try:
+            netconf.remove_interface(self.tun_name)
+        except netconf.NetconfError as exc:
+            log.warning("interface_remove_failed interface=%s error=%s", self.tun_name, exc)
+        self._started = False
+        log.info("engine_stopped interface=%s", self.tun_name)
+
+    def _open_sockets(self) -> None:
+        s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._tune(s4)
+        s4.bind(("0.0.0.0", self.listen_port))
+        self._sock4 = s4
+        self.listen_port = s4.getsockname()[1]
+        try:
+            s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            return
+        try:
+            s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self._tune(s6)
+            s6.bind(("::", self.listen_port))
+        except OSError as exc:
+            log.warning("ipv6_socket_unavailable port=%d error=%s", self.listen_port, exc)
+            s6.close()
+            return
+        self._sock6 = s6
+
+    @staticmethod
+    def _tune(sock: socket.socket) -> None:
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE as root
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+    def _close_fds(self) -> None:
+        for sock in (self._sock4, self._sock6):
+            if sock is not None:
+                sock.close()
+        self._sock4 = self._sock6 = None
+        for fd in (self._tun_fd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._tun_fd = self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------------- reconfiguration
+
+    def set_private_key(self, private_key: bytes) -> None:
+        with self.lock:
+            self.device.set_private_key(private_key)
+        self._timer_wake.set()
+
+    def set_peers(self, peers: Iterable[Any]) -> None:
+        """Reconcile the Device's peers with `peers` (PeerConfig): add, update, remove."""
+        wanted = {p.public_key: p for p in peers}
+        with self.lock:
+            for key in list(self.device.peers):
+                if key not in wanted:
+                    self.device.remove_peer(key)
+                    self.allowed_ips.pop(key, None)
+                    log.info("peer_removed peer=%s", _b64(key))
+            for key, cfg in wanted.items():
+                self.device.set_peer(cfg)
+                self.allowed_ips[key] = tuple(cfg.allowed_ips)
+            out = self.device.datagrams_to_send()
+        self._send_all(out)
+        self._timer_wake.set()
+
+    def set_addresses(self, addresses: Iterable[str]) -> None:
+        netconf.set_addresses(self.tun_name, list(addresses))
+
+    def set_routes(self, prefixes: Iterable[str]) -> None:
+        netconf.set_routes(self.tun_name, list(prefixes))
+
+    def send_datagram(self, data: bytes, endpoint: Hashable) -> None:
+        """Send a non-WireGuard datagram (disco, STUN) from the WireGuard socket."""
+        self._send(data, endpoint)
+
+    # ----------------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self.lock:
+            peers: dict[str, dict[str, Any]] = {}
+            for key, p in self.device.peers.items():
+                last = p.last_handshake
+                peers[_b64(key)] = {
+                    "endpoint": _format_endpoint(p.endpoint),
+                    "allowed_ips": list(self.allowed_ips.get(key, ())),
+                    "rx_bytes": p.rx_bytes,
+                    "tx_bytes": p.tx_bytes,
+                    "rx_packets": p.rx_packets,
+                    "tx_packets": p.tx_packets,
+                    "last_handshake_seconds_ago": None if last is None else round(now - last, 3),
+                    "handshakes_completed": p.handshakes_completed,
+                    "handshakes_failed": p.handshakes_failed,
+                }
+            drops = dict(self.device.drops)
+        for reason, n in self.drops.items():
+            drops[reason] = drops.get(reason, 0) + n
+        return {
+            "interface": self.tun_name,
+            "listen_port": self.listen_port,
+            "mtu": self.mtu,
+            "peers": peers,
+            "drops": drops,
+        }
+
+    # ----------------------------------------------------------------------- packet path
+
+    def _send(self, data: bytes, endpoint: Hashable) -> None:
+        if type(endpoint) is tuple:
+            sock = self._sock6 if ":" in endpoint[0] else self._sock4
+            if sock is None:
+                self.drops["no_socket_for_family"] += 1
+                return
+            try:
+                sock.sendto(data, endpoint)
+            except OSError as exc:
+                self.drops[f"udp_send_{errno.errorcode.get(exc.errno or 0, 'error').lower()}"] += 1
+        elif self.transport is not None:
+            try:
+                self.transport(data, endpoint)
+            except Exception:
+                self.drops["transport_error"] += 1
+                log.exception("transport_send_failed endpoint=%r", endpoint)
+        else:
+            self.drops["no_transport"] += 1
+
+    def _send_all(self, out: Iterable[tuple[bytes, Hashable]]) -> None:
+        for data, endpoint in out:
+            self._send(data, endpoint)
+
+    def _idle_wait(self, fd: int) -> bool:
+        """Wait until `fd` is readable; False when the engine is stopping."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping.is_set():
+            for ready_fd, _ in poller.poll(POLL_IDLE_MS):
+                if ready_fd == fd:
+                    return True
+        return False
+
+    def _tun_loop(self) -> None:
+        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.monotonic
+        read = os.read
+        while True:
+            try:
+                packet = read(fd, MAX_DATAGRAM)
+            except BlockingIOError:
+                if not self._idle_wait(fd):
+                    return
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                self.drops["tun_read_error"] += 1
+                log.warning("tun_read_failed error=%s", exc)
+                time.sleep(0.01)
+                continue
+            hook = self.outbound_hook
+            if hook is not None and not hook(packet):
+                self.drops["outbound_hook"] += 1
+                continue
+            with lock:
+                result = dev.send(packet, now())
+                out = None if result is not None else dev.datagrams_to_send()
+            if result is not None:
+                self._send(result[0], result[1])
+            else:
+                self._send_all(out or ())
+                self._timer_wake.set()
+
+    def _udp_loop(self, sock: socket.socket) -> None:
+        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.monotonic
+        write = os.write
+        v6 = sock.family == socket.AF_INET6
+        recvfrom, dontwait = sock.recvfrom, socket.MSG_DONTWAIT
+        while True:
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM, dontwait)
+            except BlockingIOError:
+                if not self._idle_wait(sock.fileno()):
+                    return
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                # ICMP errors (ECONNREFUSED etc.) surface here on Linux; they are not fatal.
+                self.drops["udp_recv_error"] += 1
+                log.debug("udp_recv_failed error=%s", exc)
+                continue
+            if v6:
+                addr = (addr[0], addr[1])
+            other = self.other_datagram_handler
+            if other is not None and not looks_like_wireguard(data):
+                try:
+                    other(data, addr)
+                except Exception:
+                    self.drops["other_handler_error"] += 1
+                    log.exception("other_datagram_handler_failed")
+                continue
+            with lock:
+                packet = dev.receive(data, addr, now())
+                out = None if packet else dev.datagrams_to_send()
+            if packet:
+                flt = self.inbound_filter
+                if flt is not None and not flt(packet):
+                    self.drops["inbound_filter"] += 1
+                    continue
+                try:
+                    write(fd, packet)
+                except OSError:
+                    self.drops["tun_write_error"] += 1
+            else:
+                if out:
+                    self._send_all(out)
+                self._timer_wake.set()
+
+    def _timer_loop(self) -> None:
+        dev, lock = self.device, self.lock
+        while not self._stopping.is_set():
+            # Clear before looking, so a wake-up that arrives while we work is not lost.
+            self._timer_wake.clear()
+            now = time.monotonic()
+            events: list[object] = []
+            with lock:
+                dev.handle_timer(now)
+                out = dev.datagrams_to_send()
+                while (event := dev.next_event()) is not None:
+                    events.append(event)
+                deadline = dev.next_timer()
+            self._send_all(out)
+            for event in events:
+                self._dispatch(event)
+            if deadline is None:
+                timeout = MAX_TIMER_SLEEP
+            else:
+                timeout = min(max(deadline - time.monotonic(), MIN_TIMER_SLEEP), MAX_TIMER_SLEEP)
+            self._timer_wake.wait(timeout)
+
+    def _dispatch(self, event: object) -> None:
+        fields = getattr(event, "__dataclass_fields__", {})
+        parts = []
+        for name in fields:
+            value = getattr(event, name)
+            if isinstance(value, bytes) and len(value) == 32:
+                value = _b64(value)
+            elif isinstance(value, tuple):
+                value = _format_endpoint(value)
+            parts.append(f"{name}={value}")
+        log.info("wg_event type=%s %s", type(event).__name__, " ".join(parts))
+        for handler in self.event_handlers:
+            try:
+                handler(event)
+            except Exception:
+                log.exception("event_handler_failed")
+
+
+def _format_endpoint(endpoint: object) -> str | None:
+    if endpoint is None:
+        return None
+    if isinstance(endpoint, tuple) and len(endpoint) >= 2:
+        host, port = endpoint[0], endpoint[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(endpoint)

@@ -1,0 +1,156 @@
+"""Interface configuration through netlink (pyroute2): addresses, MTU, link state, routes.
+
+Everything acts on the calling process's current network namespace. Setters reconcile: they
+take the whole desired set and add what is missing and remove what is no longer wanted, so the
+control plane can call them again with a new network map.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+RTPROT_STATIC = 4
+RTPROT_KERNEL = 2
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class NetconfError(RuntimeError):
+    """A netlink request failed; the message says which and why."""
+
+
+def parse_interface_address(text: str) -> Interface:
+    """'100.64.0.1/32', '100.64.0.1' (host prefix implied) or 'fd7a::1/128' -> ip_interface."""
+    try:
+        iface = ipaddress.ip_interface(text.strip())
+    except ValueError as exc:
+        raise ValueError(f"not an interface address: {text!r}") from exc
+    return iface
+
+
+def parse_prefix(text: str) -> Network:
+    """'10.0.0.0/24' or '10.0.0.1' (a host route) -> ip_network; host bits must be zero."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a network prefix (host bits must be zero): {text!r}") from exc
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetconfError(f"interface {ifname!r} does not exist")
+    return int(found[0])
+
+
+def interface_exists(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def set_link(ifname: str, *, mtu: int | None = None, up: bool = True) -> None:
+    """Set the MTU (if given) and bring the link up (or down)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        kwargs: dict[str, object] = {"state": "up" if up else "down"}
+        if mtu is not None:
+            kwargs["mtu"] = mtu
+        try:
+            ipr.link("set", index=idx, **kwargs)
+        except NetlinkError as exc:
+            raise NetconfError(f"cannot set {ifname} {kwargs}: {exc}") from exc
+
+
+def get_addresses(ifname: str) -> list[Interface]:
+    """Global-scope addresses on the interface (link-local ones are the kernel's business)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        out: list[Interface] = []
+        for msg in ipr.get_addr(index=idx):
+            addr = msg.get("address") or msg.get_attr("IFA_ADDRESS")
+            if addr is None:
+                continue
+            iface = ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}")
+            if iface.ip.is_link_local:
+                continue
+            out.append(iface)
+        return out
+
+
+def set_addresses(ifname: str, addresses: Iterable[str | Interface]) -> None:
+    """Make the interface's (non-link-local) addresses exactly `addresses`."""
+    wanted = {a if not isinstance(a, str) else parse_interface_address(a) for a in addresses}
+    current = set(get_addresses(ifname))
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        for iface in current - wanted:
+            try:
+                ipr.addr("del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            except NetlinkError as exc:
+                raise NetconfError(f"cannot remove {iface} from {ifname}: {exc}") from exc
+        for iface in sorted(wanted - current, key=str):
+            family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+            try:
+                ipr.addr(
+                    "add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, family=family
+                )
+            except NetlinkError as exc:
+                raise NetconfError(f"cannot add {iface} to {ifname}: {exc}") from exc
+
+
+def get_routes(ifname: str) -> list[Network]:
+    """Routes through the interface that we (proto static) installed."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        out: list[Network] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_routes(family=family, oif=idx):
+                if msg["proto"] != RTPROT_STATIC:
+                    continue
+                dst = msg.get("dst") or msg.get_attr("RTA_DST")
+                if dst is None:
+                    dst = "0.0.0.0" if family == socket.AF_INET else "::"
+                out.append(ipaddress.ip_network(f"{dst}/{msg['dst_len']}"))
+        return out
+
+
+def set_routes(ifname: str, prefixes: Iterable[str | Network]) -> None:
+    """Make the static routes through the interface exactly `prefixes`."""
+    wanted = {p if not isinstance(p, str) else parse_prefix(p) for p in prefixes}
+    current = set(get_routes(ifname))
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        for net in current - wanted:
+            try:
+                ipr.route("del", dst=str(net), oif=idx, proto=RTPROT_STATIC)
+            except NetlinkError as exc:
+                raise NetconfError(f"cannot remove route {net} via {ifname}: {exc}") from exc
+        for net in sorted(wanted - current, key=str):
+            try:
+                ipr.route("replace", dst=str(net), oif=idx, proto=RTPROT_STATIC)
+            except NetlinkError as exc:
+                raise NetconfError(f"cannot add route {net} via {ifname}: {exc}") from exc
+
+
+def remove_interface(ifname: str) -> bool:
+    """Delete the interface if it exists; True if it was there."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as exc:
+            if exc.code == 19:  # ENODEV: it went away on its own (the TUN fd closed)
+                return False
+            raise NetconfError(f"cannot remove {ifname}: {exc}") from exc
+        return True
