@@ -1,0 +1,266 @@
+"""The I/O shell shared by the control-plane services (keys, coord).
+
+Everything a FastAPI service of ours needs around its own logic: flags and environment,
+structured logging, the database (SQLAlchemy engine, migrations, one worker thread), the
+NATS connection, bounded request bodies, and uvicorn with a clean SIGTERM shutdown. The
+protocol modules beside this one stay sans-I/O; this one is the only place that is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import nats
+import uvicorn
+from fastapi import HTTPException, Request
+from nats.aio.client import Client as NATS
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    listen_host: str
+    listen_port: int
+    nats_url: str
+    database_url: str
+    state_dir: pathlib.Path
+    admin_key: str
+    replica_id: str
+    log_level: str
+    log_json: bool
+    extra: dict[str, Any]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str, default_port: int) -> None:
+    env = os.environ.get
+    parser.add_argument("--listen", default=env("WIREMESH_LISTEN", f"127.0.0.1:{default_port}"))
+    parser.add_argument("--nats-url", default=env("WIREMESH_NATS_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument(
+        "--database-url",
+        default=env("WIREMESH_DATABASE_URL", ""),
+        help="SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...); default: SQLite in --state-dir",
+    )
+    parser.add_argument("--state-dir", default=env("WIREMESH_STATE_DIR", f"/var/lib/wiremesh/{name}"))
+    parser.add_argument("--admin-key", default=env("WIREMESH_ADMIN_KEY", ""))
+    parser.add_argument("--admin-key-file", default=env("WIREMESH_ADMIN_KEY_FILE", ""))
+    parser.add_argument("--replica-id", default=env("WIREMESH_REPLICA_ID", ""))
+    parser.add_argument("--log-level", default=env("WIREMESH_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", choices=("json", "text"), default=env("WIREMESH_LOG_FORMAT", "json"))
+
+
+def settings_from_args(args: argparse.Namespace, name: str) -> ServiceSettings:
+    host, _, port = str(args.listen).rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"wiremesh-{name}: --listen must be HOST:PORT, got {args.listen!r}")
+    state_dir = pathlib.Path(args.state_dir)
+    database_url = args.database_url or f"sqlite:///{state_dir / (name + '.db')}"
+    admin_key = args.admin_key
+    if args.admin_key_file:
+        admin_key = pathlib.Path(args.admin_key_file).read_text().strip()
+    replica_id = args.replica_id or f"{name}-{os.uname().nodename}-{os.getpid()}"
+    return ServiceSettings(
+        listen_host=host.strip("[]"),
+        listen_port=int(port),
+        nats_url=args.nats_url,
+        database_url=database_url,
+        state_dir=state_dir,
+        admin_key=admin_key,
+        replica_id=replica_id,
+        log_level=args.log_level,
+        log_json=args.log_format == "json",
+        extra={k: v for k, v in vars(args).items()},
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra=` fields."""
+
+    _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                out[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for SQLite (WAL, waits for locks) or PostgreSQL."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def run_migrations(engine: Engine, script_location: str, version_table: str) -> None:
+    """Bring the schema up to date (alembic `upgrade head`) before serving."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", script_location)
+    config.set_main_option("version_table", version_table)
+    with engine.begin() as connection:
+        # Replicas starting together must not both create the schema: take a write lock first.
+        if engine.dialect.name == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
+        elif engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("CREATE TABLE IF NOT EXISTS wiremesh_migration_lock (x INTEGER)")
+            connection.exec_driver_sql("DELETE FROM wiremesh_migration_lock")
+        config.attributes["connection"] = connection
+        config.attributes["version_table"] = version_table
+        command.upgrade(config, "head")
+
+
+class Database:
+    """A session factory whose work runs on one worker thread, off the event loop.
+
+    One thread serialises writes, which is what SQLite wants anyway and keeps PostgreSQL
+    transactions short; callers get a fresh session and a committed transaction per call.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="db")
+
+    def call(self, fn: Callable[[Session], T]) -> T:
+        with self.sessions.begin() as session:
+            return fn(session)
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.call, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+async def connect_nats(url: str, name: str) -> NATS:
+    """Connect and keep reconnecting forever: a NATS restart must not take a service down."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", extra={"error": str(exc)})
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        connect_timeout=2,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def wait_for_nats(url: str, name: str, deadline_s: float = 30.0) -> NATS:
+    """Connect once NATS is reachable (start-up order across services does not matter)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await connect_nats(url, name)
+        except Exception as exc:
+            if time.monotonic() > end:
+                raise
+            log.info("waiting for nats", extra={"error": str(exc)})
+            await asyncio.sleep(0.5)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it grows past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise HTTPException(413, f"request body too large (limit {limit} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body too large (limit {limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Long-lived streams never end by themselves: tell the app first so they close and
+        # uvicorn's graceful shutdown does not sit out its whole timeout.
+        if self._on_exit is not None:
+            self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def serve(app: Any, settings: ServiceSettings, on_exit: Callable[[], None] | None = None) -> None:
+    """Run uvicorn; SIGTERM and SIGINT finish in-flight requests, run shutdown, and exit 0."""
+    config = uvicorn.Config(
+        app,
+        host=settings.listen_host,
+        port=settings.listen_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        limit_concurrency=None,
+        backlog=4096,
+    )
+    server = _Server(config, on_exit)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
