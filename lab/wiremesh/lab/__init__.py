@@ -1,1 +1,49 @@
-"""Network lab: namespaces, veth links and NAT routers on one machine, for tests, demo and bench."""
+"""Network lab: an "internet", NAT routers and hosts in network namespaces on one machine.
+
+Used by the tests, ``make demo`` and the benchmarks. Needs root. Everything a ``Lab`` creates
+(namespaces, links, nftables rules, processes, sockets, temp files) is removed when the ``with``
+block exits, even after an error; an atexit hook and a SIGTERM handler are the safety net.
+
+    from wiremesh.lab import Lab, NatKind
+
+    with Lab() as lab:
+        inet = lab.internet()                      # public segment: bridge in namespace <prefix>inet
+        pub = lab.host("pub")                      # public host, pub.address in 198.18.0.0/16
+        nat = lab.nat_router("home", kind=NatKind.EIM_APDF)   # WAN on the internet, LAN 192.168.n.0/24
+        a = lab.host("a", behind=nat)              # a.address = 192.168.n.10, default via nat.lan_address
+        b = lab.host("b", behind=nat)              # a second device behind the same NAT
+        cg = lab.nat_router("carrier", kind=NatKind.EIM_APDF, cgnat=True)   # LAN 100.127.n.0/24
+        home2 = lab.nat_router("home2", kind=NatKind.EIM_ADF, behind=cg)    # double NAT
+        c = lab.device("c", NatKind.EDM)           # shortcut: router "c-nat" plus host "c" behind it
+
+        lab.run(a, ["ping", "-c1", pub.address])   # CompletedProcess (text); raises LabError if check
+        p = lab.popen(a, ["iperf3", "-s"])         # Popen; its process group is killed at exit
+        s = lab.socket(a)                          # a UDP socket living in a's namespace (in-process)
+        a.ns                                       # namespace name, for `ip netns exec` yourself
+        lab.exec_prefix(a)                         # ["ip", "netns", "exec", a.ns]
+
+        lab.flush_conntrack(nat)                   # forget NAT mappings (rebinding)
+        h = lab.block_udp(nat)                     # drop all UDP through the router ...
+        lab.remove_rule(h)                         # ... and undo it
+        h = lab.drop_between(nat, pub.address)     # drop everything between nat's LAN and an address
+        lab.remove_rule(h)
+
+Names: every namespace is ``<prefix><name>``, the prefix random per lab (``wm3f9a-``), so many labs
+can run at once. Interfaces are created directly inside lab namespaces (never in the root one) and
+carry fixed short names there: ``eth0`` on hosts, ``wan0`` and bridge ``lan0`` on routers, bridge
+``br0`` in the internet namespace.
+
+Addresses: the internet is 198.18.0.0/16 (gateway 198.18.0.1, RFC 2544 benchmark range); a LAN
+behind a router is 192.168.n.0/24 (router .1, hosts from .10); a carrier NAT's inside is
+100.127.n.0/24. The root namespace never gets a lab address or route, and ``run``/``popen``/
+``socket`` refuse namespaces this lab did not create or that are gone.
+
+NAT kinds (see ``wiremesh.lab.nat`` for the exact nftables rules): NONE (public host),
+EIM_APDF, EIM_ADF, EDM (symmetric), UDP_BLOCKED, PORTMAP (EIM_APDF plus miniupnpd answering
+NAT-PMP/PCP/UPnP on the LAN).
+"""
+
+from wiremesh.lab.lab import Host, Internet, Lab, LabError, Node, Router, RuleHandle
+from wiremesh.lab.nat import NatKind
+
+__all__ = ["Host", "Internet", "Lab", "LabError", "NatKind", "Node", "Router", "RuleHandle"]

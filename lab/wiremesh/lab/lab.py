@@ -1,0 +1,577 @@
+"""The Lab: an "internet", NAT routers and hosts in network namespaces, torn down on exit."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from types import FrameType, TracebackType
+from typing import Any
+
+from wiremesh.lab import netns
+from wiremesh.lab.nat import FAULTS_CHAIN, FORWARD_CHAIN, TABLE, NatKind, host_ruleset, router_ruleset
+
+log = logging.getLogger(__name__)
+
+INTERNET_SUBNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmark range
+INTERNET_GATEWAY = ipaddress.IPv4Address("198.18.0.1")
+CGNAT_SUPERNET = ipaddress.IPv4Network("100.127.0.0/16")  # inside 100.64.0.0/10, away from mesh addresses
+LAN_SUPERNET = ipaddress.IPv4Network("192.168.0.0/16")
+
+WAN_IFACE = "wan0"
+LAN_BRIDGE = "lan0"
+HOST_IFACE = "eth0"
+INET_BRIDGE = "br0"
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
+_PREFIX_RE = re.compile(r"^wm[0-9a-f]{4}-$")
+COMMAND_TIMEOUT_S = 30.0
+PROCESS_STOP_TIMEOUT_S = 3.0
+
+
+class LabError(RuntimeError):
+    """A lab operation failed (a command failed, a name is bad, the lab is closed)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Internet:
+    """The public segment: a bridge in its own namespace holding the gateway address."""
+
+    ns: str
+    subnet: str
+    gateway: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Router:
+    """A NAT router namespace: ``wan0`` outside, bridge ``lan0`` (the LAN gateway) inside."""
+
+    name: str
+    ns: str
+    kind: NatKind
+    wan_address: str  # on the internet, or on the carrier's inside segment for double NAT
+    wan_gateway: str
+    lan_address: str  # the LAN gateway address
+    lan_subnet: str
+    cgnat: bool
+    behind: Router | None
+
+    @property
+    def public_address(self) -> str:
+        """The address the internet sees traffic from this router's LAN come from."""
+        return self.behind.public_address if self.behind is not None else self.wan_address
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Host:
+    """An end host: interface ``eth0`` with one address, default route via its gateway."""
+
+    name: str
+    ns: str
+    address: str
+    gateway: str
+    behind: Router | None
+    iface: str = HOST_IFACE
+
+    @property
+    def kind(self) -> NatKind:
+        return self.behind.kind if self.behind is not None else NatKind.NONE
+
+    @property
+    def public_address(self) -> str:
+        return self.behind.public_address if self.behind is not None else self.address
+
+
+Node = Host | Router | Internet
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuleHandle:
+    """Rules added together by the lab (fault injection); pass it to ``Lab.remove_rule``."""
+
+    ns: str
+    rules: tuple[tuple[str, int], ...]  # (chain, nft rule handle)
+
+
+@dataclasses.dataclass(slots=True)
+class _Segment:
+    """An L2 segment a node can attach to: the internet bridge or a router's LAN bridge."""
+
+    ns: str
+    bridge: str
+    network: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    next_host: int
+    ports: int = 0
+    used: set[ipaddress.IPv4Address] = dataclasses.field(default_factory=set)
+
+    def allocate(self) -> ipaddress.IPv4Address:
+        # Skip .0 and .255 in every /24 so addresses read naturally (198.18.1.1, not 198.18.1.0).
+        while True:
+            addr = self.network.network_address + self.next_host
+            self.next_host += 1
+            if addr not in self.network or addr == self.network.broadcast_address:
+                raise LabError(f"segment {self.network} is full")
+            if int(addr) & 0xFF not in (0, 255) and addr not in self.used:
+                self.used.add(addr)
+                return addr
+
+
+_live_labs: weakref.WeakSet[Lab] = weakref.WeakSet()
+_safety_net_lock = threading.Lock()
+_safety_net_installed = False
+
+
+def _close_all_labs() -> None:
+    for lab in list(_live_labs):
+        lab.close()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Raising lets every `with Lab()` unwind normally; atexit covers the rest.
+    raise SystemExit(128 + signum)
+
+
+def _install_safety_net() -> None:
+    global _safety_net_installed
+    with _safety_net_lock:
+        if _safety_net_installed:
+            return
+        _safety_net_installed = True
+        atexit.register(_close_all_labs)
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError, OSError):
+                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class Lab:
+    """Owns every namespace, link, rule and process it creates; ``close()`` removes them all.
+
+    Use as a context manager. See the package docstring for the API tour.
+    """
+
+    def __init__(self, prefix: str | None = None) -> None:
+        if prefix is None:
+            prefix = f"wm{secrets.token_hex(2)}-"
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"lab prefix must look like 'wm3f9a-', got {prefix!r}")
+        self.prefix = prefix
+        self._namespaces: list[str] = []
+        self._names: set[str] = set()
+        self._processes: list[subprocess.Popen[Any]] = []
+        self._internet: Internet | None = None
+        self._inet_segment: _Segment | None = None
+        self._lan_segments: dict[str, _Segment] = {}  # router ns -> its LAN segment
+        self._next_lan = 1
+        self._next_cgnat = 1
+        self._closed = False
+        self._tmpdir: str | None = None
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        _live_labs.add(self)
+        _install_safety_net()
+
+    # -- context management -------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace this lab created (and has not yet removed)."""
+        return tuple(self._namespaces)
+
+    @property
+    def tmpdir(self) -> str:
+        """A private directory removed at close (configs, pid files, logs)."""
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix=f"{self.prefix}lab-")
+        return self._tmpdir
+
+    def close(self) -> None:
+        """Stop every process, delete every namespace. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        _live_labs.discard(self)
+        for proc in reversed(self._processes):
+            _stop_process(proc)
+        self._processes.clear()
+        for sock in list(self._sockets):
+            sock.close()
+        for ns in reversed(self._namespaces):
+            try:
+                self._kill_namespace_pids(ns)
+            except Exception:
+                log.exception("lab: killing processes in %s failed", ns)
+            result = subprocess.run(
+                ["ip", "netns", "del", ns],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=COMMAND_TIMEOUT_S,
+            )
+            if result.returncode != 0 and netns.exists(ns):
+                log.error("lab: could not delete namespace %s: %s", ns, result.stderr.strip())
+        self._namespaces.clear()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _kill_namespace_pids(self, ns: str) -> None:
+        """Kill what still runs inside our namespace (e.g. daemons that forked away from us)."""
+        if not netns.exists(ns):
+            return
+        deadline = time.monotonic() + PROCESS_STOP_TIMEOUT_S
+        sig = signal.SIGTERM
+        while True:
+            out = subprocess.run(
+                ["ip", "netns", "pids", ns],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=COMMAND_TIMEOUT_S,
+            ).stdout
+            pids = [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
+            if not pids:
+                return
+            if time.monotonic() > deadline:
+                sig = signal.SIGKILL
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(0.05)
+            if sig == signal.SIGKILL and time.monotonic() > deadline + PROCESS_STOP_TIMEOUT_S:
+                log.error("lab: processes %s in %s would not die", pids, ns)
+                return
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LabError("lab is closed")
+
+    def ns_of(self, node: Node | str) -> str:
+        """The namespace name of ``node``, after checking this lab created it and it still exists."""
+        ns = node if isinstance(node, str) else node.ns
+        if ns not in self._namespaces:
+            raise LabError(f"namespace {ns!r} does not belong to this lab")
+        if not netns.exists(ns):
+            raise LabError(f"namespace {ns!r} no longer exists")
+        return ns
+
+    def exec_prefix(self, node: Node | str) -> list[str]:
+        """``["ip", "netns", "exec", NS]``: prepend to a command to run it inside ``node``."""
+        return ["ip", "netns", "exec", self.ns_of(node)]
+
+    def run(
+        self,
+        node: Node | str,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT_S,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside ``node``'s namespace and wait; output is captured as text."""
+        self._check_open()
+        cmd = [*self.exec_prefix(node), *argv]
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            input=input,
+            env=dict(env) if env is not None else None,
+        )
+        if check and result.returncode != 0:
+            raise LabError(
+                f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip() or result.stdout.strip()}"
+            )
+        return result
+
+    def popen(self, node: Node | str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside ``node``; the lab stops it (its whole process group) at close."""
+        self._check_open()
+        kwargs.setdefault("start_new_session", True)
+        proc: subprocess.Popen[Any] = subprocess.Popen([*self.exec_prefix(node), *argv], **kwargs)
+        self._processes.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any]) -> None:
+        """Stop a process started with ``popen`` now (SIGTERM, then SIGKILL)."""
+        _stop_process(proc)
+        if proc in self._processes:
+            self._processes.remove(proc)
+
+    def socket(
+        self, node: Node | str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM, proto: int = 0
+    ) -> socket.socket:
+        """A socket created inside ``node``'s namespace, for in-process probes and servers.
+
+        The lab closes it at close() if the caller has not.
+        """
+        self._check_open()
+        sock = netns.open_socket(self.ns_of(node), family, type, proto)
+        self._sockets.add(sock)
+        return sock
+
+    def _ip(self, ns: str, *args: str) -> None:
+        self._cmd(["ip", "-n", ns, *args])
+
+    def _cmd(self, cmd: Sequence[str], input: str | None = None) -> str:
+        result = subprocess.run(
+            list(cmd), capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT_S, input=input
+        )
+        if result.returncode != 0:
+            raise LabError(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()}")
+        return result.stdout
+
+    def _ns_exec(self, ns: str, argv: Sequence[str], input: str | None = None) -> str:
+        return self._cmd(["ip", "netns", "exec", ns, *argv], input=input)
+
+    def _nft(self, ns: str, ruleset: str) -> None:
+        self._ns_exec(ns, ["nft", "-f", "-"], input=ruleset)
+
+    def _sysctl(self, ns: str, **values: int) -> None:
+        # Written straight into /proc from inside the namespace: one exec, no sysctl parsing quirks.
+        def write() -> None:
+            for key, value in values.items():
+                path = "/proc/sys/" + key.replace("__", "/")
+                if os.path.exists(path):
+                    with open(path, "w") as f:
+                        f.write(str(value))
+
+        # /proc/sys/net reflects the namespace of the thread that opens it.
+        netns.call_in(ns, write)
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _new_namespace(self, name: str) -> str:
+        self._check_open()
+        if not _NAME_RE.match(name):
+            raise ValueError(f"lab node names are 1-20 chars of [a-z0-9-], got {name!r}")
+        if name in self._names:
+            raise ValueError(f"lab already has a node named {name!r}")
+        ns = self.prefix + name
+        self._cmd(["ip", "netns", "add", ns])
+        self._names.add(name)
+        self._namespaces.append(ns)
+        self._ip(ns, "link", "set", "lo", "up")
+        return ns
+
+    def internet(self) -> Internet:
+        """The public segment (created on first use): bridge ``br0`` holding 198.18.0.1/16."""
+        if self._internet is not None:
+            return self._internet
+        ns = self._new_namespace("inet")
+        self._ip(ns, "link", "add", INET_BRIDGE, "type", "bridge", "forward_delay", "0")
+        self._ip(ns, "addr", "add", f"{INTERNET_GATEWAY}/{INTERNET_SUBNET.prefixlen}", "dev", INET_BRIDGE)
+        self._ip(ns, "link", "set", INET_BRIDGE, "up")
+        # Bridged frames must not be run through this namespace's (empty) IP hooks.
+        self._sysctl(ns, net__bridge__bridge_nf_call_iptables=0, net__ipv4__ip_forward=0)
+        self._inet_segment = _Segment(ns, INET_BRIDGE, INTERNET_SUBNET, INTERNET_GATEWAY, next_host=256)
+        self._internet = Internet(ns=ns, subnet=str(INTERNET_SUBNET), gateway=str(INTERNET_GATEWAY))
+        return self._internet
+
+    def _segment_for(self, behind: Router | None) -> _Segment:
+        if behind is None:
+            self.internet()
+            assert self._inet_segment is not None
+            return self._inet_segment
+        self.ns_of(behind)
+        return self._lan_segments[behind.ns]
+
+    def _attach(self, ns: str, iface: str, segment: _Segment, address: str | None) -> tuple[str, str]:
+        """Link ``ns`` to ``segment`` with a veth named ``iface`` on the ``ns`` side."""
+        if address is None:
+            addr = segment.allocate()
+        else:
+            addr = ipaddress.IPv4Address(address)
+            if addr not in segment.network or addr == segment.gateway or addr in segment.used:
+                raise ValueError(f"{address} is not a free address in {segment.network}")
+            segment.used.add(addr)
+        segment.ports += 1
+        port = f"p{segment.ports}"
+        # Both ends are created directly inside lab namespaces: nothing ever appears in the root one.
+        self._ip(ns, "link", "add", iface, "type", "veth", "peer", "name", port, "netns", segment.ns)
+        self._ip(segment.ns, "link", "set", port, "master", segment.bridge, "up")
+        self._ip(ns, "addr", "add", f"{addr}/{segment.network.prefixlen}", "dev", iface)
+        self._ip(ns, "link", "set", iface, "up")
+        self._ip(ns, "route", "add", "default", "via", str(segment.gateway))
+        return str(addr), str(segment.gateway)
+
+    def host(self, name: str, behind: Router | None = None, *, address: str | None = None) -> Host:
+        """A host on the internet (``behind=None``) or on a router's LAN."""
+        segment = self._segment_for(behind)
+        ns = self._new_namespace(name)
+        addr, gateway = self._attach(ns, HOST_IFACE, segment, address)
+        if behind is None:
+            self._nft(ns, host_ruleset())
+        return Host(name=name, ns=ns, address=addr, gateway=gateway, behind=behind)
+
+    def nat_router(
+        self,
+        name: str,
+        kind: NatKind = NatKind.EIM_APDF,
+        *,
+        behind: Router | None = None,
+        cgnat: bool = False,
+        wan_address: str | None = None,
+    ) -> Router:
+        """A NAT router of ``kind`` with its WAN on the internet (or on ``behind``'s LAN).
+
+        Its LAN is 192.168.<n>.0/24, or 100.127.<n>.0/24 for a carrier-grade NAT (``cgnat``).
+        """
+        if not kind.is_router:
+            raise ValueError("NatKind.NONE has no router; use lab.host(name) for a public host")
+        segment = self._segment_for(behind)
+        ns = self._new_namespace(name)
+        wan_addr, wan_gw = self._attach(ns, WAN_IFACE, segment, wan_address)
+        if cgnat:
+            lan_net = ipaddress.IPv4Network(f"100.127.{self._next_cgnat}.0/24")
+            self._next_cgnat += 1
+        else:
+            lan_net = ipaddress.IPv4Network(f"192.168.{self._next_lan}.0/24")
+            self._next_lan += 1
+        if self._next_lan > 255 or self._next_cgnat > 255:
+            raise LabError("out of LAN subnets")
+        lan_gw = lan_net.network_address + 1
+        self._ip(ns, "link", "add", LAN_BRIDGE, "type", "bridge", "forward_delay", "0")
+        self._ip(ns, "addr", "add", f"{lan_gw}/{lan_net.prefixlen}", "dev", LAN_BRIDGE)
+        self._ip(ns, "link", "set", LAN_BRIDGE, "up")
+        self._sysctl(ns, net__ipv4__ip_forward=1, net__bridge__bridge_nf_call_iptables=0)
+        self._nft(ns, router_ruleset(kind, WAN_IFACE, LAN_BRIDGE))
+        self._lan_segments[ns] = _Segment(ns, LAN_BRIDGE, lan_net, lan_gw, next_host=10)
+        router = Router(
+            name=name,
+            ns=ns,
+            kind=kind,
+            wan_address=wan_addr,
+            wan_gateway=wan_gw,
+            lan_address=str(lan_gw),
+            lan_subnet=str(lan_net),
+            cgnat=cgnat,
+            behind=behind,
+        )
+        return router
+
+    def device(self, name: str, kind: NatKind) -> Host:
+        """A host with its own router of ``kind`` (named ``<name>-nat``), or public for NONE."""
+        if not kind.is_router:
+            return self.host(name)
+        return self.host(name, behind=self.nat_router(f"{name}-nat", kind))
+
+    # -- faults and state ---------------------------------------------------------------------
+
+    def flush_conntrack(self, node: Router | Host) -> None:
+        """Forget every NAT mapping and connection in ``node`` (a NAT rebinding)."""
+        ns = self.ns_of(node)
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns, "conntrack", "-F"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        if result.returncode != 0:
+            raise LabError(f"conntrack -F in {ns} failed: {result.stderr.strip()}")
+        if isinstance(node, Router) and node.kind is NatKind.EIM_ADF:
+            self._ns_exec(ns, ["nft", "flush", "map", "ip", TABLE, "adf"])
+
+    def _add_rules(self, ns: str, rules: Sequence[tuple[str, str]]) -> RuleHandle:
+        added: list[tuple[str, int]] = []
+        try:
+            for chain, rule in rules:
+                out = self._ns_exec(
+                    ns, ["nft", "--echo", "--handle", "add", "rule", "ip", TABLE, chain, *rule.split()]
+                )
+                match = re.search(r"# handle (\d+)", out)
+                if match is None:
+                    raise LabError(f"nft did not report a rule handle: {out!r}")
+                added.append((chain, int(match.group(1))))
+        except BaseException:
+            self.remove_rule(RuleHandle(ns=ns, rules=tuple(added)))
+            raise
+        return RuleHandle(ns=ns, rules=tuple(added))
+
+    def remove_rule(self, handle: RuleHandle) -> None:
+        """Remove the rules added by ``block_udp`` or ``drop_between``."""
+        ns = self.ns_of(handle.ns)
+        for chain, number in handle.rules:
+            self._ns_exec(ns, ["nft", "delete", "rule", "ip", TABLE, chain, "handle", str(number)])
+
+    def block_udp(self, router: Router) -> RuleHandle:
+        """Drop all UDP the router would forward, both ways (TCP still passes); undo with remove_rule."""
+        ns = self.ns_of(router)
+        return self._add_rules(ns, [(FAULTS_CHAIN, "meta l4proto udp drop")])
+
+    def drop_between(self, node: Router | Host, address: str) -> RuleHandle:
+        """Drop all traffic between ``node`` (a router's LAN, or a public host) and ``address``."""
+        ns = self.ns_of(node)
+        addr = str(ipaddress.IPv4Address(address))
+        if isinstance(node, Router):
+            return self._add_rules(
+                ns, [(FAULTS_CHAIN, f"ip daddr {addr} drop"), (FAULTS_CHAIN, f"ip saddr {addr} drop")]
+            )
+        if node.behind is not None:
+            raise ValueError("drop_between on a host behind a router: pass the router instead")
+        return self._add_rules(
+            ns,
+            [
+                (f"{FAULTS_CHAIN}_out", f"ip daddr {addr} drop"),
+                (f"{FAULTS_CHAIN}_in", f"ip saddr {addr} drop"),
+            ],
+        )
+
+
+def _stop_process(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            # The whole group: popen starts each process in its own session.
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        try:
+            proc.wait(timeout=PROCESS_STOP_TIMEOUT_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    log.error("lab: process %d did not exit", proc.pid)
+
+
+# `FORWARD_CHAIN` is part of the documented ruleset; re-exported for callers adding their own rules.
+__all__ = [
+    "FORWARD_CHAIN",
+    "Host",
+    "Internet",
+    "Lab",
+    "LabError",
+    "NatKind",
+    "Node",
+    "Router",
+    "RuleHandle",
+]

@@ -1,0 +1,119 @@
+"""NAT behaviours as nftables rulesets (pure text generation, no I/O).
+
+Every NAT router gets one table, ``ip wmlab``, in its own namespace. The chains:
+
+- ``input``: new connections arriving on the WAN side never reach the router itself. Without this
+  a peer's early hole-punching packet creates a local conntrack entry on the router and the LAN
+  host's outbound mapping is then moved to another port (see LAB.md).
+- ``forward``: from the WAN only established/related traffic and explicitly DNAT-ed traffic
+  (port mappings, address-dependent filtering) is forwarded inwards.
+- ``faults``: an empty chain hooked before ``forward``; fault injection (drop rules) lands here
+  so it never disturbs the NAT's own rules.
+- ``postrouting``: the source NAT itself (masquerade, optionally with random ports).
+- EIM_ADF only: ``adf_learn`` remembers (mapped port, remote address) -> (inside address, port)
+  for every outbound UDP packet, and ``prerouting`` DNATs an inbound UDP packet whose
+  (destination port, source address) is in that map to the inside host, so any port of an
+  address the inside host has sent to gets through, while other addresses do not.
+"""
+
+from __future__ import annotations
+
+import enum
+
+TABLE = "wmlab"
+FAULTS_CHAIN = "faults"
+FORWARD_CHAIN = "forward"
+ADF_MAP = "adf"
+# How long an address-dependent filter entry lives after the last outbound packet. Matches
+# the kernel's UDP conntrack timeout for a flow that has seen replies (nf_conntrack_udp_timeout_stream).
+ADF_TIMEOUT_S = 120
+
+
+class NatKind(enum.Enum):
+    """How a router maps and filters, in RFC 4787 terms."""
+
+    NONE = "none"  # a public address, no router in front
+    EIM_APDF = "eim-apdf"  # endpoint-independent mapping, address-and-port-dependent filtering
+    EIM_ADF = "eim-adf"  # endpoint-independent mapping, address-dependent filtering
+    EDM = "edm"  # endpoint-dependent mapping ("symmetric"): a new port per destination
+    UDP_BLOCKED = "udp-blocked"  # EIM_APDF for TCP, no UDP leaves at all
+    PORTMAP = "portmap"  # EIM_APDF plus miniupnpd offering NAT-PMP, PCP and UPnP IGD to the LAN
+
+    @property
+    def is_router(self) -> bool:
+        return self is not NatKind.NONE
+
+
+def router_ruleset(kind: NatKind, wan: str, lan: str) -> str:
+    """The nftables ruleset (for ``nft -f``) that makes a namespace a NAT router of ``kind``.
+
+    ``wan`` and ``lan`` are the interface names on the outside and inside.
+    """
+    if not kind.is_router:
+        raise ValueError(f"{kind} has no router")
+    masquerade = "masquerade fully-random" if kind is NatKind.EDM else "masquerade"
+    forward_rules = []
+    if kind is NatKind.UDP_BLOCKED:
+        forward_rules.append(f'oifname "{wan}" meta l4proto udp drop')
+    forward_rules += [
+        f'iifname "{wan}" ct state established,related accept',
+        f'iifname "{wan}" ct status dnat accept',
+        f'iifname "{wan}" drop',
+    ]
+    lines = [
+        f"table ip {TABLE} {{",
+        "  chain input {",
+        "    type filter hook input priority 0; policy accept;",
+        f'    iifname "{wan}" ct state new drop',
+        "  }",
+        f"  chain {FAULTS_CHAIN} {{",
+        "    type filter hook forward priority -10; policy accept;",
+        "  }",
+        f"  chain {FORWARD_CHAIN} {{",
+        "    type filter hook forward priority 0; policy accept;",
+        *(f"    {rule}" for rule in forward_rules),
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;",
+        f'    oifname "{wan}" {masquerade}',
+        "  }",
+    ]
+    if kind is NatKind.EIM_ADF:
+        lines += [
+            f"  map {ADF_MAP} {{",
+            "    type inet_service . ipv4_addr : ipv4_addr . inet_service",
+            "    flags dynamic,timeout",
+            f"    timeout {ADF_TIMEOUT_S}s",
+            "  }",
+            "  chain adf_learn {",
+            # After srcnat, so the conntrack reply tuple already holds the mapped port.
+            "    type filter hook postrouting priority srcnat + 10; policy accept;",
+            f'    oifname "{wan}" meta l4proto udp update @{ADF_MAP} '
+            "{ ct reply proto-dst . ip daddr : ct original ip saddr . ct original proto-src }",
+            "  }",
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f'    iifname "{wan}" meta l4proto udp dnat ip to udp dport . ip saddr map @{ADF_MAP}',
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def host_ruleset() -> str:
+    """A table with an empty fault chain for a host that has no router (public hosts)."""
+    return (
+        "\n".join(
+            [
+                f"table ip {TABLE} {{",
+                f"  chain {FAULTS_CHAIN}_in {{",
+                "    type filter hook input priority -10; policy accept;",
+                "  }",
+                f"  chain {FAULTS_CHAIN}_out {{",
+                "    type filter hook output priority -10; policy accept;",
+                "  }",
+                "}",
+            ]
+        )
+        + "\n"
+    )

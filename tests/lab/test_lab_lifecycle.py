@@ -1,0 +1,185 @@
+"""The lab owns what it creates: names, safety checks, fault rules and teardown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from wiremesh.lab import Lab, LabError, NatKind
+from wiremesh.lab.probe import first_arrival, observed_source, udp_socket
+
+pytestmark = pytest.mark.netns
+
+
+def namespace_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (its parent has not reaped it yet).
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_every_namespace_carries_the_lab_prefix(lab: Lab) -> None:
+    lab.device("a", NatKind.EIM_APDF)
+    lab.host("pub")
+    assert lab.prefix.startswith("wm")
+    assert all(ns.startswith(lab.prefix) for ns in lab.namespaces)
+    assert set(lab.namespaces) <= namespace_names()
+
+
+def test_two_labs_use_the_same_node_names_side_by_side() -> None:
+    with Lab() as one, Lab() as two:
+        a1, a2 = one.device("a", NatKind.EIM_APDF), two.device("a", NatKind.EIM_APDF)
+        assert a1.ns != a2.ns
+        one.run(a1, ["ping", "-c1", "-W2", one.host("pub").address])
+        two.run(a2, ["ping", "-c1", "-W2", two.host("pub").address])
+
+
+def test_duplicate_node_name_is_refused(lab: Lab) -> None:
+    lab.host("a")
+    with pytest.raises(ValueError, match="already has a node named"):
+        lab.host("a")
+
+
+def test_bad_node_name_is_refused(lab: Lab) -> None:
+    with pytest.raises(ValueError, match="names are"):
+        lab.host("Bad Name!")
+
+
+def test_root_namespace_gets_no_lab_address_or_route(lab: Lab) -> None:
+    lab.device("a", NatKind.EIM_APDF)
+    lab.host("pub")
+    addrs = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+    assert "198.18." not in addrs + routes
+    assert "192.168.1." not in routes
+
+
+def test_run_refuses_a_namespace_the_lab_did_not_create(lab: Lab) -> None:
+    lab.host("a")
+    with pytest.raises(LabError, match="does not belong"):
+        lab.run("wm0000-a", ["true"])
+
+
+def test_run_refuses_a_namespace_that_no_longer_exists(lab: Lab) -> None:
+    a = lab.host("a")
+    subprocess.run(["ip", "netns", "del", a.ns], check=True)
+    with pytest.raises(LabError, match="no longer exists"):
+        lab.run(a, ["true"])
+
+
+def test_run_raises_with_stderr_when_the_command_fails(lab: Lab) -> None:
+    a = lab.host("a")
+    with pytest.raises(LabError, match="exited 1"):
+        lab.run(a, ["sh", "-c", "echo oops >&2; exit 1"])
+
+
+def test_close_removes_every_namespace() -> None:
+    with Lab() as lab:
+        lab.device("a", NatKind.EIM_ADF)
+        lab.host("pub")
+        created = set(lab.namespaces)
+    assert created
+    assert not created & namespace_names()
+
+
+def test_close_removes_namespaces_after_an_error() -> None:
+    created: set[str] = set()
+    with pytest.raises(RuntimeError, match="boom"), Lab() as lab:
+        lab.device("a", NatKind.EDM)
+        created = set(lab.namespaces)
+        raise RuntimeError("boom")
+    assert created
+    assert not created & namespace_names()
+
+
+def test_close_stops_processes_started_with_popen() -> None:
+    with Lab() as lab:
+        proc = lab.popen(lab.host("a"), ["sleep", "600"])
+        pid = proc.pid
+        assert pid_alive(pid)
+    assert proc.poll() is not None
+    assert not pid_alive(pid)
+
+
+def test_close_stops_daemons_that_left_the_process_tree() -> None:
+    with Lab() as lab:
+        a = lab.host("a")
+        # A double fork, as daemons (wireguard-go) do: the lab never saw this PID.
+        out = lab.run(a, ["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"]).stdout
+        pid = int(out.strip())
+        assert pid_alive(pid)
+    assert wait_until(lambda: not pid_alive(pid))
+
+
+def test_close_is_idempotent_and_refuses_later_use() -> None:
+    lab = Lab()
+    a = lab.host("a")
+    lab.close()
+    lab.close()
+    with pytest.raises(LabError):
+        lab.run(a, ["true"])
+
+
+def test_block_udp_drops_udp_until_removed(lab: Lab) -> None:
+    pub = lab.host("pub")
+    a = lab.device("a", NatKind.EIM_APDF)
+    assert a.behind is not None
+    inside, server = udp_socket(lab, a), udp_socket(lab, pub, 3478)
+    handle = lab.block_udp(a.behind)
+    inside.sendto(b"blocked", (pub.address, 3478))
+    udp_socket(lab, lab.host("pub2")).sendto(b"marker", (pub.address, 3478))
+    assert first_arrival(server) == b"marker"
+    lab.remove_rule(handle)
+    assert observed_source(inside, server, (pub.address, 3478))[0] == a.public_address
+
+
+def test_drop_between_cuts_only_that_address(lab: Lab) -> None:
+    pub, other = lab.host("pub"), lab.host("other")
+    a = lab.device("a", NatKind.EIM_APDF)
+    assert a.behind is not None
+    handle = lab.drop_between(a.behind, pub.address)
+    assert lab.run(a, ["ping", "-c1", "-W1", pub.address], check=False).returncode != 0
+    lab.run(a, ["ping", "-c1", "-W2", other.address])
+    lab.remove_rule(handle)
+    lab.run(a, ["ping", "-c1", "-W2", pub.address])
+
+
+def test_drop_between_works_on_a_public_host(lab: Lab) -> None:
+    pub, other = lab.host("pub"), lab.host("other")
+    handle = lab.drop_between(pub, other.address)
+    assert lab.run(pub, ["ping", "-c1", "-W1", other.address], check=False).returncode != 0
+    lab.remove_rule(handle)
+    lab.run(pub, ["ping", "-c1", "-W2", other.address])
+
+
+def test_flush_conntrack_forgets_the_mapping(lab: Lab) -> None:
+    pub = lab.host("pub")
+    a = lab.device("a", NatKind.EIM_APDF)
+    assert a.behind is not None
+    inside, server = udp_socket(lab, a), udp_socket(lab, pub, 3478)
+    mapped = observed_source(inside, server, (pub.address, 3478))
+    lab.flush_conntrack(a.behind)
+    server.sendto(b"after-flush", mapped)
+    lanpeer = udp_socket(lab, lab.host("lanpeer", behind=a.behind))
+    lanpeer.sendto(b"marker", (a.address, inside.getsockname()[1]))
+    assert first_arrival(inside) == b"marker"
