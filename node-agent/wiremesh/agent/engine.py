@@ -12,6 +12,8 @@ tunnel costs one system call per packet in each direction; poll() also watches a
 that stop() returns promptly.
 
 The control plane reconfigures a running Engine with set_peers / set_addresses / set_routes.
+
+The Device's clock is Unix time (time.time()): it also dates handshake initiations (TAI64N).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Engine:
         if device is None:
             from wiremesh.core.wireguard import Device
 
-            device = Device(private_key, time.monotonic())
+            device = Device(private_key, time.time())
         self.device = device
         self.tun_name = tun_name
         self.listen_port = listen_port
@@ -239,7 +241,7 @@ class Engine:
     # ----------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
+        now = time.time()
         with self.lock:
             peers: dict[str, dict[str, Any]] = {}
             for key, p in self.device.peers.items():
@@ -303,7 +305,7 @@ class Engine:
         return False
 
     def _tun_loop(self) -> None:
-        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.monotonic
+        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         read = os.read
         while True:
             try:
@@ -333,7 +335,7 @@ class Engine:
                 self._timer_wake.set()
 
     def _udp_loop(self, sock: socket.socket) -> None:
-        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.monotonic
+        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         write = os.write
         v6 = sock.family == socket.AF_INET6
         recvfrom, dontwait = sock.recvfrom, socket.MSG_DONTWAIT
@@ -383,7 +385,7 @@ class Engine:
         while not self._stopping.is_set():
             # Clear before looking, so a wake-up that arrives while we work is not lost.
             self._timer_wake.clear()
-            now = time.monotonic()
+            now = time.time()
             events: list[object] = []
             with lock:
                 dev.handle_timer(now)
@@ -397,7 +399,7 @@ class Engine:
             if deadline is None:
                 timeout = MAX_TIMER_SLEEP
             else:
-                timeout = min(max(deadline - time.monotonic(), MIN_TIMER_SLEEP), MAX_TIMER_SLEEP)
+                timeout = min(max(deadline - time.time(), MIN_TIMER_SLEEP), MAX_TIMER_SLEEP)
             self._timer_wake.wait(timeout)
 
     def _dispatch(self, event: object) -> None:

@@ -53,7 +53,7 @@ class EngineCollector(Collector):
         drops = CounterMetricFamily(
             "wiremesh_packets_dropped", "Packets dropped, by reason", labels=["interface", "reason"]
         )
-        now = time.monotonic()
+        now = time.time()
         dev = self.engine.device
         with self.engine.lock:
             for key, peer in dev.peers.items():
