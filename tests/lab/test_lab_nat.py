@@ -11,9 +11,9 @@ from wiremesh.lab.probe import first_arrival, observed_source, recv, tcp_connect
 
 pytestmark = pytest.mark.netns
 
-ROUTER_KINDS = [k for k in NatKind if k.is_router and k is not NatKind.PORTMAP]
+ROUTER_KINDS = [k for k in NatKind if k.is_router]
 UDP_KINDS = [k for k in ROUTER_KINDS if k is not NatKind.UDP_BLOCKED]
-EIM_KINDS = [NatKind.EIM_APDF, NatKind.EIM_ADF]
+EIM_KINDS = [NatKind.EIM_APDF, NatKind.EIM_ADF, NatKind.PORTMAP]
 
 
 def tcp_listener(lab: Lab, node, port: int = 0) -> socket.socket:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
-from wiremesh.lab import netns
+from wiremesh.lab import netns, portmap
 from wiremesh.lab.nat import FAULTS_CHAIN, FORWARD_CHAIN, TABLE, NatKind, host_ruleset, router_ruleset
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 _PREFIX_RE = re.compile(r"^wm[0-9a-f]{4}-$")
 COMMAND_TIMEOUT_S = 30.0
 PROCESS_STOP_TIMEOUT_S = 3.0
+MINIUPNPD_START_TIMEOUT_S = 15.0  # its STUN check alone may take 3 s per retry
 
 
 class LabError(RuntimeError):
@@ -182,6 +184,8 @@ class Lab:
         self._closed = False
         self._tmpdir: str | None = None
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._stun_proc: subprocess.Popen[Any] | None = None
+        self._miniupnpd_logs: dict[str, str] = {}
         _live_labs.add(self)
         _install_safety_net()
 
@@ -474,7 +478,79 @@ class Lab:
             cgnat=cgnat,
             behind=behind,
         )
+        if kind is NatKind.PORTMAP:
+            self._start_miniupnpd(router)
         return router
+
+    def _stun_responder(self) -> str:
+        """Start (once) the lab's STUN responder on the internet gateway; return its address."""
+        inet = self.internet()
+        if self._stun_proc is None:
+            sock = self.socket(inet)
+            sock.bind((inet.gateway, portmap.STUN_PORT))
+            # The socket is bound before the child starts, so it is ready the moment this returns.
+            self._stun_proc = self.popen(
+                inet,
+                [sys.executable, "-m", "wiremesh.lab.stunecho", "--fd", str(sock.fileno())],
+                pass_fds=[sock.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+            sock.close()
+        return inet.gateway
+
+    def _start_miniupnpd(self, router: Router) -> None:
+        ns = router.ns
+        self._nft(ns, portmap.upnp_ruleset())
+        stun_host = self._stun_responder()
+        conf = os.path.join(self.tmpdir, f"{router.name}-miniupnpd.conf")
+        with open(conf, "w") as f:
+            f.write(
+                portmap.miniupnpd_config(
+                    wan=WAN_IFACE,
+                    lan=LAN_BRIDGE,
+                    lan_subnet=router.lan_subnet,
+                    stun_host=stun_host,
+                    lease_file=os.path.join(self.tmpdir, f"{router.name}-miniupnpd.leases"),
+                )
+            )
+        logfile = os.path.join(self.tmpdir, f"{router.name}-miniupnpd.log")
+        with open(logfile, "w") as log_out:
+            proc = self.popen(
+                router,
+                [
+                    "miniupnpd",
+                    "-d",
+                    "-f",
+                    conf,
+                    "-P",
+                    os.path.join(self.tmpdir, f"{router.name}-miniupnpd.pid"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_out,
+                stderr=subprocess.STDOUT,
+            )
+        self._miniupnpd_logs[ns] = logfile
+        # Ready when it answers NAT-PMP on the LAN; its STUN check runs before that.
+        probe = self.socket(router)
+        try:
+            deadline = time.monotonic() + MINIUPNPD_START_TIMEOUT_S
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    break
+                if portmap.natpmp_public_address(probe, router.lan_address, 0.2) is not None:
+                    return
+        finally:
+            probe.close()
+        raise LabError(f"miniupnpd in {ns} did not start: {self.miniupnpd_log(router)[-2000:]}")
+
+    def miniupnpd_log(self, router: Router) -> str:
+        """What miniupnpd on a PORTMAP router has logged so far (for debugging tests)."""
+        path = self._miniupnpd_logs.get(router.ns)
+        if path is None:
+            raise LabError(f"{router.name} runs no miniupnpd")
+        with open(path, errors="replace") as f:
+            return f.read()
 
     def device(self, name: str, kind: NatKind) -> Host:
         """A host with its own router of ``kind`` (named ``<name>-nat``), or public for NONE."""

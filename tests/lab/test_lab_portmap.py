@@ -1,0 +1,88 @@
+"""PORTMAP routers: miniupnpd in the router namespace answers NAT-PMP (RFC 6886) from the LAN."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from wiremesh.lab import Lab, NatKind
+from wiremesh.lab.probe import first_arrival, recv, udp_socket
+
+pytestmark = pytest.mark.netns
+
+NATPMP_PORT = 5351
+OP_PUBLIC_ADDRESS, OP_MAP_UDP = 0, 1
+
+
+def natpmp_map_udp(sock: socket.socket, gateway: str, internal: int, external: int, lifetime: int = 600):
+    """RFC 6886 section 3.3: version 0, opcode 1, reserved, internal port, suggested external port, lifetime."""
+    sock.sendto(
+        struct.pack("!BBHHHI", 0, OP_MAP_UDP, 0, internal, external, lifetime), (gateway, NATPMP_PORT)
+    )
+    data, src = recv(sock)
+    version, opcode, result, _epoch, got_internal, got_external, got_lifetime = struct.unpack(
+        "!BBHIHHI", data
+    )
+    assert (version, opcode, src) == (0, 128 + OP_MAP_UDP, (gateway, NATPMP_PORT))
+    return result, got_internal, got_external, got_lifetime
+
+
+def natpmp_public_address(sock: socket.socket, gateway: str):
+    sock.sendto(struct.pack("!BB", 0, OP_PUBLIC_ADDRESS), (gateway, NATPMP_PORT))
+    data, _ = recv(sock)
+    version, opcode, result, _epoch = struct.unpack_from("!BBHI", data)
+    assert (version, opcode) == (0, 128 + OP_PUBLIC_ADDRESS)
+    return result, socket.inet_ntoa(data[8:12])
+
+
+def test_natpmp_reports_the_router_wan_address_as_public_address(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    assert natpmp_public_address(udp_socket(lab, a), nat.lan_address) == (0, nat.wan_address)
+
+
+def test_natpmp_udp_mapping_request_succeeds(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    sock = udp_socket(lab, a, 41641)
+    result, internal, external, lifetime = natpmp_map_udp(sock, nat.lan_address, 41641, 41641)
+    assert (result, internal) == (0, 41641)
+    assert external > 0
+    assert 0 < lifetime <= 600
+
+
+def test_natpmp_mapped_port_forwards_unsolicited_inbound_udp(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    stranger = lab.host("stranger")
+    sock = udp_socket(lab, a, 41641)
+    _, _, external, _ = natpmp_map_udp(sock, nat.lan_address, 41641, 42000)
+    udp_socket(lab, stranger).sendto(b"inbound", (nat.wan_address, external))
+    data, src = recv(sock)
+    assert (data, src[0]) == (b"inbound", stranger.address)
+
+
+def test_unmapped_port_of_a_portmap_router_stays_closed(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    pub = lab.host("pub")
+    sock = udp_socket(lab, a, 41641)
+    _, _, external, _ = natpmp_map_udp(sock, nat.lan_address, 41641, 42000)
+    outside = udp_socket(lab, pub)
+    outside.sendto(b"wrong-port", (nat.wan_address, external + 1))
+    outside.sendto(b"marker", (nat.wan_address, external))
+    assert first_arrival(sock) == b"marker"
+
+
+def test_natpmp_refuses_a_mapping_for_another_lan_host(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    # NAT-PMP can only map the requester's own address; a second host mapping the same
+    # external port must not steal a's mapping.
+    b = lab.host("b", behind=nat)
+    sa, sb = udp_socket(lab, a, 41641), udp_socket(lab, b, 41641)
+    _, _, ext_a, _ = natpmp_map_udp(sa, nat.lan_address, 41641, 42000)
+    result_b, _, ext_b, _ = natpmp_map_udp(sb, nat.lan_address, 41641, 42000)
+    assert result_b != 0 or ext_b != ext_a
