@@ -176,6 +176,11 @@ class CipherState:
         self.n += 1
         return out
 
+    def copy(self) -> CipherState:
+        clone = CipherState()
+        clone._key, clone._aead, clone.n = self._key, self._aead, self.n
+        return clone
+
     def rekey(self) -> None:
         """REKEY(k) from the spec: k = first 32 bytes of ENCRYPT(k, maxnonce, zerolen, zeros)."""
         if self._aead is None:
@@ -196,6 +201,11 @@ class SymmetricState:
         self.h = protocol.initial_h
         self.ck = protocol.initial_h
         self.cs = CipherState()
+
+    def copy(self) -> SymmetricState:
+        clone = SymmetricState.__new__(SymmetricState)
+        clone.h, clone.ck, clone.cs = self.h, self.ck, self.cs.copy()
+        return clone
 
     def mix_key(self, input_key_material: bytes) -> None:
         self.ck, temp_k = crypto.hkdf(self.ck, input_key_material, 2)
@@ -276,6 +286,15 @@ class HandshakeState:
         if token != "s" or key is None:
             raise NoiseValueError(f"the pattern needs the {side}'s static key before the handshake")
         self._ss.mix_hash(key)
+
+    def copy(self) -> HandshakeState:
+        """An independent copy: lets a caller try a message that may be forged without losing the
+        state (WireGuard must survive a bogus response carrying a valid index)."""
+        clone = HandshakeState.__new__(HandshakeState)
+        for name, value in vars(self).items():
+            setattr(clone, name, value)
+        clone._ss = self._ss.copy()
+        return clone
 
     @property
     def handshake_hash(self) -> bytes:

@@ -1,0 +1,710 @@
+"""A WireGuard device, sans-I/O: IP packets and datagrams in, datagrams, timers and events out.
+
+The caller owns the TUN device, the socket and the clock. `now` is always Unix time in seconds
+(time.time()): it also dates our handshake initiations (TAI64N), and a peer rejects initiations
+that are not newer than the last one it saw from us, even across our restarts.
+
+Not thread-safe: the agent serialises every call with one lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import secrets
+import struct
+from collections.abc import Hashable
+
+from cryptography.exceptions import InvalidTag
+
+from wiremesh.core import crypto
+from wiremesh.core.allowedips import AllowedIPs
+from wiremesh.core.noise import HandshakeState, NoiseError
+from wiremesh.core.wireguard.cookie import CookieChecker, add_macs, open_cookie_reply
+from wiremesh.core.wireguard.events import EndpointChanged, HandshakeCompleted, HandshakeFailed
+from wiremesh.core.wireguard.messages import (
+    CONSTRUCTION,
+    COOKIE_REPLY_SIZE,
+    IDENTIFIER,
+    INDEX_AND_COUNTER,
+    INITIATION_HEADER,
+    INITIATION_MAC1,
+    INITIATION_SIZE,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    MESSAGE_TRANSPORT,
+    RESPONSE_HEADER,
+    RESPONSE_MAC1,
+    RESPONSE_SIZE,
+    TRANSPORT_HEADER,
+    TRANSPORT_MIN_SIZE,
+    tai64n_from_ns,
+)
+from wiremesh.core.wireguard.peer import Peer, PeerConfig, PendingHandshake, Session
+from wiremesh.core.wireguard.timers import (
+    COOKIE_REFRESH_TIME,
+    HANDSHAKE_INITIATION_RATE,
+    KEEPALIVE_TIMEOUT,
+    MAX_QUEUED_PACKETS,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ATTEMPT_TIME,
+    REKEY_ON_RECEIVE_AFTER,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    ZERO_KEYS_AFTER,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DROP_REASONS", "Device"]
+
+DROP_REASONS = (
+    "short",
+    "wrong_size",
+    "unknown_type",
+    "bad_mac1",
+    "bad_mac2",
+    "unknown_peer",
+    "handshake_invalid",
+    "handshake_rate_limited",
+    "replay",
+    "decrypt_failed",
+    "no_session",
+    "expired_session",
+    "no_route",
+    "no_endpoint",
+    "source_not_allowed",
+    "not_ip",
+    "queue_full",
+    "cookie_invalid",
+    "handshake_timeout",
+    "internal_error",
+)
+
+_PADDING = bytes(16)
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+_TYPE_INITIATION = b"\x01\x00\x00\x00"
+_TYPE_RESPONSE = b"\x02\x00\x00\x00"
+_TYPE_COOKIE = b"\x03\x00\x00\x00"
+_TYPE_TRANSPORT = b"\x04\x00\x00\x00"
+_transport_header_pack = TRANSPORT_HEADER.pack
+_index_counter_unpack = INDEX_AND_COUNTER.unpack_from
+_u32_unpack = struct.Struct("<I").unpack_from
+
+_MAX_RETIRED = 4096
+
+Datagram = tuple[bytes, Hashable]
+
+
+class Device:
+    """One WireGuard interface: our static key, our peers, their sessions and timers."""
+
+    def __init__(self, private_key: bytes, now: float) -> None:
+        self.peers: dict[bytes, Peer] = {}
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.under_load = False
+        self._routes: AllowedIPs[Peer] = AllowedIPs()
+        self._sessions: dict[int, Session] = {}  # by our local index
+        self._handshakes: dict[int, PendingHandshake] = {}  # by our local index
+        # Indices of removed peers' sessions, so their late packets count as unknown_peer (bounded).
+        self._retired: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._outbox: list[Datagram] = []
+        self._events: collections.deque[object] = collections.deque()
+        self._now = now
+        self._last_timestamp_ns = 0
+        self._random = random.Random()
+        self._private_key = b""
+        self.public_key = b""
+        self._cookies = CookieChecker(bytes(32), now)
+        self.set_private_key(private_key)
+
+    # ------------------------------------------------------------------ configuration
+
+    def set_private_key(self, private_key: bytes) -> None:
+        """Replace our static key; every session and handshake in flight is dropped."""
+        public = crypto.public_key(private_key)
+        self._private_key = private_key
+        self.public_key = public
+        self._cookies = CookieChecker(public, self._now)
+        for peer in self.peers.values():
+            self._drop_sessions(peer)
+            peer.queue.clear()
+
+    def set_peer(self, config: PeerConfig) -> None:
+        """Add a peer or update one; an update keeps its sessions and replaces its AllowedIPs."""
+        if len(config.public_key) != 32:
+            raise ValueError("peer public key must be 32 bytes")
+        if config.preshared_key is not None and len(config.preshared_key) != 32:
+            raise ValueError("preshared key must be 32 bytes")
+        if config.persistent_keepalive < 0 or config.persistent_keepalive > 65535:
+            raise ValueError("persistent keepalive must be 0..65535 seconds")
+        # Validate every prefix before touching the table, so a bad one changes nothing.
+        probe: AllowedIPs[int] = AllowedIPs()
+        for prefix in config.allowed_ips:
+            probe.insert(prefix, 0)
+        peer = self.peers.get(config.public_key)
+        if peer is None:
+            peer = Peer(config)
+            self.peers[config.public_key] = peer
+        else:
+            old = peer.config
+            peer.config = config
+            peer.psk = config.preshared_key or bytes(32)
+            if config.endpoint is not None and config.endpoint != old.endpoint:
+                peer.endpoint = config.endpoint
+        self._routes.remove_value(peer)
+        for prefix in config.allowed_ips:
+            self._routes.insert(prefix, peer)
+        if config.persistent_keepalive > 0:
+            # Like wg: a keepalive goes out as soon as persistent keepalive is configured.
+            if peer.t_persistent is None:
+                peer.t_persistent = self._now
+        else:
+            peer.t_persistent = None
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Forget a peer at once: its sessions go, and its packets now count as unknown_peer."""
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        for session in peer.sessions():
+            self._retired[session.local_index] = None
+        while len(self._retired) > _MAX_RETIRED:
+            self._retired.popitem(last=False)
+        self._drop_sessions(peer)
+        peer.queue.clear()
+        self._routes.remove_value(peer)
+
+    # ------------------------------------------------------------------ outbound (TUN -> network)
+
+    def send(self, packet: bytes, now: float) -> tuple[bytes, Hashable] | None:
+        """Encrypt one IP packet from the TUN for the peer that AllowedIPs routes it to.
+
+        Returns (datagram, endpoint), or None when the packet was dropped (counted in `drops`) or
+        queued while a handshake starts (the initiation then shows up in datagrams_to_send()).
+        """
+        self._now = now
+        n = len(packet)
+        if n == 0:
+            self.drops["not_ip"] += 1
+            return None
+        version = packet[0] >> 4
+        if version == 4 and n >= 20:
+            peer = self._routes.lookup(packet[16:20])
+        elif version == 6 and n >= 40:
+            peer = self._routes.lookup(packet[24:40])
+        else:
+            self.drops["not_ip"] += 1
+            return None
+        if peer is None:
+            self.drops["no_route"] += 1
+            return None
+        return self._send_to_peer(peer, packet, now)
+
+    def _send_to_peer(self, peer: Peer, payload: bytes, now: float) -> tuple[bytes, Hashable] | None:
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return None
+        session = peer.current
+        if (
+            session is None
+            or now - session.created >= REJECT_AFTER_TIME
+            or session.send_counter >= REJECT_AFTER_MESSAGES
+        ):
+            self._enqueue(peer, payload)
+            self._initiate(peer, now, retry=False)
+            return None
+        datagram = self._seal(peer, session, payload, now)
+        if session.send_counter >= REKEY_AFTER_MESSAGES or (
+            session.initiator and now - session.created >= REKEY_AFTER_TIME
+        ):
+            self._initiate(peer, now, retry=False)
+        return datagram, endpoint
+
+    def _enqueue(self, peer: Peer, payload: bytes) -> None:
+        queue = peer.queue
+        if len(queue) >= MAX_QUEUED_PACKETS:
+            queue.popleft()  # keep the newest, like wireguard-go
+            self.drops["queue_full"] += 1
+        queue.append(payload)
+
+    def _seal(self, peer: Peer, session: Session, payload: bytes, now: float) -> bytes:
+        counter = session.send_counter
+        session.send_counter = counter + 1
+        is_data = len(payload) > 0
+        pad = -len(payload) & 15
+        if pad:
+            payload = payload + _PADDING[:pad]
+        datagram = _transport_header_pack(
+            MESSAGE_TRANSPORT, session.remote_index, counter
+        ) + session.send_aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), payload, None)
+        peer.tx_bytes += len(datagram)
+        peer.tx_packets += 1
+        # Timers (whitepaper 6.5): anything we send makes a pending keepalive unnecessary; data we
+        # send expects an answer within KEEPALIVE_TIMEOUT + REKEY_TIMEOUT or we start a handshake.
+        peer.t_keepalive = None
+        if is_data and peer.t_new_handshake is None:
+            peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        if peer.config.persistent_keepalive:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        return datagram
+
+    def _flush_queue(self, peer: Peer, session: Session, now: float, keepalive_if_empty: bool) -> None:
+        endpoint = peer.endpoint
+        if endpoint is None:
+            return
+        if not peer.queue:
+            if keepalive_if_empty:
+                self._outbox.append((self._seal(peer, session, b"", now), endpoint))
+            return
+        while peer.queue:
+            self._outbox.append((self._seal(peer, session, peer.queue.popleft(), now), endpoint))
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        result = self._send_to_peer(peer, b"", now)
+        if result is not None:
+            self._outbox.append(result)
+
+    # ------------------------------------------------------------------ inbound (network -> TUN)
+
+    def receive(self, datagram: bytes, source: Hashable, now: float) -> bytes | None:
+        """Process one datagram. Returns the inner IP packet for the TUN, or None (handshake,
+        cookie reply, keepalive, or a counted drop). Never raises."""
+        self._now = now
+        try:
+            if datagram[:4] == _TYPE_TRANSPORT:
+                return self._receive_transport(datagram, source, now)
+            self._receive_other(datagram, source, now)
+            return None
+        except Exception:  # a bug must cost one packet, never the data plane
+            log.exception("unexpected error processing a %d-byte datagram", len(datagram))
+            self.drops["internal_error"] += 1
+            return None
+
+    def _receive_transport(self, datagram: bytes, source: Hashable, now: float) -> bytes | None:
+        n = len(datagram)
+        if n < TRANSPORT_MIN_SIZE:
+            self.drops["short"] += 1
+            return None
+        receiver, counter = _index_counter_unpack(datagram, 4)
+        session = self._sessions.get(receiver)
+        if session is None:
+            self.drops["unknown_peer" if receiver in self._retired else "no_session"] += 1
+            return None
+        if now - session.created >= REJECT_AFTER_TIME:
+            self.drops["expired_session"] += 1
+            return None
+        replay = session.replay
+        if counter >= REJECT_AFTER_MESSAGES or not replay.check(counter):
+            self.drops["replay"] += 1
+            return None
+        try:
+            plaintext = session.recv_aead.decrypt(
+                _NONCE_PREFIX + datagram[8:16], memoryview(datagram)[16:], None
+            )
+        except InvalidTag:
+            self.drops["decrypt_failed"] += 1
+            return None
+        if not replay.update(counter):
+            self.drops["replay"] += 1
+            return None
+        peer = session.peer
+        if session is peer.next:
+            self._confirm_next(peer, session, now)
+        peer.rx_bytes += n
+        peer.rx_packets += 1
+        if source != peer.endpoint:
+            self._roam(peer, source)
+        # Timers: any authenticated packet answers our data; data in wants a keepalive back.
+        peer.t_new_handshake = None
+        if peer.config.persistent_keepalive:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        if (
+            session.initiator
+            and session is peer.current
+            and now - session.created >= REKEY_ON_RECEIVE_AFTER
+            and peer.handshake is None
+        ):
+            self._initiate(peer, now, retry=False)
+        if not plaintext:
+            return None  # keepalive
+        if peer.t_keepalive is None:
+            peer.t_keepalive = now + KEEPALIVE_TIMEOUT
+        return self._check_inner(peer, plaintext)
+
+    def _check_inner(self, peer: Peer, plaintext: bytes) -> bytes | None:
+        n = len(plaintext)
+        version = plaintext[0] >> 4
+        if version == 4 and n >= 20:
+            length = (plaintext[2] << 8) | plaintext[3]
+            src = plaintext[12:16]
+            if length < 20:
+                self.drops["not_ip"] += 1
+                return None
+        elif version == 6 and n >= 40:
+            length = ((plaintext[4] << 8) | plaintext[5]) + 40
+            src = plaintext[8:24]
+        else:
+            self.drops["not_ip"] += 1
+            return None
+        if length > n:
+            self.drops["not_ip"] += 1
+            return None
+        if self._routes.lookup(src) is not peer:
+            self.drops["source_not_allowed"] += 1
+            return None
+        return plaintext if length == n else plaintext[:length]
+
+    def _receive_other(self, datagram: bytes, source: Hashable, now: float) -> None:
+        n = len(datagram)
+        if n < 4:
+            self.drops["short"] += 1
+            return None
+        kind = datagram[:4]
+        if kind == _TYPE_INITIATION:
+            if self._sized(n, INITIATION_SIZE):
+                self._receive_initiation(datagram, source, now)
+        elif kind == _TYPE_RESPONSE:
+            if self._sized(n, RESPONSE_SIZE):
+                self._receive_response(datagram, source, now)
+        elif kind == _TYPE_COOKIE:
+            if self._sized(n, COOKIE_REPLY_SIZE):
+                self._receive_cookie_reply(datagram)
+        else:
+            self.drops["unknown_type"] += 1
+        return None
+
+    def _sized(self, n: int, expected: int) -> bool:
+        if n == expected:
+            return True
+        self.drops["short" if n < expected else "wrong_size"] += 1
+        return False
+
+    def _macs_ok(
+        self, datagram: bytes, mac1_offset: int, sender_index: int, source: Hashable, now: float
+    ) -> bool:
+        if not self._cookies.mac1_valid(datagram, mac1_offset):
+            self.drops["bad_mac1"] += 1
+            return False
+        if self.under_load and not self._cookies.mac2_valid(datagram, mac1_offset, source, now):
+            # Answer with a cookie instead of spending a DH on an address we have not verified.
+            self._outbox.append(
+                (self._cookies.cookie_reply(datagram, mac1_offset, sender_index, source, now), source)
+            )
+            self.drops["bad_mac2"] += 1
+            return False
+        return True
+
+    def _receive_initiation(self, datagram: bytes, source: Hashable, now: float) -> None:
+        _, sender_index = INITIATION_HEADER.unpack_from(datagram, 0)
+        if not self._macs_ok(datagram, INITIATION_MAC1, sender_index, source, now):
+            return
+        state = HandshakeState(CONSTRUCTION, False, IDENTIFIER, s=self._private_key, rs=None)
+        try:
+            timestamp = state.read_message(datagram[8:INITIATION_MAC1])
+        except NoiseError:
+            self.drops["handshake_invalid"] += 1
+            return
+        peer = self.peers.get(state.remote_static or b"")
+        if peer is None:
+            self.drops["unknown_peer"] += 1
+            return
+        if len(timestamp) != 12 or timestamp <= peer.last_received_timestamp:
+            self.drops["replay"] += 1
+            return
+        if now - peer.last_initiation_consumed < HANDSHAKE_INITIATION_RATE:
+            self.drops["handshake_rate_limited"] += 1
+            return
+        peer.last_received_timestamp = timestamp
+        peer.last_initiation_consumed = now
+        peer.t_new_handshake = None
+        state.psk = peer.psk
+        local_index = self._new_index()
+        try:
+            noise_response = state.write_message(b"")
+        except NoiseError:
+            self.drops["handshake_invalid"] += 1
+            return
+        message, peer.last_mac1 = add_macs(
+            RESPONSE_HEADER.pack(MESSAGE_RESPONSE, local_index, sender_index) + noise_response,
+            peer.mac1_key,
+            self._fresh_cookie(peer, now),
+        )
+        initiator_to_us, us_to_initiator = state.split()
+        session = Session(
+            peer,
+            local_index,
+            sender_index,
+            send_key=_key(us_to_initiator.key),
+            recv_key=_key(initiator_to_us.key),
+            initiator=False,
+            created=now,
+        )
+        # A responder's session waits in `next` until the initiator's first packet confirms it.
+        if peer.next is not None:
+            self._forget(peer.next)
+        if peer.previous is not None:
+            self._forget(peer.previous)
+            peer.previous = None
+        peer.next = session
+        self._sessions[local_index] = session
+        peer.rx_bytes += len(datagram)
+        peer.rx_packets += 1
+        if source != peer.endpoint:
+            self._roam(peer, source)
+        peer.last_handshake_sent = now
+        self._outbox.append((message, source))
+        peer.tx_bytes += len(message)
+        peer.tx_packets += 1
+        self._handshake_done(peer, now, initiator=False)
+
+    def _receive_response(self, datagram: bytes, source: Hashable, now: float) -> None:
+        _, sender_index, receiver_index = RESPONSE_HEADER.unpack_from(datagram, 0)
+        if not self._macs_ok(datagram, RESPONSE_MAC1, sender_index, source, now):
+            return
+        pending = self._handshakes.get(receiver_index)
+        if pending is None:
+            self.drops["handshake_invalid"] += 1
+            return
+        peer = pending.peer
+        # Work on a copy: a forged response naming our index must not spoil the real exchange.
+        state = pending.state.copy()
+        state.psk = peer.psk
+        try:
+            payload = state.read_message(datagram[12:RESPONSE_MAC1])
+        except NoiseError:
+            self.drops["handshake_invalid"] += 1
+            return
+        if payload:
+            self.drops["handshake_invalid"] += 1
+            return
+        us_to_responder, responder_to_us = state.split()
+        del self._handshakes[receiver_index]
+        peer.handshake = None
+        session = Session(
+            peer,
+            receiver_index,
+            sender_index,
+            send_key=_key(us_to_responder.key),
+            recv_key=_key(responder_to_us.key),
+            initiator=True,
+            created=now,
+        )
+        # As initiator the new session is usable at once; what the peer may still use stays receivable.
+        if peer.next is not None:
+            if peer.current is not None:
+                self._forget(peer.current)
+            if peer.previous is not None:
+                self._forget(peer.previous)
+            peer.previous = peer.next
+            peer.next = None
+        else:
+            if peer.previous is not None:
+                self._forget(peer.previous)
+            peer.previous = peer.current
+        peer.current = session
+        self._sessions[receiver_index] = session
+        peer.rx_bytes += len(datagram)
+        peer.rx_packets += 1
+        if source != peer.endpoint:
+            self._roam(peer, source)
+        peer.t_retransmit = None
+        peer.t_new_handshake = None
+        peer.handshake_started = None
+        self._handshake_done(peer, now, initiator=True)
+        # The responder may not send until it hears from us: confirm at once, with data if we have it.
+        self._flush_queue(peer, session, now, keepalive_if_empty=True)
+
+    def _receive_cookie_reply(self, datagram: bytes) -> None:
+        (receiver_index,) = _u32_unpack(datagram, 4)
+        pending = self._handshakes.get(receiver_index)
+        peer = pending.peer if pending is not None else None
+        if peer is None:
+            session = self._sessions.get(receiver_index)
+            peer = session.peer if session is not None else None
+        if peer is None or peer.last_mac1 is None:
+            self.drops["cookie_invalid"] += 1
+            return
+        try:
+            cookie = open_cookie_reply(peer.cookie_key, datagram, peer.last_mac1)
+        except crypto.AuthenticationError:
+            self.drops["cookie_invalid"] += 1
+            return
+        peer.cookie = cookie
+        peer.cookie_time = self._now
+        # Only one cookie per handshake message: a replayed reply must not reset the clock.
+        peer.last_mac1 = None
+
+    def _confirm_next(self, peer: Peer, session: Session, now: float) -> None:
+        if peer.previous is not None:
+            self._forget(peer.previous)
+        peer.previous = peer.current
+        peer.current = session
+        peer.next = None
+        if peer.queue:
+            self._flush_queue(peer, session, now, keepalive_if_empty=False)
+
+    def _roam(self, peer: Peer, source: Hashable) -> None:
+        peer.endpoint = source
+        self._events.append(EndpointChanged(peer.public_key, source))
+
+    # ------------------------------------------------------------------ handshakes
+
+    def _initiate(self, peer: Peer, now: float, retry: bool) -> None:
+        endpoint = peer.endpoint
+        if endpoint is None:
+            return
+        if not retry:
+            # At most one initiation per REKEY_TIMEOUT; retries come from the retransmit timer.
+            if now - peer.last_handshake_sent < REKEY_TIMEOUT:
+                return
+            if peer.handshake_started is None or peer.t_retransmit is None:
+                peer.handshake_started = now
+        elif peer.handshake_started is None:
+            peer.handshake_started = now
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+        state = HandshakeState(
+            CONSTRUCTION, True, IDENTIFIER, s=self._private_key, rs=peer.public_key, psk=peer.psk
+        )
+        local_index = self._new_index()
+        noise_message = state.write_message(self._timestamp(now))
+        message, peer.last_mac1 = add_macs(
+            INITIATION_HEADER.pack(MESSAGE_INITIATION, local_index) + noise_message,
+            peer.mac1_key,
+            self._fresh_cookie(peer, now),
+        )
+        pending = PendingHandshake(peer, local_index, state, now)
+        peer.handshake = pending
+        self._handshakes[local_index] = pending
+        peer.last_handshake_sent = now
+        peer.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
+        peer.t_keepalive = None
+        if peer.config.persistent_keepalive:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        self._outbox.append((message, endpoint))
+        peer.tx_bytes += len(message)
+        peer.tx_packets += 1
+
+    def _handshake_done(self, peer: Peer, now: float, initiator: bool) -> None:
+        peer.last_handshake = now
+        peer.handshakes_completed += 1
+        peer.t_zero_keys = now + ZERO_KEYS_AFTER
+        self._events.append(HandshakeCompleted(peer.public_key, initiator))
+
+    def _give_up(self, peer: Peer, now: float) -> None:
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+        peer.t_retransmit = None
+        peer.handshake_started = None
+        peer.handshakes_failed += 1
+        dropped = len(peer.queue)
+        peer.queue.clear()
+        if dropped:
+            self.drops["handshake_timeout"] += dropped
+        if peer.t_zero_keys is None:
+            peer.t_zero_keys = now + ZERO_KEYS_AFTER
+        self._events.append(HandshakeFailed(peer.public_key))
+
+    def _fresh_cookie(self, peer: Peer, now: float) -> bytes | None:
+        if peer.cookie is not None and now - peer.cookie_time < COOKIE_REFRESH_TIME:
+            return peer.cookie
+        return None
+
+    def _timestamp(self, now: float) -> bytes:
+        # Strictly increasing even if the caller's clock stalls, or the peer would see a replay.
+        ns = max(int(now * 1e9), self._last_timestamp_ns + 1)
+        self._last_timestamp_ns = ns
+        return tai64n_from_ns(ns)
+
+    def _new_index(self) -> int:
+        while True:
+            index = secrets.randbits(32)
+            if index not in self._sessions and index not in self._handshakes:
+                return index
+
+    def _jitter(self) -> float:
+        return self._random.uniform(0.0, REKEY_TIMEOUT_JITTER_MAX)
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.local_index, None)
+
+    def _drop_sessions(self, peer: Peer) -> None:
+        for session in peer.sessions():
+            self._forget(session)
+        peer.current = peer.previous = peer.next = None
+        if peer.handshake is not None:
+            self._handshakes.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+        peer.handshake_started = None
+        peer.t_retransmit = peer.t_keepalive = peer.t_new_handshake = peer.t_zero_keys = None
+
+    # ------------------------------------------------------------------ driving
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Hashable]]:
+        """Datagrams produced since the last call (handshakes, cookie replies, keepalives, flushed queues)."""
+        out = self._outbox
+        self._outbox = []
+        return out
+
+    def next_event(self) -> object | None:
+        return self._events.popleft() if self._events else None
+
+    def next_timer(self) -> float | None:
+        """The earliest absolute deadline at which handle_timer has work, or None."""
+        best: float | None = None
+        for peer in self.peers.values():
+            t = peer.next_deadline()
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer due at `now` (retransmit, give up, keepalive, rekey, key erasure)."""
+        self._now = now
+        for peer in list(self.peers.values()):
+            if peer.t_retransmit is not None and now >= peer.t_retransmit:
+                peer.t_retransmit = None
+                started = peer.handshake_started if peer.handshake_started is not None else now
+                if now - started >= REKEY_ATTEMPT_TIME:
+                    self._give_up(peer, now)
+                else:
+                    self._initiate(peer, now, retry=True)
+            if peer.t_keepalive is not None and now >= peer.t_keepalive:
+                peer.t_keepalive = None
+                session = peer.current
+                if session is not None and now - session.created < REJECT_AFTER_TIME:
+                    self._send_keepalive(peer, now)
+            if peer.t_new_handshake is not None and now >= peer.t_new_handshake:
+                # We sent data and heard nothing back: the session may be dead on the other side.
+                peer.t_new_handshake = None
+                self._initiate(peer, now, retry=False)
+            if peer.t_zero_keys is not None and now >= peer.t_zero_keys:
+                # No handshake for 3 * REJECT_AFTER_TIME: erase the (long unusable) session keys.
+                peer.t_zero_keys = None
+                for session in peer.sessions():
+                    self._forget(session)
+                peer.current = peer.previous = peer.next = None
+            if peer.t_persistent is not None and now >= peer.t_persistent:
+                peer.t_persistent = None
+                if peer.config.persistent_keepalive:
+                    if peer.current is not None:
+                        self._send_keepalive(peer, now)
+                    else:
+                        # No session: a keepalive can only go out after a handshake.
+                        self._initiate(peer, now, retry=False)
+                    if peer.t_persistent is None:
+                        peer.t_persistent = now + peer.config.persistent_keepalive
+
+
+def _key(key: bytes | None) -> bytes:
+    if key is None:  # split() always yields keys; this only satisfies the type checker
+        raise NoiseError("handshake produced no key")
+    return key
