@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -183,3 +185,55 @@ def test_flush_conntrack_forgets_the_mapping(lab: Lab) -> None:
     lanpeer = udp_socket(lab, lab.host("lanpeer", behind=a.behind))
     lanpeer.sendto(b"marker", (a.address, inside.getsockname()[1]))
     assert first_arrival(inside) == b"marker"
+
+
+LAB_CHILD = """
+import sys, time
+from wiremesh.lab import Lab, NatKind
+lab = Lab()
+lab.device("a", NatKind.EIM_APDF)
+lab.popen(lab.host("pub"), ["sleep", "600"])
+print(lab.prefix, flush=True)
+time.sleep(600)
+"""
+
+
+def start_lab_child() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAB_CHILD], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    prefix = proc.stdout.readline().strip()
+    assert prefix.startswith("wm"), prefix
+    return proc, prefix
+
+
+def lab_namespaces(prefix: str) -> set[str]:
+    return {ns for ns in namespace_names() if ns.startswith(prefix)}
+
+
+def test_sigterm_tears_the_lab_down() -> None:
+    proc, prefix = start_lab_child()
+    try:
+        assert lab_namespaces(prefix)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert not lab_namespaces(prefix)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_new_lab_removes_what_a_killed_lab_left_behind() -> None:
+    proc, prefix = start_lab_child()
+    proc.kill()
+    proc.wait()
+    assert lab_namespaces(prefix)
+    with Lab():
+        assert not lab_namespaces(prefix)
+
+
+def test_a_claimed_prefix_cannot_be_used_twice(lab: Lab) -> None:
+    with pytest.raises(RuntimeError, match="in use"):
+        Lab(prefix=lab.prefix)

@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -23,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
-from wiremesh.lab import netns, portmap
+from wiremesh.lab import netns, portmap, registry
 from wiremesh.lab.nat import FAULTS_CHAIN, FORWARD_CHAIN, TABLE, NatKind, host_ruleset, router_ruleset
 
 log = logging.getLogger(__name__)
@@ -168,11 +167,11 @@ class Lab:
     """
 
     def __init__(self, prefix: str | None = None) -> None:
-        if prefix is None:
-            prefix = f"wm{secrets.token_hex(2)}-"
-        if not _PREFIX_RE.match(prefix):
+        if prefix is not None and not _PREFIX_RE.match(prefix):
             raise ValueError(f"lab prefix must look like 'wm3f9a-', got {prefix!r}")
-        self.prefix = prefix
+        registry.reap_stale()
+        self.prefix = registry.claim(prefix)
+        self._owner_pid = os.getpid()
         self._namespaces: list[str] = []
         self._names: set[str] = set()
         self._processes: list[subprocess.Popen[Any]] = []
@@ -213,7 +212,8 @@ class Lab:
 
     def close(self) -> None:
         """Stop every process, delete every namespace. Safe to call more than once."""
-        if self._closed:
+        if self._closed or os.getpid() != self._owner_pid:
+            # A forked child inherits the object but must not tear down its parent's lab.
             return
         self._closed = True
         _live_labs.discard(self)
@@ -224,48 +224,14 @@ class Lab:
             sock.close()
         for ns in reversed(self._namespaces):
             try:
-                self._kill_namespace_pids(ns)
+                registry.destroy_namespace(ns, keep_pid=os.getpid())
             except Exception:
-                log.exception("lab: killing processes in %s failed", ns)
-            result = subprocess.run(
-                ["ip", "netns", "del", ns],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=COMMAND_TIMEOUT_S,
-            )
-            if result.returncode != 0 and netns.exists(ns):
-                log.error("lab: could not delete namespace %s: %s", ns, result.stderr.strip())
+                log.exception("lab: removing namespace %s failed", ns)
         self._namespaces.clear()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-    def _kill_namespace_pids(self, ns: str) -> None:
-        """Kill what still runs inside our namespace (e.g. daemons that forked away from us)."""
-        if not netns.exists(ns):
-            return
-        deadline = time.monotonic() + PROCESS_STOP_TIMEOUT_S
-        sig = signal.SIGTERM
-        while True:
-            out = subprocess.run(
-                ["ip", "netns", "pids", ns],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=COMMAND_TIMEOUT_S,
-            ).stdout
-            pids = [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
-            if not pids:
-                return
-            if time.monotonic() > deadline:
-                sig = signal.SIGKILL
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(0.05)
-            if sig == signal.SIGKILL and time.monotonic() > deadline + PROCESS_STOP_TIMEOUT_S:
-                log.error("lab: processes %s in %s would not die", pids, ns)
-                return
+        if not any(netns.exists(self.prefix + name) for name in self._names):
+            registry.release(self.prefix)
 
     # -- commands -----------------------------------------------------------------------------
 
