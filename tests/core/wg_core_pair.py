@@ -70,6 +70,7 @@ class Pair:
         )
         self.inbox_a: list[bytes] = []
         self.inbox_b: list[bytes] = []
+        self.log: list[tuple[float, Hashable, bytes]] = []  # (time, source endpoint, datagram) moved by pump
 
     @property
     def peer_b(self):  # a's view of b
@@ -86,6 +87,7 @@ class Pair:
         """All pending datagrams from both sides, as (datagram, destination, source)."""
         out = [(d, ep, A_ENDPOINT) for d, ep in self.a.datagrams_to_send()]
         out += [(d, ep, B_ENDPOINT) for d, ep in self.b.datagrams_to_send()]
+        self.log += [(self.now, source, d) for d, _, source in out]
         return out
 
     def deliver(self, datagram: bytes, destination: Hashable, source: Hashable) -> bytes | None:
