@@ -1,0 +1,360 @@
+"""The agent side of the control channel: login, the netmap stream, endpoint updates.
+
+`ControlClient` speaks to coord over HTTP with every request sealed in a Noise IK handshake
+under the machine key (see wiremesh.core.control.channel). It holds no other state than
+the keys it is given, so wiremeshd and benchmark simulators can both use it:
+
+    client = ControlClient("http://coord:8080", machine_private_key)
+    result = await client.login(node_key, disco_key, "laptop", auth_key="wmauth-...")
+    async for netmap in client.netmaps(node_key):      # reconnects, full resync each time
+        apply(netmap)
+
+`NetmapWatcher` runs `netmaps()` in a task and keeps the latest netmap, for callers that
+would rather poll or wait for a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from wiremesh.core import crypto
+from wiremesh.core.control import messages as cm
+from wiremesh.core.control.channel import ClientCall, ControlError, FrameReader
+from wiremesh.core.netmap import MapDelta, NetmapError, NetworkMap
+
+log = logging.getLogger(__name__)
+FRAMES = "application/x-wiremesh-frames"
+
+
+class ControlRefused(Exception):
+    """Coord answered and said no; `status` is its HTTP status, the message its reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LoginRequired(ControlRefused):
+    """The node is unknown, deleted or expired: only a new login (maybe with an auth key) helps."""
+
+
+class ControlUnavailable(Exception):
+    """Coord could not be reached or the connection broke; retrying may help."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoginResult:
+    node_id: int
+    name: str
+    user: str
+    tags: tuple[str, ...]
+    addresses: tuple[str, ...]
+    key_expiry: float | None
+    ephemeral: bool
+
+
+def _refusal(status: int, message: str) -> ControlRefused:
+    if status in (401, 404) or "log in" in message:
+        return LoginRequired(status, message)
+    return ControlRefused(status, message)
+
+
+class ControlClient:
+    def __init__(
+        self,
+        server_url: str,
+        machine_private_key: bytes,
+        *,
+        http: httpx.AsyncClient | None = None,
+        server_public_key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 10.0,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.machine_private_key = machine_private_key
+        self.machine_public_key = crypto.public_key(machine_private_key)
+        self.server_public_key = server_public_key
+        self.clock = clock
+        self.timeout = timeout
+        self._own_http = http is None
+        self.http = http or httpx.AsyncClient(timeout=timeout)
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self.http.aclose()
+
+    async def __aenter__(self) -> ControlClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def fetch_server_key(self) -> bytes:
+        """Coord's control key (GET /key). Pass `server_public_key` to pin it instead."""
+        try:
+            response = await self.http.get(f"{self.server_url}/key", timeout=self.timeout)
+            response.raise_for_status()
+            self.server_public_key = crypto.decode_key(response.json()["public_key"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise ControlUnavailable(f"could not fetch coord's key from {self.server_url}: {exc}") from exc
+        return self.server_public_key
+
+    async def _call(self, payload: Any) -> ClientCall:
+        if self.server_public_key is None:
+            await self.fetch_server_key()
+        assert self.server_public_key is not None
+        return ClientCall(self.machine_private_key, self.server_public_key, cm.encode(payload), self.clock())
+
+    async def _unary(self, path: str, payload: Any) -> tuple[int, bytes]:
+        call = await self._call(payload)
+        try:
+            response = await self.http.post(
+                f"{self.server_url}{path}",
+                content=call.request,
+                headers={"content-type": "application/octet-stream"},
+                timeout=self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise ControlUnavailable(f"{path}: {exc!r}") from exc
+        return response.status_code, self._open_first(
+            call, response.status_code, response.headers, response.content
+        )
+
+    def _open_first(self, call: ClientCall, status: int, headers: httpx.Headers, body: bytes) -> bytes:
+        if not headers.get("content-type", "").startswith(FRAMES):
+            raise _refusal(status, _detail(body) or f"HTTP {status}")
+        reader = FrameReader()
+        frames = reader.feed(body)
+        if not frames:
+            raise ControlUnavailable("truncated response from coord")
+        try:
+            return call.read_response(frames[0])
+        except ControlError as exc:
+            raise ControlRefused(status, str(exc)) from exc
+
+    async def login(
+        self,
+        node_key: str,
+        disco_key: str,
+        hostname: str,
+        auth_key: str = "",
+        advertised_routes: tuple[str, ...] = (),
+        endpoints: tuple[str, ...] = (),
+    ) -> LoginResult:
+        request = cm.LoginRequest(
+            node_key=node_key,
+            disco_key=disco_key,
+            hostname=hostname,
+            auth_key=auth_key,
+            advertised_routes=tuple(advertised_routes),
+            endpoints=tuple(endpoints),
+        )
+        status, payload = await self._unary("/machine/login", request)
+        reply = _decode(cm.LoginResponse, payload)
+        if reply.error or status != 200:
+            raise _refusal(status, reply.error or f"HTTP {status}")
+        return LoginResult(
+            node_id=reply.node_id,
+            name=reply.name,
+            user=reply.user,
+            tags=reply.tags,
+            addresses=reply.addresses,
+            key_expiry=reply.key_expiry,
+            ephemeral=reply.ephemeral,
+        )
+
+    async def update(
+        self,
+        node_key: str,
+        *,
+        endpoints: tuple[str, ...] | None = None,
+        advertised_routes: tuple[str, ...] | None = None,
+        hostname: str | None = None,
+        home_relay: int | None = None,
+    ) -> None:
+        request = cm.UpdateRequest(
+            node_key=node_key,
+            endpoints=None if endpoints is None else tuple(endpoints),
+            advertised_routes=None if advertised_routes is None else tuple(advertised_routes),
+            hostname=hostname,
+            home_relay=home_relay,
+        )
+        await self._expect_ok("/machine/update", request)
+
+    async def logout(self, node_key: str) -> None:
+        await self._expect_ok("/machine/logout", cm.LogoutRequest(node_key=node_key))
+
+    async def _expect_ok(self, path: str, request: Any) -> None:
+        status, payload = await self._unary(path, request)
+        reply = _decode(cm.Reply, payload)
+        if reply.error or status != 200:
+            raise _refusal(status, reply.error or f"HTTP {status}")
+
+    async def stream_frames(
+        self, node_key: str, endpoints: tuple[str, ...] | None = None, keepalive: float = 15.0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One netmap stream: decrypted frames as JSON objects ("netmap", "delta", "keepalive").
+
+        Ends with LoginRequired/ControlRefused when coord refuses or closes the stream with an
+        error, and ControlUnavailable when the connection breaks or goes silent.
+        """
+        request = cm.MapRequest(
+            node_key=node_key, endpoints=None if endpoints is None else tuple(endpoints), keepalive=keepalive
+        )
+        call = await self._call(request)
+        timeout = httpx.Timeout(self.timeout, read=keepalive * 3 + 5)
+        try:
+            async with self.http.stream(
+                "POST",
+                f"{self.server_url}/machine/map",
+                content=call.request,
+                headers={"content-type": "application/octet-stream"},
+                timeout=timeout,
+            ) as response:
+                if not response.headers.get("content-type", "").startswith(FRAMES):
+                    body = await response.aread()
+                    raise _refusal(response.status_code, _detail(body) or f"HTTP {response.status_code}")
+                reader = FrameReader()
+                first = True
+                async for chunk in response.aiter_raw():
+                    for frame in reader.feed(chunk):
+                        if first:
+                            first = False
+                            reply = _decode(cm.Reply, call.read_response(frame))
+                            if reply.error or response.status_code != 200:
+                                raise _refusal(response.status_code, reply.error)
+                            continue
+                        try:
+                            message = json.loads(call.open_frame(frame))
+                        except (ControlError, ValueError) as exc:
+                            raise ControlUnavailable(f"bad frame on the netmap stream: {exc}") from exc
+                        if not isinstance(message, dict):
+                            raise ControlUnavailable("bad frame on the netmap stream: not an object")
+                        if message.get("type") == "error":
+                            raise _refusal(403, str(message.get("error", "stream closed by coord")))
+                        yield message
+        except httpx.HTTPError as exc:
+            raise ControlUnavailable(f"netmap stream: {exc!r}") from exc
+        except ControlError as exc:
+            raise ControlUnavailable(f"netmap stream: {exc}") from exc
+        raise ControlUnavailable("netmap stream ended")
+
+    async def stream(
+        self, node_key: str, endpoints: tuple[str, ...] | None = None, keepalive: float = 15.0
+    ) -> AsyncIterator[NetworkMap]:
+        """One netmap stream as whole netmaps: the full one first, then one per delta."""
+        current: NetworkMap | None = None
+        async for message in self.stream_frames(node_key, endpoints, keepalive):
+            kind = message.get("type")
+            try:
+                if kind == "netmap":
+                    current = NetworkMap.from_json(message)
+                elif kind == "delta" and current is not None:
+                    current = MapDelta.from_json(message).apply(current)
+                else:
+                    continue
+            except NetmapError as exc:
+                raise ControlUnavailable(f"bad netmap from coord: {exc}") from exc
+            yield current
+
+    async def netmaps(
+        self,
+        node_key: str,
+        endpoints: Callable[[], tuple[str, ...] | None] | None = None,
+        keepalive: float = 15.0,
+        max_backoff: float = 5.0,
+    ) -> AsyncIterator[NetworkMap]:
+        """Netmaps for as long as the caller iterates: reconnects with backoff and resyncs fully.
+
+        Stops only with LoginRequired / ControlRefused (the node must log in again).
+        """
+        backoff = 0.1
+        while True:
+            try:
+                async for netmap in self.stream(node_key, endpoints() if endpoints else None, keepalive):
+                    backoff = 0.1
+                    yield netmap
+            except ControlUnavailable as exc:
+                log.info("netmap stream lost; reconnecting", extra={"error": str(exc)})
+            except ControlRefused as exc:
+                if exc.status < 500:
+                    raise
+                log.info("coord busy; reconnecting", extra={"error": str(exc)})
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, max_backoff)
+
+
+class NetmapWatcher:
+    """Keeps the latest netmap of one node current in a background task."""
+
+    def __init__(self, client: ControlClient, node_key: str, keepalive: float = 15.0) -> None:
+        self.client = client
+        self.node_key = node_key
+        self.keepalive = keepalive
+        self.netmap: NetworkMap | None = None
+        self.error: BaseException | None = None
+        self.updates = 0
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> NetmapWatcher:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        try:
+            async for netmap in self.client.netmaps(self.node_key, keepalive=self.keepalive):
+                async with self._changed:
+                    self.netmap = netmap
+                    self.updates += 1
+                    self._changed.notify_all()
+        except Exception as exc:
+            async with self._changed:
+                self.error = exc
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[NetworkMap], bool], timeout: float = 10.0) -> NetworkMap:
+        """The first netmap (current or future) for which `predicate` holds."""
+
+        def ready() -> bool:
+            return self.error is not None or (self.netmap is not None and predicate(self.netmap))
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+        if self.error is not None:
+            raise self.error
+        assert self.netmap is not None
+        return self.netmap
+
+
+def _decode(cls: type[Any], payload: bytes) -> Any:
+    try:
+        return cm.decode(cls, payload)
+    except ControlError as exc:
+        raise ControlUnavailable(f"bad reply from coord: {exc}") from exc
+
+
+def _detail(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    if isinstance(data, dict):
+        return str(data.get("detail") or data.get("error") or "")
+    return ""

@@ -1,0 +1,391 @@
+"""`wiremesh-coord`: the coordination server's HTTP surface.
+
+Agent API (Noise IK inside HTTP, see wiremesh.core.control.channel):
+  GET  /key                  coord's control public key (what agents pin)
+  POST /machine/login        LoginRequest -> LoginResponse
+  POST /machine/map          MapRequest -> a stream of netmap frames
+  POST /machine/update       UpdateRequest -> Reply (endpoints, routes, hostname, home relay)
+  POST /machine/logout       LogoutRequest -> Reply
+Admin API (JSON, `Authorization: Bearer <admin key>`), under /api/v1: nodes, routes, authkeys.
+Probes and metrics: /healthz, /readyz, /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wiremesh.coord import store
+from wiremesh.coord.core import CoordConfig, Coordinator, Stream
+from wiremesh.core import bus, crypto
+from wiremesh.core.control import messages as cm
+from wiremesh.core.control import service
+from wiremesh.core.control.channel import MAX_REQUEST_BYTES, PROLOGUE, PROTOCOL, ControlError, ServerCall
+
+log = logging.getLogger("wiremesh.coord")
+MAX_ADMIN_BODY = 64 * 1024
+FRAMES = "application/x-wiremesh-frames"
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse any request body above `limit` bytes with 413, before parsing."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"request body too large (limit {self.limit} bytes)")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = f'{{"detail":"request body too large (limit {limit} bytes)"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class FrameStream(Response):
+    """A streaming response that notices the client going away at once (not at the next write)."""
+
+    def __init__(self, first: bytes, stream: Stream, frames: AsyncIterator[bytes]) -> None:
+        super().__init__(media_type=FRAMES)
+        # A stream has no length: drop the content-length: 0 the base class declared.
+        self.raw_headers = [(b"content-type", FRAMES.encode()), (b"cache-control", b"no-store")]
+        self.first = first
+        self.stream = stream
+        self.frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.stream.close()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            async for chunk in self.frames:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the agent went away; the generator's cleanup already ran or runs on close
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            aclose = getattr(self.frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class AuthKeyCreateBody(BaseModel):
+    user: str = Field(default="default", max_length=64)
+    reusable: bool = False
+    ephemeral: bool = False
+    tags: list[str] = Field(default_factory=list, max_length=32)
+    expiration: str | float | None = "1h"  # "90s", "1h", "7d", seconds, or null for never
+
+
+class RenameBody(BaseModel):
+    name: str = Field(min_length=1, max_length=63)
+
+
+class TagsBody(BaseModel):
+    tags: list[str] = Field(max_length=32)
+
+
+class ApproveBody(BaseModel):
+    prefixes: list[str] = Field(min_length=1, max_length=64)
+
+
+def parse_duration(value: str | float | None) -> float | None:
+    if value is None or value in ("", "never", "0"):
+        return None
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise HTTPException(400, "expiration must be positive")
+        return float(value)
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise HTTPException(400, f"invalid expiration {value[:32]!r}: use e.g. 90s, 30m, 1h, 7d or never")
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def create_app(coord: Coordinator) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await coord.start()
+        try:
+            yield
+        finally:
+            await coord.stop()
+
+    app = FastAPI(title="wiremesh-coord", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=MAX_ADMIN_BODY)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "malformed request: " + "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(store.StoreError)
+    async def store_error(_request: Request, exc: store.StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ControlError)
+    async def control_error(_request: Request, exc: ControlError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if coord.ready():
+            return JSONResponse({"status": "ready", "replica": coord.config.replica_id})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(coord.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # agent API ---------------------------------------------------------------------------
+
+    @app.get("/key")
+    async def key() -> dict[str, str]:
+        return {
+            "public_key": crypto.encode_key(coord.public_key),
+            "protocol": PROTOCOL.decode(),
+            "prologue": PROLOGUE.decode(),
+        }
+
+    async def open_call(request: Request) -> ServerCall:
+        body = await service.read_body(request, MAX_REQUEST_BYTES)
+        return coord.open_call(body)
+
+    async def unary(
+        request: Request, handler: Callable[[ServerCall], Awaitable[tuple[int, Any]]]
+    ) -> Response:
+        call = await open_call(request)
+        status, reply = await handler(call)
+        return Response(call.respond(cm.encode(reply)), status_code=status, media_type=FRAMES)
+
+    @app.post("/machine/login")
+    async def login(request: Request) -> Response:
+        return await unary(request, coord.login)
+
+    @app.post("/machine/update")
+    async def update(request: Request) -> Response:
+        return await unary(request, coord.update)
+
+    @app.post("/machine/logout")
+    async def logout(request: Request) -> Response:
+        return await unary(request, coord.logout)
+
+    @app.post("/machine/map")
+    async def map_stream(request: Request) -> Response:
+        call = await open_call(request)
+        status, reply, stream = await coord.open_stream(call)
+        first = call.respond(cm.encode(reply))
+        if stream is None:
+            return Response(first, status_code=status, media_type=FRAMES)
+        return FrameStream(first, stream, coord.run_stream(stream))
+
+    # admin API ---------------------------------------------------------------------------
+
+    async def admin(request: Request) -> None:
+        expected = coord.config.admin_key
+        if not expected:
+            raise HTTPException(401, "admin API disabled: coord has no admin key configured")
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise HTTPException(401, "invalid admin key", headers={"WWW-Authenticate": "Bearer"})
+
+    api = "/api/v1"
+    guarded = [Depends(admin)]
+
+    @app.get(f"{api}/nodes", dependencies=guarded)
+    async def list_nodes() -> list[dict[str, Any]]:
+        records = await coord._db(store.load_all)
+        return [r.to_admin_json() for r in sorted(records, key=lambda r: r.id)]
+
+    @app.get(f"{api}/nodes/{{node_id}}", dependencies=guarded)
+    async def get_node(node_id: int) -> dict[str, Any]:
+        record = await coord._db(lambda s: store.load_node(s, node_id))
+        if record is None:
+            raise HTTPException(404, f"no node with id {node_id}")
+        return record.to_admin_json()
+
+    @app.delete(f"{api}/nodes/{{node_id}}", dependencies=guarded)
+    async def delete_node(node_id: int) -> dict[str, Any]:
+        return (await coord.delete_node(node_id)).to_admin_json()
+
+    @app.post(f"{api}/nodes/{{node_id}}/expire", dependencies=guarded)
+    async def expire_node(node_id: int) -> dict[str, Any]:
+        return (await coord.expire_node(node_id)).to_admin_json()
+
+    @app.post(f"{api}/nodes/{{node_id}}/rename", dependencies=guarded)
+    async def rename_node(node_id: int, body: RenameBody) -> dict[str, Any]:
+        try:
+            name = cm.check_hostname(body.name)
+        except ControlError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if name != body.name:
+            raise HTTPException(400, f"invalid name {body.name!r}: use lowercase letters, digits and -")
+        return (await coord.admin_update(node_id, name=name)).to_admin_json()
+
+    @app.post(f"{api}/nodes/{{node_id}}/tags", dependencies=guarded)
+    async def tag_node(node_id: int, body: TagsBody) -> dict[str, Any]:
+        for tag in body.tags:
+            name = tag.removeprefix("tag:")
+            if not tag.startswith("tag:") or not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise HTTPException(400, f"invalid tag {tag[:64]!r}: tags look like tag:name")
+        return (await coord.admin_update(node_id, tags=tuple(dict.fromkeys(body.tags)))).to_admin_json()
+
+    @app.get(f"{api}/routes", dependencies=guarded)
+    async def list_routes() -> list[dict[str, Any]]:
+        records = await coord._db(store.load_all)
+        out = []
+        for r in sorted(records, key=lambda r: r.id):
+            for prefix in sorted(set(r.advertised_routes) | set(r.approved_routes)):
+                out.append(
+                    {
+                        "node_id": r.id,
+                        "node": r.name,
+                        "prefix": prefix,
+                        "advertised": prefix in r.advertised_routes,
+                        "approved": prefix in r.approved_routes,
+                    }
+                )
+        return out
+
+    @app.post(f"{api}/nodes/{{node_id}}/routes/approve", dependencies=guarded)
+    async def approve_routes(node_id: int, body: ApproveBody) -> dict[str, Any]:
+        record = await coord._db(lambda s: store.load_node(s, node_id))
+        if record is None:
+            raise HTTPException(404, f"no node with id {node_id}")
+        prefixes = []
+        for prefix in body.prefixes:
+            try:
+                prefixes.append(str(ipaddress.ip_network(prefix, strict=True)))
+            except ValueError:
+                raise HTTPException(400, f"invalid prefix {prefix[:64]!r}") from None
+        missing = [p for p in prefixes if p not in record.advertised_routes]
+        if missing:
+            raise HTTPException(400, f"node {record.name} does not advertise {', '.join(missing)}")
+        approved = tuple(dict.fromkeys(record.approved_routes + tuple(prefixes)))
+        return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
+
+    def key_json(info: bus.AuthKeyInfo) -> dict[str, Any]:
+        out: dict[str, Any] = {f: getattr(info, f) for f in info.__dataclass_fields__}
+        out["tags"] = list(info.tags)
+        return out
+
+    @app.post(f"{api}/authkeys", dependencies=guarded)
+    async def create_authkey(body: AuthKeyCreateBody) -> dict[str, Any]:
+        req = bus.AuthKeyCreate(
+            user=body.user,
+            reusable=body.reusable,
+            ephemeral=body.ephemeral,
+            tags=tuple(body.tags),
+            expires_in=parse_duration(body.expiration),
+        )
+        reply = await coord.keys_request(bus.AUTH_KEY_CREATE, req, bus.AuthKeyReply)
+        if reply.error or reply.key is None:
+            raise HTTPException(400, reply.error or "no key created")
+        out = key_json(reply.key)
+        out["key"] = reply.secret
+        return out
+
+    @app.get(f"{api}/authkeys", dependencies=guarded)
+    async def list_authkeys() -> list[dict[str, Any]]:
+        reply = await coord.keys_request(bus.AUTH_KEY_LIST, bus.AuthKeyListRequest(), bus.AuthKeyList)
+        if reply.error:
+            raise HTTPException(502, reply.error)
+        return [key_json(k) for k in reply.keys]
+
+    @app.post(f"{api}/authkeys/{{auth_key_id}}/expire", dependencies=guarded)
+    async def expire_authkey(auth_key_id: int) -> dict[str, Any]:
+        reply = await coord.keys_request(
+            bus.AUTH_KEY_EXPIRE, bus.AuthKeyExpire(auth_key_id=auth_key_id), bus.AuthKeyReply
+        )
+        if reply.error or reply.key is None:
+            raise HTTPException(404 if "no auth key" in reply.error else 400, reply.error)
+        return key_json(reply.key)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="wiremesh-coord", description="wiremesh coordination server")
+    service.add_common_arguments(parser, "coord", 8080)
+    parser.add_argument("--peer-visibility", choices=("all", "user"), default="all")
+    parser.add_argument("--ephemeral-grace", type=float, default=30.0, help="seconds offline before removal")
+    parser.add_argument("--node-key-expiry", type=float, default=180 * 86400.0, help="seconds; 0 = never")
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0)
+    parser.add_argument("--keys-timeout", type=float, default=5.0)
+    parser.add_argument("--control-key-file", default="", help="default: a key shared through the database")
+    parser.add_argument("--derp-map", default="", help="JSON file with the DERP map sent in every netmap")
+    args = parser.parse_args(argv)
+    settings = service.settings_from_args(args, "coord")
+    service.setup_logging(settings.log_level, settings.log_json)
+    config = CoordConfig(
+        database_url=settings.database_url,
+        nats_url=settings.nats_url,
+        replica_id=settings.replica_id,
+        admin_key=settings.admin_key,
+        visibility=args.peer_visibility,
+        ephemeral_grace=args.ephemeral_grace,
+        node_key_expiry=args.node_key_expiry or None,
+        keys_timeout=args.keys_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        control_key_file=args.control_key_file,
+        derp_map_file=args.derp_map,
+    )
+    coord = Coordinator(config)
+    service.serve(create_app(coord), settings, on_exit=coord.begin_shutdown)

@@ -1,0 +1,641 @@
+"""Coord's logic around the mesh: logins, netmap streams, admin operations, replica fan-out.
+
+`Coordinator` is the service object the HTTP layer (app.py) calls. It keeps the in-memory
+mesh current from three sources: its own changes, NodeChanged events from other replicas
+(reloaded from the shared database) and key events from the key registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from wiremesh.coord import store
+from wiremesh.coord.mesh import Mesh
+from wiremesh.core import bus, crypto
+from wiremesh.core.control import messages as cm
+from wiremesh.core.control import service
+from wiremesh.core.control.channel import ControlError, ReplayGuard, ServerCall
+
+log = logging.getLogger("wiremesh.coord")
+MIGRATIONS = str(pathlib.Path(__file__).parent / "migrations")
+VERSION_TABLE = "coord_alembic_version"
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CoordConfig:
+    database_url: str
+    nats_url: str
+    replica_id: str = "coord"
+    admin_key: str = ""
+    visibility: str = "all"
+    ephemeral_grace: float = 30.0
+    node_key_expiry: float | None = 180 * 86400.0  # tagged nodes never expire, as in Tailscale
+    keys_timeout: float = 5.0
+    heartbeat_interval: float = 10.0
+    control_key_file: str = ""
+    derp_map_file: str = ""
+
+
+class Stream:
+    """One agent's open netmap stream on this replica."""
+
+    __slots__ = ("call", "closed", "dirty", "error", "full", "keepalive", "node_id", "self_dirty", "wake")
+
+    def __init__(self, node_id: int, call: ServerCall, keepalive: float) -> None:
+        self.node_id = node_id
+        self.call = call
+        self.keepalive = keepalive
+        self.dirty: set[int] = set()
+        self.self_dirty = False
+        self.full = False
+        self.closed = False
+        self.error = ""
+        self.wake = asyncio.Event()
+
+    def close(self, error: str = "") -> None:
+        self.closed = True
+        self.error = error
+        self.wake.set()
+
+
+class Coordinator:
+    def __init__(self, config: CoordConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.mesh = Mesh(config.visibility)
+        self.streams: dict[int, set[Stream]] = {}
+        self.guard = ReplayGuard()
+        self.db: service.Database | None = None
+        self.nc: NATS | None = None
+        self.private_key = b""
+        self.public_key = b""
+        self.derp_map: dict[str, Any] = {}
+        self.packet_filter: list[dict[str, Any]] = []
+        self._version = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("wiremesh_coord_nodes", "nodes known", registry=r).set_function(lambda: len(self.mesh))
+        Gauge("wiremesh_coord_streams", "open netmap streams", registry=r).set_function(
+            lambda: sum(len(s) for s in self.streams.values())
+        )
+        self.logins = Counter("wiremesh_coord_logins", "login attempts", ["outcome"], registry=r)
+        self.refused = Counter("wiremesh_coord_refused", "refused agent requests", ["reason"], registry=r)
+        self.frames = Counter("wiremesh_coord_frames_sent", "netmap stream frames", ["type"], registry=r)
+        self.changes = Counter(
+            "wiremesh_coord_changes", "node changes applied", ["change", "source"], registry=r
+        )
+        self.fanout = Histogram(
+            "wiremesh_coord_change_fanout",
+            "nodes affected by one change",
+            buckets=(1, 10, 100, 1000, 10000, 100000),
+            registry=r,
+        )
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        engine = service.make_engine(self.config.database_url)
+        await asyncio.to_thread(service.run_migrations, engine, MIGRATIONS, VERSION_TABLE)
+        self.db = service.Database(engine)
+        self.private_key = await self._load_control_key()
+        self.public_key = crypto.public_key(self.private_key)
+        if self.config.derp_map_file:
+            self.derp_map = json.loads(pathlib.Path(self.config.derp_map_file).read_text())
+        for record in await self.db.run(store.load_all):
+            self.mesh.upsert(record)
+        self.nc = await service.wait_for_nats(self.config.nats_url, self.config.replica_id)
+        await self.nc.subscribe(bus.NODE_CHANGED, cb=self._on_node_changed)
+        await self.nc.subscribe(bus.NODE_KEY_REMOVED, cb=self._on_node_key_removed)
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        log.info("coord started", extra={"replica": self.config.replica_id, "nodes": len(self.mesh)})
+
+    def begin_shutdown(self) -> None:
+        """Close every stream so agents reconnect elsewhere and uvicorn can finish promptly."""
+        self._stopping = True
+        for streams in list(self.streams.values()):
+            for stream in list(streams):
+                stream.close("coord is shutting down")
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.db is not None:
+            self.db.close()
+
+    def ready(self) -> bool:
+        return self.db is not None and self.nc is not None and self.nc.is_connected
+
+    async def _load_control_key(self) -> bytes:
+        if self.config.control_key_file:
+            path = pathlib.Path(self.config.control_key_file)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(crypto.encode_key(crypto.generate_private_key()) + "\n")
+                path.chmod(0o600)
+            return crypto.decode_key(path.read_text())
+        # Replicas share one control key through the database, so an agent may reach any of them.
+        fresh = crypto.encode_key(crypto.generate_private_key())
+        assert self.db is not None
+        stored = await self.db.run(lambda s: store.set_setting_once(s, "control_private_key", fresh))
+        return crypto.decode_key(stored)
+
+    async def _db(self, fn: Callable[[Any], T]) -> T:
+        assert self.db is not None
+        return await self.db.run(fn)
+
+    def _next_version(self) -> int:
+        self._version = max(self._version + 1, time.time_ns() // 1000)
+        return self._version
+
+    # applying changes --------------------------------------------------------------------
+
+    def apply(self, record: store.NodeRecord | None, node_id: int, change: str, source: str) -> None:
+        """Update the mesh and mark every affected stream dirty."""
+        if record is None:
+            affected = self.mesh.remove(node_id)
+            for stream in list(self.streams.get(node_id, ())):
+                stream.close("node deleted; log in again with an auth key")
+        else:
+            affected = self.mesh.upsert(record)
+            for stream in self.streams.get(node_id, ()):
+                if record.expired:
+                    stream.close("node key expired; log in again")
+                elif node_id in affected:
+                    stream.full = True
+                else:
+                    stream.self_dirty = True
+                stream.wake.set()
+        affected.discard(node_id)
+        self.changes.labels(change, source).inc()
+        self.fanout.observe(len(affected))
+        for viewer in affected:
+            for stream in self.streams.get(viewer, ()):
+                stream.dirty.add(node_id)
+                stream.wake.set()
+
+    async def _publish(self, node_id: int, change: str) -> None:
+        if self.nc is None or not self.nc.is_connected:
+            return  # other replicas resync from the database when they next reload this node
+        with contextlib.suppress(Exception):
+            await self.nc.publish(
+                bus.NODE_CHANGED,
+                bus.encode(bus.NodeChanged(node_id=node_id, change=change, origin=self.config.replica_id)),
+            )
+
+    async def changed(self, record: store.NodeRecord | None, node_id: int, change: str) -> None:
+        self.apply(record, node_id, change, "local")
+        await self._publish(node_id, change)
+
+    async def _on_node_changed(self, msg: Msg) -> None:
+        try:
+            event = bus.decode(bus.NodeChanged, msg.data)
+        except ValueError:
+            self.refused.labels("bad_bus_message").inc()
+            return
+        if event.origin == self.config.replica_id:
+            return
+        record = await self._db(lambda s: store.load_node(s, event.node_id))
+        self.apply(record, event.node_id, event.change, "replica")
+
+    async def _on_node_key_removed(self, msg: Msg) -> None:
+        try:
+            event = bus.decode(bus.NodeKeyEvent, msg.data)
+        except ValueError:
+            self.refused.labels("bad_bus_message").inc()
+            return
+        if event.reason == "rotated" or event.node_id is None:
+            return
+        record = self.mesh.get(event.node_id)
+        if record is None or record.node_key != event.node_key or record.expired:
+            return
+        now = self.clock()
+        updated = await self._db(
+            lambda s: store.update_node(
+                s, record.id, expired=True, key_expiry=min(now, record.key_expiry or now)
+            )
+        )
+        self.apply(updated, record.id, "expired", "keys")
+
+    # keys over NATS ----------------------------------------------------------------------
+
+    async def keys_request(self, subject: str, message: Any, reply_cls: type[T]) -> T:
+        if self.nc is None or not self.nc.is_connected:
+            raise ControlError("key registry unavailable (no NATS connection); try again", 503)
+        try:
+            reply = await self.nc.request(subject, bus.encode(message), timeout=self.config.keys_timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError):
+            raise ControlError("key registry unavailable; try again", 503) from None
+        except nats.errors.Error as exc:
+            raise ControlError(f"key registry unavailable: {exc}", 503) from None
+        try:
+            return bus.decode(reply_cls, reply.data)
+        except ValueError as exc:
+            raise ControlError(f"bad reply from key registry: {exc}", 502) from None
+
+    # agent requests ----------------------------------------------------------------------
+
+    def open_call(self, body: bytes) -> ServerCall:
+        try:
+            return ServerCall(self.private_key, body, self.clock(), self.guard)
+        except ControlError as exc:
+            reason = str(exc).split(":")[0].split(" ")[0]
+            self.refused.labels(
+                reason if reason in ("stale", "replayed", "handshake", "malformed") else "other"
+            ).inc()
+            raise
+
+    async def login(self, call: ServerCall) -> tuple[int, cm.LoginResponse]:
+        try:
+            req = cm.decode(cm.LoginRequest, call.payload)
+            node_key = cm.check_key(req.node_key, "node key")
+            disco_key = cm.check_key(req.disco_key, "disco key")
+            hostname = cm.check_hostname(req.hostname)
+            routes = cm.check_routes(req.advertised_routes)
+            endpoints = cm.check_endpoints(req.endpoints)
+            if len(req.auth_key) > 256:
+                raise ControlError("auth key too long")
+            record = await self._login(call, req, node_key, disco_key, hostname, routes, endpoints)
+        except (ControlError, store.StoreError) as exc:
+            status = exc.status
+            self.logins.labels(f"refused_{status}").inc()
+            return status, cm.LoginResponse(error=str(exc))
+        self.logins.labels("ok").inc()
+        return 200, cm.LoginResponse(
+            node_id=record.id,
+            name=record.name,
+            user=record.user,
+            tags=record.tags,
+            addresses=(f"{record.ipv4}/32", f"{record.ipv6}/128"),
+            key_expiry=record.key_expiry,
+            ephemeral=record.ephemeral,
+        )
+
+    async def _login(
+        self,
+        call: ServerCall,
+        req: cm.LoginRequest,
+        node_key: str,
+        disco_key: str,
+        hostname: str,
+        routes: tuple[str, ...],
+        endpoints: tuple[str, ...],
+    ) -> store.NodeRecord:
+        machine_key = crypto.encode_key(call.machine_key)
+        existing = await self._db(lambda s: store.node_by_machine_key(s, machine_key))
+        now = self.clock()
+        if existing is not None and not existing.expired and existing.node_key == node_key:
+            if existing.disco_key == disco_key and existing.advertised_routes == routes:
+                return existing
+            updated = await self._db(
+                lambda s: store.update_node(
+                    s,
+                    existing.id,
+                    disco_key=disco_key,
+                    advertised_routes=routes,
+                    approved_routes=tuple(r for r in existing.approved_routes if r in routes),
+                )
+            )
+            await self._register_key(updated, now)
+            await self.changed(updated, updated.id, "updated")
+            return updated
+        grant: bus.AuthKeyGrant | None = None
+        if existing is None or existing.expired:
+            if not req.auth_key:
+                if existing is None:
+                    raise ControlError("unknown machine: an auth key is required to register", 401)
+                raise ControlError("node key expired: log in again with an auth key", 401)
+            grant = await self.keys_request(
+                bus.AUTH_KEY_CONSUME,
+                bus.AuthKeyConsume(secret=req.auth_key, machine_key=machine_key),
+                bus.AuthKeyGrant,
+            )
+            if grant.error:
+                raise ControlError(grant.error, 401)
+        if existing is None:
+            assert grant is not None
+            tags = grant.tags
+            new = store.NewNode(
+                machine_key=machine_key,
+                node_key=node_key,
+                disco_key=disco_key,
+                hostname=hostname,
+                user=grant.user,
+                tags=tags,
+                ephemeral=grant.ephemeral,
+                auth_key_id=grant.auth_key_id,
+                key_expiry=self._expiry_for(tags, now),
+                endpoints=endpoints,
+                advertised_routes=routes,
+            )
+            record = await self._db(lambda s: store.create_node(s, new, now))
+            try:
+                await self._register_key(record, now)
+            except ControlError:
+                await self._db(lambda s: store.delete_node(s, record.id))
+                raise
+            await self.changed(record, record.id, "added")
+            log.info(
+                "node registered", extra={"node_id": record.id, "node": record.name, "user": record.user}
+            )
+            return record
+        # Same machine, new node key (rotation) or a re-authentication after expiry.
+        values: dict[str, Any] = {
+            "node_key": node_key,
+            "disco_key": disco_key,
+            "advertised_routes": routes,
+            "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
+            "expired": False,
+        }
+        if grant is not None or existing.expired:
+            values["key_expiry"] = self._expiry_for(existing.tags, now)
+        clash = await self._db(lambda s: store.node_by_key(s, node_key))
+        if clash is not None and clash.id != existing.id:
+            raise ControlError("node key already in use by another node", 409)
+        updated = await self._db(lambda s: store.update_node(s, existing.id, **values))
+        await self._register_key(updated, now)
+        await self.changed(updated, updated.id, "updated")
+        log.info("node key rotated", extra={"node_id": updated.id, "node": updated.name})
+        return updated
+
+    def _expiry_for(self, tags: tuple[str, ...], now: float) -> float | None:
+        if tags or self.config.node_key_expiry is None:
+            return None
+        return now + self.config.node_key_expiry
+
+    async def _register_key(self, record: store.NodeRecord, now: float) -> None:
+        reply = await self.keys_request(
+            bus.NODE_KEY_REGISTER,
+            bus.NodeKeyRegister(
+                node_id=record.id,
+                machine_key=record.machine_key,
+                node_key=record.node_key,
+                disco_key=record.disco_key,
+                expires_at=record.key_expiry,
+            ),
+            bus.NodeKeyReply,
+        )
+        if reply.error:
+            raise ControlError(reply.error, 409)
+
+    async def authorize(self, call: ServerCall, node_key: str) -> store.NodeRecord:
+        """The caller's node, if its machine key and node key match a live, unexpired node."""
+        machine_key = crypto.encode_key(call.machine_key)
+        record = await self._db(lambda s: store.node_by_machine_key(s, machine_key))
+        if record is None:
+            raise ControlError("unknown machine: log in first", 401)
+        if record.node_key != node_key:
+            raise ControlError("node key does not match the registered one: log in again", 401)
+        if record.expired:
+            raise ControlError("node key expired: log in again with an auth key", 401)
+        return record
+
+    async def update(self, call: ServerCall) -> tuple[int, cm.Reply]:
+        try:
+            req = cm.decode(cm.UpdateRequest, call.payload)
+            record = await self.authorize(call, req.node_key)
+            values: dict[str, Any] = {}
+            if req.endpoints is not None:
+                values["endpoints"] = cm.check_endpoints(req.endpoints)
+            if req.advertised_routes is not None:
+                routes = cm.check_routes(req.advertised_routes)
+                values["advertised_routes"] = routes
+                values["approved_routes"] = tuple(r for r in record.approved_routes if r in routes)
+            if req.hostname is not None:
+                values["hostname"] = cm.check_hostname(req.hostname)
+            if req.home_relay is not None:
+                values["home_relay"] = req.home_relay
+            await self._update_node(
+                record, values, "endpoints" if set(values) == {"endpoints"} else "updated"
+            )
+        except (ControlError, store.StoreError) as exc:
+            return exc.status, cm.Reply(error=str(exc))
+        return 200, cm.Reply()
+
+    async def _update_node(
+        self, record: store.NodeRecord, values: dict[str, Any], change: str
+    ) -> store.NodeRecord:
+        current = {k: getattr(record, k) for k in values}
+        if current == values:
+            return record
+        updated = await self._db(lambda s: store.update_node(s, record.id, **values))
+        await self.changed(updated, updated.id, change)
+        return updated
+
+    async def logout(self, call: ServerCall) -> tuple[int, cm.Reply]:
+        try:
+            req = cm.decode(cm.LogoutRequest, call.payload)
+            record = await self.authorize(call, req.node_key)
+            if record.ephemeral:
+                await self.delete_node(record.id)
+            else:
+                await self.expire_node(record.id)
+        except (ControlError, store.StoreError) as exc:
+            return exc.status, cm.Reply(error=str(exc))
+        return 200, cm.Reply()
+
+    async def open_stream(self, call: ServerCall) -> tuple[int, cm.Reply, Stream | None]:
+        try:
+            req = cm.decode(cm.MapRequest, call.payload)
+            record = await self.authorize(call, req.node_key)
+            if req.endpoints is not None:
+                record = await self._update_node(
+                    record, {"endpoints": cm.check_endpoints(req.endpoints)}, "endpoints"
+                )
+            if not math.isfinite(req.keepalive):
+                raise ControlError("keepalive must be a number of seconds")
+            if self._stopping:
+                raise ControlError("coord is shutting down", 503)
+        except (ControlError, store.StoreError) as exc:
+            return exc.status, cm.Reply(error=str(exc)), None
+        stream = Stream(record.id, call, min(max(req.keepalive, 0.5), 60.0))
+        return 200, cm.Reply(), stream
+
+    async def run_stream(self, stream: Stream) -> AsyncIterator[bytes]:
+        """Sealed frames for one stream: the full netmap, then deltas, keepalives, a final error."""
+        self.streams.setdefault(stream.node_id, set()).add(stream)
+        try:
+            await self._set_online(stream.node_id, True)
+            yield stream.call.seal_frame(self.full_netmap(stream.node_id))
+            self.frames.labels("netmap").inc()
+            while not stream.closed:
+                try:
+                    await asyncio.wait_for(stream.wake.wait(), timeout=stream.keepalive)
+                except TimeoutError:
+                    yield stream.call.seal_frame(cm.stream_frame("keepalive"))
+                    self.frames.labels("keepalive").inc()
+                    continue
+                stream.wake.clear()
+                if stream.closed:
+                    break
+                if stream.full:
+                    stream.full = stream.self_dirty = False
+                    stream.dirty.clear()
+                    yield stream.call.seal_frame(self.full_netmap(stream.node_id))
+                    self.frames.labels("netmap").inc()
+                    continue
+                delta = self.delta(stream)
+                if delta is not None:
+                    yield stream.call.seal_frame(delta)
+                    self.frames.labels("delta").inc()
+            if stream.error:
+                yield stream.call.seal_frame(cm.stream_frame("error", {"error": stream.error}))
+                self.frames.labels("error").inc()
+        finally:
+            streams = self.streams.get(stream.node_id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self.streams[stream.node_id]
+                    if not self._stopping and self.mesh.get(stream.node_id) is not None:
+                        await self._set_online(stream.node_id, False)
+
+    def full_netmap(self, node_id: int) -> bytes:
+        entries = self.mesh.entries
+        peers = b",".join(entries[p] for p in self.mesh.peers_of(node_id))
+        return b"".join(
+            (
+                b'{"type":"netmap","version":%d,"self":' % self._next_version(),
+                entries[node_id],
+                b',"peers":[',
+                peers,
+                b'],"derp_map":',
+                json.dumps(self.derp_map).encode(),
+                b',"packet_filter":',
+                json.dumps(self.packet_filter).encode(),
+                b"}",
+            )
+        )
+
+    def delta(self, stream: Stream) -> bytes | None:
+        dirty, stream.dirty = stream.dirty, set()
+        self_dirty, stream.self_dirty = stream.self_dirty, False
+        changed: list[bytes] = []
+        removed: list[int] = []
+        entries = self.mesh.entries
+        for peer_id in sorted(dirty):
+            if self.mesh.can_see(stream.node_id, peer_id):
+                changed.append(entries[peer_id])
+            else:
+                removed.append(peer_id)
+        if not changed and not removed and not self_dirty:
+            return None
+        parts = [b'{"type":"delta","version":%d' % self._next_version()]
+        if self_dirty and stream.node_id in entries:
+            parts += [b',"self":', entries[stream.node_id]]
+        if changed:
+            parts += [b',"peers_changed":[', b",".join(changed), b"]"]
+        if removed:
+            parts.append(b',"peers_removed":[%s]' % b",".join(b"%d" % i for i in removed))
+        parts.append(b"}")
+        return b"".join(parts)
+
+    async def _set_online(self, node_id: int, online: bool) -> None:
+        record = self.mesh.get(node_id)
+        if record is None:
+            return
+        now = self.clock()
+        if record.online == online and online:
+            return
+        try:
+            await self._db(lambda s: store.set_presence(s, [node_id], online, now))
+        except Exception:
+            log.exception("could not store presence", extra={"node_id": node_id})
+            return
+        updated = dataclasses.replace(record, online=online, last_seen=now)
+        await self.changed(updated, node_id, "online" if online else "offline")
+
+    # admin operations --------------------------------------------------------------------
+
+    async def delete_node(self, node_id: int) -> store.NodeRecord:
+        record = await self._db(lambda s: store.delete_node(s, node_id))
+        await self.changed(None, node_id, "removed")
+        with contextlib.suppress(ControlError):
+            await self.keys_request(
+                bus.NODE_KEY_REVOKE, bus.NodeKeyRevoke(node_id=node_id, reason="deleted"), bus.NodeKeyReply
+            )
+        log.info("node deleted", extra={"node_id": node_id, "node": record.name})
+        return record
+
+    async def expire_node(self, node_id: int) -> store.NodeRecord:
+        record = await self._db(lambda s: store.load_node(s, node_id))
+        if record is None:
+            raise store.StoreError(f"no node with id {node_id}", 404)
+        reply = await self.keys_request(
+            bus.NODE_KEY_EXPIRE, bus.NodeKeyExpire(node_id=node_id), bus.NodeKeyReply
+        )
+        if reply.error:
+            raise store.StoreError(reply.error, 409)
+        now = self.clock()
+        updated = await self._db(lambda s: store.update_node(s, node_id, expired=True, key_expiry=now))
+        await self.changed(updated, node_id, "expired")
+        return updated
+
+    async def admin_update(self, node_id: int, **values: Any) -> store.NodeRecord:
+        record = await self._db(lambda s: store.load_node(s, node_id))
+        if record is None:
+            raise store.StoreError(f"no node with id {node_id}", 404)
+        return await self._update_node(record, values, "updated")
+
+    # housekeeping ------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        interval = max(0.2, min(self.config.ephemeral_grace / 4, self.config.heartbeat_interval, 5.0))
+        last_heartbeat = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = self.clock()
+                if now - last_heartbeat >= self.config.heartbeat_interval:
+                    last_heartbeat = now
+                    await self._heartbeat(now)
+                gone = await self._db(
+                    functools.partial(store.ephemeral_gone, before=now - self.config.ephemeral_grace)
+                )
+                for node_id in gone:
+                    if node_id in self.streams:
+                        continue
+                    with contextlib.suppress(store.StoreError):
+                        await self.delete_node(node_id)
+                        log.info("ephemeral node removed after going offline", extra={"node_id": node_id})
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def _heartbeat(self, now: float) -> None:
+        """Refresh last_seen of our streaming nodes; take nodes of a crashed replica offline."""
+        ids = list(self.streams)
+        if ids:
+            await self._db(functools.partial(store.set_presence, node_ids=ids, online=True, now=now))
+        stale = await self._db(
+            functools.partial(store.stale_online, before=now - 3 * self.config.heartbeat_interval)
+        )
+        for node_id in stale:
+            if node_id in self.streams:
+                continue
+            await self._db(functools.partial(store.set_presence, node_ids=[node_id], online=False, now=now))
+            record = await self._db(functools.partial(store.load_node, node_id=node_id))
+            await self.changed(record, node_id, "offline")

