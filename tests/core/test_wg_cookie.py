@@ -1,0 +1,109 @@
+"""mac2 and cookie replies: a responder under load makes initiators prove their address first."""
+
+from __future__ import annotations
+
+from wg_core_pair import A_ENDPOINT, A_V4, B_ENDPOINT, B_V4, Pair, ipv4_packet
+
+from wiremesh.core.wireguard import REKEY_TIMEOUT
+from wiremesh.core.wireguard.messages import COOKIE_REPLY_SIZE
+
+
+def _initiation(p: Pair) -> bytes:
+    p.a.send(ipv4_packet(A_V4, B_V4), p.now)
+    ((init, _),) = p.a.datagrams_to_send()
+    return init
+
+
+def _retransmit(p: Pair) -> bytes:
+    p.now += REKEY_TIMEOUT + 0.5
+    p.a.handle_timer(p.now)
+    ((init, _),) = p.a.datagrams_to_send()
+    return init
+
+
+def test_under_load_initiation_without_mac2_gets_a_cookie_reply() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, endpoint),) = p.b.datagrams_to_send()
+    assert endpoint == A_ENDPOINT
+    assert len(reply) == COOKIE_REPLY_SIZE and reply[:4] == b"\x03\x00\x00\x00"
+    assert p.b.drops["bad_mac2"] == 1
+    assert p.peer_a.next is None  # no session was created
+
+
+def test_retried_initiation_with_mac2_is_accepted_under_load() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, _),) = p.b.datagrams_to_send()
+    assert p.a.receive(reply, B_ENDPOINT, p.now) is None
+    assert p.a.drops.total() == 0
+    retry = _retransmit(p)
+    assert retry[132:148] != bytes(16)  # mac2 now present
+    p.b.receive(retry, A_ENDPOINT, p.now)
+    out = p.b.datagrams_to_send()
+    assert len(out) == 1 and out[0][0][:4] == b"\x02\x00\x00\x00"
+    p.deliver(out[0][0], A_ENDPOINT, B_ENDPOINT)
+    p.pump()
+    assert p.inbox_b == [ipv4_packet(A_V4, B_V4)]
+
+
+def test_cookie_is_bound_to_the_source_address() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, _),) = p.b.datagrams_to_send()
+    p.a.receive(reply, B_ENDPOINT, p.now)
+    retry = _retransmit(p)
+    p.b.receive(retry, ("198.51.100.1", 999), p.now)  # same mac2, different address
+    ((again, _),) = p.b.datagrams_to_send()
+    assert again[:4] == b"\x03\x00\x00\x00"
+    assert p.b.drops["bad_mac2"] == 2
+
+
+def test_not_under_load_mac2_is_not_required() -> None:
+    p = Pair()
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((resp, _),) = p.b.datagrams_to_send()
+    assert resp[:4] == b"\x02\x00\x00\x00"
+
+
+def test_forged_cookie_reply_is_dropped_as_cookie_invalid() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, _),) = p.b.datagrams_to_send()
+    forged = reply[:40] + bytes([reply[40] ^ 1]) + reply[41:]
+    p.a.receive(forged, B_ENDPOINT, p.now)
+    assert p.a.drops["cookie_invalid"] == 1
+    assert p.peer_b.cookie is None
+
+
+def test_replayed_cookie_reply_is_dropped() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, _),) = p.b.datagrams_to_send()
+    p.a.receive(reply, B_ENDPOINT, p.now)
+    p.a.receive(reply, B_ENDPOINT, p.now)
+    assert p.a.drops["cookie_invalid"] == 1
+
+
+def test_cookie_reply_for_unknown_index_is_dropped() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, _),) = p.b.datagrams_to_send()
+    p.a.receive(reply[:4] + b"\x00\x00\x00\x00" + reply[8:], B_ENDPOINT, p.now)
+    assert p.a.drops["cookie_invalid"] == 1
+
+
+def test_under_load_bad_mac1_is_dropped_without_a_cookie_reply() -> None:
+    p = Pair()
+    p.b.under_load = True
+    init = bytearray(_initiation(p))
+    init[120] ^= 1
+    p.b.receive(bytes(init), A_ENDPOINT, p.now)
+    assert p.b.drops["bad_mac1"] == 1
+    assert p.b.datagrams_to_send() == []
