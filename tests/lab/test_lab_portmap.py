@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -86,3 +87,30 @@ def test_natpmp_refuses_a_mapping_for_another_lan_host(lab: Lab) -> None:
     _, _, ext_a, _ = natpmp_map_udp(sa, nat.lan_address, 41641, 42000)
     result_b, _, ext_b, _ = natpmp_map_udp(sb, nat.lan_address, 41641, 42000)
     assert result_b != 0 or ext_b != ext_a
+
+
+def pcp_map_udp(
+    sock: socket.socket, gateway: str, client: str, internal: int, external: int, lifetime: int = 600
+):
+    """RFC 6887 MAP request (version 2, opcode 1) for UDP; returns (result, external port, external address)."""
+    nonce = os.urandom(12)
+    mapped_client = b"\0" * 10 + b"\xff\xff" + socket.inet_aton(client)
+    header = struct.pack("!BBHI16s", 2, 1, 0, lifetime, mapped_client)
+    body = struct.pack("!12sB3xHH16s", nonce, 17, internal, external, b"\0" * 10 + b"\xff\xff" + b"\0" * 4)
+    sock.sendto(header + body, (gateway, NATPMP_PORT))
+    data, _ = recv(sock)
+    version, opcode, result, _lifetime, _epoch = struct.unpack_from("!BBxBII", data)
+    got_nonce, protocol, got_internal, got_external, ext_addr = struct.unpack_from("!12sB3xHH16s", data, 24)
+    assert (version, opcode, got_nonce, protocol, got_internal) == (2, 0x81, nonce, 17, internal)
+    return result, got_external, socket.inet_ntoa(ext_addr[12:])
+
+
+def test_pcp_map_request_opens_a_port_on_the_public_address(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    stranger = lab.host("stranger")
+    sock = udp_socket(lab, a, 41641)
+    result, external, address = pcp_map_udp(sock, nat.lan_address, a.address, 41641, 43000)
+    assert (result, address) == (0, nat.wan_address)
+    udp_socket(lab, stranger).sendto(b"inbound", (address, external))
+    assert recv(sock)[0] == b"inbound"

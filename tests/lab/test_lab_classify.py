@@ -1,0 +1,27 @@
+"""The lab's NAT classifier (ground truth for netcheck) measures what each kind is documented to do."""
+
+from __future__ import annotations
+
+import pytest
+
+from wiremesh.lab import Lab, NatKind
+from wiremesh.lab.__main__ import main
+from wiremesh.lab.probe import EXPECTED, classify
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.mark.parametrize("kind", list(NatKind), ids=lambda k: k.value)
+def test_classify_measures_the_documented_behaviour(lab: Lab, kind: NatKind) -> None:
+    server1, server2 = lab.host("server1"), lab.host("server2")
+    host = lab.device("dev", kind)
+    behaviour = classify(lab, host, server1, server2)
+    assert (behaviour.mapping, behaviour.filtering) == EXPECTED[kind]
+    assert behaviour.udp is (kind is not NatKind.UDP_BLOCKED)
+
+
+def test_check_command_exits_zero_and_prints_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert all(kind.value in out for kind in NatKind)
+    assert "UNEXPECTED" not in out
