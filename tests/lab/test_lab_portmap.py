@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -113,4 +116,60 @@ def test_pcp_map_request_opens_a_port_on_the_public_address(lab: Lab) -> None:
     result, external, address = pcp_map_udp(sock, nat.lan_address, a.address, 41641, 43000)
     assert (result, address) == (0, nat.wan_address)
     udp_socket(lab, stranger).sendto(b"inbound", (address, external))
+    assert recv(sock)[0] == b"inbound"
+
+
+SSDP_SEARCH = (
+    b'M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: "ssdp:discover"\r\nMX: 1\r\n'
+    b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n"
+)
+ADD_PORT_MAPPING = """<?xml version="1.0"?>
+<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"
+ s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>
+<u:AddPortMapping xmlns:u="{service}">
+<NewRemoteHost></NewRemoteHost><NewExternalPort>{external}</NewExternalPort><NewProtocol>UDP</NewProtocol>
+<NewInternalPort>{internal}</NewInternalPort><NewInternalClient>{client}</NewInternalClient>
+<NewEnabled>1</NewEnabled><NewPortMappingDescription>lab</NewPortMappingDescription>
+<NewLeaseDuration>600</NewLeaseDuration></u:AddPortMapping></s:Body></s:Envelope>"""
+
+
+def igd_location(lab: Lab, host) -> str:
+    sock = udp_socket(lab, host)
+    sock.sendto(SSDP_SEARCH, ("239.255.255.250", 1900))
+    data, _ = recv(sock)
+    headers = dict(line.split(": ", 1) for line in data.decode().split("\r\n")[1:] if ": " in line)
+    return headers["LOCATION"]
+
+
+def test_upnp_igd_answers_ssdp_search_from_the_lan(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    assert igd_location(lab, a).startswith(f"http://{nat.lan_address}:")
+
+
+def test_upnp_add_port_mapping_forwards_inbound_udp(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.PORTMAP)
+    a = lab.host("a", behind=nat)
+    stranger = lab.host("stranger")
+    location = igd_location(lab, a)
+    description = lab.call_in(a, lambda: urllib.request.urlopen(location, timeout=5).read().decode())
+    # The control URL follows the WANIPConnection serviceType (v1 or v2) in the device description.
+    found = re.search(
+        r"<serviceType>(urn:schemas-upnp-org:service:WANIPConnection:\d)</serviceType>.*?"
+        r"<controlURL>([^<]+)</controlURL>",
+        description,
+        re.S,
+    )
+    assert found is not None
+    service, url = found.group(1), urllib.parse.urljoin(location, found.group(2))
+    body = ADD_PORT_MAPPING.format(service=service, external=44000, internal=41641, client=a.address)
+    request = urllib.request.Request(
+        url,
+        data=body.encode(),
+        headers={"Content-Type": 'text/xml; charset="utf-8"', "SOAPAction": f'"{service}#AddPortMapping"'},
+    )
+    status = lab.call_in(a, lambda: urllib.request.urlopen(request, timeout=5).status)
+    assert status == 200
+    sock = udp_socket(lab, a, 41641)
+    udp_socket(lab, stranger).sendto(b"inbound", (nat.wan_address, 44000))
     assert recv(sock)[0] == b"inbound"

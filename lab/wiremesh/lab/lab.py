@@ -18,14 +18,15 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from wiremesh.lab import netns, portmap, registry
 from wiremesh.lab.nat import FAULTS_CHAIN, FORWARD_CHAIN, TABLE, NatKind, host_ruleset, router_ruleset
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INTERNET_SUBNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmark range
 INTERNET_GATEWAY = ipaddress.IPv4Address("198.18.0.1")
@@ -305,6 +306,14 @@ class Lab:
         sock = netns.open_socket(self.ns_of(node), family, type, proto)
         self._sockets.add(sock)
         return sock
+
+    def call_in(self, node: Node | str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on a thread inside ``node``'s namespace and return its result.
+
+        Sockets, TUN devices and HTTP clients created inside ``fn`` belong to that namespace.
+        """
+        self._check_open()
+        return netns.call_in(self.ns_of(node), fn)
 
     def _ip(self, ns: str, *args: str) -> None:
         self._cmd(["ip", "-n", ns, *args])
