@@ -33,11 +33,9 @@ from wiremesh.core.wireguard.messages import (
     INITIATION_SIZE,
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
-    MESSAGE_TRANSPORT,
     RESPONSE_HEADER,
     RESPONSE_MAC1,
     RESPONSE_SIZE,
-    TRANSPORT_HEADER,
     TRANSPORT_MIN_SIZE,
     tai64n_from_ns,
 )
@@ -52,7 +50,6 @@ from wiremesh.core.wireguard.timers import (
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
-    REKEY_ON_RECEIVE_AFTER,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
@@ -91,7 +88,7 @@ _TYPE_INITIATION = b"\x01\x00\x00\x00"
 _TYPE_RESPONSE = b"\x02\x00\x00\x00"
 _TYPE_COOKIE = b"\x03\x00\x00\x00"
 _TYPE_TRANSPORT = b"\x04\x00\x00\x00"
-_transport_header_pack = TRANSPORT_HEADER.pack
+_pack_counter = struct.Struct("<Q").pack
 _index_counter_unpack = INDEX_AND_COUNTER.unpack_from
 _u32_unpack = struct.Struct("<I").unpack_from
 
@@ -153,6 +150,7 @@ class Device:
         else:
             old = peer.config
             peer.config = config
+            peer.keepalive_interval = config.persistent_keepalive
             peer.psk = config.preshared_key or bytes(32)
             if config.endpoint is not None and config.endpoint != old.endpoint:
                 peer.endpoint = config.endpoint
@@ -189,10 +187,7 @@ class Device:
         """
         self._now = now
         n = len(packet)
-        if n == 0:
-            self.drops["not_ip"] += 1
-            return None
-        version = packet[0] >> 4
+        version = packet[0] >> 4 if n else 0
         if version == 4 and n >= 20:
             peer = self._routes.lookup(packet[16:20])
         elif version == 6 and n >= 40:
@@ -203,7 +198,17 @@ class Device:
         if peer is None:
             self.drops["no_route"] += 1
             return None
-        return self._send_to_peer(peer, packet, now)
+        session = peer.current
+        endpoint = peer.endpoint
+        # Fast path: a live session that needs no rekey yet. Everything else takes the slow path.
+        if (
+            session is None
+            or endpoint is None
+            or now >= session.send_rekey_deadline
+            or session.send_counter >= REKEY_AFTER_MESSAGES
+        ):
+            return self._send_to_peer(peer, packet, now)
+        return self._seal(peer, session, packet, now), endpoint
 
     def _send_to_peer(self, peer: Peer, payload: bytes, now: float) -> tuple[bytes, Hashable] | None:
         endpoint = peer.endpoint
@@ -236,22 +241,27 @@ class Device:
     def _seal(self, peer: Peer, session: Session, payload: bytes, now: float) -> bytes:
         counter = session.send_counter
         session.send_counter = counter + 1
-        is_data = len(payload) > 0
-        pad = -len(payload) & 15
+        n = len(payload)
+        pad = -n & 15
         if pad:
             payload = payload + _PADDING[:pad]
-        datagram = _transport_header_pack(
-            MESSAGE_TRANSPORT, session.remote_index, counter
-        ) + session.send_aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), payload, None)
+        wire_counter = _pack_counter(counter)
+        datagram = b"".join(
+            (
+                session.header,
+                wire_counter,
+                session.send_aead.encrypt(_NONCE_PREFIX + wire_counter, payload, None),
+            )
+        )
         peer.tx_bytes += len(datagram)
         peer.tx_packets += 1
         # Timers (whitepaper 6.5): anything we send makes a pending keepalive unnecessary; data we
         # send expects an answer within KEEPALIVE_TIMEOUT + REKEY_TIMEOUT or we start a handshake.
         peer.t_keepalive = None
-        if is_data and peer.t_new_handshake is None:
+        if n and peer.t_new_handshake is None:
             peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
-        if peer.config.persistent_keepalive:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
         return datagram
 
     def _flush_queue(self, peer: Peer, session: Session, now: float, keepalive_if_empty: bool) -> None:
@@ -296,11 +306,11 @@ class Device:
         if session is None:
             self.drops["unknown_peer" if receiver in self._retired else "no_session"] += 1
             return None
-        if now - session.created >= REJECT_AFTER_TIME:
+        if now >= session.reject_deadline:
             self.drops["expired_session"] += 1
             return None
         replay = session.replay
-        if counter >= REJECT_AFTER_MESSAGES or not replay.check(counter):
+        if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
             self.drops["replay"] += 1
             return None
         try:
@@ -322,14 +332,9 @@ class Device:
             self._roam(peer, source)
         # Timers: any authenticated packet answers our data; data in wants a keepalive back.
         peer.t_new_handshake = None
-        if peer.config.persistent_keepalive:
-            peer.t_persistent = now + peer.config.persistent_keepalive
-        if (
-            session.initiator
-            and session is peer.current
-            and now - session.created >= REKEY_ON_RECEIVE_AFTER
-            and peer.handshake is None
-        ):
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
+        if now >= session.receive_rekey_deadline and session is peer.current and peer.handshake is None:
             self._initiate(peer, now, retry=False)
         if not plaintext:
             return None  # keepalive
@@ -586,8 +591,8 @@ class Device:
         peer.last_handshake_sent = now
         peer.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
         peer.t_keepalive = None
-        if peer.config.persistent_keepalive:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
         self._outbox.append((message, endpoint))
         peer.tx_bytes += len(message)
         peer.tx_packets += 1
@@ -694,14 +699,14 @@ class Device:
                 peer.current = peer.previous = peer.next = None
             if peer.t_persistent is not None and now >= peer.t_persistent:
                 peer.t_persistent = None
-                if peer.config.persistent_keepalive:
+                if peer.keepalive_interval:
                     if peer.current is not None:
                         self._send_keepalive(peer, now)
                     else:
                         # No session: a keepalive can only go out after a handshake.
                         self._initiate(peer, now, retry=False)
                     if peer.t_persistent is None:
-                        peer.t_persistent = now + peer.config.persistent_keepalive
+                        peer.t_persistent = now + peer.keepalive_interval
 
 
 def _key(key: bytes | None) -> bytes:

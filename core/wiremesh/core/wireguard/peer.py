@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -10,8 +11,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wiremesh.core import crypto
 from wiremesh.core.noise import HandshakeState
-from wiremesh.core.wireguard.messages import LABEL_COOKIE, LABEL_MAC1
+from wiremesh.core.wireguard.messages import LABEL_COOKIE, LABEL_MAC1, MESSAGE_TRANSPORT
 from wiremesh.core.wireguard.replay import ReplayWindow
+from wiremesh.core.wireguard.timers import REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ON_RECEIVE_AFTER
 
 _ZERO_PSK = bytes(32)
 
@@ -30,14 +32,18 @@ class Session:
 
     __slots__ = (
         "created",
+        "header",
         "initiator",
         "local_index",
         "peer",
+        "receive_rekey_deadline",
         "recv_aead",
+        "reject_deadline",
         "remote_index",
         "replay",
         "send_aead",
         "send_counter",
+        "send_rekey_deadline",
     )
 
     def __init__(
@@ -61,6 +67,13 @@ class Session:
         self.replay = ReplayWindow()
         self.initiator = initiator
         self.created = created
+        # Type 4, three zero bytes and the peer's index: the fixed start of every transport header.
+        self.header = struct.pack("<II", MESSAGE_TRANSPORT, remote_index)
+        # Deadlines precomputed so the packet path compares one float each.
+        self.reject_deadline = created + REJECT_AFTER_TIME
+        # Past this, sending takes the slow path: the initiator rekeys; either side stops at reject.
+        self.send_rekey_deadline = created + (REKEY_AFTER_TIME if initiator else REJECT_AFTER_TIME)
+        self.receive_rekey_deadline = created + REKEY_ON_RECEIVE_AFTER if initiator else float("inf")
 
 
 class PendingHandshake:
@@ -83,6 +96,7 @@ class Peer:
         self.config = config
         self.endpoint: Hashable | None = config.endpoint
         self.psk = config.preshared_key or _ZERO_PSK
+        self.keepalive_interval = config.persistent_keepalive
         self.mac1_key = crypto.blake2s_hash(LABEL_MAC1, config.public_key)
         self.cookie_key = crypto.blake2s_hash(LABEL_COOKIE, config.public_key)
 
