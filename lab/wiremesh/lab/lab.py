@@ -535,6 +535,24 @@ class Lab:
 
     # -- faults and state ---------------------------------------------------------------------
 
+    def set_udp_timeouts(self, router: Router, *, unreplied: int, replied: int) -> None:
+        """How long (seconds) the router keeps an idle UDP mapping: one-way, and once replied to.
+
+        The kernel defaults are 30 and 120 s; shorten them to test keepalives and rebinding.
+        """
+        if unreplied < 1 or replied < 1:
+            raise ValueError("conntrack timeouts are whole seconds >= 1")
+        self._sysctl(
+            self.ns_of(router),
+            net__netfilter__nf_conntrack_udp_timeout=unreplied,
+            net__netfilter__nf_conntrack_udp_timeout_stream=replied,
+        )
+
+    def conntrack_entries(self, node: Router | Host, proto: str = "udp") -> list[str]:
+        """The router's current conntrack entries for ``proto``, one text line each."""
+        result = self.run(node, ["conntrack", "-L", "-p", proto], check=False)
+        return [line for line in result.stdout.splitlines() if line.strip()]
+
     def flush_conntrack(self, node: Router | Host) -> None:
         """Forget every NAT mapping and connection in ``node`` (a NAT rebinding)."""
         ns = self.ns_of(node)
