@@ -184,3 +184,17 @@ def test_set_private_key_drops_all_sessions() -> None:
     p.a.set_private_key(crypto.generate_private_key())
     assert p.peer_b.current is None
     assert p.a.send(ipv4_packet(A_V4, B_V4), p.now) is None  # queued, new handshake
+
+
+def test_simultaneous_initiations_still_carry_data_both_ways() -> None:
+    p = Pair()
+    p.a.send(ipv4_packet(A_V4, B_V4, b"from a"), p.now)
+    p.b.send(ipv4_packet(B_V4, A_V4, b"from b"), p.now)
+    p.pump()
+    assert ipv4_packet(A_V4, B_V4, b"from a") in p.inbox_b
+    assert ipv4_packet(B_V4, A_V4, b"from b") in p.inbox_a
+    p.send_a(ipv4_packet(A_V4, B_V4, b"again a"))
+    p.send_b(ipv4_packet(B_V4, A_V4, b"again b"))
+    assert p.inbox_b[-1] == ipv4_packet(A_V4, B_V4, b"again a")
+    assert p.inbox_a[-1] == ipv4_packet(B_V4, A_V4, b"again b")
+    assert p.a.drops.total() == 0 and p.b.drops.total() == 0

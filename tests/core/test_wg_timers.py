@@ -181,3 +181,11 @@ def test_next_timer_is_the_earliest_deadline() -> None:
     deadline = p.a.next_timer()
     assert deadline is not None
     assert p.now + REKEY_TIMEOUT <= deadline <= p.now + REKEY_TIMEOUT + 1 / 3
+
+
+def test_next_timer_never_later_than_a_due_timer_after_traffic() -> None:
+    p = Pair()
+    p.connect()
+    p.send_a(ipv4_packet(A_V4, B_V4))
+    deadline = p.b.next_timer()
+    assert deadline is not None and deadline <= p.now + KEEPALIVE_TIMEOUT  # b owes a keepalive

@@ -93,6 +93,7 @@ _index_counter_unpack = INDEX_AND_COUNTER.unpack_from
 _u32_unpack = struct.Struct("<I").unpack_from
 
 _MAX_RETIRED = 4096
+_NEVER = float("inf")
 
 Datagram = tuple[bytes, Hashable]
 
@@ -111,6 +112,8 @@ class Device:
         self._retired: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._outbox: list[Datagram] = []
         self._events: collections.deque[object] = collections.deque()
+        # A lower bound of every armed timer (kept cheaply on the packet path); see next_timer().
+        self._earliest = _NEVER
         self._now = now
         self._last_timestamp_ns = 0
         self._random = random.Random()
@@ -161,6 +164,8 @@ class Device:
             # Like wg: a keepalive goes out as soon as persistent keepalive is configured.
             if peer.t_persistent is None:
                 peer.t_persistent = self._now
+                if peer.t_persistent < self._earliest:
+                    self._earliest = peer.t_persistent
         else:
             peer.t_persistent = None
 
@@ -232,6 +237,7 @@ class Device:
         return datagram, endpoint
 
     def _enqueue(self, peer: Peer, payload: bytes) -> None:
+        payload = bytes(payload)  # the caller may reuse its buffer once we return
         queue = peer.queue
         if len(queue) >= MAX_QUEUED_PACKETS:
             queue.popleft()  # keep the newest, like wireguard-go
@@ -260,8 +266,12 @@ class Device:
         peer.t_keepalive = None
         if n and peer.t_new_handshake is None:
             peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            if peer.t_new_handshake < self._earliest:
+                self._earliest = peer.t_new_handshake
         if peer.keepalive_interval:
             peer.t_persistent = now + peer.keepalive_interval
+            if peer.t_persistent < self._earliest:
+                self._earliest = peer.t_persistent
         return datagram
 
     def _flush_queue(self, peer: Peer, session: Session, now: float, keepalive_if_empty: bool) -> None:
@@ -334,12 +344,16 @@ class Device:
         peer.t_new_handshake = None
         if peer.keepalive_interval:
             peer.t_persistent = now + peer.keepalive_interval
+            if peer.t_persistent < self._earliest:
+                self._earliest = peer.t_persistent
         if now >= session.receive_rekey_deadline and session is peer.current and peer.handshake is None:
             self._initiate(peer, now, retry=False)
         if not plaintext:
             return None  # keepalive
         if peer.t_keepalive is None:
             peer.t_keepalive = now + KEEPALIVE_TIMEOUT
+            if peer.t_keepalive < self._earliest:
+                self._earliest = peer.t_keepalive
         return self._check_inner(peer, plaintext)
 
     def _check_inner(self, peer: Peer, plaintext: bytes) -> bytes | None:
@@ -590,9 +604,13 @@ class Device:
         self._handshakes[local_index] = pending
         peer.last_handshake_sent = now
         peer.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
+        if peer.t_retransmit < self._earliest:
+            self._earliest = peer.t_retransmit
         peer.t_keepalive = None
         if peer.keepalive_interval:
             peer.t_persistent = now + peer.keepalive_interval
+            if peer.t_persistent < self._earliest:
+                self._earliest = peer.t_persistent
         self._outbox.append((message, endpoint))
         peer.tx_bytes += len(message)
         peer.tx_packets += 1
@@ -601,6 +619,8 @@ class Device:
         peer.last_handshake = now
         peer.handshakes_completed += 1
         peer.t_zero_keys = now + ZERO_KEYS_AFTER
+        if peer.t_zero_keys < self._earliest:
+            self._earliest = peer.t_zero_keys
         self._events.append(HandshakeCompleted(peer.public_key, initiator))
 
     def _give_up(self, peer: Peer, now: float) -> None:
@@ -616,6 +636,8 @@ class Device:
             self.drops["handshake_timeout"] += dropped
         if peer.t_zero_keys is None:
             peer.t_zero_keys = now + ZERO_KEYS_AFTER
+            if peer.t_zero_keys < self._earliest:
+                self._earliest = peer.t_zero_keys
         self._events.append(HandshakeFailed(peer.public_key))
 
     def _fresh_cookie(self, peer: Peer, now: float) -> bytes | None:
@@ -663,13 +685,20 @@ class Device:
         return self._events.popleft() if self._events else None
 
     def next_timer(self) -> float | None:
-        """The earliest absolute deadline at which handle_timer has work, or None."""
-        best: float | None = None
+        """The earliest absolute deadline at which handle_timer has work, or None.
+
+        May be earlier than needed (a timer that was cancelled since); handle_timer then finds
+        nothing due and the next answer is exact. Never later than a real deadline.
+        """
+        return None if self._earliest == _NEVER else self._earliest
+
+    def _recompute_earliest(self) -> None:
+        best = _NEVER
         for peer in self.peers.values():
             t = peer.next_deadline()
-            if t is not None and (best is None or t < best):
+            if t is not None and t < best:
                 best = t
-        return best
+        self._earliest = best
 
     def handle_timer(self, now: float) -> None:
         """Run every timer due at `now` (retransmit, give up, keepalive, rekey, key erasure)."""
@@ -707,6 +736,9 @@ class Device:
                         self._initiate(peer, now, retry=False)
                     if peer.t_persistent is None:
                         peer.t_persistent = now + peer.keepalive_interval
+                        if peer.t_persistent < self._earliest:
+                            self._earliest = peer.t_persistent
+        self._recompute_earliest()
 
 
 def _key(key: bytes | None) -> bytes:
