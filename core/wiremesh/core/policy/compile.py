@@ -151,7 +151,8 @@ class _RuleState:
         member = False
         for s in self.src:
             if isinstance(s, PrefixSel):
-                if n.overlaps(s.prefixes):
+                # For autogroup:self only the node's own addresses can be its user's source.
+                if n.overlaps(s.prefixes, with_routes=not self.is_self):
                     member = True
             elif isinstance(s, AnySel):
                 member = True
@@ -257,7 +258,7 @@ class PolicyCompiler:
         self._src_rules: dict[int, list[int]] = {nid: [] for nid in self._nodes}
         self._index_nodes()
         for i, st in enumerate(self._states):
-            ident, member = self._resolve(st.src, with_routes=True)
+            ident, member = self._resolve(st.src, with_routes=not st.is_self)
             st.src_ident = ident
             st.src_nodes = member
             if st.is_self:

@@ -400,6 +400,17 @@ class _Builder:
         )
         return None
 
+    def check_self_sources(self, src: list[Selector], dst: list[Selector], path: Path) -> bool:
+        """autogroup:self relates a source user to their own devices, so its sources must be
+        identities (users, groups, autogroups) or `*`, not addresses."""
+        if any(isinstance(d, SelfSel) for d in dst) and any(isinstance(s, PrefixSel) for s in src):
+            self.error(
+                "autogroup:self needs sources that are users, groups, autogroups or '*', not addresses",
+                path,
+            )
+            return False
+        return True
+
     def targets(self, value: Any, path: Path, role: str) -> list[Selector]:
         out = []
         for text, tpath in self.str_list(value, path, role):
@@ -471,6 +482,8 @@ class _Builder:
                     self.error(f"destination {text!r}: ports must be '*' for a protocol without ports", dpath)
                     continue
                 sel = self.target(target_text, dpath, "dst")
+                if sel is not None and not self.check_self_sources(src, [sel], dpath):
+                    continue
                 if sel is not None and src:
                     rules.append(
                         Rule(tuple(src), (sel,), (ProtoPorts(protos, ports),), origin, self.pos(path))
@@ -511,6 +524,8 @@ class _Builder:
                     self.error(str(exc), ipath)
             src = self.targets(entry.get("src", []), (*path, "src"), "src")
             dst = self.targets(entry.get("dst", []), (*path, "dst"), "dst")
+            if not self.check_self_sources(src, dst, (*path, "dst")):
+                continue
             if src and dst and allow:
                 rules.append(Rule(tuple(src), tuple(dst), tuple(allow), f"grants[{i}]", self.pos(path)))
         return rules
