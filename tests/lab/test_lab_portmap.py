@@ -173,3 +173,16 @@ def test_upnp_add_port_mapping_forwards_inbound_udp(lab: Lab) -> None:
     sock = udp_socket(lab, a, 41641)
     udp_socket(lab, stranger).sendto(b"inbound", (nat.wan_address, 44000))
     assert recv(sock)[0] == b"inbound"
+
+
+@pytest.mark.slow
+def test_portmap_router_behind_a_carrier_nat_refuses_mappings(lab: Lab) -> None:
+    """miniupnpd's STUN check sees the carrier NAT filter, so it must not promise a mapping.
+
+    Slow (~9 s): miniupnpd waits out three 3 s rounds for the answers the carrier filters.
+    """
+    carrier = lab.nat_router("carrier", NatKind.EIM_APDF, cgnat=True)
+    nat = lab.nat_router("home", NatKind.PORTMAP, behind=carrier)
+    a = lab.host("a", behind=nat)
+    result, _, _, _ = natpmp_map_udp(udp_socket(lab, a, 41641), nat.lan_address, 41641, 42000)
+    assert result != 0

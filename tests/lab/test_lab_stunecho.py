@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import struct
 
-from wiremesh.lab.stunecho import MAGIC_COOKIE, binding_response
+from wiremesh.lab.stunecho import MAGIC_COOKIE, binding_response, change_request
 
 
 def request(txid: bytes, attrs: bytes = b"", cookie: int = MAGIC_COOKIE) -> bytes:
@@ -51,3 +51,20 @@ def test_garbage_and_truncated_and_oversized_input_is_dropped() -> None:
     bad_length = bytearray(request(os.urandom(12)))
     bad_length[3] = 8
     assert binding_response(bytes(bad_length), ("198.18.1.2", 1)) is None
+
+
+def test_change_request_flags_are_parsed() -> None:
+    for flags, expected in [(0, (False, False)), (2, (False, True)), (4, (True, False)), (6, (True, True))]:
+        attr = struct.pack("!HHI", 0x0003, 4, flags)
+        assert change_request(request(os.urandom(12), attr)) == expected
+
+
+def test_change_request_after_another_attribute_is_found() -> None:
+    software = struct.pack("!HH", 0x8022, 3) + b"abc\0"
+    attr = struct.pack("!HHI", 0x0003, 4, 4)
+    assert change_request(request(os.urandom(12), software + attr)) == (True, False)
+
+
+def test_truncated_change_request_is_ignored() -> None:
+    attr = struct.pack("!HHI", 0x0003, 4, 6)[:6]
+    assert change_request(request(os.urandom(12)) + attr) == (False, False)

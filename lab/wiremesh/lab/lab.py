@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 INTERNET_SUBNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmark range
 INTERNET_GATEWAY = ipaddress.IPv4Address("198.18.0.1")
+INTERNET_ALT = ipaddress.IPv4Address("198.18.0.2")  # second gateway address, for the STUN responder
 CGNAT_SUPERNET = ipaddress.IPv4Network("100.127.0.0/16")  # inside 100.64.0.0/10, away from mesh addresses
 LAN_SUPERNET = ipaddress.IPv4Network("192.168.0.0/16")
 
@@ -366,10 +367,12 @@ class Lab:
         ns = self._new_namespace("inet")
         self._ip(ns, "link", "add", INET_BRIDGE, "type", "bridge", "forward_delay", "0")
         self._ip(ns, "addr", "add", f"{INTERNET_GATEWAY}/{INTERNET_SUBNET.prefixlen}", "dev", INET_BRIDGE)
+        self._ip(ns, "addr", "add", f"{INTERNET_ALT}/{INTERNET_SUBNET.prefixlen}", "dev", INET_BRIDGE)
         self._ip(ns, "link", "set", INET_BRIDGE, "up")
         # Bridged frames must not be run through this namespace's (empty) IP hooks.
         self._sysctl(ns, net__bridge__bridge_nf_call_iptables=0, net__ipv4__ip_forward=0)
         self._inet_segment = _Segment(ns, INET_BRIDGE, INTERNET_SUBNET, INTERNET_GATEWAY, next_host=256)
+        self._inet_segment.used.add(INTERNET_ALT)
         self._internet = Internet(ns=ns, subnet=str(INTERNET_SUBNET), gateway=str(INTERNET_GATEWAY))
         return self._internet
 
@@ -461,23 +464,59 @@ class Lab:
         """Start (once) the lab's STUN responder on the internet gateway; return its address."""
         inet = self.internet()
         if self._stun_proc is None:
-            sock = self.socket(inet)
-            sock.bind((inet.gateway, portmap.STUN_PORT))
-            # The socket is bound before the child starts, so it is ready the moment this returns.
+            socks = []
+            for addr in (INTERNET_GATEWAY, INTERNET_ALT):
+                for port in (portmap.STUN_PORT, portmap.STUN_ALT_PORT):
+                    sock = self.socket(inet)
+                    sock.bind((str(addr), port))
+                    socks.append(sock)
+            fds = [sock.fileno() for sock in socks]
+            # The sockets are bound before the child starts, so it is ready the moment this returns.
             self._stun_proc = self.popen(
                 inet,
-                [sys.executable, "-m", "wiremesh.lab.stunecho", "--fd", str(sock.fileno())],
-                pass_fds=[sock.fileno()],
+                [sys.executable, "-m", "wiremesh.lab.stunecho", "--fds", ",".join(map(str, fds))],
+                pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
             )
-            sock.close()
+            for sock in socks:
+                sock.close()
         return inet.gateway
 
     def _start_miniupnpd(self, router: Router) -> None:
         ns = router.ns
         self._nft(ns, portmap.upnp_ruleset())
         stun_host = self._stun_responder()
+        # The router's own firewall lets the STUN responder's answers from its other address and
+        # port in (miniupnpd's reachability check needs them); nothing else new gets in.
+        self._ns_exec(
+            ns,
+            [
+                "nft",
+                "insert",
+                "rule",
+                "ip",
+                TABLE,
+                "input",
+                "iifname",
+                WAN_IFACE,
+                "ip",
+                "saddr",
+                "{",
+                str(INTERNET_GATEWAY),
+                ",",
+                str(INTERNET_ALT),
+                "}",
+                "udp",
+                "sport",
+                "{",
+                str(portmap.STUN_PORT),
+                ",",
+                str(portmap.STUN_ALT_PORT),
+                "}",
+                "accept",
+            ],
+        )
         conf = os.path.join(self.tmpdir, f"{router.name}-miniupnpd.conf")
         with open(conf, "w") as f:
             f.write(

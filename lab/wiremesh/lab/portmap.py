@@ -18,6 +18,7 @@ import uuid
 UPNP_TABLE = "wmupnp"
 NATPMP_PORT = 5351
 STUN_PORT = 3478
+STUN_ALT_PORT = 3479
 
 
 def upnp_ruleset() -> str:

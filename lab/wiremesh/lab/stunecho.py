@@ -1,20 +1,24 @@
-"""A minimal STUN Binding responder the lab runs on its internet gateway, for miniupnpd.
+"""A minimal RFC 3489-style STUN Binding responder the lab runs on its internet gateway, for miniupnpd.
 
 miniupnpd refuses port forwarding when its WAN address is in a reserved range (the lab's
 198.18.0.0/16 is one), unless it learns its public address by STUN (``ext_perform_stun``).
-Its check sends four Binding requests carrying RFC 3489 CHANGE-REQUEST flags from four sockets
-and counts the NAT as unrestricted when all four answers report the socket's own address and port.
-This responder answers every Binding request from the address it was sent to, ignoring
-CHANGE-REQUEST (it has one address), with MAPPED-ADDRESS and XOR-MAPPED-ADDRESS (RFC 8489).
+Its check sends four Binding requests, with the four combinations of the CHANGE-REQUEST flags
+(RFC 3489: answer from the other address and/or port), and counts the NAT as unrestricted only when
+all four answers arrive and report the socket's own address and port. So this responder listens on
+two addresses times two ports and honours CHANGE-REQUEST: a router directly on the lab internet
+passes, one behind a filtering (carrier) NAT correctly does not. Answers carry MAPPED-ADDRESS and,
+for RFC 5389+ requests, XOR-MAPPED-ADDRESS.
 
 It is lab plumbing, not the project's STUN server (that is ``wiremesh.stun``). Run with
-``python -m wiremesh.lab.stunecho --fd N`` on an already bound UDP socket.
+``python -m wiremesh.lab.stunecho --fds A,B,C,D`` on four bound UDP sockets, in the order
+(ip1, port1), (ip1, port2), (ip2, port1), (ip2, port2).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import select
 import socket
 import struct
 import sys
@@ -26,6 +30,9 @@ BINDING_REQUEST = 0x0001
 BINDING_SUCCESS = 0x0101
 ATTR_MAPPED_ADDRESS = 0x0001
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
+ATTR_CHANGE_REQUEST = 0x0003
+CHANGE_IP = 0x4
+CHANGE_PORT = 0x2
 HEADER = struct.Struct("!HHI12s")
 MAX_REQUEST = 548  # RFC 8489: a Binding request over UDP stays well under this
 
@@ -50,28 +57,50 @@ def binding_response(request: bytes, source: tuple[str, int]) -> bytes | None:
     return HEADER.pack(BINDING_SUCCESS, len(body), cookie, txid) + body
 
 
-def serve(sock: socket.socket) -> None:
+def change_request(request: bytes) -> tuple[bool, bool]:
+    """(change IP, change port) asked for by a well-formed request's CHANGE-REQUEST attribute."""
+    pos = HEADER.size
+    while pos + 4 <= len(request):
+        kind, length = struct.unpack_from("!HH", request, pos)
+        if kind == ATTR_CHANGE_REQUEST and length == 4 and pos + 8 <= len(request):
+            (flags,) = struct.unpack_from("!I", request, pos + 4)
+            return bool(flags & CHANGE_IP), bool(flags & CHANGE_PORT)
+        pos += 4 + length + (-length % 4)
+    return False, False
+
+
+def serve(socks: list[socket.socket]) -> None:
+    """Answer on ``socks`` = [(ip1, p1), (ip1, p2), (ip2, p1), (ip2, p2)] (or just one socket)."""
     while True:
-        data, source = sock.recvfrom(2048)
-        response = binding_response(data, (source[0], source[1]))
-        if response is None:
-            log.debug("dropped %d bytes from %s", len(data), source)
-            continue
-        sock.sendto(response, source)
+        ready, _, _ = select.select(socks, [], [])
+        for sock in ready:
+            data, source = sock.recvfrom(2048)
+            response = binding_response(data, (source[0], source[1]))
+            if response is None:
+                log.debug("dropped %d bytes from %s", len(data), source)
+                continue
+            index = socks.index(sock)
+            if len(socks) == 4:
+                change_ip, change_port = change_request(data)
+                index ^= (2 if change_ip else 0) | (1 if change_port else 0)
+            socks[index].sendto(response, source)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fd", type=int, help="an inherited, bound UDP socket")
-    parser.add_argument("--port", type=int, default=3478, help="bind 0.0.0.0:PORT when --fd is not given")
+    parser.add_argument("--fds", help="inherited, bound UDP sockets: one, or four (see the module doc)")
+    parser.add_argument("--port", type=int, default=3478, help="bind 0.0.0.0:PORT when --fds is not given")
     args = parser.parse_args(argv)
-    if args.fd is not None:
-        sock = socket.socket(fileno=args.fd)
+    if args.fds:
+        socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",")]
+        if len(socks) not in (1, 4):
+            parser.error("--fds takes one or four descriptors")
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("0.0.0.0", args.port))
+        socks = [sock]
     try:
-        serve(sock)
+        serve(socks)
     except KeyboardInterrupt:
         return 0
     return 0
