@@ -107,3 +107,22 @@ def test_under_load_bad_mac1_is_dropped_without_a_cookie_reply() -> None:
     p.b.receive(bytes(init), A_ENDPOINT, p.now)
     assert p.b.drops["bad_mac1"] == 1
     assert p.b.datagrams_to_send() == []
+
+
+def test_cookie_secret_rotates_every_two_minutes() -> None:
+    from wiremesh.core import crypto
+    from wiremesh.core.wireguard.cookie import CookieChecker, add_macs, open_cookie_reply
+
+    responder = crypto.generate_private_key()
+    responder_pub = crypto.public_key(responder)
+    checker = CookieChecker(responder_pub, 1000.0)
+    mac1_key = crypto.blake2s_hash(b"mac1----", responder_pub)
+    cookie_key = crypto.blake2s_hash(b"cookie--", responder_pub)
+    body = b"\x01\x00\x00\x00" + bytes(112)
+    source = ("192.0.2.1", 51820)
+    first, mac1 = add_macs(body, mac1_key, None)
+    reply = checker.cookie_reply(first, 116, 7, source, 1000.0)
+    cookie = open_cookie_reply(cookie_key, reply, mac1)
+    with_mac2, _ = add_macs(body, mac1_key, cookie)
+    assert checker.mac2_valid(with_mac2, 116, source, 1000.0 + 119)
+    assert not checker.mac2_valid(with_mac2, 116, source, 1000.0 + 121)
