@@ -22,11 +22,21 @@ block exits, even after an error; an atexit hook and a SIGTERM handler are the s
         a.ns                                       # namespace name, for `ip netns exec` yourself
         lab.exec_prefix(a)                         # ["ip", "netns", "exec", a.ns]
 
+        lab.call_in(a, fn)                         # run fn on a thread inside a's namespace
+        lab.tmpdir                                 # private temp dir, removed at exit
+
         lab.flush_conntrack(nat)                   # forget NAT mappings (rebinding)
+        lab.set_udp_timeouts(nat, unreplied=2, replied=5)   # mappings expire fast
+        lab.conntrack_entries(nat)                 # `conntrack -L -p udp` lines
         h = lab.block_udp(nat)                     # drop all UDP through the router ...
         lab.remove_rule(h)                         # ... and undo it
         h = lab.drop_between(nat, pub.address)     # drop everything between nat's LAN and an address
-        lab.remove_rule(h)
+        lab.remove_rule(h)                         # (on a public host: drop_between(pub, addr))
+
+    from wiremesh.lab.probe import classify, udp_socket, observed_source
+    classify(lab, a, server1, server2)             # measured mapping/filtering (netcheck ground truth)
+
+    python -m wiremesh.lab check                   # one device per kind, prints what each NAT does
 
 Names: every namespace is ``<prefix><name>``, the prefix random per lab (``wm3f9a-``), so many labs
 can run at once. Interfaces are created directly inside lab namespaces (never in the root one) and
@@ -40,7 +50,13 @@ behind a router is 192.168.n.0/24 (router .1, hosts from .10); a carrier NAT's i
 
 NAT kinds (see ``wiremesh.lab.nat`` for the exact nftables rules): NONE (public host),
 EIM_APDF, EIM_ADF, EDM (symmetric), UDP_BLOCKED, PORTMAP (EIM_APDF plus miniupnpd answering
-NAT-PMP/PCP/UPnP on the LAN).
+NAT-PMP, PCP and UPnP IGD on the LAN; ``lab.miniupnpd_log(router)`` shows its log). Every router
+drops new inbound connections on its WAN side before they reach the router itself (LAB.md).
+The internet namespace also holds 198.18.0.1 and 198.18.0.2, where the lab's own STUN responder
+(for miniupnpd, ports 3478 and 3479) answers once a PORTMAP router exists.
+
+Cleanup: each lab claims its prefix in /run/wiremesh-lab; a new lab removes the namespaces of labs
+whose process died (SIGKILL) and never touches namespaces it cannot prove orphaned.
 """
 
 from wiremesh.lab.lab import Host, Internet, Lab, LabError, Node, Router, RuleHandle
