@@ -101,3 +101,33 @@ def test_matches_brute_force_longest_prefix(routes: list[tuple[int, int, int]], 
     matching = [net for net in owners if address in net]
     expected = owners[max(matching, key=lambda n: n.prefixlen)] if matching else None
     assert t.lookup(address.packed) == expected
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("insert"), st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(0, 3)),
+            st.tuples(st.just("remove"), st.just(0), st.just(0), st.integers(0, 3)),
+        ),
+        max_size=30,
+    ),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=5),
+)
+def test_inserts_and_removals_match_a_model(ops: list[tuple[str, int, int, int]], probes: list[int]) -> None:
+    t: AllowedIPs[int] = AllowedIPs()
+    model: dict[ipaddress.IPv4Network, int] = {}
+    for op, addr, length, owner in ops:
+        if op == "insert":
+            net = ipaddress.IPv4Network((addr, length), strict=False)
+            t.insert(str(net), owner)
+            model[net] = owner
+        else:
+            t.remove_value(owner)
+            model = {n: o for n, o in model.items() if o != owner}
+    for owner in range(4):
+        assert sorted(t.prefixes(owner)) == sorted(str(n) for n, o in model.items() if o == owner)
+    for probe in probes:
+        address = ipaddress.IPv4Address(probe)
+        matching = [n for n in model if address in n]
+        expected = model[max(matching, key=lambda n: n.prefixlen)] if matching else None
+        assert t.lookup(address.packed) == expected

@@ -30,13 +30,19 @@ class _Family(Generic[T]):
 
 
 class AllowedIPs(Generic[T]):
-    """Longest-prefix match for IPv4 and IPv6. Not thread-safe (the Device's lock covers it)."""
+    """Longest-prefix match for IPv4 and IPv6. Not thread-safe (the Device's lock covers it).
 
-    __slots__ = ("_v4", "_v6")
+    Values must be hashable (peers hash by identity); each value's prefixes are indexed so that
+    reconfiguring one peer costs only its own prefixes, not the whole table.
+    """
+
+    __slots__ = ("_owned", "_v4", "_v6")
 
     def __init__(self) -> None:
         self._v4: _Family[T] = _Family(32)
         self._v6: _Family[T] = _Family(128)
+        # value -> {(bits, length, key)}: what each owner holds, for remove_value and prefixes.
+        self._owned: dict[T, set[tuple[int, int, int]]] = {}
 
     def insert(self, prefix: str, value: T) -> None:
         """Route `prefix` ("10.0.0.0/24", "fd00::/64", or a bare address) to `value`.
@@ -51,16 +57,28 @@ class AllowedIPs(Generic[T]):
         table = family.tables.get(length)
         if table is None:
             table = family.tables[length] = {}
+        entry = (family.bits, length, key)
+        previous = table.get(key)
+        if previous is not None:
+            owned = self._owned.get(previous)
+            if owned is not None:
+                owned.discard(entry)
+                if not owned:
+                    del self._owned[previous]
         table[key] = value
+        self._owned.setdefault(value, set()).add(entry)
         family.reindex()
 
     def remove_value(self, value: T) -> None:
         """Forget every prefix owned by `value`."""
-        for family in (self._v4, self._v6):
-            for table in family.tables.values():
-                for key in [k for k, v in table.items() if v is value or v == value]:
-                    del table[key]
-            family.reindex()
+        owned = self._owned.pop(value, None)
+        if not owned:
+            return
+        for bits, length, key in owned:
+            family = self._v4 if bits == 32 else self._v6
+            family.tables[length].pop(key, None)
+        self._v4.reindex()
+        self._v6.reindex()
 
     def lookup(self, address: bytes) -> T | None:
         """The owner of the longest prefix containing `address` (4 or 16 raw bytes), or None."""
@@ -80,14 +98,14 @@ class AllowedIPs(Generic[T]):
 
     def prefixes(self, value: T) -> list[str]:
         """The prefixes owned by `value`, as text, IPv4 first, longest first."""
+        entries = sorted(self._owned.get(value, ()), key=lambda e: (e[0], -e[1], e[2]))
         out: list[str] = []
-        for family, cls in ((self._v4, ipaddress.IPv4Network), (self._v6, ipaddress.IPv6Network)):
-            for length, shift, table in family.lengths:
-                for key, owner in table.items():
-                    if owner is value or owner == value:
-                        out.append(str(cls((key << shift, length))))
+        for bits, length, key in entries:
+            cls = ipaddress.IPv4Network if bits == 32 else ipaddress.IPv6Network
+            out.append(str(cls((key << (bits - length), length))))
         return out
 
     def clear(self) -> None:
         self._v4 = _Family(32)
         self._v6 = _Family(128)
+        self._owned = {}
