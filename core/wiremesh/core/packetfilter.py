@@ -59,16 +59,22 @@ def _prefix_range(prefix: str) -> tuple[int, int, int]:
 
 
 def _build_index(rules: Iterable[FilterRule]) -> tuple[dict[int, list[_Entry]], dict[int, list[_Entry]]]:
-    """(entries by version*256+proto, any-protocol entries by version)."""
-    by_proto: dict[int, list[_Entry]] = {}
-    any_proto: dict[int, list[_Entry]] = {4: [], 6: []}
+    """(entries by version*256+proto, any-protocol entries by version).
+
+    Rules with the same destinations and ports are merged into one entry (their sources
+    unioned): a node's rules mostly target its own addresses on a few port sets, so a packet
+    then checks a handful of entries instead of one per policy rule."""
+    merged: dict[
+        tuple[int, int],
+        dict[tuple[_Ranges, _Ranges | None], tuple[list[bool], set[int], set[tuple[int, int]]]],
+    ] = {}
     for rule in rules:
         for version in (4, 6):
-            dst = tuple((lo, hi) for v, lo, hi in map(_prefix_range, rule.dst) if v == version)
+            dst = tuple(sorted((lo, hi) for v, lo, hi in map(_prefix_range, rule.dst) if v == version))
             if not dst:
                 continue
             exact: set[int] = set()
-            ranges: list[tuple[int, int]] = []
+            ranges: set[tuple[int, int]] = set()
             src_any = False
             for v, lo, hi in map(_prefix_range, rule.src):
                 if v != version:
@@ -78,21 +84,37 @@ def _build_index(rules: Iterable[FilterRule]) -> tuple[dict[int, list[_Entry]], 
                 elif lo == 0 and hi == (1 << (32 if v == 4 else 128)) - 1:
                     src_any = True
                 else:
-                    ranges.append((lo, hi))
+                    ranges.add((lo, hi))
             if not (src_any or exact or ranges):
                 continue
-            ports: _Ranges | None = tuple(rule.ports)
+            ports: _Ranges | None = tuple(sorted(rule.ports))
             if any(lo == 0 and hi == 65535 for lo, hi in rule.ports):
                 ports = None
-            entry: _Entry = (dst, ports, src_any, frozenset(exact), tuple(ranges))
-            if not rule.protos:
-                any_proto[version].append(entry)
-            for proto in rule.protos:
-                by_proto.setdefault(version * 256 + proto, []).append(entry)
-    # Any-protocol rules apply to every protocol: append them to each specific list too, so
-    # a packet consults exactly one list.
-    for key, entries in by_proto.items():
-        entries.extend(any_proto[key // 256])
+            for proto in rule.protos or (-1,):  # -1: any protocol
+                slot = merged.setdefault((version, proto), {})
+                any_flag, ex, rg = slot.setdefault((dst, ports), ([False], set(), set()))
+                any_flag[0] = any_flag[0] or src_any
+                ex |= exact
+                rg |= ranges
+
+    def entries(
+        slot: dict[tuple[_Ranges, _Ranges | None], tuple[list[bool], set[int], set[tuple[int, int]]]],
+    ) -> list[_Entry]:
+        return [
+            (dst, ports, flag[0], frozenset(ex), tuple(sorted(rg)))
+            for (dst, ports), (flag, ex, rg) in slot.items()
+        ]
+
+    any_proto: dict[int, list[_Entry]] = {4: [], 6: []}
+    by_proto: dict[int, list[_Entry]] = {}
+    for (version, proto), slot in merged.items():
+        if proto == -1:
+            any_proto[version] = entries(slot)
+    for (version, proto), slot in merged.items():
+        if proto != -1:
+            # Any-protocol rules apply to every protocol: append them to each specific list
+            # too, so a packet consults exactly one list.
+            by_proto[version * 256 + proto] = entries(slot) + any_proto[version]
     return by_proto, any_proto
 
 

@@ -281,30 +281,50 @@ class PolicyCompiler:
         self._by_tag: dict[str, set[int]] = {}
         self._members: set[int] = set()
         self._tagged: set[int] = set()
-        addrs: list[tuple[int, int, int]] = []  # (version, int address, node id)
+        self._addr_index: list[tuple[int, int, int]] = []  # sorted (version, int address, node id)
         self._routed: list[tuple[IPNetwork, int]] = []
-        for nid, n in self._nodes.items():
-            if n.node.tags:
-                self._tagged.add(nid)
-                for t in n.node.tags:
-                    self._by_tag.setdefault(t, set()).add(nid)
-            elif n.node.user:
-                self._members.add(nid)
-                self._by_user.setdefault(n.node.user, set()).add(nid)
-            for a in n.addrs:
-                addrs.append((a.version, int(a), nid))
-            for r in n.routes:
-                self._routed.append((r, nid))
-        addrs.sort()
-        self._addr_keys = [(v, a) for v, a, _ in addrs]
-        self._addr_ids = [nid for _, _, nid in addrs]
+        for n in self._nodes.values():
+            self._index_add(n, bulk=True)
+        self._addr_index.sort()
+
+    def _index_add(self, n: _Node, bulk: bool = False) -> None:
+        nid = n.node.id
+        if n.node.tags:
+            self._tagged.add(nid)
+            for t in n.node.tags:
+                self._by_tag.setdefault(t, set()).add(nid)
+        elif n.node.user:
+            self._members.add(nid)
+            self._by_user.setdefault(n.node.user, set()).add(nid)
+        for a in n.addrs:
+            if bulk:
+                self._addr_index.append((a.version, int(a), nid))
+            else:
+                bisect.insort(self._addr_index, (a.version, int(a), nid))
+        for r in n.routes:
+            self._routed.append((r, nid))
+
+    def _index_remove(self, n: _Node) -> None:
+        nid = n.node.id
+        self._tagged.discard(nid)
+        self._members.discard(nid)
+        for t in n.node.tags:
+            self._by_tag.get(t, set()).discard(nid)
+        self._by_user.get(n.node.user, set()).discard(nid)
+        for a in n.addrs:
+            key = (a.version, int(a), nid)
+            i = bisect.bisect_left(self._addr_index, key)
+            if i < len(self._addr_index) and self._addr_index[i] == key:
+                del self._addr_index[i]
+        self._routed = [(r, x) for r, x in self._routed if x != nid]
 
     def _prefix_nodes(self, prefixes: tuple[IPNetwork, ...], with_routes: bool) -> set[int]:
         out: set[int] = set()
+        index = self._addr_index
         for p in prefixes:
-            lo = bisect.bisect_left(self._addr_keys, (p.version, int(p.network_address)))
-            hi = bisect.bisect_right(self._addr_keys, (p.version, int(p.broadcast_address)))
-            out.update(self._addr_ids[lo:hi])
+            lo = bisect.bisect_left(index, (p.version, int(p.network_address)))
+            hi = bisect.bisect_left(index, (p.version, int(p.broadcast_address) + 1))
+            out.update(entry[2] for entry in index[lo:hi])
             if with_routes:
                 for r, nid in self._routed:
                     if r.version == p.version and r.overlaps(p):
@@ -377,11 +397,13 @@ class PolicyCompiler:
         addresses_changed = old is None or new is None or old.addrs != new.addrs
         users = {x.node.user for x in (old, new) if x is not None and _self_eligible(x.node)}
         # Index updates first, so set lookups below see the new node set.
+        if old is not None:
+            self._index_remove(old)
         if new is None:
             del self._nodes[node_id]
         else:
             self._nodes[node_id] = new
-        self._index_nodes()
+            self._index_add(new)
         self._dst_rules.setdefault(node_id, [])
         self._src_rules.setdefault(node_id, [])
         for i, st in enumerate(self._states):
