@@ -126,3 +126,26 @@ def test_cookie_secret_rotates_every_two_minutes() -> None:
     with_mac2, _ = add_macs(body, mac1_key, cookie)
     assert checker.mac2_valid(with_mac2, 116, source, 1000.0 + 119)
     assert not checker.mac2_valid(with_mac2, 116, source, 1000.0 + 121)
+
+
+def test_under_load_a_proven_address_is_still_rate_limited() -> None:
+    from wiremesh.core.wireguard.cookie import HandshakeRateLimiter
+
+    limiter = HandshakeRateLimiter()
+    source = ("192.0.2.1", 1)
+    allowed = [limiter.allow(source, 100.0) for _ in range(10)]
+    assert allowed == [True] * 5 + [False] * 5
+    assert limiter.allow(source, 100.1) is True  # refills at 20 per second
+    assert limiter.allow(("192.0.2.9", 1), 100.0) is True  # other addresses have their own bucket
+
+
+def test_device_counts_rate_limited_handshakes_under_load() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.b.receive(_initiation(p), A_ENDPOINT, p.now)
+    ((reply, _),) = p.b.datagrams_to_send()
+    p.a.receive(reply, B_ENDPOINT, p.now)
+    retry = _retransmit(p)
+    for _ in range(8):
+        p.b.receive(retry, A_ENDPOINT, p.now)
+    assert p.b.drops["handshake_rate_limited"] == 3  # burst of 5 passes mac2 (1 accepted, 4 replays)

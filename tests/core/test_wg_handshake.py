@@ -198,3 +198,11 @@ def test_simultaneous_initiations_still_carry_data_both_ways() -> None:
     assert p.inbox_b[-1] == ipv4_packet(A_V4, B_V4, b"again a")
     assert p.inbox_a[-1] == ipv4_packet(B_V4, A_V4, b"again b")
     assert p.a.drops.total() == 0 and p.b.drops.total() == 0
+
+
+def test_setting_the_same_private_key_keeps_sessions() -> None:
+    p = Pair()
+    p.connect()
+    session = p.peer_b.current
+    p.a.set_private_key(p.key_a)
+    assert p.peer_b.current is session

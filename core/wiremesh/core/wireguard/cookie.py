@@ -21,6 +21,15 @@ from wiremesh.core.wireguard.messages import (
 )
 from wiremesh.core.wireguard.timers import COOKIE_REFRESH_TIME
 
+__all__ = [
+    "COOKIE_REFRESH_TIME",
+    "CookieChecker",
+    "HandshakeRateLimiter",
+    "add_macs",
+    "endpoint_bytes",
+    "open_cookie_reply",
+]
+
 _ZERO_MAC = bytes(16)
 
 
@@ -85,4 +94,29 @@ def add_macs(message: bytes, peer_mac1_key: bytes, cookie: bytes | None) -> tupl
     return with_mac1 + mac2, mac1
 
 
-__all__ = ["COOKIE_REFRESH_TIME", "CookieChecker", "add_macs", "endpoint_bytes", "open_cookie_reply"]
+class HandshakeRateLimiter:
+    """Per source address token bucket for handshake messages that passed mac2 while under load:
+    a proven address still may not make us spend more than a few DH operations per second."""
+
+    PER_SECOND = 20.0
+    BURST = 5.0
+    MAX_SOURCES = 4096
+
+    def __init__(self) -> None:
+        self._buckets: dict[object, tuple[float, float]] = {}  # source host -> (tokens, last time)
+
+    def allow(self, source: Hashable, now: float) -> bool:
+        host: object = source[0] if isinstance(source, tuple) and source else source
+        tokens, last = self._buckets.get(host, (self.BURST, now))
+        tokens = min(self.BURST, tokens + max(0.0, now - last) * self.PER_SECOND)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        if host not in self._buckets and len(self._buckets) >= self.MAX_SOURCES:
+            # Forget sources whose buckets have refilled; they are indistinguishable from new ones.
+            horizon = now - self.BURST / self.PER_SECOND
+            self._buckets = {h: v for h, v in self._buckets.items() if v[1] > horizon}
+            if len(self._buckets) >= self.MAX_SOURCES:
+                self._buckets.clear()
+        self._buckets[host] = (tokens, now)
+        return allowed

@@ -10,6 +10,7 @@ Not thread-safe: the agent serialises every call with one lock.
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import random
 import secrets
@@ -21,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from wiremesh.core import crypto
 from wiremesh.core.allowedips import AllowedIPs
 from wiremesh.core.noise import HandshakeState, NoiseError
-from wiremesh.core.wireguard.cookie import CookieChecker, add_macs, open_cookie_reply
+from wiremesh.core.wireguard.cookie import CookieChecker, HandshakeRateLimiter, add_macs, open_cookie_reply
 from wiremesh.core.wireguard.events import EndpointChanged, HandshakeCompleted, HandshakeFailed
 from wiremesh.core.wireguard.messages import (
     CONSTRUCTION,
@@ -120,13 +121,17 @@ class Device:
         self._private_key = b""
         self.public_key = b""
         self._cookies = CookieChecker(bytes(32), now)
+        self._rate_limiter = HandshakeRateLimiter()
         self.set_private_key(private_key)
 
     # ------------------------------------------------------------------ configuration
 
     def set_private_key(self, private_key: bytes) -> None:
-        """Replace our static key; every session and handshake in flight is dropped."""
+        """Replace our static key; every session and handshake in flight is dropped.
+        Setting the key we already have changes nothing (like `wg set`)."""
         public = crypto.public_key(private_key)
+        if self._private_key and hmac.compare_digest(private_key, self._private_key):
+            return
         self._private_key = private_key
         self.public_key = public
         self._cookies = CookieChecker(public, self._now)
@@ -416,6 +421,9 @@ class Device:
                 (self._cookies.cookie_reply(datagram, mac1_offset, sender_index, source, now), source)
             )
             self.drops["bad_mac2"] += 1
+            return False
+        if self.under_load and not self._rate_limiter.allow(source, now):
+            self.drops["handshake_rate_limited"] += 1
             return False
         return True
 
