@@ -1,0 +1,374 @@
+"""`wiremesh-derp`: the relay service.
+
+Two listeners in one asyncio process:
+- the DERP port: a plain asyncio server whose connections start as HTTP/1.1 (parsed by
+  h11, a real HTTP parser), upgrade at `GET /derp` with `Upgrade: DERP` (101 Switching
+  Protocols, or Tailscale's `Derp-Fast-Start: 1`), then carry DERP frames on the same
+  socket. We own the socket from the first byte, so there is no hand-over from uvicorn
+  to get wrong, and TLS is just an `ssl` context on that server.
+- the admin port: a FastAPI app under uvicorn with `/metrics`, `/healthz`, `/readyz`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from nacl.public import PrivateKey
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from wiremesh.derp.keyauth import KeyAuthority
+from wiremesh.derp.relay import Relay, RelayConfig
+
+log = logging.getLogger("wiremesh.derp")
+
+
+# --- key file --------------------------------------------------------------------------
+
+
+def load_or_create_key(path: Path) -> PrivateKey:
+    """The relay's private key, persisted as base64 in a 0600 file (created if missing)."""
+    if path.exists():
+        raw = base64.b64decode(path.read_text().strip(), validate=True)
+        if len(raw) != 32:
+            raise ValueError(f"{path}: key is {len(raw)} bytes, want 32")
+        return PrivateKey(raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = PrivateKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(bytes(key)).decode() + "\n")
+    return key
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+
+class RelayCollector:
+    """Reads the relay's plain counters at scrape time (nothing on the hot path)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.relay.stats
+        yield GaugeMetricFamily(
+            "derp_clients", "Clients connected and admitted", value=len(self.relay.clients)
+        )
+        yield GaugeMetricFamily(
+            "derp_connections", "Open TCP connections (any state)", value=len(self.relay.connections)
+        )
+        yield CounterMetricFamily("derp_connections", "Connections accepted", value=stats.connections_total)
+        yield CounterMetricFamily(
+            "derp_packets_received", "Packets clients sent", value=stats.packets_received
+        )
+        yield CounterMetricFamily(
+            "derp_bytes_received", "Packet bytes clients sent", value=stats.bytes_received
+        )
+        yield CounterMetricFamily(
+            "derp_packets_forwarded", "Packets delivered", value=stats.packets_forwarded
+        )
+        yield CounterMetricFamily(
+            "derp_bytes_forwarded", "Packet bytes delivered", value=stats.bytes_forwarded
+        )
+        yield CounterMetricFamily(
+            "derp_cross_replica_sent", "Packets forwarded to another replica", value=stats.cross_replica_sent
+        )
+        yield CounterMetricFamily(
+            "derp_cross_replica_received",
+            "Packets another replica forwarded here",
+            value=stats.cross_replica_received,
+        )
+        for name, help_text, counter in (
+            ("derp_packets_dropped", "Packets dropped, by reason", stats.drops),
+            ("derp_connections_closed", "Connections closed by the relay, by reason", stats.closes),
+            ("derp_connections_refused", "Connections refused, by reason", stats.refused),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["reason"])
+            for reason, value in sorted(counter.items()):
+                family.add_metric([reason], value)
+            yield family
+        yield GaugeMetricFamily(
+            "derp_registry_keys", "Node keys the relay currently accepts", value=len(self.relay.authority)
+        )
+
+
+# --- structured logs -------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# --- the service -----------------------------------------------------------------------
+
+
+def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return default_host, int(text)
+    return host.strip("[]") or default_host, int(port)
+
+
+class DerpService:
+    """The whole relay: DERP listener(s), admin app, NATS (registry, mesh). Usable in-process."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.key = load_or_create_key(Path(args.key_file))
+        self.authority = KeyAuthority(allow_all=args.insecure_allow_all)
+        config = RelayConfig(
+            rate_bytes_per_second=args.rate_bytes_per_second,
+            rate_burst=args.rate_burst,
+            max_queue_bytes=args.max_queue_bytes,
+            keepalive_interval=args.keepalive,
+            idle_timeout=args.idle_timeout or None,
+        )
+        self.relay = Relay(self.key, self.authority, config)
+        self.registry = CollectorRegistry()
+        self.registry.register(RelayCollector(self.relay))
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin_server: Any = None
+        self._admin_task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.nc: Any = None
+        self.mesh: Any = None
+        self.derp_ports: list[int] = []
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        args = self.args
+        if args.allow_keys_file:
+            count = self.authority.load_file(Path(args.allow_keys_file))
+            log.warning(
+                "development option --allow-keys-file: %d node keys from %s", count, args.allow_keys_file
+            )
+        if args.insecure_allow_all:
+            log.warning(
+                "INSECURE: --insecure-allow-all lets ANY node key use this relay; never in production"
+            )
+        if args.nats:
+            import nats
+
+            from wiremesh.derp.mesh import Mesh, follow_registry
+
+            self.nc = await nats.connect(
+                args.nats, name=f"wiremesh-derp-{args.replica_id}", max_reconnect_attempts=-1
+            )
+            if not args.allow_keys_file and not args.insecure_allow_all:
+                await follow_registry(self.nc, self.authority)
+            self.mesh = Mesh(self.nc, self.relay, args.region, args.replica_id)
+            self.relay.mesh = self.mesh
+            await self.mesh.start()
+        ssl_ctx = None
+        if args.tls_cert:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        loop = asyncio.get_running_loop()
+        from wiremesh.derp.relay import DerpProtocol
+
+        for text in args.listen:
+            host, port = parse_hostport(text)
+            server = await loop.create_server(
+                lambda: DerpProtocol(self.relay), host, port, ssl=ssl_ctx, reuse_address=True, backlog=1024
+            )
+            for sock in server.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.servers.append(server)
+            self.derp_ports.append(server.sockets[0].getsockname()[1])
+        await self._start_admin()
+        self._sweeper = asyncio.create_task(self._sweep_expired(), name="derp-expiry")
+        log.info(
+            "relay %s listening on %s (admin %d), region %s replica %s",
+            base64.b64encode(self.relay.public_key).decode(),
+            self.derp_ports,
+            self.admin_port,
+            args.region,
+            args.replica_id,
+        )
+
+    async def _start_admin(self) -> None:
+        import uvicorn
+        from fastapi import FastAPI, Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        app = FastAPI(title="wiremesh-derp", docs_url=None, redoc_url=None)
+        relay, authority, registry = self.relay, self.authority, self.registry
+
+        @app.get("/healthz")
+        def healthz() -> dict[str, Any]:
+            return {"ok": True, "clients": len(relay.clients)}
+
+        @app.get("/readyz")
+        def readyz(response: Response) -> dict[str, Any]:
+            if not authority.synced:
+                response.status_code = 503
+            return {"ready": authority.synced}
+
+        @app.get("/metrics")
+        def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+        host, port = parse_hostport(self.args.admin_listen, "127.0.0.1")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.admin_port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.admin_server = _QuietServer(config)
+        self._admin_task = asyncio.create_task(self.admin_server.serve(sockets=[sock]), name="derp-admin")
+
+    async def _sweep_expired(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.relay.sweep_expired()
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.mesh is not None:
+            await self.mesh.stop()
+        self.relay.close_all("shutdown")
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        if self.admin_server is not None:
+            self.admin_server.should_exit = True
+            if self._admin_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._admin_task, 5.0)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 2.0)
+        log.info("relay stopped")
+
+
+class _QuietServer:
+    """uvicorn.Server that leaves signal handling to us (we own SIGTERM for the process)."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return Server(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wiremesh-derp", description="wiremesh DERP relay")
+    p.add_argument(
+        "--listen", action="append", default=None, help="DERP HOST:PORT (repeatable; default 0.0.0.0:3340)"
+    )
+    p.add_argument(
+        "--admin-listen", default="127.0.0.1:9340", help="HOST:PORT for /metrics, /healthz, /readyz"
+    )
+    p.add_argument(
+        "--key-file", default="/var/lib/wiremesh/derp.key", help="relay private key (created if missing)"
+    )
+    p.add_argument(
+        "--nats", default=os.environ.get("WIREMESH_NATS_URL"), help="NATS URL (key registry, replicas)"
+    )
+    p.add_argument("--region", default="default", help="region name shared by this relay's replicas")
+    p.add_argument("--replica-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique per replica")
+    p.add_argument(
+        "--allow-keys-file",
+        help="DEVELOPMENT/BENCH ONLY: accept the base64 node keys in this file instead of the key registry",
+    )
+    p.add_argument(
+        "--insecure-allow-all", action="store_true", help="accept ANY node key (comparison benchmarks only)"
+    )
+    p.add_argument(
+        "--rate-bytes-per-second", type=int, default=0, help="per-client receive rate limit (0 = off)"
+    )
+    p.add_argument("--rate-burst", type=int, default=0, help="token bucket burst in bytes (default = rate)")
+    p.add_argument("--max-queue-bytes", type=int, default=1 << 20, help="per-client send queue bound")
+    p.add_argument("--keepalive", type=float, default=60.0, help="seconds between keepalives/pings")
+    p.add_argument(
+        "--idle-timeout", type=float, default=180.0, help="close ping-capable clients silent this long"
+    )
+    p.add_argument("--tls-cert", help="PEM certificate (TLS is optional; plain TCP without it)")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    service = DerpService(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    print(
+        json.dumps({"ready": True, "derp_ports": service.derp_ports, "admin_port": service.admin_port}),
+        flush=True,
+    )
+    await stop.wait()
+    log.info("signal received, shutting down")
+    await service.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.listen is None:
+        args.listen = ["0.0.0.0:3340"]
+    setup_logging(args.log_level)
+    if not (args.nats or args.allow_keys_file or args.insecure_allow_all):
+        print(
+            "wiremesh-derp: no source of allowed node keys: give --nats (key registry), or for development "
+            "--allow-keys-file; refusing to relay for everyone",
+            file=sys.stderr,
+        )
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("wiremesh-derp: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        return asyncio.run(serve(args))
+    except OSError as exc:
+        print(f"wiremesh-derp: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        log.debug("ran %.1f s", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
