@@ -1,0 +1,346 @@
+"""magicsock core in memory: two (or more) MagicSock objects wired by a tiny simulated network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from wiremesh.core import disco
+from wiremesh.core.disco import DiscoKey, Endpoint, EndpointKind
+from wiremesh.core.magicsock import (
+    AddressConfirmed,
+    CloseProbeSockets,
+    Direct,
+    MagicSock,
+    OpenProbeSockets,
+    PathChanged,
+    PeerInfo,
+    PingResult,
+    Relay,
+    choose_home_region,
+)
+from wiremesh.core.magicsock import core as mscore
+
+REGION = 1
+
+
+class Node:
+    def __init__(self, name: str, public: tuple[str, int], lan: tuple[str, int] | None = None, **kw):
+        self.name = name
+        self.node_key = bytes([len(name)]) + name.encode().ljust(31, b"\0")
+        self.disco = DiscoKey()
+        self.public = public
+        self.lan = lan
+        self.ms = MagicSock(self.node_key, self.disco, 0.0, rng=random.Random(1), **kw)
+        self.ms.set_home_region(REGION)
+        self.events: list[object] = []
+        eps = [Endpoint(public, EndpointKind.STUN)]
+        if lan:
+            eps.append(Endpoint(lan, EndpointKind.LOCAL))
+        self.endpoints = tuple(eps)
+        self.ms.set_local_endpoints(self.endpoints, False, 0.0)
+
+    def info(self, with_endpoints: bool = True) -> PeerInfo:
+        return PeerInfo(
+            self.node_key, self.disco.public_key, self.endpoints if with_endpoints else (), REGION
+        )
+
+
+class Net:
+    """Delivers Direct datagrams between node addresses unless blocked; Relay always works."""
+
+    def __init__(self, *nodes: Node):
+        self.nodes = nodes
+        self.blocked: set[tuple[str, str]] = set()
+        self.delivered: list[tuple[str, str, object]] = []
+        self.relay_down = False
+
+    def pump(self, now: float, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            moved = False
+            for node in self.nodes:
+                while (ev := node.ms.next_event()) is not None:
+                    node.events.append(ev)
+                for data, dest in node.ms.datagrams_to_send():
+                    moved = True
+                    self._deliver(node, data, dest, now)
+            if not moved:
+                return
+
+    def _deliver(self, src: Node, data: bytes, dest, now: float) -> None:
+        if isinstance(dest, Relay):
+            if self.relay_down:
+                return
+            for node in self.nodes:
+                if node.node_key == dest.node_key:
+                    node.ms.receive_disco(data, Relay(dest.region, src.node_key), now)
+            return
+        for node in self.nodes:
+            for own, seen in ((node.public, src.public), (node.lan, src.lan)):
+                if own is not None and dest.address == own:
+                    if (src.name, node.name) in self.blocked or seen is None:
+                        return
+                    if own == node.lan and src.lan is None:
+                        return  # LAN addresses are reachable only from the same LAN
+                    node.ms.receive_disco(data, Direct(seen), now)
+                    return
+
+    def run(self, start: float, end: float, step: float = 0.05, traffic: bool = True) -> float:
+        t = start
+        while t < end:
+            if traffic:
+                for a in self.nodes:
+                    for b in self.nodes:
+                        if a is not b and b.node_key in a.ms.peers:
+                            a.ms.route(b.node_key, t)
+            for node in self.nodes:
+                node.ms.handle_timer(t)
+            self.pump(t)
+            t += step
+        return t
+
+
+def pair(**kw) -> tuple[Node, Node, Net]:
+    a = Node("a", ("198.18.1.2", 41641), **kw)
+    b = Node("b", ("198.18.2.2", 41641), **kw)
+    a.ms.set_peers([b.info()], 0.0)
+    b.ms.set_peers([a.info()], 0.0)
+    return a, b, Net(a, b)
+
+
+def test_traffic_goes_through_the_relay_until_a_path_is_proven():
+    a, b, _net = pair()
+    assert a.ms.route(b.node_key, 0.0) == Relay(REGION, b.node_key)
+
+
+def test_first_send_pings_every_endpoint_and_calls_the_peer_through_the_relay():
+    a, b, _ = pair()
+    a.ms.route(b.node_key, 0.0)
+    dests = [d for _, d in a.ms.datagrams_to_send()]
+    assert Direct(b.public) in dests
+    assert Relay(REGION, b.node_key) in dests
+    assert a.ms.counters["call_me_maybe_sent"] == 1
+
+
+def test_first_pong_makes_the_direct_path_best():
+    a, b, net = pair()
+    a.ms.route(b.node_key, 0.0)
+    net.pump(0.01)
+    assert a.ms.route(b.node_key, 0.02) == Direct(b.public)
+    assert any(isinstance(e, PathChanged) and e.direct == Direct(b.public) for e in a.events)
+    assert any(isinstance(e, AddressConfirmed) for e in a.events)
+
+
+def test_call_me_maybe_lets_a_peer_without_our_endpoints_find_us():
+    a, b, net = pair()
+    b.ms.set_peers([a.info(with_endpoints=False)], 0.0)
+    a.ms.set_peers([b.info(with_endpoints=False)], 0.0)
+    a.ms.route(b.node_key, 0.0)  # only a CallMeMaybe can go out: a knows no endpoint of b
+    net.pump(0.01)
+    assert b.ms.peers[a.node_key].trusted(0.02) == Direct(a.public)
+    assert a.ms.peers[b.node_key].trusted(0.02) == Direct(b.public)
+
+
+def test_blocked_direct_path_stays_on_the_relay():
+    a, b, net = pair()
+    net.blocked |= {("a", "b"), ("b", "a")}
+    net.run(0.0, 10.0)
+    assert a.ms.route(b.node_key, 10.0) == Relay(REGION, b.node_key)
+
+
+def test_discovery_repeats_with_backoff_while_no_direct_path():
+    a, _b, net = pair()
+    net.blocked |= {("a", "b"), ("b", "a")}
+    net.run(0.0, 60.0, step=0.25)
+    rounds = a.ms.counters["discovery_rounds"]
+    # 0, 3, 9, 21, 36, 51: backoff doubling from 3 s to the 15 s cap
+    assert 5 <= rounds <= 7
+
+
+def test_heartbeats_keep_an_active_direct_path_trusted():
+    a, b, net = pair()
+    net.run(0.0, 30.0)
+    assert a.ms.route(b.node_key, 30.0) == Direct(b.public)
+    assert a.ms.counters["path_lost"] == 0
+
+
+def test_losing_the_direct_path_falls_back_to_the_relay_within_three_seconds():
+    a, b, net = pair()
+    t = net.run(0.0, 5.0)
+    net.blocked |= {("a", "b"), ("b", "a")}
+    lost_at = t
+    while a.ms.route(b.node_key, t) != Relay(REGION, b.node_key):
+        t = net.run(t, t + 0.05)
+    assert t - lost_at <= 3.0
+
+
+def test_the_direct_path_returns_after_it_heals():
+    a, b, net = pair()
+    t = net.run(0.0, 5.0)
+    net.blocked |= {("a", "b"), ("b", "a")}
+    t = net.run(t, t + 10.0)
+    assert isinstance(a.ms.route(b.node_key, t), Relay)
+    net.blocked.clear()
+    t = net.run(t, t + 16.0)
+    assert a.ms.route(b.node_key, t) == Direct(b.public)
+
+
+def test_idle_peer_sends_no_heartbeats():
+    a, b, net = pair()
+    a.ms.route(b.node_key, 0.0)
+    net.pump(0.0)
+    a.ms.datagrams_to_send()
+    t = net.run(60.0, 70.0, traffic=False)
+    sent = 0
+    for tt in (t, t + 5):
+        a.ms.handle_timer(tt)
+        sent += len(a.ms.datagrams_to_send())
+    assert sent == 0
+
+
+def test_lan_path_is_preferred_over_the_public_one():
+    a = Node("a", ("198.18.1.2", 41641), lan=("192.168.1.10", 41641))
+    b = Node("b", ("198.18.1.2", 41642), lan=("192.168.1.11", 41641))
+    a.ms.set_peers([b.info()], 0.0)
+    b.ms.set_peers([a.info()], 0.0)
+    net = Net(a, b)
+    net.run(0.0, 2.0)
+    assert a.ms.route(b.node_key, 2.0) == Direct(b.lan)
+
+
+def test_pong_from_another_address_proves_nothing():
+    a, b, _net = pair()
+    a.ms.route(b.node_key, 0.0)
+    out = a.ms.datagrams_to_send()
+    ping_data = next(d for d, dest in out if dest == Direct(b.public))
+    _, ping = b.disco.open(ping_data)
+    forged = b.disco.seal(disco.Pong(ping.tx_id, a.public), a.disco.public_key)
+    a.ms.receive_disco(forged, Direct(("198.18.9.9", 1)), 0.01)
+    assert a.ms.drops["disco_pong_wrong_path"] == 1
+    assert isinstance(a.ms.route(b.node_key, 0.02), Relay)
+
+
+def test_disco_from_an_unknown_key_is_dropped_and_counted():
+    a, _b, _ = pair()
+    stranger = DiscoKey()
+    a.ms.receive_disco(
+        stranger.seal(disco.Ping(disco.new_tx_id(), bytes(32)), a.disco.public_key), Direct(("1.2.3.4", 5)), 0
+    )
+    a.ms.receive_disco(b"garbage", Direct(("1.2.3.4", 5)), 0)
+    assert a.ms.drops["disco_unknown_sender"] == 1
+    assert a.ms.drops["disco_malformed"] == 1
+    assert a.ms.datagrams_to_send() == []
+
+
+def test_ping_with_the_wrong_node_key_gets_no_pong():
+    a, b, _ = pair()
+    a.ms.receive_disco(
+        b.disco.seal(disco.Ping(disco.new_tx_id(), bytes(32)), a.disco.public_key), Direct(b.public), 0
+    )
+    assert a.ms.drops["disco_ping_wrong_node_key"] == 1
+    assert a.ms.datagrams_to_send() == []
+
+
+def test_relay_route_follows_the_region_the_peer_used():
+    a, b, net = pair()
+    a.ms.note_relay_route(b.node_key, 7)
+    net.blocked |= {("a", "b"), ("b", "a")}
+    assert a.ms.route(b.node_key, 0.0) == Relay(7, b.node_key)
+    a.ms.forget_relay_region(7)
+    assert a.ms.route(b.node_key, 0.1) == Relay(REGION, b.node_key)
+
+
+def test_user_ping_reports_the_relay_and_the_direct_answer():
+    a, b, net = pair()
+    a.ms.ping(b.node_key, 0.0)
+    net.pump(0.01)
+    vias = {type(e.via) for e in a.events if isinstance(e, PingResult)}
+    assert vias == {Relay, Direct}
+
+
+def test_symmetric_side_asks_for_probe_sockets_after_plain_punching_fails():
+    a, b, net = pair(birthday_sockets=8, birthday_spray=50)
+    a.ms.set_local_endpoints(a.endpoints, True, 0.0)
+    net.blocked |= {("a", "b"), ("b", "a")}
+    net.run(0.0, 4.0)
+    asks = [e for e in a.events if isinstance(e, OpenProbeSockets)]
+    assert asks == [OpenProbeSockets(b.node_key, 8)]
+
+
+def test_birthday_call_makes_the_peer_spray_a_bounded_number_of_ports():
+    a, b, net = pair(birthday_sockets=8, birthday_spray=50)
+    a.ms.set_local_endpoints(a.endpoints, True, 0.0)
+    net.blocked |= {("a", "b"), ("b", "a")}
+    net.run(0.0, 4.0)
+    a.ms.probe_sockets_opened(b.node_key, list(range(1, 9)), 4.0)
+    out = a.ms.datagrams_to_send()
+    assert sum(1 for _, d in out if isinstance(d, Direct) and d.socket != 0) == 8
+    for data, dest in out:
+        if isinstance(dest, Relay):
+            b.ms.receive_disco(data, Relay(REGION, a.node_key), 4.0)
+    sprayed = set()
+    t = 4.0
+    while t < 6.0:
+        b.ms.handle_timer(t)
+        sprayed |= {
+            d.address for _, d in b.ms.datagrams_to_send() if isinstance(d, Direct) and d.address != a.public
+        }
+        t += 0.01
+    assert len(sprayed) == 50
+    assert {host for host, _ in sprayed} == {a.public[0]}
+
+
+def test_birthday_hit_becomes_the_path_and_closes_the_other_probe_sockets():
+    a, b, _ = pair(birthday_sockets=4, birthday_spray=10)
+    a.ms.set_local_endpoints(a.endpoints, True, 0.0)
+    # b's spray reached a's probe socket 3 (the "hit"): a answers from that socket.
+    a.ms.peers[b.node_key].probe_sockets = (1, 2, 3, 4)
+    tx = disco.new_tx_id()
+    a.ms.receive_disco(b.disco.seal(disco.Ping(tx, b.node_key), a.disco.public_key), Direct(b.public, 3), 1.0)
+    out = a.ms.datagrams_to_send()
+    ping_back = [
+        (d, dest)
+        for d, dest in out
+        if dest == Direct(b.public, 3) and b.disco.open(d)[1].__class__ is disco.Ping
+    ]
+    assert ping_back
+    _, their_ping = b.disco.open(ping_back[0][0])
+    a.ms.receive_disco(
+        b.disco.seal(disco.Pong(their_ping.tx_id, ("198.18.1.2", 5555)), a.disco.public_key),
+        Direct(b.public, 3),
+        1.01,
+    )
+    assert a.ms.route(b.node_key, 1.02) == Direct(b.public, 3)
+    assert CloseProbeSockets(b.node_key, (3,)) in [a.ms.next_event() for _ in range(5)]
+
+
+def test_non_symmetric_pair_never_opens_probe_sockets():
+    a, b, net = pair()
+    net.blocked |= {("a", "b"), ("b", "a")}
+    net.run(0.0, 20.0, step=0.1)
+    assert not any(isinstance(e, OpenProbeSockets) for e in a.events + b.events)
+
+
+def test_removed_peer_is_forgotten():
+    a, b, _ = pair()
+    a.ms.set_peers([], 0.0)
+    assert a.ms.route(b.node_key, 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("latencies", "current", "unavailable", "expected"),
+    [
+        ({1: 0.030, 2: 0.010}, None, (), 2),
+        ({1: 0.030, 2: 0.025}, 1, (), 1),  # not clearly faster: keep home
+        ({1: 0.030, 2: 0.010}, 1, (), 2),
+        ({1: 0.010, 2: 0.030}, 1, (1,), 2),  # home relay down: fail over
+        ({}, None, (), None),
+    ],
+)
+def test_home_region_is_the_closest_reachable_with_hysteresis(latencies, current, unavailable, expected):
+    assert choose_home_region(latencies, current, unavailable) == expected
+
+
+def test_heartbeat_constants_meet_the_three_second_fallback():
+    assert mscore.HEARTBEAT_INTERVAL + mscore.PING_TIMEOUT < 3.0
