@@ -366,3 +366,23 @@ def test_rekey_with_wireguard_go_keeps_the_tunnel_working() -> None:
         reply = driver.receive_until(_is_echo(0, ident))
         assert parse_icmp(reply)[4] == 3
         assert driver.device.drops.total() == 0, driver.device.drops
+
+
+def test_wireguard_go_accepts_our_cookie_reply_and_retries_with_mac2() -> None:
+    with setup(None) as (wg, driver):
+        assert os.path.exists(f"/run/netns/{wg.ns}")
+        driver.device.under_load = True
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", wg.ns, "ping", "-c", "1", "-W", "12", OUR_ADDR],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # wireguard-go's first initiation gets our cookie; its retry (after REKEY_TIMEOUT) carries mac2.
+            request = driver.receive_until(_is_echo_request)
+        finally:
+            ping.kill()
+            ping.wait()
+        assert parse_icmp(request)[:3] == (WG_ADDR, OUR_ADDR, 8)
+        assert driver.device.drops["bad_mac2"] >= 1
+        assert driver.device.peers[wg.public_key].handshakes_completed == 1
