@@ -204,3 +204,53 @@ def test_replay_window_unit_behaviour() -> None:
     assert w.update(WINDOW_SIZE + 5)
     assert not w.check(5)
     assert w.check(WINDOW_SIZE + 4)
+
+
+def test_packet_sealed_on_the_old_session_is_accepted_after_rekey() -> None:
+    p = Pair()
+    p.connect()
+    in_flight = _sealed(p, b"late")
+    old = p.peer_b.current
+    p.now += 6
+    p.a._initiate(p.peer_b, p.now, retry=False)
+    p.pump()
+    assert p.peer_b.current is not old
+    assert p.b.receive(in_flight, A_ENDPOINT, p.now) == ipv4_packet(A_V4, B_V4, b"late")
+
+
+def test_rekey_after_messages_starts_a_handshake_but_keeps_sending() -> None:
+    from wiremesh.core.wireguard import REKEY_AFTER_MESSAGES
+
+    p = Pair()
+    p.connect()
+    p.now += 6
+    session = p.peer_b.current
+    assert session is not None
+    session.send_counter = REKEY_AFTER_MESSAGES
+    assert p.a.send(ipv4_packet(A_V4, B_V4), p.now) is not None
+    assert [d[:4] for d, _ in p.a.datagrams_to_send()] == [b"\x01\x00\x00\x00"]
+
+
+def test_session_at_reject_after_messages_is_not_used() -> None:
+    from wiremesh.core.wireguard import REJECT_AFTER_MESSAGES
+
+    p = Pair()
+    p.connect()
+    p.now += 6
+    session = p.peer_b.current
+    assert session is not None
+    session.send_counter = REJECT_AFTER_MESSAGES
+    assert p.a.send(ipv4_packet(A_V4, B_V4), p.now) is None
+    assert len(p.peer_b.queue) == 1
+
+
+def test_queue_is_bounded_while_handshaking_and_keeps_the_newest() -> None:
+    from wiremesh.core.wireguard.timers import MAX_QUEUED_PACKETS
+
+    p = Pair()
+    for i in range(MAX_QUEUED_PACKETS + 10):
+        assert p.a.send(ipv4_packet(A_V4, B_V4, i.to_bytes(2, "big")), p.now) is None
+    assert p.a.drops["queue_full"] == 10
+    p.pump()
+    assert len(p.inbox_b) == MAX_QUEUED_PACKETS
+    assert p.inbox_b[-1] == ipv4_packet(A_V4, B_V4, (MAX_QUEUED_PACKETS + 9).to_bytes(2, "big"))
