@@ -23,7 +23,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
-from wiremesh.agent import metrics, netconf, tun, wgconfig
+from wiremesh.agent import mesh, metrics, netconf, tun, wgconfig
 from wiremesh.agent.engine import Engine
 
 log = logging.getLogger("wiremesh.agent.daemon")
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wiremeshd", description="wiremesh node agent")
     add_common_arguments(parser)
     add_static_arguments(parser)
+    mesh.add_arguments(parser)
     return parser
 
 
@@ -184,6 +185,7 @@ def run_static(args: argparse.Namespace) -> int:
 
 
 MODES.append(("static", lambda a: bool(getattr(a, "wg_config", None)), run_static))
+MODES.append(("mesh", mesh.selected, mesh.run))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if selected(args):
             log.debug("mode_selected mode=%s", name)
             return runner(args)
-    parser.error("no mode selected: give --wg-config FILE")
+    parser.error("no mode selected: give --wg-config FILE or --login-server URL")
     return EXIT_CONFIG
 
 

@@ -1,0 +1,146 @@
+"""`wiremesh status|ip|up|down|logout`: talk to the local wiremeshd over its unix socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+DEFAULT_SOCKET = "/var/lib/wiremesh/wiremeshd.sock"
+TIMEOUT = 15.0
+
+
+class LocalAPIUnavailable(Exception):
+    pass
+
+
+def default_socket() -> str:
+    return os.environ.get("WIREMESH_SOCKET", DEFAULT_SOCKET)
+
+
+def call(socket_path: str, method: str, path: str) -> tuple[int, Any]:
+    """One request to the local API; (status, decoded JSON)."""
+    transport = httpx.HTTPTransport(uds=socket_path)
+    try:
+        with httpx.Client(transport=transport, base_url="http://wiremeshd", timeout=TIMEOUT) as client:
+            response = client.request(method, f"/v0/{path}")
+    except httpx.HTTPError as exc:
+        raise LocalAPIUnavailable(f"cannot reach wiremeshd at {socket_path}: {exc}") from exc
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {"error": response.text[:200]}
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help=help_text)
+        parser.add_argument(
+            "--socket", default=None, metavar="PATH", help=f"wiremeshd's socket (default {DEFAULT_SOCKET})"
+        )
+        return parser
+
+    status = add("status", "show this node and its peers")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+    ip = add("ip", "show this node's mesh addresses")
+    family = ip.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=4, help="IPv4 only")
+    family.add_argument("-6", dest="family", action="store_const", const=6, help="IPv6 only")
+    ip.set_defaults(func=_ip)
+    add("up", "resume forwarding through the mesh").set_defaults(func=_action, action="up")
+    add("down", "stop forwarding; stay logged in").set_defaults(func=_action, action="down")
+    add("logout", "deregister this node and remove its keys").set_defaults(func=_action, action="logout")
+
+
+def _request(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any] | None:
+    try:
+        return call(args.socket or default_socket(), method, path)
+    except LocalAPIUnavailable as exc:
+        print(f"wiremesh: {exc}", file=sys.stderr)
+        return None
+
+
+def _failed(status: int, payload: Any) -> bool:
+    if status == 200:
+        return False
+    message = payload.get("error") if isinstance(payload, dict) else None
+    print(f"wiremesh: {message or f'HTTP {status}'}", file=sys.stderr)
+    return True
+
+
+def _status(args: argparse.Namespace) -> int:
+    got = _request(args, "GET", "status")
+    if got is None:
+        return 1
+    status, payload = got
+    if _failed(status, payload):
+        return 1
+    if args.json:
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    else:
+        print(format_status(payload), end="")
+    return 0
+
+
+def _ip(args: argparse.Namespace) -> int:
+    got = _request(args, "GET", "ip")
+    if got is None:
+        return 1
+    status, payload = got
+    if _failed(status, payload):
+        return 1
+    for address in payload.get("addresses", []):
+        if args.family is None or (args.family == 6) == (":" in address):
+            print(address)
+    return 0
+
+
+def _action(args: argparse.Namespace) -> int:
+    got = _request(args, "POST", args.action)
+    if got is None:
+        return 1
+    status, payload = got
+    if _failed(status, payload):
+        return 1
+    print(f"{args.action}: {payload.get('backend_state', 'ok')}")
+    return 0
+
+
+def _bytes(n: Any) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _ago(seconds: Any) -> str:
+    if seconds is None:
+        return "never"
+    return f"{float(seconds):.0f}s ago"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Like `tailscale status`: one line for this node, one per peer."""
+    me = status.get("self", {})
+    lines = []
+    state = status.get("backend_state", "?")
+    if state != "Running":
+        lines.append(f"# state: {state}" + (f" ({status['error']})" if status.get("error") else ""))
+    v4 = next((a for a in me.get("addresses", []) if ":" not in a), "-")
+    lines.append(f"{v4:<16}{me.get('name') or '-':<20}{me.get('user') or '-':<12}self")
+    for peer in status.get("peers", []):
+        addr = next((a for a in peer.get("addresses", []) if ":" not in a), "-")
+        online = "online" if peer.get("online") else "offline"
+        lines.append(
+            f"{addr:<16}{peer.get('name', '-'):<20}{peer.get('user') or '-':<12}{online:<8} "
+            f"{peer.get('endpoint') or '-':<22} rx {_bytes(peer.get('rx_bytes'))} tx {_bytes(peer.get('tx_bytes'))}"
+            f"  handshake {_ago(peer.get('last_handshake_seconds_ago'))}"
+        )
+    return "\n".join(lines) + "\n"
