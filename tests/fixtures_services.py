@@ -373,16 +373,16 @@ class ControlPlane:
         return "\n".join(out)
 
 
-@pytest.fixture
-def control_plane_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
+@contextlib.contextmanager
+def _planes(workdir: pathlib.Path) -> Iterator[Any]:
     started: list[tuple[NatsServer, ControlPlane]] = []
 
     def make(
         database_url: str | None = None, coord_args: list[str] | None = None, replicas: int = 1
     ) -> ControlPlane:
-        nats = NatsServer(tmp_path)
+        nats = NatsServer(workdir)
         nats.start()
-        plane = ControlPlane(tmp_path, nats, database_url, coord_args or [])
+        plane = ControlPlane(workdir, nats, database_url, coord_args or [])
         started.append((nats, plane))
         for _ in range(replicas - 1):
             plane.add_coord()
@@ -398,6 +398,18 @@ def control_plane_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
             nats.stop()
 
 
+FAST_COORD_ARGS = ["--ephemeral-grace", "1", "--heartbeat-interval", "1"]
+
+
 @pytest.fixture
-def control_plane(control_plane_factory: Any) -> ControlPlane:
-    return control_plane_factory(coord_args=["--ephemeral-grace", "1", "--heartbeat-interval", "1"])
+def control_plane_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
+    """make(database_url=None, coord_args=None, replicas=1) -> a started ControlPlane (own NATS)."""
+    with _planes(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One NATS + keys + coord shared by a test module (tests use fresh machines, not fresh servers)."""
+    with _planes(tmp_path_factory.mktemp("plane")) as make:
+        yield make(coord_args=FAST_COORD_ARGS)

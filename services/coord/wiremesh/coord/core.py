@@ -325,6 +325,10 @@ class Coordinator:
             return updated
         grant: bus.AuthKeyGrant | None = None
         if existing is None or existing.expired:
+            if existing is not None and existing.node_key == node_key:
+                raise ControlError(
+                    "node key expired: generate a new node key and log in with an auth key", 401
+                )
             if not req.auth_key:
                 if existing is None:
                     raise ControlError("unknown machine: an auth key is required to register", 401)

@@ -1,0 +1,181 @@
+"""Coord's side of the ACL policy: the policy in force, stored in the database, compiled over
+the mesh's nodes into visible peers and per-node packet filters.
+
+`PolicyMesh` is a drop-in `Mesh` whose visibility comes from the policy compiler instead of
+the static modes, and which remembers which nodes' packet filters changed so their streams
+can be sent the new filter. `PolicyService` validates, stores and applies new policies and
+serves the admin endpoints (`GET/PUT /api/v1/policy`).
+
+The policy text lives in the `coord_settings` table (one row), so every replica reads the
+same policy; a replica that sets it publishes `bus.POLICY_CHANGED` and the others reload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from wiremesh.coord.mesh import Mesh
+from wiremesh.coord.store import NodeRecord, Setting
+from wiremesh.core.policy import (
+    Diagnostic,
+    Policy,
+    PolicyCompiler,
+    PolicyNode,
+    check_policy,
+    run_tests,
+)
+from wiremesh.core.policy.hujson import MAX_TEXT
+
+log = logging.getLogger("wiremesh.coord.policy")
+SETTING_NAME = "acl_policy"
+
+
+def policy_node(record: NodeRecord) -> PolicyNode:
+    return PolicyNode(
+        id=record.id,
+        user=record.user,
+        tags=frozenset(record.tags),
+        addresses=tuple(a for a in (record.ipv4, record.ipv6) if a),
+        routes=tuple(record.approved_routes),
+    )
+
+
+class PolicyMesh(Mesh):
+    """A Mesh whose "who sees whom" is the compiled policy (no policy: everyone sees everyone)."""
+
+    def __init__(self, visibility: str = "all", policy: Policy | None = None) -> None:
+        super().__init__(visibility)
+        self.compiler = PolicyCompiler(policy, ())
+        # Nodes whose compiled output (peers or packet filter) changed since last taken.
+        self.filter_changed: set[int] = set()
+
+    # visibility, from the compiler
+    def _can_see(self, viewer: NodeRecord, peer: NodeRecord) -> bool:
+        if viewer.id == peer.id or peer.expired:
+            return False
+        try:
+            return peer.id in self.compiler.compiled(viewer.id).peers
+        except KeyError:
+            return False
+
+    def _candidates(self, record: NodeRecord) -> frozenset[int]:
+        # Visibility is symmetric (either side may reach the other), so a node's peers are
+        # also exactly the nodes that see it.
+        try:
+            return self.compiler.compiled(record.id).peers
+        except KeyError:
+            return frozenset()
+
+    def upsert(self, record: NodeRecord) -> set[int]:
+        old = self.records.get(record.id)
+        before = set(self.viewers(old)) if old is not None else set()
+        node = policy_node(record)
+        if old is None:
+            changed = self.compiler.add_node(node)
+        else:
+            changed = self.compiler.update_node(node)
+        self.filter_changed |= changed
+        affected = super().upsert(record)
+        return (
+            affected
+            | before
+            | (changed - {record.id})
+            | ({record.id} if record.id in changed and old else set())
+        )
+
+    def remove(self, node_id: int) -> set[int]:
+        old = self.records.get(node_id)
+        if old is None:
+            return set()
+        before = set(self.viewers(old))
+        changed = self.compiler.remove_node(node_id)
+        affected = super().remove(node_id)
+        changed.discard(node_id)
+        self.filter_changed |= changed
+        return affected | before | changed
+
+    def set_policy(self, policy: Policy | None) -> set[int]:
+        """Swap the policy; returns the nodes whose peers or filter changed."""
+        changed = self.compiler.set_policy(policy)
+        self.filter_changed |= changed
+        return changed
+
+    def take_filter_changed(self) -> set[int]:
+        changed, self.filter_changed = self.filter_changed, set()
+        return changed
+
+    def packet_filter(self, node_id: int) -> list[dict[str, Any]]:
+        try:
+            return self.compiler.compiled(node_id).packet_filter()
+        except KeyError:
+            return []
+
+    def packet_filter_json(self, node_id: int) -> bytes:
+        return json.dumps(self.packet_filter(node_id), separators=(",", ":")).encode()
+
+
+class PolicyRejected(ValueError):
+    """The policy is invalid or its tests fail; `errors` says where and why."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(
+            "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+        )
+        self.errors = errors
+
+
+def validate(text: str | bytes, nodes: list[PolicyNode] | None = None) -> tuple[Policy, list[str]]:
+    """Parse, validate and run the tests; returns (policy, warnings) or raises PolicyRejected."""
+    if len(text) > MAX_TEXT:
+        raise PolicyRejected([f"policy larger than {MAX_TEXT} bytes"])
+    policy, diagnostics = check_policy(text)
+    if policy is None:
+        raise PolicyRejected([d.format("policy") for d in diagnostics if d.severity == "error"])
+    failures = run_tests(policy, nodes or ())
+    if failures:
+        raise PolicyRejected([f.format("policy") for f in failures])
+    return policy, [d.format("policy") for d in diagnostics if d.severity == "warning"]
+
+
+# ---- storage (coord_settings row) ----
+
+
+def load(session: Session) -> tuple[str | None, int]:
+    """(policy text or None for "no policy set", version)."""
+    row = session.get(Setting, SETTING_NAME)
+    if row is None:
+        return None, 0
+    try:
+        raw = json.loads(row.value)
+        return raw.get("text"), int(raw.get("version", 0))
+    except (ValueError, TypeError, AttributeError):
+        log.error("stored_policy_unreadable")
+        return None, 0
+
+
+def save(session: Session, text: str | None, clock: Callable[[], float] = time.time) -> int:
+    """Store the policy (None clears it); returns the new version."""
+    row = session.get(Setting, SETTING_NAME)
+    version = 1
+    if row is not None:
+        try:
+            version = int(json.loads(row.value).get("version", 0)) + 1
+        except (ValueError, TypeError, AttributeError):
+            version = 1
+    value = json.dumps({"text": text, "version": version, "updated_at": clock()})
+    if row is None:
+        session.add(Setting(name=SETTING_NAME, value=value))
+    else:
+        row.value = value
+    session.commit()
+    return version
+
+
+def warnings_of(policy: Policy) -> list[Diagnostic]:
+    return list(policy.warnings)
