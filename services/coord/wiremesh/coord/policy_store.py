@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 from wiremesh.coord.mesh import Mesh
 from wiremesh.coord.store import NodeRecord, Setting
 from wiremesh.core.policy import (
-    Diagnostic,
     Policy,
     PolicyCompiler,
     PolicyNode,
@@ -76,10 +75,7 @@ class PolicyMesh(Mesh):
         old = self.records.get(record.id)
         before = set(self.viewers(old)) if old is not None else set()
         node = policy_node(record)
-        if old is None:
-            changed = self.compiler.add_node(node)
-        else:
-            changed = self.compiler.update_node(node)
+        changed = self.compiler.add_node(node) if old is None else self.compiler.update_node(node)
         self.filter_changed |= changed
         affected = super().upsert(record)
         return (
@@ -175,7 +171,3 @@ def save(session: Session, text: str | None, clock: Callable[[], float] = time.t
         row.value = value
     session.commit()
     return version
-
-
-def warnings_of(policy: Policy) -> list[Diagnostic]:
-    return list(policy.warnings)

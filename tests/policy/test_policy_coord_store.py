@@ -1,0 +1,160 @@
+"""Coord's policy module: a Mesh whose visibility is the compiled policy, validation that
+refuses broken policies or failing tests, and storage in coord's settings table (SQLite)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from sqlalchemy.orm import Session
+
+from wiremesh.coord import policy_store
+from wiremesh.coord.store import Base, NodeRecord
+from wiremesh.core.control import service
+from wiremesh.core.packetfilter import Filter
+from wiremesh.core.policy import parse_policy
+
+SSH_ONLY = """
+{
+  // A may reach B on TCP 22 only; C is granted nothing.
+  "acls": [{"action": "accept", "src": ["a@example.com"], "dst": ["b@example.com:22"]}],
+  "tests": [{"src": "a@example.com", "accept": ["b@example.com:22"], "deny": ["b@example.com:80"]}],
+}
+"""
+
+
+def record(node_id: int, user: str, tags: tuple[str, ...] = ()) -> NodeRecord:
+    return NodeRecord(
+        id=node_id,
+        machine_key=f"m{node_id}",
+        node_key=f"n{node_id}",
+        disco_key=f"d{node_id}",
+        hostname=f"h{node_id}",
+        name=f"h{node_id}",
+        user=user,
+        tags=tags,
+        ipv4=f"100.64.0.{node_id}",
+        ipv6=f"fd7a:115c:a1e0::{node_id}",
+        ephemeral=False,
+        created_at=0.0,
+        last_seen=None,
+        online=False,
+        key_expiry=None,
+        expired=False,
+        endpoints=(),
+        advertised_routes=(),
+        approved_routes=(),
+        home_relay=None,
+    )
+
+
+A, B, C = record(1, "a@example.com"), record(2, "b@example.com"), record(3, "c@example.com")
+
+
+def mesh_with_policy() -> policy_store.PolicyMesh:
+    mesh = policy_store.PolicyMesh(policy=parse_policy(SSH_ONLY))
+    for r in (A, B, C):
+        mesh.upsert(r)
+    return mesh
+
+
+def test_without_a_policy_everyone_sees_everyone() -> None:
+    mesh = policy_store.PolicyMesh()
+    for r in (A, B, C):
+        mesh.upsert(r)
+    assert mesh.peers_of(C.id) == [A.id, B.id]
+
+
+def test_node_granted_nothing_sees_nobody_and_is_seen_by_nobody() -> None:
+    mesh = mesh_with_policy()
+    assert mesh.peers_of(C.id) == []
+    assert C.id not in mesh.peers_of(A.id)
+    assert mesh.viewers(C) == []
+
+
+def test_source_and_destination_see_each_other() -> None:
+    mesh = mesh_with_policy()
+    assert mesh.peers_of(A.id) == [B.id]
+    assert mesh.peers_of(B.id) == [A.id]
+
+
+def test_destination_filter_allows_only_the_granted_port() -> None:
+    mesh = mesh_with_policy()
+    from policy_packets import TCP, packet
+
+    f = Filter.from_netmap(json.loads(mesh.packet_filter_json(B.id)))
+    assert f.check_inbound(packet(A.ipv4, B.ipv4, TCP, 40000, 22), 0.0)
+    assert not f.check_inbound(packet(A.ipv4, B.ipv4, TCP, 40000, 80), 0.0)
+
+
+def test_source_filter_refuses_connections_from_the_destination() -> None:
+    mesh = mesh_with_policy()
+    from policy_packets import TCP, packet
+
+    f = Filter.from_netmap(mesh.packet_filter(A.id))
+    assert not f.check_inbound(packet(B.ipv4, A.ipv4, TCP, 40000, 22), 0.0)
+
+
+def test_policy_change_reports_nodes_to_update() -> None:
+    mesh = mesh_with_policy()
+    mesh.take_filter_changed()
+    opened = parse_policy('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}')
+    assert mesh.set_policy(opened) == {A.id, B.id, C.id}
+    assert mesh.take_filter_changed() == {A.id, B.id, C.id}
+    assert mesh.peers_of(C.id) == [A.id, B.id]
+
+
+def test_joining_node_marks_the_filters_it_changes() -> None:
+    mesh = mesh_with_policy()
+    mesh.take_filter_changed()
+    a2 = record(4, "a@example.com")
+    affected = mesh.upsert(a2)
+    assert B.id in affected  # B now sees A's second device
+    assert mesh.take_filter_changed() == {a2.id, B.id}
+
+
+def test_retagged_node_gets_a_full_netmap() -> None:
+    mesh = mesh_with_policy()
+    tagged = record(2, "b@example.com", tags=("tag:x",))
+    policy = parse_policy(
+        '{"tagOwners": {"tag:x": []}, "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:x:*"]}]}'
+    )
+    mesh.set_policy(policy)
+    assert B.id in mesh.upsert(tagged)
+
+
+def test_removed_node_disappears_from_its_peers() -> None:
+    mesh = mesh_with_policy()
+    assert A.id in mesh.remove(B.id)
+    assert mesh.peers_of(A.id) == []
+
+
+def test_validate_refuses_an_invalid_policy_with_line_numbers() -> None:
+    with pytest.raises(policy_store.PolicyRejected) as info:
+        policy_store.validate('{\n "acls": [{"action": "accept", "src": ["group:x"], "dst": ["*:*"]}]}')
+    assert info.value.errors[0].startswith("policy:2:")
+
+
+def test_validate_refuses_a_policy_whose_tests_fail() -> None:
+    with pytest.raises(policy_store.PolicyRejected, match="expected accept"):
+        policy_store.validate(
+            SSH_ONLY.replace('"accept": ["b@example.com:22"]', '"accept": ["b@example.com:23"]')
+        )
+
+
+def test_validate_returns_warnings_for_unsupported_harmless_sections() -> None:
+    _, warnings = policy_store.validate('{"ssh": [], "acls": []}')
+    assert any("ssh" in w for w in warnings)
+
+
+def test_policy_is_stored_and_versioned_in_the_settings_table(tmp_path: pathlib.Path) -> None:
+    engine = service.make_engine(f"sqlite:///{tmp_path}/coord.db")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        assert policy_store.load(session) == (None, 0)
+        assert policy_store.save(session, SSH_ONLY) == 1
+        assert policy_store.save(session, "{}") == 2
+    with Session(engine) as session:
+        assert policy_store.load(session) == ("{}", 2)
+    engine.dispose()
