@@ -14,6 +14,8 @@ __all__ = ["AllowedIPs"]
 
 T = TypeVar("T")
 
+_CACHE_SIZE = 4096
+
 
 class _Family(Generic[T]):
     __slots__ = ("bits", "lengths", "tables")
@@ -36,13 +38,14 @@ class AllowedIPs(Generic[T]):
     reconfiguring one peer costs only its own prefixes, not the whole table.
     """
 
-    __slots__ = ("_owned", "_v4", "_v6")
+    __slots__ = ("_cache", "_owned", "_v4", "_v6")
 
     def __init__(self) -> None:
         self._v4: _Family[T] = _Family(32)
         self._v6: _Family[T] = _Family(128)
         # value -> {(bits, length, key)}: what each owner holds, for remove_value and prefixes.
         self._owned: dict[T, set[tuple[int, int, int]]] = {}
+        self._cache: dict[bytes, T | None] = {}
 
     def insert(self, prefix: str, value: T) -> None:
         """Route `prefix` ("10.0.0.0/24", "fd00::/64", or a bare address) to `value`.
@@ -68,6 +71,7 @@ class AllowedIPs(Generic[T]):
         table[key] = value
         self._owned.setdefault(value, set()).add(entry)
         family.reindex()
+        self._cache.clear()
 
     def remove_value(self, value: T) -> None:
         """Forget every prefix owned by `value`."""
@@ -79,9 +83,28 @@ class AllowedIPs(Generic[T]):
             family.tables[length].pop(key, None)
         self._v4.reindex()
         self._v6.reindex()
+        self._cache.clear()
 
     def lookup(self, address: bytes) -> T | None:
-        """The owner of the longest prefix containing `address` (4 or 16 raw bytes), or None."""
+        """The owner of the longest prefix containing `address` (4 or 16 raw bytes), or None.
+
+        Answers are cached per address (a tunnel talks to few addresses, and a dict probe is far
+        cheaper than the prefix walk); any change to the table empties the cache.
+        """
+        try:
+            return self._cache[address]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable buffer (bytearray slice): answer without the cache
+            return self._walk(bytes(address))
+        value = self._walk(address)
+        cache = self._cache
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[bytes(address)] = value
+        return value
+
+    def _walk(self, address: bytes) -> T | None:
         n = len(address)
         if n == 4:
             lengths = self._v4.lengths
@@ -109,3 +132,4 @@ class AllowedIPs(Generic[T]):
         self._v4 = _Family(32)
         self._v6 = _Family(128)
         self._owned = {}
+        self._cache.clear()

@@ -28,15 +28,16 @@ from wiremesh.core.wireguard.messages import (
     CONSTRUCTION,
     COOKIE_REPLY_SIZE,
     IDENTIFIER,
-    INDEX_AND_COUNTER,
     INITIATION_HEADER,
     INITIATION_MAC1,
     INITIATION_SIZE,
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
+    MESSAGE_TRANSPORT,
     RESPONSE_HEADER,
     RESPONSE_MAC1,
     RESPONSE_SIZE,
+    TRANSPORT_HEADER,
     TRANSPORT_MIN_SIZE,
     tai64n_from_ns,
 )
@@ -90,7 +91,7 @@ _TYPE_RESPONSE = b"\x02\x00\x00\x00"
 _TYPE_COOKIE = b"\x03\x00\x00\x00"
 _TYPE_TRANSPORT = b"\x04\x00\x00\x00"
 _pack_counter = struct.Struct("<Q").pack
-_index_counter_unpack = INDEX_AND_COUNTER.unpack_from
+_transport_unpack = TRANSPORT_HEADER.unpack_from
 _u32_unpack = struct.Struct("<I").unpack_from
 
 _MAX_RETIRED = 4096
@@ -302,8 +303,11 @@ class Device:
         cookie reply, keepalive, or a counted drop). Never raises."""
         self._now = now
         try:
-            if datagram[:4] == _TYPE_TRANSPORT:
-                return self._receive_transport(datagram, source, now)
+            n = len(datagram)
+            if n >= TRANSPORT_MIN_SIZE:
+                kind, receiver, counter = _transport_unpack(datagram, 0)
+                if kind == MESSAGE_TRANSPORT:  # the type byte and three zero bytes, as one u32
+                    return self._receive_transport(datagram, n, receiver, counter, source, now)
             self._receive_other(datagram, source, now)
             return None
         except Exception:  # a bug must cost one packet, never the data plane
@@ -311,12 +315,9 @@ class Device:
             self.drops["internal_error"] += 1
             return None
 
-    def _receive_transport(self, datagram: bytes, source: Hashable, now: float) -> bytes | None:
-        n = len(datagram)
-        if n < TRANSPORT_MIN_SIZE:
-            self.drops["short"] += 1
-            return None
-        receiver, counter = _index_counter_unpack(datagram, 4)
+    def _receive_transport(
+        self, datagram: bytes, n: int, receiver: int, counter: int, source: Hashable, now: float
+    ) -> bytes | None:
         session = self._sessions.get(receiver)
         if session is None:
             self.drops["unknown_peer" if receiver in self._retired else "no_session"] += 1
@@ -353,36 +354,34 @@ class Device:
                 self._earliest = peer.t_persistent
         if now >= session.receive_rekey_deadline and session is peer.current and peer.handshake is None:
             self._initiate(peer, now, retry=False)
-        if not plaintext:
+        size = len(plaintext)
+        if not size:
             return None  # keepalive
         if peer.t_keepalive is None:
             peer.t_keepalive = now + KEEPALIVE_TIMEOUT
             if peer.t_keepalive < self._earliest:
                 self._earliest = peer.t_keepalive
-        return self._check_inner(peer, plaintext)
-
-    def _check_inner(self, peer: Peer, plaintext: bytes) -> bytes | None:
-        n = len(plaintext)
+        # The inner packet: an IP header whose length covers no more than we decrypted (the rest
+        # is padding), and a source address that AllowedIPs gives to this very peer.
         version = plaintext[0] >> 4
-        if version == 4 and n >= 20:
+        if version == 4 and size >= 20:
             length = (plaintext[2] << 8) | plaintext[3]
             src = plaintext[12:16]
             if length < 20:
-                self.drops["not_ip"] += 1
-                return None
-        elif version == 6 and n >= 40:
+                length = size + 1  # invalid: fails the check below
+        elif version == 6 and size >= 40:
             length = ((plaintext[4] << 8) | plaintext[5]) + 40
             src = plaintext[8:24]
         else:
             self.drops["not_ip"] += 1
             return None
-        if length > n:
+        if length > size:
             self.drops["not_ip"] += 1
             return None
         if self._routes.lookup(src) is not peer:
             self.drops["source_not_allowed"] += 1
             return None
-        return plaintext if length == n else plaintext[:length]
+        return plaintext if length == size else plaintext[:length]
 
     def _receive_other(self, datagram: bytes, source: Hashable, now: float) -> None:
         n = len(datagram)
@@ -399,6 +398,8 @@ class Device:
         elif kind == _TYPE_COOKIE:
             if self._sized(n, COOKIE_REPLY_SIZE):
                 self._receive_cookie_reply(datagram)
+        elif kind == _TYPE_TRANSPORT:
+            self.drops["short"] += 1  # longer transport messages never get here
         else:
             self.drops["unknown_type"] += 1
         return None
