@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wiremesh.core import crypto
 from wiremesh.core.noise import (
     CipherState,
     DecryptError,
     HandshakeState,
+    NoiseError,
     NoiseStateError,
     NoiseValueError,
 )
@@ -183,3 +188,43 @@ def test_xx_round_trip_learns_both_static_keys() -> None:
     assert i.remote_static == crypto.public_key(sr)
     assert r.remote_static == crypto.public_key(si)
     assert i.handshake_hash == r.handshake_hash
+
+
+def test_psk0_modifier_round_trip() -> None:
+    name = b"Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"
+    i = HandshakeState(name, True, b"", s=None, rs=None, psk=b"k" * 32)
+    r = HandshakeState(name, False, b"", s=None, rs=None, psk=b"k" * 32)
+    assert r.read_message(i.write_message(b"one")) == b"one"
+    assert i.read_message(r.write_message(b"two")) == b"two"
+    assert i.handshake_hash == r.handshake_hash
+
+
+def test_psk_pattern_without_psk_is_rejected() -> None:
+    si, sr = _keys()
+    i = HandshakeState(IKPSK2, True, b"", s=si, rs=crypto.public_key(sr))
+    r = HandshakeState(IKPSK2, False, b"", s=sr, rs=None)
+    r.read_message(i.write_message(b""))
+    with pytest.raises(NoiseValueError):
+        r.write_message(b"")
+
+
+def test_copy_lets_a_failed_read_be_retried_with_the_real_message() -> None:
+    si, sr = _keys()
+    i = HandshakeState(IK, True, b"", s=si, rs=crypto.public_key(sr))
+    r = HandshakeState(IK, False, b"", s=sr, rs=None)
+    r.read_message(i.write_message(b""))
+    reply = r.write_message(b"ok")
+    attempt = i.copy()
+    with pytest.raises(DecryptError):
+        attempt.read_message(reply[:-1] + bytes([reply[-1] ^ 1]))
+    assert i.read_message(reply) == b"ok"
+
+
+@given(st.binary(max_size=200))
+def test_responder_read_of_random_bytes_raises_only_noise_errors(data: bytes) -> None:
+    r = HandshakeState(IK, False, b"", s=_RESPONDER_KEY, rs=None)
+    with contextlib.suppress(NoiseError):
+        r.read_message(data)
+
+
+_RESPONDER_KEY = crypto.generate_private_key()
