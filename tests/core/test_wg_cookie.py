@@ -149,3 +149,24 @@ def test_device_counts_rate_limited_handshakes_under_load() -> None:
     for _ in range(8):
         p.b.receive(retry, A_ENDPOINT, p.now)
     assert p.b.drops["handshake_rate_limited"] == 3  # burst of 5 passes mac2 (1 accepted, 4 replays)
+
+
+def test_initiator_under_load_makes_the_responder_prove_its_address_too() -> None:
+    p = Pair()
+    p.a.under_load = True
+    init = _initiation(p)
+    p.b.receive(init, A_ENDPOINT, p.now)
+    ((resp, _),) = p.b.datagrams_to_send()
+    p.a.receive(resp, B_ENDPOINT, p.now)
+    ((reply, endpoint),) = p.a.datagrams_to_send()
+    assert endpoint == B_ENDPOINT and reply[:4] == b"\x03\x00\x00\x00"
+    assert p.a.drops["bad_mac2"] == 1
+    p.b.receive(reply, A_ENDPOINT, p.now)
+    assert p.peer_a.cookie is not None
+    retry = _retransmit(p)
+    p.b.receive(retry, A_ENDPOINT, p.now)
+    ((resp2, _),) = p.b.datagrams_to_send()
+    assert resp2[76:92] != bytes(16)  # the response now carries mac2
+    p.deliver(resp2, A_ENDPOINT, B_ENDPOINT)
+    p.pump()
+    assert p.inbox_b == [ipv4_packet(A_V4, B_V4)]
