@@ -486,12 +486,17 @@ def answer(data: bytes, source: Address, *, software: str = "wiremesh-stun") -> 
         for a in request.attributes
         if comprehension_required(a.type) and not isinstance(a.type, AttributeType)
     )
+    if request.get(AttributeType.CHANGE_REQUEST):
+        # One address and port only: we cannot answer from elsewhere, and saying so (RFC 5780
+        # section 7.2) keeps NAT-behaviour probes from drawing the wrong conclusion.
+        unknown += (AttributeType.CHANGE_REQUEST,)
     if request.method != Method.BINDING or unknown:
         code = ErrorCode(420, "Unknown Attribute") if unknown else ErrorCode(400, "Bad Request")
         attrs = [Attribute(AttributeType.ERROR_CODE, code)]
         if unknown:
             attrs.append(Attribute(AttributeType.UNKNOWN_ATTRIBUTES, unknown))
-        attrs.append(Attribute(AttributeType.SOFTWARE, software))
+        padded = software + " " * (-len(software.encode()) % 4) if request.classic else software
+        attrs.append(Attribute(AttributeType.SOFTWARE, padded))
         if not request.classic:
             attrs.append(Attribute(AttributeType.FINGERPRINT, 0))
         reply = Message(request.method, MessageClass.ERROR, tid, tuple(attrs))
@@ -502,9 +507,11 @@ def answer(data: bytes, source: Address, *, software: str = "wiremesh-stun") -> 
         ip = ip.ipv4_mapped
     address = (str(ip), port)
     if request.classic:
+        # RFC 3489's SERVER attribute had to be a multiple of 4 bytes long; old parsers check.
+        padded = software + " " * (-len(software.encode()) % 4)
         attrs = [
             Attribute(AttributeType.MAPPED_ADDRESS, address),
-            Attribute(AttributeType.SOFTWARE, software),
+            Attribute(AttributeType.SOFTWARE, padded),
         ]
     else:
         attrs = [
