@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given
+from hypothesis import strategies as st
 from wg_core_pair import A_ENDPOINT, A_V4, A_V6, B_ENDPOINT, B_V4, B_V6, Pair, ipv4_packet, ipv6_packet
 
 from wiremesh.core.wireguard.messages import TRANSPORT_HEADER_SIZE
@@ -254,3 +256,17 @@ def test_queue_is_bounded_while_handshaking_and_keeps_the_newest() -> None:
     p.pump()
     assert len(p.inbox_b) == MAX_QUEUED_PACKETS
     assert p.inbox_b[-1] == ipv4_packet(A_V4, B_V4, (MAX_QUEUED_PACKETS + 9).to_bytes(2, "big"))
+
+
+@given(st.lists(st.integers(0, 20_000), max_size=300))
+def test_replay_window_matches_a_model(counters: list[int]) -> None:
+    w = ReplayWindow()
+    seen: set[int] = set()
+    greatest = -1
+    for c in counters:
+        expected = c not in seen and greatest - c < WINDOW_SIZE
+        assert w.check(c) == expected
+        assert w.update(c) == expected
+        if expected:
+            seen.add(c)
+            greatest = max(greatest, c)
