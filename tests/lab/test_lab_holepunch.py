@@ -28,7 +28,10 @@ def test_early_packet_does_not_move_the_peer_mapping(lab: Lab, kind_a: NatKind, 
     mapped_b = observed_source(sb, server, (stun.address, 3478))
     # a's first packet reaches b's NAT before b has sent anything to a: it must be dropped
     # without creating state that would move b's mapping...
+    assert b.behind is not None
+    before = lab.drops(b.behind)
     sa.sendto(b"early", mapped_b)
+    lab.wait_drops(b.behind, before)
     # ...so b's punch goes out through the mapping b learnt, opens b's side and passes a's NAT.
     sb.sendto(b"punch-b", mapped_a)
     data, src = recv(sa)
@@ -48,7 +51,10 @@ def test_double_nat_peers_punch_through_the_carrier(lab: Lab) -> None:
     mapped_a = observed_source(sa, server, (stun.address, 3478))
     mapped_b = observed_source(sb, server, (stun.address, 3478))
     assert mapped_a[0] == carrier.wan_address
+    assert b.behind is not None
+    before = lab.drops(b.behind)
     sa.sendto(b"early", mapped_b)
+    lab.wait_drops(b.behind, before)
     sb.sendto(b"punch-b", mapped_a)
     assert recv(sa) == (b"punch-b", mapped_b)
     sa.sendto(b"punch-a", mapped_b)
@@ -78,6 +84,9 @@ def test_symmetric_peer_cannot_reach_an_apdf_peer(lab: Lab) -> None:
     mapped_a = observed_source(sa, server, (stun.address, 3478))
     mapped_b = observed_source(sb, server, (stun.address, 3478))
     sb.sendto(b"punch-b", mapped_a)
+    assert b.behind is not None
+    before = lab.drops(b.behind)
     sa.sendto(b"punch-a", mapped_b)
+    lab.wait_drops(b.behind, before)
     server.sendto(b"marker", mapped_b)
     assert recv(sb)[0] == b"marker"

@@ -149,7 +149,9 @@ def test_block_udp_drops_udp_until_removed(lab: Lab) -> None:
     assert a.behind is not None
     inside, server = udp_socket(lab, a), udp_socket(lab, pub, 3478)
     handle = lab.block_udp(a.behind)
+    before = lab.drops(a.behind)
     inside.sendto(b"blocked", (pub.address, 3478))
+    lab.wait_drops(a.behind, before)
     udp_socket(lab, lab.host("pub2")).sendto(b"marker", (pub.address, 3478))
     assert first_arrival(server) == b"marker"
     lab.remove_rule(handle)
@@ -162,7 +164,9 @@ def test_drop_between_cuts_only_that_address(lab: Lab) -> None:
     assert a.behind is not None
     inside, to_pub, to_other = udp_socket(lab, a), udp_socket(lab, pub, 3478), udp_socket(lab, other, 3478)
     handle = lab.drop_between(a.behind, pub.address)
+    before = lab.drops(a.behind)
     inside.sendto(b"dropped", (pub.address, 3478))
+    lab.wait_drops(a.behind, before)
     udp_socket(lab, third).sendto(b"marker", (pub.address, 3478))
     assert first_arrival(to_pub) == b"marker"
     assert observed_source(inside, to_other, (other.address, 3478))[0] == a.public_address
@@ -174,8 +178,10 @@ def test_drop_between_works_on_a_public_host(lab: Lab) -> None:
     pub, other, third = lab.host("pub"), lab.host("other"), lab.host("third")
     sender, receiver = udp_socket(lab, pub), udp_socket(lab, other, 3478)
     handle = lab.drop_between(pub, other.address)
+    before = lab.drops(pub)
     with contextlib.suppress(PermissionError):  # a local output drop fails the send with EPERM
         sender.sendto(b"dropped", (other.address, 3478))
+    lab.wait_drops(pub, before)
     udp_socket(lab, third).sendto(b"marker", (other.address, 3478))
     assert first_arrival(receiver) == b"marker"
     lab.remove_rule(handle)
@@ -189,7 +195,9 @@ def test_flush_conntrack_forgets_the_mapping(lab: Lab) -> None:
     inside, server = udp_socket(lab, a), udp_socket(lab, pub, 3478)
     mapped = observed_source(inside, server, (pub.address, 3478))
     lab.flush_conntrack(a.behind)
+    before = lab.drops(a.behind)
     server.sendto(b"after-flush", mapped)
+    lab.wait_drops(a.behind, before)
     lanpeer = udp_socket(lab, lab.host("lanpeer", behind=a.behind))
     lanpeer.sendto(b"marker", (a.address, inside.getsockname()[1]))
     assert first_arrival(inside) == b"marker"
@@ -256,7 +264,9 @@ def test_short_udp_timeout_expires_an_idle_mapping(lab: Lab) -> None:
     mapped = observed_source(inside, server, (pub.address, 3478))
     assert lab.conntrack_entries(a.behind)
     assert wait_until(lambda: not lab.conntrack_entries(a.behind), timeout=10)
+    before = lab.drops(a.behind)
     server.sendto(b"after-expiry", mapped)
+    lab.wait_drops(a.behind, before)
     lanpeer = udp_socket(lab, lab.host("lanpeer", behind=a.behind))
     lanpeer.sendto(b"marker", (a.address, inside.getsockname()[1]))
     assert first_arrival(inside) == b"marker"

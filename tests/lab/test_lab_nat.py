@@ -49,7 +49,9 @@ def test_public_host_cannot_send_unsolicited_udp_inwards(lab: Lab, kind: NatKind
     assert a.behind is not None
     inside = udp_socket(lab, a, 41641)
     outside = udp_socket(lab, pub)
+    before = lab.drops(a.behind)
     outside.sendto(b"unsolicited", (a.behind.wan_address, 41641))
+    lab.wait_drops(a.behind, before)
     # Marker: the LAN side of the router delivers in order, so a leak would arrive first.
     marker = udp_socket(lab, lab.host("lanpeer", behind=a.behind))
     marker.sendto(b"marker", (a.address, 41641))
@@ -98,9 +100,14 @@ def _inbound_from_other_port(lab: Lab, kind: NatKind) -> bytes:
     inside = udp_socket(lab, a)
     known, other = udp_socket(lab, pub, 3478), udp_socket(lab, pub, 3479)
     mapped = observed_source(inside, known, (pub.address, 3478))
+    assert a.behind is not None
+    before = lab.drops(a.behind)
     other.sendto(b"other-port", mapped)
     known.sendto(b"marker", mapped)
-    return first_arrival(inside)
+    arrived = first_arrival(inside)
+    if arrived == b"marker":  # then the other-port packet must have been dropped, not delayed
+        lab.wait_drops(a.behind, before)
+    return arrived
 
 
 def test_apdf_drops_inbound_from_another_port_of_a_known_address(lab: Lab) -> None:
@@ -128,7 +135,10 @@ def test_adf_drops_inbound_from_an_unknown_address(lab: Lab) -> None:
     inside = udp_socket(lab, a)
     known, strange = udp_socket(lab, pub, 3478), udp_socket(lab, stranger, 3478)
     mapped = observed_source(inside, known, (pub.address, 3478))
+    assert a.behind is not None
+    before = lab.drops(a.behind)
     strange.sendto(b"stranger", mapped)
+    lab.wait_drops(a.behind, before)
     known.sendto(b"marker", mapped)
     assert first_arrival(inside) == b"marker"
 
@@ -137,7 +147,10 @@ def test_udp_blocked_drops_udp(lab: Lab) -> None:
     pub = lab.host("pub")
     a = lab.device("a", NatKind.UDP_BLOCKED)
     inside, server = udp_socket(lab, a), udp_socket(lab, pub, 3478)
+    assert a.behind is not None
+    before = lab.drops(a.behind)
     inside.sendto(b"blocked", (pub.address, 3478))
+    lab.wait_drops(a.behind, before)
     # Marker from another public host proves the first datagram is not merely late.
     udp_socket(lab, lab.host("pub2")).sendto(b"marker", (pub.address, 3478))
     assert first_arrival(server) == b"marker"

@@ -75,7 +75,9 @@ def test_unmapped_port_of_a_portmap_router_stays_closed(lab: Lab) -> None:
     sock = udp_socket(lab, a, 41641)
     _, _, external, _ = natpmp_map_udp(sock, nat.lan_address, 41641, 42000)
     outside = udp_socket(lab, pub)
+    before = lab.drops(nat)
     outside.sendto(b"wrong-port", (nat.wan_address, external + 1))
+    lab.wait_drops(nat, before)
     outside.sendto(b"marker", (nat.wan_address, external))
     assert first_arrival(sock) == b"marker"
 

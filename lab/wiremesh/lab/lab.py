@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -23,7 +24,17 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from wiremesh.lab import netns, portmap, registry
-from wiremesh.lab.nat import FAULTS_CHAIN, FORWARD_CHAIN, TABLE, NatKind, host_ruleset, router_ruleset
+from wiremesh.lab.nat import (
+    DROPS_COUNTER,
+    FAULTS_CHAIN,
+    FORWARD_CHAIN,
+    TABLE,
+    NatKind,
+    host_ruleset,
+    host_ruleset6,
+    router_ruleset,
+    router_ruleset6,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +44,10 @@ INTERNET_GATEWAY = ipaddress.IPv4Address("198.18.0.1")
 INTERNET_ALT = ipaddress.IPv4Address("198.18.0.2")  # second gateway address, for the STUN responder
 CGNAT_SUPERNET = ipaddress.IPv4Network("100.127.0.0/16")  # inside 100.64.0.0/10, away from mesh addresses
 LAN_SUPERNET = ipaddress.IPv4Network("192.168.0.0/16")
+# IPv6 (opt-in): RFC 5180 benchmarking space. The internet is one /64; router n's LAN is
+# 2001:2:0:n::/64, routed to the router's WAN address by the internet namespace.
+INTERNET6_SUBNET = ipaddress.IPv6Network("2001:2::/64")
+INTERNET6_GATEWAY = ipaddress.IPv6Address("2001:2::1")
 
 WAN_IFACE = "wan0"
 LAN_BRIDGE = "lan0"
@@ -43,6 +58,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 _PREFIX_RE = re.compile(r"^wm[0-9a-f]{4}-$")
 COMMAND_TIMEOUT_S = 30.0
 PROCESS_STOP_TIMEOUT_S = 3.0
+COUNTED_DROP = f"counter name {DROPS_COUNTER} drop"
 MINIUPNPD_START_TIMEOUT_S = 15.0  # its STUN check alone may take 3 s per retry
 
 
@@ -57,6 +73,7 @@ class Internet:
     ns: str
     subnet: str
     gateway: str
+    gateway6: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +89,9 @@ class Router:
     lan_subnet: str
     cgnat: bool
     behind: Router | None
+    wan_address6: str | None = None  # IPv6 (Lab(ipv6=True), routers directly on the internet)
+    lan_address6: str | None = None
+    lan_subnet6: str | None = None
 
     @property
     def public_address(self) -> str:
@@ -89,6 +109,7 @@ class Host:
     gateway: str
     behind: Router | None
     iface: str = HOST_IFACE
+    address6: str | None = None  # a public IPv6 address (Lab(ipv6=True)); None without IPv6
 
     @property
     def kind(self) -> NatKind:
@@ -107,7 +128,7 @@ class RuleHandle:
     """Rules added together by the lab (fault injection); pass it to ``Lab.remove_rule``."""
 
     ns: str
-    rules: tuple[tuple[str, int], ...]  # (chain, nft rule handle)
+    rules: tuple[tuple[str, str, int], ...]  # (nft family, chain, rule handle)
 
 
 @dataclasses.dataclass(slots=True)
@@ -121,6 +142,15 @@ class _Segment:
     next_host: int
     ports: int = 0
     used: set[ipaddress.IPv4Address] = dataclasses.field(default_factory=set)
+    network6: ipaddress.IPv6Network | None = None
+    gateway6: ipaddress.IPv6Address | None = None
+
+    def address6_for(self, addr: ipaddress.IPv4Address) -> ipaddress.IPv6Address | None:
+        """The IPv6 twin of a v4 address on this segment: its last two octets as the host part."""
+        if self.network6 is None:
+            return None
+        packed = addr.packed
+        return self.network6.network_address + ((packed[2] << 16) | packed[3])
 
     def allocate(self) -> ipaddress.IPv4Address:
         # Skip .0 and .255 in every /24 so addresses read naturally (198.18.1.1, not 198.18.1.0).
@@ -168,12 +198,13 @@ class Lab:
     Use as a context manager. See the package docstring for the API tour.
     """
 
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, prefix: str | None = None, *, ipv6: bool = False) -> None:
         if prefix is not None and not _PREFIX_RE.match(prefix):
             raise ValueError(f"lab prefix must look like 'wm3f9a-', got {prefix!r}")
         registry.reap_stale()
         self.prefix = registry.claim(prefix)
         self._owner_pid = os.getpid()
+        self.ipv6 = ipv6
         self._namespaces: list[str] = []
         self._names: set[str] = set()
         self._processes: list[subprocess.Popen[Any]] = []
@@ -368,12 +399,23 @@ class Lab:
         self._ip(ns, "link", "add", INET_BRIDGE, "type", "bridge", "forward_delay", "0")
         self._ip(ns, "addr", "add", f"{INTERNET_GATEWAY}/{INTERNET_SUBNET.prefixlen}", "dev", INET_BRIDGE)
         self._ip(ns, "addr", "add", f"{INTERNET_ALT}/{INTERNET_SUBNET.prefixlen}", "dev", INET_BRIDGE)
+        if self.ipv6:
+            # It routes between the internet /64 and the routers' LAN /64s.
+            self._sysctl(ns, net__ipv6__conf__all__forwarding=1)
+            self._ip(ns, "-6", "addr", "add", f"{INTERNET6_GATEWAY}/64", "dev", INET_BRIDGE, "nodad")
         self._ip(ns, "link", "set", INET_BRIDGE, "up")
         # Bridged frames must not be run through this namespace's (empty) IP hooks.
         self._sysctl(ns, net__bridge__bridge_nf_call_iptables=0, net__ipv4__ip_forward=0)
         self._inet_segment = _Segment(ns, INET_BRIDGE, INTERNET_SUBNET, INTERNET_GATEWAY, next_host=256)
         self._inet_segment.used.add(INTERNET_ALT)
-        self._internet = Internet(ns=ns, subnet=str(INTERNET_SUBNET), gateway=str(INTERNET_GATEWAY))
+        if self.ipv6:
+            self._inet_segment.network6, self._inet_segment.gateway6 = INTERNET6_SUBNET, INTERNET6_GATEWAY
+        self._internet = Internet(
+            ns=ns,
+            subnet=str(INTERNET_SUBNET),
+            gateway=str(INTERNET_GATEWAY),
+            gateway6=str(INTERNET6_GATEWAY) if self.ipv6 else None,
+        )
         return self._internet
 
     def _segment_for(self, behind: Router | None) -> _Segment:
@@ -384,7 +426,9 @@ class Lab:
         self.ns_of(behind)
         return self._lan_segments[behind.ns]
 
-    def _attach(self, ns: str, iface: str, segment: _Segment, address: str | None) -> tuple[str, str]:
+    def _attach(
+        self, ns: str, iface: str, segment: _Segment, address: str | None
+    ) -> tuple[str, str, str | None]:
         """Link ``ns`` to ``segment`` with a veth named ``iface`` on the ``ns`` side."""
         if address is None:
             addr = segment.allocate()
@@ -399,18 +443,26 @@ class Lab:
         self._ip(ns, "link", "add", iface, "type", "veth", "peer", "name", port, "netns", segment.ns)
         self._ip(segment.ns, "link", "set", port, "master", segment.bridge, "up")
         self._ip(ns, "addr", "add", f"{addr}/{segment.network.prefixlen}", "dev", iface)
+        addr6 = segment.address6_for(addr)
+        if addr6 is not None:
+            # nodad: the address is usable at once (no 1 s duplicate-address detection wait).
+            self._ip(ns, "-6", "addr", "add", f"{addr6}/64", "dev", iface, "nodad")
         self._ip(ns, "link", "set", iface, "up")
         self._ip(ns, "route", "add", "default", "via", str(segment.gateway))
-        return str(addr), str(segment.gateway)
+        if addr6 is not None:
+            self._ip(ns, "-6", "route", "add", "default", "via", str(segment.gateway6), "dev", iface)
+        return str(addr), str(segment.gateway), str(addr6) if addr6 is not None else None
 
     def host(self, name: str, behind: Router | None = None, *, address: str | None = None) -> Host:
         """A host on the internet (``behind=None``) or on a router's LAN."""
         segment = self._segment_for(behind)
         ns = self._new_namespace(name)
-        addr, gateway = self._attach(ns, HOST_IFACE, segment, address)
+        addr, gateway, addr6 = self._attach(ns, HOST_IFACE, segment, address)
         if behind is None:
             self._nft(ns, host_ruleset())
-        return Host(name=name, ns=ns, address=addr, gateway=gateway, behind=behind)
+            if addr6 is not None:
+                self._nft(ns, host_ruleset6())
+        return Host(name=name, ns=ns, address=addr, gateway=gateway, behind=behind, address6=addr6)
 
     def nat_router(
         self,
@@ -429,7 +481,7 @@ class Lab:
             raise ValueError("NatKind.NONE has no router; use lab.host(name) for a public host")
         segment = self._segment_for(behind)
         ns = self._new_namespace(name)
-        wan_addr, wan_gw = self._attach(ns, WAN_IFACE, segment, wan_address)
+        wan_addr, wan_gw, wan_addr6 = self._attach(ns, WAN_IFACE, segment, wan_address)
         if cgnat:
             lan_net = ipaddress.IPv4Network(f"100.127.{self._next_cgnat}.0/24")
             self._next_cgnat += 1
@@ -444,7 +496,19 @@ class Lab:
         self._ip(ns, "link", "set", LAN_BRIDGE, "up")
         self._sysctl(ns, net__ipv4__ip_forward=1, net__bridge__bridge_nf_call_iptables=0)
         self._nft(ns, router_ruleset(kind, WAN_IFACE, LAN_BRIDGE))
-        self._lan_segments[ns] = _Segment(ns, LAN_BRIDGE, lan_net, lan_gw, next_host=10)
+        segment_lan = _Segment(ns, LAN_BRIDGE, lan_net, lan_gw, next_host=10)
+        lan6: ipaddress.IPv6Network | None = None
+        # IPv6 only behind routers directly on the internet; carriers in the lab are IPv4-only.
+        if wan_addr6 is not None and not cgnat:
+            lan_index = int(lan_net.network_address.packed[2])
+            lan6 = ipaddress.IPv6Network(f"2001:2:0:{lan_index:x}::/64")
+            segment_lan.network6, segment_lan.gateway6 = lan6, lan6.network_address + 1
+            self._sysctl(ns, net__ipv6__conf__all__forwarding=1)
+            self._ip(ns, "-6", "addr", "add", f"{segment_lan.gateway6}/64", "dev", LAN_BRIDGE, "nodad")
+            self._nft(ns, router_ruleset6(kind, WAN_IFACE))
+            inet = self.internet()
+            self._ip(inet.ns, "-6", "route", "add", str(lan6), "via", wan_addr6)
+        self._lan_segments[ns] = segment_lan
         router = Router(
             name=name,
             ns=ns,
@@ -455,6 +519,9 @@ class Lab:
             lan_subnet=str(lan_net),
             cgnat=cgnat,
             behind=behind,
+            wan_address6=wan_addr6,
+            lan_address6=str(segment_lan.gateway6) if lan6 is not None else None,
+            lan_subnet6=str(lan6) if lan6 is not None else None,
         )
         if kind is NatKind.PORTMAP:
             self._start_miniupnpd(router)
@@ -592,6 +659,34 @@ class Lab:
         result = self.run(node, ["conntrack", "-L", "-p", proto], check=False)
         return [line for line in result.stdout.splitlines() if line.strip()]
 
+    def drops(self, node: Router | Host) -> int:
+        """Packets dropped so far by the node's lab rules (NAT filtering, UDP blocking, fault rules).
+
+        IPv4 and IPv6 together. Lets a test wait for the event "it was dropped" instead of sleeping.
+        """
+        if isinstance(node, Host) and node.behind is not None:
+            raise ValueError(f"{node.name} is behind a router and has no lab rules; ask its router")
+        ns = self.ns_of(node)
+        total = 0
+        for family in self._families(node):
+            out = self._ns_exec(ns, ["nft", "-j", "list", "counter", family, TABLE, DROPS_COUNTER])
+            for item in json.loads(out).get("nftables", []):
+                counter = item.get("counter")
+                if counter is not None:
+                    total += int(counter.get("packets", 0))
+        return total
+
+    def wait_drops(self, node: Router | Host, more_than: int, timeout: float = 5.0) -> int:
+        """Wait until ``drops(node) > more_than``; returns the new count or raises LabError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.drops(node)
+            if count > more_than:
+                return count
+            if time.monotonic() > deadline:
+                raise LabError(f"{node.name} dropped no more than {more_than} packets within {timeout} s")
+            time.sleep(0.01)
+
     def flush_conntrack(self, node: Router | Host) -> None:
         """Forget every NAT mapping and connection in ``node`` (a NAT rebinding)."""
         ns = self.ns_of(node)
@@ -607,17 +702,17 @@ class Lab:
         if isinstance(node, Router) and node.kind is NatKind.EIM_ADF:
             self._ns_exec(ns, ["nft", "flush", "map", "ip", TABLE, "adf"])
 
-    def _add_rules(self, ns: str, rules: Sequence[tuple[str, str]]) -> RuleHandle:
-        added: list[tuple[str, int]] = []
+    def _add_rules(self, ns: str, rules: Sequence[tuple[str, str, str]]) -> RuleHandle:
+        added: list[tuple[str, str, int]] = []
         try:
-            for chain, rule in rules:
+            for family, chain, rule in rules:
                 out = self._ns_exec(
-                    ns, ["nft", "--echo", "--handle", "add", "rule", "ip", TABLE, chain, *rule.split()]
+                    ns, ["nft", "--echo", "--handle", "add", "rule", family, TABLE, chain, *rule.split()]
                 )
                 match = re.search(r"# handle (\d+)", out)
                 if match is None:
                     raise LabError(f"nft did not report a rule handle: {out!r}")
-                added.append((chain, int(match.group(1))))
+                added.append((family, chain, int(match.group(1))))
         except BaseException:
             self.remove_rule(RuleHandle(ns=ns, rules=tuple(added)))
             raise
@@ -626,29 +721,45 @@ class Lab:
     def remove_rule(self, handle: RuleHandle) -> None:
         """Remove the rules added by ``block_udp`` or ``drop_between``."""
         ns = self.ns_of(handle.ns)
-        for chain, number in handle.rules:
-            self._ns_exec(ns, ["nft", "delete", "rule", "ip", TABLE, chain, "handle", str(number)])
+        for family, chain, number in handle.rules:
+            self._ns_exec(ns, ["nft", "delete", "rule", family, TABLE, chain, "handle", str(number)])
+
+    def _families(self, node: Router | Host) -> list[str]:
+        has6 = node.lan_subnet6 is not None if isinstance(node, Router) else node.address6 is not None
+        return ["ip", "ip6"] if has6 else ["ip"]
 
     def block_udp(self, router: Router) -> RuleHandle:
         """Drop all UDP the router would forward, both ways (TCP still passes); undo with remove_rule."""
         ns = self.ns_of(router)
-        return self._add_rules(ns, [(FAULTS_CHAIN, "meta l4proto udp drop")])
+        return self._add_rules(
+            ns, [(f, FAULTS_CHAIN, f"meta l4proto udp {COUNTED_DROP}") for f in self._families(router)]
+        )
 
     def drop_between(self, node: Router | Host, address: str) -> RuleHandle:
-        """Drop all traffic between ``node`` (a router's LAN, or a public host) and ``address``."""
+        """Drop all traffic between ``node`` (a router's LAN, or a public host) and ``address``.
+
+        ``address`` may be IPv4 or IPv6.
+        """
         ns = self.ns_of(node)
-        addr = str(ipaddress.IPv4Address(address))
+        ip = ipaddress.ip_address(address)
+        family, match = ("ip", "ip") if ip.version == 4 else ("ip6", "ip6")
+        if family not in self._families(node):
+            raise ValueError(f"{node.name} has no IPv{ip.version}")
         if isinstance(node, Router):
             return self._add_rules(
-                ns, [(FAULTS_CHAIN, f"ip daddr {addr} drop"), (FAULTS_CHAIN, f"ip saddr {addr} drop")]
+                ns,
+                [
+                    (family, FAULTS_CHAIN, f"{match} daddr {ip} {COUNTED_DROP}"),
+                    (family, FAULTS_CHAIN, f"{match} saddr {ip} {COUNTED_DROP}"),
+                ],
             )
         if node.behind is not None:
             raise ValueError("drop_between on a host behind a router: pass the router instead")
         return self._add_rules(
             ns,
             [
-                (f"{FAULTS_CHAIN}_out", f"ip daddr {addr} drop"),
-                (f"{FAULTS_CHAIN}_in", f"ip saddr {addr} drop"),
+                (family, f"{FAULTS_CHAIN}_out", f"{match} daddr {ip} {COUNTED_DROP}"),
+                (family, f"{FAULTS_CHAIN}_in", f"{match} saddr {ip} {COUNTED_DROP}"),
             ],
         )
 

@@ -24,6 +24,7 @@ TABLE = "wmlab"
 FAULTS_CHAIN = "faults"
 FORWARD_CHAIN = "forward"
 ADF_MAP = "adf"
+DROPS_COUNTER = "drops"  # every packet the NAT itself drops (not fault injection), per family
 # How long an address-dependent filter entry lives after the last outbound packet. Matches
 # the kernel's UDP conntrack timeout for a flow that has seen replies (nf_conntrack_udp_timeout_stream).
 ADF_TIMEOUT_S = 120
@@ -54,17 +55,19 @@ def router_ruleset(kind: NatKind, wan: str, lan: str) -> str:
     masquerade = "masquerade fully-random" if kind is NatKind.EDM else "masquerade"
     forward_rules = []
     if kind is NatKind.UDP_BLOCKED:
-        forward_rules.append(f'oifname "{wan}" meta l4proto udp drop')
+        forward_rules.append(f'oifname "{wan}" meta l4proto udp counter name {DROPS_COUNTER} drop')
     forward_rules += [
         f'iifname "{wan}" ct state established,related accept',
         f'iifname "{wan}" ct status dnat accept',
-        f'iifname "{wan}" drop',
+        f'iifname "{wan}" counter name {DROPS_COUNTER} drop',
     ]
     lines = [
         f"table ip {TABLE} {{",
+        f"  counter {DROPS_COUNTER} {{",
+        "  }",
         "  chain input {",
         "    type filter hook input priority 0; policy accept;",
-        f'    iifname "{wan}" ct state new drop',
+        f'    iifname "{wan}" ct state new counter name {DROPS_COUNTER} drop',
         "  }",
         f"  chain {FAULTS_CHAIN} {{",
         "    type filter hook forward priority -10; policy accept;",
@@ -101,19 +104,61 @@ def router_ruleset(kind: NatKind, wan: str, lan: str) -> str:
 
 
 def host_ruleset() -> str:
-    """A table with an empty fault chain for a host that has no router (public hosts)."""
-    return (
-        "\n".join(
-            [
-                f"table ip {TABLE} {{",
-                f"  chain {FAULTS_CHAIN}_in {{",
-                "    type filter hook input priority -10; policy accept;",
-                "  }",
-                f"  chain {FAULTS_CHAIN}_out {{",
-                "    type filter hook output priority -10; policy accept;",
-                "  }",
-                "}",
-            ]
-        )
-        + "\n"
-    )
+    """A table with empty fault chains (and the drops counter) for a public host."""
+    lines = [
+        f"table ip {TABLE} {{",
+        f"  counter {DROPS_COUNTER} {{",
+        "  }",
+        f"  chain {FAULTS_CHAIN}_in {{",
+        "    type filter hook input priority -10; policy accept;",
+        "  }",
+        f"  chain {FAULTS_CHAIN}_out {{",
+        "    type filter hook output priority -10; policy accept;",
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def router_ruleset6(kind: NatKind, wan: str) -> str:
+    """The IPv6 side of a router (``table ip6 wmlab``): no NAT, a stateful firewall.
+
+    IPv6 LAN hosts have public addresses, so every kind maps endpoint-independently (no
+    translation) and filters like a home router: only replies and related traffic come in.
+    UDP_BLOCKED drops UDP here too. Neighbour discovery is untracked by conntrack and passes.
+    """
+    if not kind.is_router:
+        raise ValueError(f"{kind} has no router")
+    drop = f"counter name {DROPS_COUNTER} drop"
+    forward_rules = []
+    if kind is NatKind.UDP_BLOCKED:
+        forward_rules.append(f'oifname "{wan}" meta l4proto udp {drop}')
+    forward_rules += [
+        f'iifname "{wan}" ct state established,related accept',
+        f'iifname "{wan}" meta l4proto ipv6-icmp icmpv6 type echo-request {drop}',
+        f'iifname "{wan}" meta l4proto ipv6-icmp accept',
+        f'iifname "{wan}" {drop}',
+    ]
+    lines = [
+        f"table ip6 {TABLE} {{",
+        f"  counter {DROPS_COUNTER} {{",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority 0; policy accept;",
+        f'    iifname "{wan}" meta l4proto {{ tcp, udp }} ct state new {drop}',
+        "  }",
+        f"  chain {FAULTS_CHAIN} {{",
+        "    type filter hook forward priority -10; policy accept;",
+        "  }",
+        f"  chain {FORWARD_CHAIN} {{",
+        "    type filter hook forward priority 0; policy accept;",
+        *(f"    {rule}" for rule in forward_rules),
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def host_ruleset6() -> str:
+    """The IPv6 twin of ``host_ruleset``: empty fault chains on a public host."""
+    return host_ruleset().replace(f"table ip {TABLE}", f"table ip6 {TABLE}", 1)

@@ -19,10 +19,10 @@ DEFAULT_TIMEOUT_S = 3.0
 MAX_DATAGRAM = 2048
 
 
-def udp_socket(lab: Lab, node: Host, port: int = 0) -> socket.socket:
-    """A UDP socket in ``node``'s namespace bound to 0.0.0.0:``port`` (0 = any free port)."""
-    sock = lab.socket(node, socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
+def udp_socket(lab: Lab, node: Host, port: int = 0, family: int = socket.AF_INET) -> socket.socket:
+    """A UDP socket in ``node``'s namespace bound to the wildcard address, ``port`` (0 = any)."""
+    sock = lab.socket(node, family, socket.SOCK_DGRAM)
+    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     return sock
 
 
