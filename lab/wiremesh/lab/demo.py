@@ -255,32 +255,45 @@ def static_tunnel(
     preshared = secrets.token_bytes(32) if psk else None
     ep_b = f"{host_b.public_address}:{listen_port}" if initiator in ("a", "both") else None
     ep_a = f"{host_a.public_address}:{listen_port}" if initiator in ("b", "both") else None
-    a = start_side(
-        lab,
-        kind_a,
-        host_a,
-        index=1,
-        private_key=priv_a,
-        peer_public_key=pub_b,
-        peer_endpoint=ep_b,
-        preshared_key=preshared,
-        keepalive=keepalive if ep_b else 0,
-        metrics_port=metrics_ports[0],
-        listen_port=listen_port,
-    )
-    b = start_side(
-        lab,
-        kind_b,
-        host_b,
-        index=2,
-        private_key=priv_b,
-        peer_public_key=pub_a,
-        peer_endpoint=ep_a,
-        preshared_key=preshared,
-        keepalive=keepalive if ep_a else 0,
-        metrics_port=metrics_ports[1],
-        listen_port=listen_port,
-    )
+
+    def start_a() -> TunnelSide:
+        return start_side(
+            lab,
+            kind_a,
+            host_a,
+            index=1,
+            private_key=priv_a,
+            peer_public_key=pub_b,
+            peer_endpoint=ep_b,
+            preshared_key=preshared,
+            keepalive=keepalive if ep_b else 0,
+            metrics_port=metrics_ports[0],
+            listen_port=listen_port,
+        )
+
+    def start_b() -> TunnelSide:
+        return start_side(
+            lab,
+            kind_b,
+            host_b,
+            index=2,
+            private_key=priv_b,
+            peer_public_key=pub_a,
+            peer_endpoint=ep_a,
+            preshared_key=preshared,
+            keepalive=keepalive if ep_a else 0,
+            metrics_port=metrics_ports[1],
+            listen_port=listen_port,
+        )
+
+    # Start the responder first: an initiation sent before it listens is lost and only retried
+    # after REKEY_TIMEOUT (5 s).
+    if initiator == "a":
+        b = start_b()
+        a = start_a()
+    else:
+        a = start_a()
+        b = start_b()
     return a, b
 
 

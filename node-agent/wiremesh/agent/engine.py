@@ -26,6 +26,8 @@ import logging
 import os
 import select
 import socket
+import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -37,6 +39,16 @@ from wiremesh.agent import netconf, tun
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
+# The kernel drops (rather than queues) packets for a TUN whose reader lags and its ring is full;
+# local TCP then sees loss and halves its window. A deeper ring absorbs bursts of a Python reader.
+TUN_TXQUEUELEN = int(os.environ.get("WM_TXQLEN", "4096"))
+TUN_READ_BATCH = 64
+# UDP segmentation offload (linux/udp.h); Python has no constants for these.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+UDP_MAX_SEGMENTS = 64
+UDP_MAX_GSO_BYTES = 65000
 SOCKET_BUFFER = 4 << 20
 POLL_IDLE_MS = 1000
 MIN_TIMER_SLEEP = 0.001
@@ -101,6 +113,7 @@ class Engine:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._gso = True
         if metrics is not None:
             from wiremesh.agent.metrics import EngineCollector
 
@@ -114,7 +127,7 @@ class Engine:
             raise RuntimeError("engine already started")
         self._tun_fd = tun.open_tun(self.tun_name)
         try:
-            netconf.set_link(self.tun_name, mtu=self.mtu, up=True)
+            netconf.set_link(self.tun_name, mtu=self.mtu, up=True, txqueuelen=TUN_TXQUEUELEN)
             self._open_sockets()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except BaseException:
@@ -187,6 +200,8 @@ class Engine:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        with contextlib.suppress(OSError):  # older kernels: datagrams simply arrive one by one
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
 
     def _close_fds(self) -> None:
         for sock in (self._sock4, self._sock6):
@@ -308,40 +323,98 @@ class Engine:
         fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         read = os.read
         while True:
+            # Drain what the kernel has queued (up to a batch) so that the sends can be batched too.
+            batch: list[bytes] = []
             try:
-                packet = read(fd, MAX_DATAGRAM)
+                while len(batch) < TUN_READ_BATCH:
+                    batch.append(read(fd, MAX_DATAGRAM))
             except BlockingIOError:
-                if not self._idle_wait(fd):
-                    return
-                continue
+                if not batch:
+                    if not self._idle_wait(fd):
+                        return
+                    continue
             except OSError as exc:
                 if self._stopping.is_set():
                     return
-                self.drops["tun_read_error"] += 1
-                log.warning("tun_read_failed error=%s", exc)
-                time.sleep(0.01)
-                continue
+                if not batch:
+                    self.drops["tun_read_error"] += 1
+                    log.warning("tun_read_failed error=%s", exc)
+                    time.sleep(0.01)
+                    continue
             hook = self.outbound_hook
-            if hook is not None and not hook(packet):
-                self.drops["outbound_hook"] += 1
-                continue
+            if hook is not None:
+                kept = [p for p in batch if hook(p)]
+                self.drops["outbound_hook"] += len(batch) - len(kept)
+                batch = kept
+            results: list[tuple[bytes, Hashable]] = []
+            flush = False
             with lock:
-                result = dev.send(packet, now())
-                out = None if result is not None else dev.datagrams_to_send()
-            if result is not None:
-                self._send(result[0], result[1])
-            else:
-                self._send_all(out or ())
+                t = now()
+                for packet in batch:
+                    result = dev.send(packet, t)
+                    if result is None:
+                        flush = True
+                    else:
+                        results.append(result)
+                out = dev.datagrams_to_send() if flush else None
+            self._send_batch(results)
+            if out is not None:
+                self._send_all(out)
                 self._timer_wake.set()
+
+    def _send_batch(self, results: list[tuple[bytes, Hashable]]) -> None:
+        """Send datagrams, coalescing runs of equal size to one endpoint into one UDP_SEGMENT send."""
+        n = len(results)
+        if n == 1 or not self._gso:
+            for data, endpoint in results:
+                self._send(data, endpoint)
+            return
+        i = 0
+        while i < n:
+            data, endpoint = results[i]
+            size = len(data)
+            j = i + 1
+            limit = min(n, i + min(UDP_MAX_SEGMENTS, UDP_MAX_GSO_BYTES // size))
+            while j < limit:
+                d2, e2 = results[j]
+                if e2 != endpoint:
+                    break
+                j += 1
+                if len(d2) != size:
+                    break  # a shorter datagram may end a run, never continue one
+            if j - i == 1 or type(endpoint) is not tuple:
+                self._send(data, endpoint)
+                i += 1
+                continue
+            sock = self._sock6 if ":" in endpoint[0] else self._sock4
+            if sock is None:
+                self.drops["no_socket_for_family"] += j - i
+            else:
+                chunk = b"".join([r[0] for r in results[i:j]])
+                try:
+                    sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, endpoint)
+                except OSError as exc:
+                    if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                        # No segmentation offload on this path: fall back to one send each, for good.
+                        log.info("udp_gso_disabled error=%s", exc)
+                        self._gso = False
+                        for data2, endpoint2 in results[i:j]:
+                            self._send(data2, endpoint2)
+                    else:
+                        self.drops[f"udp_send_{errno.errorcode.get(exc.errno or 0, 'error').lower()}"] += (
+                            j - i
+                        )
+            i = j
 
     def _udp_loop(self, sock: socket.socket) -> None:
         fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         write = os.write
         v6 = sock.family == socket.AF_INET6
-        recvfrom, dontwait = sock.recvfrom, socket.MSG_DONTWAIT
+        recvmsg, dontwait = sock.recvmsg, socket.MSG_DONTWAIT
+        ancsize = socket.CMSG_SPACE(4)
         while True:
             try:
-                data, addr = recvfrom(MAX_DATAGRAM, dontwait)
+                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, ancsize, dontwait)
             except BlockingIOError:
                 if not self._idle_wait(sock.fileno()):
                     return
@@ -355,19 +428,42 @@ class Engine:
                 continue
             if v6:
                 addr = (addr[0], addr[1])
+            # With UDP_GRO the kernel hands over several datagrams of one flow at once, split at
+            # the segment size it reports.
+            segment = 0
+            for level, kind, cdata in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    segment = int.from_bytes(cdata[:4], sys.byteorder)
+            if segment and len(data) > segment:
+                datagrams = [data[k : k + segment] for k in range(0, len(data), segment)]
+            else:
+                datagrams = [data]
             other = self.other_datagram_handler
-            if other is not None and not looks_like_wireguard(data):
-                try:
-                    other(data, addr)
-                except Exception:
-                    self.drops["other_handler_error"] += 1
-                    log.exception("other_datagram_handler_failed")
-                continue
+            if other is not None:
+                kept = []
+                for d in datagrams:
+                    if looks_like_wireguard(d):
+                        kept.append(d)
+                        continue
+                    try:
+                        other(d, addr)
+                    except Exception:
+                        self.drops["other_handler_error"] += 1
+                        log.exception("other_datagram_handler_failed")
+                datagrams = kept
+            packets: list[bytes] = []
+            flush = False
             with lock:
-                packet = dev.receive(data, addr, now())
-                out = None if packet else dev.datagrams_to_send()
-            if packet:
-                flt = self.inbound_filter
+                t = now()
+                for d in datagrams:
+                    packet = dev.receive(d, addr, t)
+                    if packet:
+                        packets.append(packet)
+                    else:
+                        flush = True
+                out = dev.datagrams_to_send() if flush else None
+            flt = self.inbound_filter
+            for packet in packets:
                 if flt is not None and not flt(packet):
                     self.drops["inbound_filter"] += 1
                     continue
@@ -375,7 +471,7 @@ class Engine:
                     write(fd, packet)
                 except OSError:
                     self.drops["tun_write_error"] += 1
-            else:
+            if out is not None:
                 if out:
                     self._send_all(out)
                 self._timer_wake.set()

@@ -57,13 +57,15 @@ def interface_exists(ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
-def set_link(ifname: str, *, mtu: int | None = None, up: bool = True) -> None:
-    """Set the MTU (if given) and bring the link up (or down)."""
+def set_link(ifname: str, *, mtu: int | None = None, up: bool = True, txqueuelen: int | None = None) -> None:
+    """Set the MTU and transmit queue length (if given) and bring the link up (or down)."""
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         kwargs: dict[str, object] = {"state": "up" if up else "down"}
         if mtu is not None:
             kwargs["mtu"] = mtu
+        if txqueuelen is not None:
+            kwargs["txqlen"] = txqueuelen
         try:
             ipr.link("set", index=idx, **kwargs)
         except NetlinkError as exc:
