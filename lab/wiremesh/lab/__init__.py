@@ -28,6 +28,8 @@ block exits, even after an error; an atexit hook and a SIGTERM handler are the s
         lab.flush_conntrack(nat)                   # forget NAT mappings (rebinding)
         lab.set_udp_timeouts(nat, unreplied=2, replied=5)   # mappings expire fast
         lab.conntrack_entries(nat)                 # `conntrack -L -p udp` lines
+        n = lab.drops(nat)                         # packets dropped by lab rules so far (counter)
+        lab.wait_drops(nat, n)                     # wait for "it was dropped", no sleeping
         h = lab.block_udp(nat)                     # drop all UDP through the router ...
         lab.remove_rule(h)                         # ... and undo it
         h = lab.drop_between(nat, pub.address)     # drop everything between nat's LAN and an address
@@ -54,6 +56,11 @@ NAT-PMP, PCP and UPnP IGD on the LAN; ``lab.miniupnpd_log(router)`` shows its lo
 drops new inbound connections on its WAN side before they reach the router itself (LAB.md).
 The internet namespace also holds 198.18.0.1 and 198.18.0.2, where the lab's own STUN responder
 (for miniupnpd, ports 3478 and 3479) answers once a PORTMAP router exists.
+
+IPv6 is opt-in: ``Lab(ipv6=True)`` gives the internet 2001:2::/64 (RFC 5180; gateway 2001:2::1)
+and router n's LAN 2001:2:0:n::/64 (routed by the internet namespace), as ``host.address6``,
+``router.wan_address6``/``lan_subnet6``. No NAT66: routers filter IPv6 statefully (replies only),
+UDP_BLOCKED blocks IPv6 UDP too. Carrier NATs are IPv4-only, so nothing behind one gets IPv6.
 
 Cleanup: each lab claims its prefix in /run/wiremesh-lab; a new lab removes the namespaces of labs
 whose process died (SIGKILL) and never touches namespaces it cannot prove orphaned.

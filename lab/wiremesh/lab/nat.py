@@ -14,6 +14,10 @@ Every NAT router gets one table, ``ip wmlab``, in its own namespace. The chains:
   for every outbound UDP packet, and ``prerouting`` DNATs an inbound UDP packet whose
   (destination port, source address) is in that map to the inside host, so any port of an
   address the inside host has sent to gets through, while other addresses do not.
+
+Every drop rule the lab adds (NAT filtering, UDP blocking, fault injection) also counts into the
+table's named counter ``drops``, so tests can wait for a drop to happen. With IPv6 enabled a second
+table, ``ip6 wmlab``, holds the router's stateful IPv6 firewall (no NAT66).
 """
 
 from __future__ import annotations
