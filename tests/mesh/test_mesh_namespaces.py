@@ -219,3 +219,28 @@ def test_restarted_agent_with_same_state_dir_keeps_identity_without_auth_key(mes
         before["node_key"],
     )
     assert pings(mesh.lab, mesh.a.node, mesh.c.address())
+
+
+def test_logout_deregisters_the_node_and_removes_its_state(mesh):
+    agent = _join_extra(mesh, "f")
+    assert (agent.state_dir / "machine.key").exists()
+    result = cli("logout", "--socket", agent.socket_path)
+    assert result.returncode == 0, result.stderr
+    assert agent.status()["backend_state"] == "LoggedOut"
+    assert not any((agent.state_dir / name).exists() for name in ("machine.key", "node.key", "state.json"))
+    wait_until(lambda: all("f" not in x.peer_names() for x in mesh.all()), 5, "peers to drop f")
+    ip = cli("ip", "--socket", agent.socket_path)
+    assert ip.returncode == 1 and "logged out" in ip.stderr
+
+
+def test_state_dir_and_local_api_socket_are_private(mesh):
+    state = mesh.a.state_dir
+    assert state.stat().st_mode & 0o777 == 0o700
+    for name in ("machine.key", "node.key", "disco.key", "state.json"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600, name
+    assert pathlib.Path(mesh.a.socket_path).stat().st_mode & 0o777 == 0o600
+    # Only public keys leave the node: coord knows the node key's public half, never the private one.
+    private = (state / "node.key").read_text().strip()
+    nodes = mesh.m.admin_cli("nodes", "list")
+    assert private not in json.dumps(nodes)
+    assert any(n["node_key"] == mesh.a.status()["self"]["node_key"] for n in nodes)
