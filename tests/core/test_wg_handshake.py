@@ -206,3 +206,21 @@ def test_setting_the_same_private_key_keeps_sessions() -> None:
     session = p.peer_b.current
     p.a.set_private_key(p.key_a)
     assert p.peer_b.current is session
+
+
+def test_handshake_messages_in_writable_buffers_are_processed() -> None:
+    p = Pair()
+    p.b.under_load = True
+    p.a.send(ipv4_packet(A_V4, B_V4), p.now)
+    ((init, _),) = p.a.datagrams_to_send()
+    p.b.receive(memoryview(bytearray(init)), A_ENDPOINT, p.now)  # type: ignore[arg-type]
+    ((cookie, _),) = p.b.datagrams_to_send()
+    p.a.receive(bytearray(cookie), B_ENDPOINT, p.now)  # type: ignore[arg-type]
+    p.now += 6
+    p.a.handle_timer(p.now)
+    ((retry, _),) = p.a.datagrams_to_send()
+    p.b.receive(memoryview(bytearray(retry)), A_ENDPOINT, p.now)  # type: ignore[arg-type]
+    ((resp, _),) = p.b.datagrams_to_send()
+    p.a.receive(memoryview(bytearray(resp)), B_ENDPOINT, p.now)  # type: ignore[arg-type]
+    assert p.peer_b.current is not None
+    assert p.a.drops["internal_error"] == 0 and p.b.drops["internal_error"] == 0

@@ -270,3 +270,14 @@ def test_replay_window_matches_a_model(counters: list[int]) -> None:
         if expected:
             seen.add(c)
             greatest = max(greatest, c)
+
+
+def test_send_and_receive_accept_bytearray_and_memoryview_buffers() -> None:
+    p = Pair()
+    p.connect()
+    packet = ipv4_packet(A_V4, B_V4, b"buffer")
+    for buffer in (bytearray(packet), memoryview(packet), memoryview(bytearray(packet))):
+        result = p.a.send(buffer, p.now)  # type: ignore[arg-type]
+        assert result is not None
+        assert p.b.receive(memoryview(bytearray(result[0])), A_ENDPOINT, p.now) == packet  # type: ignore[arg-type]
+    assert p.b.drops.total() == 0

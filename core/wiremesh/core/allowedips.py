@@ -95,7 +95,7 @@ class AllowedIPs(Generic[T]):
             return self._cache[address]
         except KeyError:
             pass
-        except TypeError:  # an unhashable buffer (bytearray slice): answer without the cache
+        except (TypeError, ValueError):  # unhashable buffer (bytearray, writable memoryview): no cache
             return self._walk(bytes(address))
         value = self._walk(address)
         cache = self._cache

@@ -256,7 +256,7 @@ class Device:
         n = len(payload)
         pad = -n & 15
         if pad:
-            payload = payload + _PADDING[:pad]
+            payload = b"".join((payload, _PADDING[:pad]))  # also takes memoryview/bytearray packets
         wire_counter = _pack_counter(counter)
         datagram = b"".join(
             (
@@ -384,6 +384,7 @@ class Device:
         return plaintext if length == size else plaintext[:length]
 
     def _receive_other(self, datagram: bytes, source: Hashable, now: float) -> None:
+        datagram = bytes(datagram)  # handshake messages are small and rare; libraries below want bytes
         n = len(datagram)
         if n < 4:
             self.drops["short"] += 1
