@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wiremesh.coord import store
+from wiremesh.coord import policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
 from wiremesh.core import bus, crypto
 from wiremesh.core.control import messages as cm
@@ -248,6 +248,7 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     api = "/api/v1"
     guarded = [Depends(admin)]
+    policy_store.add_routes(app, coord, guarded, api)  # GET/PUT/DELETE /api/v1/policy
 
     @app.get(f"{api}/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:

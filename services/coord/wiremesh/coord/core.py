@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from wiremesh.coord import store
-from wiremesh.coord.mesh import Mesh
+from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control import service
@@ -78,7 +78,8 @@ class Coordinator:
     def __init__(self, config: CoordConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.mesh = Mesh(config.visibility)
+        self.mesh = PolicyMesh(config.visibility)
+        self.policy = PolicyService(self)  # the ACL policy: visibility and per-node packet filters
         self.streams: dict[int, set[Stream]] = {}
         self.guard = ReplayGuard()
         self.db: service.Database | None = None
@@ -121,9 +122,11 @@ class Coordinator:
             self.derp_map = json.loads(pathlib.Path(self.config.derp_map_file).read_text())
         for record in await self.db.run(store.load_all):
             self.mesh.upsert(record)
+        await self.policy.load()
         self.nc = await service.wait_for_nats(self.config.nats_url, self.config.replica_id)
         await self.nc.subscribe(bus.NODE_CHANGED, cb=self._on_node_changed)
         await self.nc.subscribe(bus.NODE_KEY_REMOVED, cb=self._on_node_key_removed)
+        await self.policy.subscribe(self.nc)
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         log.info("coord started", extra={"replica": self.config.replica_id, "nodes": len(self.mesh)})
 
@@ -197,6 +200,7 @@ class Coordinator:
             for stream in self.streams.get(viewer, ()):
                 stream.dirty.add(node_id)
                 stream.wake.set()
+        self.policy.flush_filter_changes()
 
     async def _publish(self, node_id: int, change: str) -> None:
         if self.nc is None or not self.nc.is_connected:
@@ -530,7 +534,7 @@ class Coordinator:
                 b'],"derp_map":',
                 json.dumps(self.derp_map).encode(),
                 b',"packet_filter":',
-                json.dumps(self.packet_filter).encode(),
+                self.mesh.packet_filter_json(node_id),
                 b"}",
             )
         )
@@ -551,6 +555,7 @@ class Coordinator:
         parts = [b'{"type":"delta","version":%d' % self._next_version()]
         if self_dirty and stream.node_id in entries:
             parts += [b',"self":', entries[stream.node_id]]
+            parts += [b',"packet_filter":', self.mesh.packet_filter_json(stream.node_id)]
         if changed:
             parts += [b',"peers_changed":[', b",".join(changed), b"]"]
         if removed:

@@ -171,3 +171,136 @@ def save(session: Session, text: str | None, clock: Callable[[], float] = time.t
         row.value = value
     session.commit()
     return version
+
+
+# ---- the service: what the coordinator and the admin API call ----
+
+
+class PolicyService:
+    """Loads, validates, stores, applies and announces the policy for one coord replica.
+
+    `coord` is the Coordinator (duck-typed to avoid an import cycle): it provides `mesh`
+    (a PolicyMesh), `streams`, `db`, `nc` and `config.replica_id`.
+    """
+
+    def __init__(self, coord: Any) -> None:
+        self.coord = coord
+        self.text: str | None = None
+        self.version = 0
+        self.warnings: list[str] = []
+
+    @property
+    def mesh(self) -> PolicyMesh:
+        mesh: PolicyMesh = self.coord.mesh
+        return mesh
+
+    async def load(self) -> None:
+        """Apply the stored policy (at start, and when another replica changed it)."""
+        text, version = await self.coord.db.run(load)
+        if text is None:
+            policy = None
+        else:
+            try:
+                policy, self.warnings = validate(text, self.mesh.compiler.nodes())
+            except PolicyRejected as exc:
+                # It was valid when stored; never fall back to allow-all on a bad read.
+                log.error("stored_policy_rejected errors=%r", exc.errors[:3])
+                return
+        self.text, self.version = text, version
+        self._apply(policy)
+
+    async def subscribe(self, nc: Any) -> None:
+        from wiremesh.core import bus
+
+        async def on_changed(msg: Any) -> None:
+            try:
+                event = bus.decode(bus.PolicyChanged, msg.data)
+            except ValueError:
+                return
+            if event.origin != self.coord.config.replica_id and event.version != self.version:
+                await self.load()
+
+        await nc.subscribe(bus.POLICY_CHANGED, cb=on_changed)
+
+    async def set_policy(self, text: str | None) -> dict[str, Any]:
+        """Validate (raises PolicyRejected), store, apply and announce a new policy;
+        None clears it (back to allow-all)."""
+        policy = None
+        warnings: list[str] = []
+        if text is not None:
+            policy, warnings = validate(text, self.mesh.compiler.nodes())
+        version = await self.coord.db.run(lambda s: save(s, text))
+        self.text, self.version, self.warnings = text, version, warnings
+        changed = self._apply(policy)
+        await self._announce(version)
+        log.info(
+            "policy_set version=%d rules=%d nodes_changed=%d",
+            version,
+            len(policy.rules) if policy else 0,
+            len(changed),
+        )
+        return self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.text, "version": self.version, "warnings": self.warnings}
+
+    def _apply(self, policy: Policy | None) -> set[int]:
+        changed = self.mesh.set_policy(policy)
+        self.mesh.take_filter_changed()
+        for node_id in changed:
+            for stream in self.coord.streams.get(node_id, ()):
+                stream.full = True  # peers and filter may both have changed: resend the netmap
+                stream.wake.set()
+        return changed
+
+    def flush_filter_changes(self) -> None:
+        """After a node change: streams of nodes whose filter changed get a delta with it."""
+        for node_id in self.mesh.take_filter_changed():
+            for stream in self.coord.streams.get(node_id, ()):
+                stream.self_dirty = True
+                stream.wake.set()
+
+    async def _announce(self, version: int) -> None:
+        from wiremesh.core import bus
+
+        nc = self.coord.nc
+        if nc is None or not nc.is_connected:
+            return
+        try:
+            await nc.publish(
+                bus.POLICY_CHANGED,
+                bus.encode(bus.PolicyChanged(version=version, origin=self.coord.config.replica_id)),
+            )
+        except Exception as exc:  # other replicas catch up on their next reload
+            log.warning("policy_announce_failed error=%r", str(exc))
+
+
+def add_routes(app: Any, coord: Any, guarded: list[Any], prefix: str = "/api/v1") -> None:
+    """GET/PUT/DELETE {prefix}/policy on coord's FastAPI app (admin key required)."""
+    from fastapi import HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    @app.get(f"{prefix}/policy", dependencies=guarded)
+    async def get_policy() -> dict[str, Any]:
+        result: dict[str, Any] = coord.policy.describe()
+        return result
+
+    @app.put(f"{prefix}/policy", dependencies=guarded)
+    async def put_policy(request: Request) -> Any:
+        body = await request.body()
+        if len(body) > MAX_TEXT:
+            raise HTTPException(413, f"policy larger than {MAX_TEXT} bytes")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "policy is not UTF-8 text") from None
+        try:
+            return await coord.policy.set_policy(text)
+        except PolicyRejected as exc:
+            # The policy in force stays in force.
+            return JSONResponse({"detail": "policy rejected", "errors": exc.errors}, status_code=400)
+
+    @app.delete(f"{prefix}/policy", dependencies=guarded)
+    async def delete_policy() -> dict[str, Any]:
+        result: dict[str, Any] = await coord.policy.set_policy(None)
+        return result
