@@ -241,7 +241,11 @@ class ControlClient:
                         if not isinstance(message, dict):
                             raise ControlUnavailable("bad frame on the netmap stream: not an object")
                         if message.get("type") == "error":
-                            raise _refusal(403, str(message.get("error", "stream closed by coord")))
+                            code = message.get("code")
+                            raise _refusal(
+                                code if isinstance(code, int) else 403,
+                                str(message.get("error", "stream closed by coord")),
+                            )
                         yield message
         except httpx.HTTPError as exc:
             raise ControlUnavailable(f"netmap stream: {exc!r}") from exc
