@@ -23,6 +23,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy.exc import IntegrityError
 
 from wiremesh.coord import store
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
@@ -55,7 +56,18 @@ class CoordConfig:
 class Stream:
     """One agent's open netmap stream on this replica."""
 
-    __slots__ = ("call", "closed", "dirty", "error", "full", "keepalive", "node_id", "self_dirty", "wake")
+    __slots__ = (
+        "call",
+        "closed",
+        "code",
+        "dirty",
+        "error",
+        "full",
+        "keepalive",
+        "node_id",
+        "self_dirty",
+        "wake",
+    )
 
     def __init__(self, node_id: int, call: ServerCall, keepalive: float) -> None:
         self.node_id = node_id
@@ -66,11 +78,14 @@ class Stream:
         self.full = False
         self.closed = False
         self.error = ""
+        self.code = 0
         self.wake = asyncio.Event()
 
-    def close(self, error: str = "") -> None:
+    def close(self, error: str = "", code: int = 403) -> None:
+        """End the stream; with `error`, the agent is told why (code 5xx: retry, 4xx: log in again)."""
         self.closed = True
         self.error = error
+        self.code = code
         self.wake.set()
 
 
@@ -135,7 +150,7 @@ class Coordinator:
         self._stopping = True
         for streams in list(self.streams.values()):
             for stream in list(streams):
-                stream.close("coord is shutting down")
+                stream.close("coord is shutting down", 503)
 
     async def stop(self) -> None:
         self.begin_shutdown()
@@ -164,7 +179,10 @@ class Coordinator:
         # Replicas share one control key through the database, so an agent may reach any of them.
         fresh = crypto.encode_key(crypto.generate_private_key())
         assert self.db is not None
-        stored = await self.db.run(lambda s: store.set_setting_once(s, "control_private_key", fresh))
+        try:
+            stored = await self.db.run(lambda s: store.set_setting_once(s, "control_private_key", fresh))
+        except IntegrityError:  # another replica stored its key first: use that one
+            stored = await self.db.run(lambda s: store.get_setting(s, "control_private_key") or "")
         return crypto.decode_key(stored)
 
     async def _db(self, fn: Callable[[Any], T]) -> T:
@@ -511,7 +529,9 @@ class Coordinator:
                     yield stream.call.seal_frame(delta)
                     self.frames.labels("delta").inc()
             if stream.error:
-                yield stream.call.seal_frame(cm.stream_frame("error", {"error": stream.error}))
+                yield stream.call.seal_frame(
+                    cm.stream_frame("error", {"error": stream.error, "code": stream.code})
+                )
                 self.frames.labels("error").inc()
         finally:
             streams = self.streams.get(stream.node_id)
