@@ -5,6 +5,8 @@
     POST /v0/up       resume forwarding (and retry login if coord had cut us off)
     POST /v0/down     stop forwarding, stay logged in
     POST /v0/logout   deregister from coord and remove the state
+    POST /v0/netcheck     probe UDP, public address, NAT mapping, relays (backends with netcheck())
+    POST /v0/ping/PEER    one disco ping round to PEER and the path of each answer (backends with ping())
 
 Only root (the socket's owner) can connect: the file mode is the access control. Requests are
 bounded (head 8 KiB, body 64 KiB, 10 s to arrive) and answered with JSON, errors as
@@ -21,6 +23,7 @@ import logging
 import os
 import socket
 import stat
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -183,6 +186,14 @@ class LocalAPIServer:
             f"{API_PREFIX}/down": ("POST", backend.down),
             f"{API_PREFIX}/logout": ("POST", backend.logout),
         }
+        # magicsock's routes, for backends that have them (wiremesh netcheck / wiremesh ping PEER).
+        netcheck = getattr(backend, "netcheck", None)
+        if netcheck is not None:
+            routes[f"{API_PREFIX}/netcheck"] = ("POST", netcheck)
+        ping = getattr(backend, "ping", None)
+        if ping is not None and path.startswith(f"{API_PREFIX}/ping/"):
+            peer = urllib.parse.unquote(path[len(f"{API_PREFIX}/ping/") :])[:200]
+            routes[path] = ("POST", lambda: ping(peer))
         route = routes.get(path)
         if route is None:
             raise _BadRequest(404, f"no such endpoint {path[:100]!r}")

@@ -279,6 +279,13 @@ class MagicSock:
             if path.derp_route == region:
                 path.derp_route = None
 
+    def note_wireguard_source(self, node_key: bytes, address: Address, now: float) -> None:
+        """WireGuard authenticated the peer from `address`, which no Pong proved yet: make it
+        a candidate and probe it soon."""
+        path = self.peers.get(node_key)
+        if path is not None and self._add_candidate(path, Direct(address), EndpointKind.UNKNOWN, now):
+            path.next_discovery = min(path.next_discovery, now)
+
     # ------------------------------------------------------------------- hot path
 
     def route(self, node_key: bytes, now: float) -> Destination | None:
