@@ -32,6 +32,7 @@ COORD_PORT = 8080
 KEYS_PORT = 8081
 NATS_PORT = 4222
 AGENT_PORT = 41641
+METRICS_PORT = 9586
 COORD_ARGS = ["--heartbeat-interval", "1", "--ephemeral-grace", "1"]
 
 
@@ -153,15 +154,28 @@ class MeshLab:
             s.settimeout(0.5)
             return s.connect_ex((host, port)) == 0
 
-    def http(self, host: str, port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        sock = self.lab.socket(self.ctl, socket.AF_INET, socket.SOCK_STREAM)
+    def http(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        path: str,
+        body: Any = None,
+        node: Host | Router | None = None,
+    ) -> tuple[int, Any]:
+        sock = self.lab.socket(node or self.ctl, socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(10)
         try:
             sock.connect((host, port))
             conn = http.client.HTTPConnection(host, port, timeout=10)
             conn.sock = sock
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"}
+            if isinstance(body, str):
+                data: bytes | None = body.encode()
+                content_type = "text/plain"
+            else:
+                data = None if body is None else json.dumps(body).encode()
+                content_type = "application/json"
+            headers = {"Authorization": f"Bearer {self.admin_key}", "Content-Type": content_type}
             conn.request(method, path, body=data, headers=headers)
             response = conn.getresponse()
             raw = response.read()
@@ -185,6 +199,15 @@ class MeshLab:
         out = self.lab.run(self.ctl, argv, env=env).stdout
         return json.loads(out) if out.strip() else None
 
+    def set_policy(self, text: str | None) -> Any:
+        """PUT (or DELETE, for None) coord's policy; AssertionError with coord's answer if refused."""
+        if text is None:
+            code, answer = self.http(self.ctl.address, COORD_PORT, "DELETE", "/api/v1/policy")
+        else:
+            code, answer = self.http(self.ctl.address, COORD_PORT, "PUT", "/api/v1/policy", text)
+        assert code == 200, answer
+        return answer
+
     def auth_key(self, *options: str) -> str:
         created = self.admin_cli("authkeys", "create", "--user", "alice", *options)
         return str(created["key"])
@@ -204,6 +227,7 @@ class MeshLab:
         auth_key: str | None,
         routes: tuple[str, ...] = (),
         wait: bool = True,
+        metrics: bool = False,
     ) -> Agent:
         if name in self.agents:
             agent = self.agents[name]
@@ -223,6 +247,8 @@ class MeshLab:
         argv += ["--listen-port", str(AGENT_PORT), "--socket", agent.socket_path]
         if agent.routes:
             argv += ["--advertise-routes", ",".join(agent.routes)]
+        if metrics:
+            argv += ["--metrics-listen", f"127.0.0.1:{METRICS_PORT}"]
         if auth_key is not None:
             key_file = self.dir / f"{name}.authkey"
             key_file.write_text(auth_key)
@@ -244,6 +270,12 @@ class MeshLab:
             return None
 
         return dict(wait_until(running, timeout, f"agent {agent.name} running", interval=0.1))
+
+    def scrape(self, agent: Agent) -> str:
+        """The agent's /metrics text (served on loopback inside its namespace)."""
+        code, text = self.http("127.0.0.1", METRICS_PORT, "GET", "/metrics", node=agent.node)
+        assert code == 200, text
+        return str(text)
 
     def stop_agent(self, agent: Agent) -> None:
         if agent.proc is not None:

@@ -342,6 +342,7 @@ class MeshAgent:
                 ):
                     self.netmap = netmap
                     self.netmaps_received += 1
+                    self._remember_self(netmap.self_node)
                     await self.apply()
             except LoginRequired as exc:
                 await self._cut_off(str(exc))
@@ -357,6 +358,12 @@ class MeshAgent:
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), delay)
+
+    def _remember_self(self, me: Node) -> None:
+        """Keep state.json in step when coord renames us (addresses are stable for a node's life)."""
+        if (me.name, me.addresses) != (self.persisted.name, self.persisted.addresses):
+            self.persisted = dataclasses.replace(self.persisted, name=me.name, addresses=tuple(me.addresses))
+            self._save()
 
     async def _cut_off(self, reason: str) -> None:
         """Coord no longer accepts this node (deleted, expired): drop every peer at once."""
@@ -604,6 +611,45 @@ def _default_hostname() -> str:
     return cleaned[:63] or "node"
 
 
+class MeshCollector:
+    """Scrape-time metrics of the controller and the packet filter (nothing on the packet path)."""
+
+    def __init__(self, agent: MeshAgent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        agent = self.agent
+        drops = CounterMetricFamily(
+            "wiremesh_filter_drops", "Inbound packets the ACL packet filter dropped", labels=["reason"]
+        )
+        for reason, count in agent.filter.drops.items():
+            drops.add_metric([reason], count)
+        yield drops
+        yield CounterMetricFamily(
+            "wiremesh_filter_accepted",
+            "Inbound packets the ACL packet filter let through",
+            value=agent.filter.accepted,
+        )
+        yield GaugeMetricFamily(
+            "wiremesh_filter_rules", "Packet-filter rules in force", value=len(agent.filter.rules)
+        )
+        yield GaugeMetricFamily(
+            "wiremesh_filter_flows", "Flows tracked for replies", value=agent.filter.flow_count
+        )
+        yield CounterMetricFamily(
+            "wiremesh_netmaps_received", "Netmaps (full or delta) applied", value=agent.netmaps_received
+        )
+        yield GaugeMetricFamily(
+            "wiremesh_mesh_peers", "WireGuard peers configured", value=len(agent.applied.peers)
+        )
+        state = GaugeMetricFamily("wiremesh_backend_state", "1 for the current state", labels=["state"])
+        for member in BackendState:
+            state.add_metric([str(member)], 1.0 if agent.backend_state is member else 0.0)
+        yield state
+
+
 # ----------------------------------------------------------------------------- wiremeshd mesh mode
 
 
@@ -704,7 +750,7 @@ def run(args: argparse.Namespace) -> int:
         engine.start()
         if config.metrics_listen:
             server = metrics.serve(registry, config.metrics_listen)
-        return asyncio.run(_serve(config, state_dir, keys, engine))
+        return asyncio.run(_serve(config, state_dir, keys, engine, registry))
     except (OSError, netconf.NetconfError, ValueError) as exc:
         log.error("startup_failed interface=%s error=%r", config.tun, str(exc))
         return EXIT_RUNTIME
@@ -714,10 +760,11 @@ def run(args: argparse.Namespace) -> int:
         engine.stop()
 
 
-async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any) -> int:
+async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
     from wiremesh.agent.localapi import LocalAPIServer
 
     agent = MeshAgent(config, state_dir, keys, engine)
+    registry.register(MeshCollector(agent))
     api = LocalAPIServer(agent, config.socket_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
