@@ -628,6 +628,13 @@ class Device:
     def _handshake_done(self, peer: Peer, now: float, initiator: bool) -> None:
         peer.last_handshake = now
         peer.handshakes_completed += 1
+        # A handshake message went each way: like any authenticated traffic, it makes a pending
+        # keepalive unnecessary and restarts the persistent-keepalive interval.
+        peer.t_keepalive = None
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
+            if peer.t_persistent < self._earliest:
+                self._earliest = peer.t_persistent
         peer.t_zero_keys = now + ZERO_KEYS_AFTER
         if peer.t_zero_keys < self._earliest:
             self._earliest = peer.t_zero_keys
