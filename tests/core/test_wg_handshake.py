@@ -224,3 +224,21 @@ def test_handshake_messages_in_writable_buffers_are_processed() -> None:
     p.a.receive(memoryview(bytearray(resp)), B_ENDPOINT, p.now)  # type: ignore[arg-type]
     assert p.peer_b.current is not None
     assert p.a.drops["internal_error"] == 0 and p.b.drops["internal_error"] == 0
+
+
+def test_with_roaming_off_the_endpoint_only_changes_through_set_peer() -> None:
+    p = Pair()
+    p.b.roaming = False
+    p.connect()
+    result = p.a.send(ipv4_packet(A_V4, B_V4, b"moved"), p.now)
+    assert result is not None
+    assert p.b.receive(result[0], ("203.0.113.7", 40000), p.now) is not None
+    assert p.peer_a.endpoint == A_ENDPOINT
+    assert not [e for e in events(p.b) if isinstance(e, EndpointChanged)]
+
+
+def test_with_roaming_off_a_peer_without_endpoint_still_learns_one() -> None:
+    p = Pair(b_knows_endpoint=False)
+    p.b.roaming = False
+    p.connect()
+    assert p.peer_a.endpoint == A_ENDPOINT

@@ -107,6 +107,9 @@ class Device:
         self.peers: dict[bytes, Peer] = {}
         self.drops: collections.Counter[str] = collections.Counter()
         self.under_load = False
+        # Roaming: a peer's endpoint follows its latest authenticated packet. A path manager that
+        # picks endpoints itself (magicsock) turns it off; a peer with no endpoint still learns one.
+        self.roaming = True
         self._routes: AllowedIPs[Peer] = AllowedIPs()
         self._sessions: dict[int, Session] = {}  # by our local index
         self._handshakes: dict[int, PendingHandshake] = {}  # by our local index
@@ -579,6 +582,8 @@ class Device:
             self._flush_queue(peer, session, now, keepalive_if_empty=False)
 
     def _roam(self, peer: Peer, source: Hashable) -> None:
+        if not self.roaming and peer.endpoint is not None:
+            return
         peer.endpoint = source
         self._events.append(EndpointChanged(peer.public_key, source))
 
