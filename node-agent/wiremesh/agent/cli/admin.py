@@ -3,6 +3,7 @@
     wiremesh admin [--server URL] [--admin-key KEY] [--json] authkeys create|list|expire
     wiremesh admin nodes list|expire ID|delete ID|rename ID NAME|tag ID tag:a,tag:b
     wiremesh admin routes list|approve NODE PREFIX
+    wiremesh admin policy get|set FILE|clear
 
 The admin key comes from --admin-key, WIREMESH_ADMIN_KEY, or --admin-key-file.
 """
@@ -18,6 +19,8 @@ import sys
 from typing import Any
 
 import httpx
+
+from wiremesh.agent.cli import admin_policy
 
 
 class AdminError(Exception):
@@ -72,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     approve.add_argument("node", help="node id or name")
     approve.add_argument("prefix")
     approve.set_defaults(func=_routes_approve)
+
+    admin_policy.register(groups)  # policy get|set FILE|clear
 
 
 # plumbing ---------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from wiremesh.coord.mesh import Mesh
@@ -277,8 +279,6 @@ class PolicyService:
 
 def add_routes(app: Any, coord: Any, guarded: list[Any], prefix: str = "/api/v1") -> None:
     """GET/PUT/DELETE {prefix}/policy on coord's FastAPI app (admin key required)."""
-    from fastapi import HTTPException, Request
-    from fastapi.responses import JSONResponse
 
     @app.get(f"{prefix}/policy", dependencies=guarded)
     async def get_policy() -> dict[str, Any]:
