@@ -271,3 +271,38 @@ def test_short_udp_timeout_expires_an_idle_mapping(lab: Lab) -> None:
     lanpeer = udp_socket(lab, lab.host("lanpeer", behind=a.behind))
     lanpeer.sendto(b"marker", (a.address, inside.getsockname()[1]))
     assert first_arrival(inside) == b"marker"
+
+
+ROOT_SYSCTLS = [
+    "net/ipv4/ip_forward",
+    "net/ipv6/conf/all/forwarding",
+    "net/bridge/bridge-nf-call-iptables",
+    "net/netfilter/nf_conntrack_udp_timeout",
+]
+
+
+def read_root_sysctls() -> dict[str, str]:
+    out = {}
+    for name in ROOT_SYSCTLS:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/sys/{name}") as f:
+            out[name] = f.read().strip()
+    return out
+
+
+def test_building_a_lab_leaves_root_namespace_sysctls_alone() -> None:
+    before = read_root_sysctls()
+    with Lab(ipv6=True) as lab:
+        a = lab.device("a", NatKind.EIM_APDF)
+        assert a.behind is not None
+        lab.set_udp_timeouts(a.behind, unreplied=2, replied=3)
+        assert read_root_sysctls() == before
+
+
+def test_routers_forward_and_keep_bridged_lan_traffic_out_of_netfilter(lab: Lab) -> None:
+    a = lab.device("a", NatKind.EIM_APDF)
+    assert a.behind is not None
+    out = lab.run(a.behind, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+    assert out == "1"
+    if os.path.exists("/proc/sys/net/bridge"):
+        value = lab.run(a.behind, ["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"]).stdout.strip()
+        assert value == "0"

@@ -59,6 +59,13 @@ _PREFIX_RE = re.compile(r"^wm[0-9a-f]{4}-$")
 COMMAND_TIMEOUT_S = 30.0
 PROCESS_STOP_TIMEOUT_S = 3.0
 COUNTED_DROP = f"counter name {DROPS_COUNTER} drop"
+# Bridged frames (LAN to LAN, host to host on the internet) must not go through IP netfilter
+# hooks: with br_netfilter loaded they would be conntracked and filtered like routed packets.
+_NO_BRIDGE_NETFILTER = {
+    "net.bridge.bridge-nf-call-iptables": 0,
+    "net.bridge.bridge-nf-call-ip6tables": 0,
+    "net.bridge.bridge-nf-call-arptables": 0,
+}
 MINIUPNPD_START_TIMEOUT_S = 15.0  # its STUN check alone may take 3 s per retry
 
 
@@ -364,14 +371,17 @@ class Lab:
     def _nft(self, ns: str, ruleset: str) -> None:
         self._ns_exec(ns, ["nft", "-f", "-"], input=ruleset)
 
-    def _sysctl(self, ns: str, **values: int) -> None:
-        # Written straight into /proc from inside the namespace: one exec, no sysctl parsing quirks.
+    def _sysctl(self, ns: str, values: Mapping[str, int]) -> None:
+        """Set sysctls (dotted names) inside ``ns``; net.bridge.* is skipped if br_netfilter is absent."""
+
+        # Written straight into /proc from inside the namespace: no subprocess per value.
         def write() -> None:
             for key, value in values.items():
-                path = "/proc/sys/" + key.replace("__", "/")
-                if os.path.exists(path):
-                    with open(path, "w") as f:
-                        f.write(str(value))
+                path = "/proc/sys/" + key.replace(".", "/")
+                if key.startswith("net.bridge.") and not os.path.exists(path):
+                    continue
+                with open(path, "w") as f:
+                    f.write(str(value))
 
         # /proc/sys/net reflects the namespace of the thread that opens it.
         netns.call_in(ns, write)
@@ -401,11 +411,10 @@ class Lab:
         self._ip(ns, "addr", "add", f"{INTERNET_ALT}/{INTERNET_SUBNET.prefixlen}", "dev", INET_BRIDGE)
         if self.ipv6:
             # It routes between the internet /64 and the routers' LAN /64s.
-            self._sysctl(ns, net__ipv6__conf__all__forwarding=1)
+            self._sysctl(ns, {"net.ipv6.conf.all.forwarding": 1})
             self._ip(ns, "-6", "addr", "add", f"{INTERNET6_GATEWAY}/64", "dev", INET_BRIDGE, "nodad")
         self._ip(ns, "link", "set", INET_BRIDGE, "up")
-        # Bridged frames must not be run through this namespace's (empty) IP hooks.
-        self._sysctl(ns, net__bridge__bridge_nf_call_iptables=0, net__ipv4__ip_forward=0)
+        self._sysctl(ns, {**_NO_BRIDGE_NETFILTER, "net.ipv4.ip_forward": 0})
         self._inet_segment = _Segment(ns, INET_BRIDGE, INTERNET_SUBNET, INTERNET_GATEWAY, next_host=256)
         self._inet_segment.used.add(INTERNET_ALT)
         if self.ipv6:
@@ -494,7 +503,7 @@ class Lab:
         self._ip(ns, "link", "add", LAN_BRIDGE, "type", "bridge", "forward_delay", "0")
         self._ip(ns, "addr", "add", f"{lan_gw}/{lan_net.prefixlen}", "dev", LAN_BRIDGE)
         self._ip(ns, "link", "set", LAN_BRIDGE, "up")
-        self._sysctl(ns, net__ipv4__ip_forward=1, net__bridge__bridge_nf_call_iptables=0)
+        self._sysctl(ns, {**_NO_BRIDGE_NETFILTER, "net.ipv4.ip_forward": 1})
         self._nft(ns, router_ruleset(kind, WAN_IFACE, LAN_BRIDGE))
         segment_lan = _Segment(ns, LAN_BRIDGE, lan_net, lan_gw, next_host=10)
         lan6: ipaddress.IPv6Network | None = None
@@ -503,7 +512,7 @@ class Lab:
             lan_index = int(lan_net.network_address.packed[2])
             lan6 = ipaddress.IPv6Network(f"2001:2:0:{lan_index:x}::/64")
             segment_lan.network6, segment_lan.gateway6 = lan6, lan6.network_address + 1
-            self._sysctl(ns, net__ipv6__conf__all__forwarding=1)
+            self._sysctl(ns, {"net.ipv6.conf.all.forwarding": 1})
             self._ip(ns, "-6", "addr", "add", f"{segment_lan.gateway6}/64", "dev", LAN_BRIDGE, "nodad")
             self._nft(ns, router_ruleset6(kind, WAN_IFACE))
             inet = self.internet()
@@ -650,8 +659,10 @@ class Lab:
             raise ValueError("conntrack timeouts are whole seconds >= 1")
         self._sysctl(
             self.ns_of(router),
-            net__netfilter__nf_conntrack_udp_timeout=unreplied,
-            net__netfilter__nf_conntrack_udp_timeout_stream=replied,
+            {
+                "net.netfilter.nf_conntrack_udp_timeout": unreplied,
+                "net.netfilter.nf_conntrack_udp_timeout_stream": replied,
+            },
         )
 
     def conntrack_entries(self, node: Router | Host, proto: str = "udp") -> list[str]:
