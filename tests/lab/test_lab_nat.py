@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
 
 import pytest
@@ -65,7 +67,14 @@ def test_public_host_cannot_open_tcp_inwards(lab: Lab, kind: NatKind) -> None:
     assert a.behind is not None
     listener = tcp_listener(lab, a, 8080)
     assert tcp_connects(lab, lab.host("lanpeer", behind=a.behind), (a.address, 8080))
-    assert not tcp_connects(lab, pub, (a.behind.wan_address, 8080), timeout=0.5)
+    outside = lab.socket(pub, socket.AF_INET, socket.SOCK_STREAM)
+    outside.setblocking(False)
+    before = lab.drops(a.behind)
+    assert outside.connect_ex((a.behind.wan_address, 8080)) == errno.EINPROGRESS
+    lab.wait_drops(a.behind, before)  # the SYN was dropped, so no SYN-ACK can be on its way
+    _, writable, _ = select.select([], [outside], [], 0)
+    assert not writable
+    outside.close()
     listener.close()
 
 

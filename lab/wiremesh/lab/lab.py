@@ -687,7 +687,7 @@ class Lab:
                     total += int(counter.get("packets", 0))
         return total
 
-    def wait_drops(self, node: Router | Host, more_than: int, timeout: float = 5.0) -> int:
+    def wait_drops(self, node: Router | Host, more_than: int, timeout: float = 10.0) -> int:
         """Wait until ``drops(node) > more_than``; returns the new count or raises LabError."""
         deadline = time.monotonic() + timeout
         while True:

@@ -15,7 +15,7 @@ from wiremesh.lab.lab import Host, Lab
 from wiremesh.lab.nat import NatKind
 
 Addr = tuple[str, int]
-DEFAULT_TIMEOUT_S = 3.0
+DEFAULT_TIMEOUT_S = 5.0  # generous: only reached when something is wrong (or the box is loaded)
 MAX_DATAGRAM = 2048
 
 
