@@ -25,3 +25,14 @@ def test_check_command_exits_zero_and_prints_every_kind(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert all(kind.value in out for kind in NatKind)
     assert "UNEXPECTED" not in out
+
+
+def test_bench_command_reports_throughput_for_each_path(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--seconds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        "public -> public",
+        "one NAT -> public",
+        "double NAT -> public",
+    ]
+    assert all("Gbit/s" in line for line in lines)

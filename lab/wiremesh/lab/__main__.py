@@ -1,15 +1,19 @@
-"""``python -m wiremesh.lab check``: build one device per NAT kind and print what each NAT does.
+"""Lab self-checks (need root).
 
-A self-check of the lab on this machine (needs root), and a quick way to see the zoo.
+``python -m wiremesh.lab check``: build one device per NAT kind and print what each NAT does.
+``python -m wiremesh.lab bench``: iperf3 TCP throughput through the lab's paths (public to public,
+through one NAT, through a double NAT), to show the lab is not what limits a data-plane benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 
-from wiremesh.lab import Lab, NatKind
+from wiremesh.lab import Host, Lab, NatKind
 from wiremesh.lab.probe import EXPECTED, classify
 
 
@@ -56,13 +60,51 @@ def check() -> int:
     return 0 if ok else 1
 
 
+def _iperf3_gbits(lab: Lab, client: Host, server: Host, seconds: int) -> float:
+    srv = lab.popen(
+        server, ["iperf3", "-s", "-1", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while ":5201 " not in lab.run(server, ["ss", "-Hltn"]).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError("iperf3 server did not start listening")
+            time.sleep(0.02)
+        argv = ["iperf3", "-c", server.address, "-p", "5201", "-t", str(seconds), "-J"]
+        out = lab.run(client, argv, timeout=seconds + 30).stdout
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        lab.stop(srv)
+
+
+def bench(seconds: int) -> int:
+    with Lab() as lab:
+        pub, pub2 = lab.host("pub"), lab.host("pub2")
+        behind_nat = lab.device("a", NatKind.EIM_APDF)
+        carrier = lab.nat_router("carrier", NatKind.EIM_APDF, cgnat=True)
+        double = lab.host("d", behind=lab.nat_router("home", NatKind.EIM_APDF, behind=carrier))
+        for label, client in [
+            ("public -> public", pub2),
+            ("one NAT -> public", behind_nat),
+            ("double NAT -> public", double),
+        ]:
+            print(
+                f"{label:22} {_iperf3_gbits(lab, client, pub, seconds):6.2f} Gbit/s (iperf3 TCP, {seconds} s)"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wiremesh.lab", description="wiremesh network lab")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="build one device per NAT kind and print the measured behaviour")
+    bench_parser = sub.add_parser("bench", help="iperf3 throughput through the lab's NAT paths")
+    bench_parser.add_argument("--seconds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.command == "check":
         return check()
+    if args.command == "bench":
+        return bench(args.seconds)
     return 2
 
 
