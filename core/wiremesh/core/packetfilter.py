@@ -134,7 +134,13 @@ class Filter:
         self.accepted = 0
         self.accepted_replies = 0
         self.flows_evicted = 0
+        # Flows this node opened, keyed as their inbound replies look: (proto, remote, local,
+        # remote port, local port) -> expiry. Replies to these pass whatever the rules say.
         self._flows: dict[tuple[int, int, int, int, int], float] = {}
+        # Flows a peer opened and the rules (or allow-all) admitted, same key. Our packets in
+        # such a flow are replies: they must not turn it into "our" flow, or a policy change
+        # could never cut it.
+        self._admitted: dict[tuple[int, int, int, int, int], float] = {}
         self._next_sweep = 0.0
         self.rules: tuple[FilterRule, ...] = ()
         self.set_rules(rules)
@@ -228,9 +234,18 @@ class Filter:
                 self.accepted_replies += 1
                 return True
 
-        if self.allow_all:
+        if self.allow_all or self._rules_allow(version, proto, src, dst, port):
             self.accepted += 1
+            if key is not None and proto not in (ICMP4, ICMP6):
+                admitted = self._admitted
+                if key not in admitted and len(admitted) >= self.max_flows:
+                    self._make_room(now)
+                admitted[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
             return True
+        self.drops["no_rule"] += 1
+        return False
+
+    def _rules_allow(self, version: int, proto: int, src: int, dst: int, port: int) -> bool:
         entries = self._by_proto.get(version * 256 + proto)
         if entries is None:
             entries = self._any_proto[version]
@@ -248,13 +263,10 @@ class Filter:
                 else:
                     continue
             if src_any or src in src_exact:
-                self.accepted += 1
                 return True
             for lo, hi in src_ranges:
                 if lo <= src <= hi:
-                    self.accepted += 1
                     return True
-        self.drops["no_rule"] += 1
         return False
 
     def note_outbound(self, packet: bytes, now: float) -> bool:
@@ -287,6 +299,7 @@ class Filter:
                 proto, off = walked
         else:
             return True
+        opener = False
         if proto in PORT_PROTOS:
             if n < off + 4:
                 return True
@@ -297,13 +310,23 @@ class Filter:
                 (packet[off + 2] << 8) | packet[off + 3],
                 (packet[off] << 8) | packet[off + 1],
             )
+            # A TCP SYN without ACK opens a new connection of ours, whatever came before.
+            opener = proto == 6 and n >= off + 14 and packet[off + 13] & 0x12 == 0x02
         elif proto in (ICMP4, ICMP6):
             if n < off + 8 or packet[off] != _ECHO_REQUEST[version]:
                 return True  # only echo requests open a flow; replies and errors do not
             key = (proto, remote, local, (packet[off + 4] << 8) | packet[off + 5], 0)
         else:
             key = (proto, remote, local, 0, 0)
+        if not opener:
+            admitted = self._admitted.get(key)
+            if admitted is not None and admitted >= now:
+                return True  # a reply within a flow the peer opened: not ours to vouch for
         flows = self._flows
+        if proto == 6 and key not in flows and (n < off + 14 or packet[off + 13] & 0x12 != 0x02):
+            # Only our own SYN opens a TCP flow: our replies to a connection a peer opened must
+            # not whitelist it, or a policy change could never cut that connection.
+            return True
         if key not in flows and len(flows) >= self.max_flows:
             self._make_room(now)
         flows[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
@@ -370,22 +393,26 @@ class Filter:
     def sweep(self, now: float) -> int:
         """Forget expired flows; returns how many. (Called from note_outbound periodically.)"""
         self._next_sweep = now + SWEEP_INTERVAL
-        flows = self._flows
-        # list() copies in one step under the GIL, so readers in other threads are safe.
-        expired = [k for k, exp in list(flows.items()) if exp < now]
-        for k in expired:
-            flows.pop(k, None)
-        return len(expired)
+        count = 0
+        for table in (self._flows, self._admitted):
+            # list() copies in one step under the GIL, so readers in other threads are safe.
+            expired = [k for k, exp in list(table.items()) if exp < now]
+            for k in expired:
+                table.pop(k, None)
+            count += len(expired)
+        return count
 
     def _make_room(self, now: float) -> None:
-        if self.sweep(now) == 0:
-            # Table full of live flows: forget the oldest one (insertion order).
-            try:
-                oldest = next(iter(self._flows))
-            except (StopIteration, RuntimeError):
-                return
-            self._flows.pop(oldest, None)
-            self.flows_evicted += 1
+        self.sweep(now)
+        for table in (self._flows, self._admitted):
+            if len(table) >= self.max_flows:
+                # Full of live flows: forget the oldest one (insertion order).
+                try:
+                    oldest = next(iter(table))
+                except (StopIteration, RuntimeError):
+                    continue
+                table.pop(oldest, None)
+                self.flows_evicted += 1
 
     # ---- adapters for the engine's hooks (which pass only the packet) ----
 
