@@ -306,3 +306,9 @@ def test_routers_forward_and_keep_bridged_lan_traffic_out_of_netfilter(lab: Lab)
     if os.path.exists("/proc/sys/net/bridge"):
         value = lab.run(a.behind, ["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"]).stdout.strip()
         assert value == "0"
+
+
+def test_run_refuses_a_command_string(lab: Lab) -> None:
+    a = lab.host("a")
+    with pytest.raises(TypeError, match="argv"):
+        lab.run(a, "ping -c1 198.18.0.1")

@@ -182,8 +182,11 @@ def _close_all_labs() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Raising lets every `with Lab()` unwind normally; atexit covers the rest.
-    raise SystemExit(128 + signum)
+    # Tear the labs down, then die of SIGTERM as the process would have without us (raising
+    # SystemExit instead would let a test runner catch it and carry on).
+    _close_all_labs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _install_safety_net() -> None:
@@ -304,6 +307,7 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside ``node``'s namespace and wait; output is captured as text."""
         self._check_open()
+        _check_argv(argv)
         cmd = [*self.exec_prefix(node), *argv]
         result = subprocess.run(
             cmd,
@@ -323,6 +327,7 @@ class Lab:
     def popen(self, node: Node | str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside ``node``; the lab stops it (its whole process group) at close."""
         self._check_open()
+        _check_argv(argv)
         kwargs.setdefault("start_new_session", True)
         proc: subprocess.Popen[Any] = subprocess.Popen([*self.exec_prefix(node), *argv], **kwargs)
         self._processes.append(proc)
@@ -773,6 +778,11 @@ class Lab:
                 (family, f"{FAULTS_CHAIN}_in", f"{match} saddr {ip} {COUNTED_DROP}"),
             ],
         )
+
+
+def _check_argv(argv: Sequence[str]) -> None:
+    if isinstance(argv, str | bytes) or not argv:
+        raise TypeError("argv must be a non-empty list of arguments, not a string")
 
 
 def _stop_process(proc: subprocess.Popen[Any]) -> None:
