@@ -34,14 +34,14 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from wiremesh.agent import netconf, tun
+from wiremesh.agent import gro, netconf, tun
 
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
 # The kernel drops (rather than queues) packets for a TUN whose reader lags and its ring is full;
 # local TCP then sees loss and halves its window. A deeper ring absorbs bursts of a Python reader.
-TUN_TXQUEUELEN = int(os.environ.get("WM_TXQLEN", "4096"))
+TUN_TXQUEUELEN = 4096
 TUN_READ_BATCH = 64
 # UDP segmentation offload (linux/udp.h); Python has no constants for these.
 SOL_UDP = 17
@@ -81,6 +81,7 @@ class Engine:
         metrics: Any = None,
         *,
         device: Any = None,
+        offload: bool = True,
     ) -> None:
         tun.validate_ifname(tun_name)
         if device is None:
@@ -114,6 +115,8 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._gso = True
+        # With a virtio_net_hdr on the TUN, runs of TCP segments are written as one GSO packet.
+        self._vnet = offload
         if metrics is not None:
             from wiremesh.agent.metrics import EngineCollector
 
@@ -125,7 +128,14 @@ class Engine:
         """Create the TUN interface, bind the sockets and start the packet threads."""
         if self._started:
             raise RuntimeError("engine already started")
-        self._tun_fd = tun.open_tun(self.tun_name)
+        try:
+            self._tun_fd = tun.open_tun(self.tun_name, vnet_hdr=self._vnet)
+        except tun.TunError:
+            if not self._vnet:
+                raise
+            log.info("tun_vnet_hdr_unavailable interface=%s", self.tun_name)
+            self._vnet = False
+            self._tun_fd = tun.open_tun(self.tun_name)
         try:
             netconf.set_link(self.tun_name, mtu=self.mtu, up=True, txqueuelen=TUN_TXQUEUELEN)
             self._open_sockets()
@@ -322,6 +332,7 @@ class Engine:
     def _tun_loop(self) -> None:
         fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         read = os.read
+        skip = gro.VNET_HDR_LEN if self._vnet else 0
         while True:
             # Drain what the kernel has queued (up to a batch) so that the sends can be batched too.
             batch: list[bytes] = []
@@ -341,6 +352,9 @@ class Engine:
                     log.warning("tun_read_failed error=%s", exc)
                     time.sleep(0.01)
                     continue
+            if skip:
+                # No TUN offloads are enabled, so the kernel's header is always "plain".
+                batch = [p[skip:] for p in batch]
             hook = self.outbound_hook
             if hook is not None:
                 kept = [p for p in batch if hook(p)]
@@ -410,6 +424,7 @@ class Engine:
         fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         write = os.write
         v6 = sock.family == socket.AF_INET6
+        vnet, coalesce = self._vnet, gro.coalesce
         recvmsg, dontwait = sock.recvmsg, socket.MSG_DONTWAIT
         ancsize = socket.CMSG_SPACE(4)
         while True:
@@ -463,10 +478,13 @@ class Engine:
                         flush = True
                 out = dev.datagrams_to_send() if flush else None
             flt = self.inbound_filter
+            if flt is not None and packets:
+                kept = [p for p in packets if flt(p)]
+                self.drops["inbound_filter"] += len(packets) - len(kept)
+                packets = kept
+            if vnet and packets:
+                packets = coalesce(packets)
             for packet in packets:
-                if flt is not None and not flt(packet):
-                    self.drops["inbound_filter"] += 1
-                    continue
                 try:
                     write(fd, packet)
                 except OSError:
