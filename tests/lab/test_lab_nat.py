@@ -191,3 +191,16 @@ def test_double_nat_reaches_public_host_from_the_carrier_address(lab: Lab) -> No
     assert src[0] == carrier.wan_address == a.public_address
     server.sendto(b"reply", src)
     assert recv(inside)[0] == b"reply"
+
+
+def test_flushing_an_adf_router_also_forgets_its_filter_state(lab: Lab) -> None:
+    pub = lab.host("pub")
+    a = lab.device("a", NatKind.EIM_ADF)
+    assert a.behind is not None
+    inside = udp_socket(lab, a)
+    known, other = udp_socket(lab, pub, 3478), udp_socket(lab, pub, 3479)
+    mapped = observed_source(inside, known, (pub.address, 3478))
+    lab.flush_conntrack(a.behind)
+    before = lab.drops(a.behind)
+    other.sendto(b"other-port", mapped)
+    lab.wait_drops(a.behind, before)
