@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from wiremesh.lab import Lab, NatKind
@@ -36,3 +41,29 @@ def test_bench_command_reports_throughput_for_each_path(capsys: pytest.CaptureFi
         "double NAT -> public",
     ]
     assert all("Gbit/s" in line for line in lines)
+
+
+def test_up_command_builds_a_lab_and_removes_it_on_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wiremesh.lab", "up"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        namespaces = [line.split()[3] for line in lines if "ip netns exec" in line]
+        assert len(namespaces) == 1 + 2 * (len(NatKind) - 1)
+        assert all(os.path.exists(f"/run/netns/{ns}") for ns in namespaces)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not any(os.path.exists(f"/run/netns/{ns}") for ns in namespaces)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -3,17 +3,21 @@
 ``python -m wiremesh.lab check``: build one device per NAT kind and print what each NAT does.
 ``python -m wiremesh.lab bench``: iperf3 TCP throughput through the lab's paths (public to public,
 through one NAT, through a double NAT), to show the lab is not what limits a data-plane benchmark.
+``python -m wiremesh.lab up``: build a public host and one device per NAT kind, print how to enter
+each namespace, and keep it all until Ctrl-C / SIGTERM (for poking around by hand).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
 
-from wiremesh.lab import Host, Lab, NatKind
+from wiremesh.lab import Host, Lab, NatKind, Router
 from wiremesh.lab.probe import EXPECTED, classify
 
 
@@ -94,13 +98,41 @@ def bench(seconds: int) -> int:
     return 0
 
 
+def up(ipv6: bool) -> int:
+    with Lab(ipv6=ipv6) as lab:
+        nodes: list[Host | Router] = [lab.host("pub")]
+        for kind in NatKind:
+            if kind.is_router:
+                host = lab.device(kind.value, kind)
+                assert host.behind is not None
+                nodes += [host.behind, host]
+        for node in nodes:
+            if isinstance(node, Router):
+                print(
+                    f"router {node.name:16} {node.kind.value:12} wan {node.wan_address:15} lan {node.lan_subnet}"
+                )
+            else:
+                print(
+                    f"host   {node.name:16} {node.kind.value:12} addr {node.address:15} public {node.public_address}"
+                )
+            print(f"       ip netns exec {node.ns} bash")
+        print("ready; Ctrl-C tears it down", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wiremesh.lab", description="wiremesh network lab")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="build one device per NAT kind and print the measured behaviour")
     bench_parser = sub.add_parser("bench", help="iperf3 throughput through the lab's NAT paths")
     bench_parser.add_argument("--seconds", type=int, default=3)
+    up_parser = sub.add_parser("up", help="build a lab and keep it until Ctrl-C")
+    up_parser.add_argument("--ipv6", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "up":
+        return up(args.ipv6)
     if args.command == "check":
         return check()
     if args.command == "bench":
