@@ -137,6 +137,10 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
         service = DerpService(args)
         services.append(service)
         await asyncio.wait_for(service.start(), 20)
+        if "--nats" in extra and "--allow-keys-file" not in extra:
+            deadline = time.monotonic() + 10
+            while not service.authority.synced and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         return service
 
     try:

@@ -345,3 +345,26 @@ async def test_server_key_persists_in_the_key_file(tmp_path, start_relay) -> Non
     second = await start_relay("--allow-keys-file", str(keys), key_file=tmp_path / "k")
     assert first.relay.public_key == second.relay.public_key
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+
+
+async def test_clients_are_refused_until_the_registry_answers(nats_url, start_relay) -> None:
+    import nats
+    from conftest import RegistryStandIn
+
+    a = PrivateKey.generate()
+    relay = await start_relay("--nats", nats_url, "--region", "r", "--replica-id", "r1")
+    assert not relay.authority.synced
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"http://127.0.0.1:{relay.admin_port}/readyz")).status_code == 503
+    with pytest.raises(DerpError):
+        await connect(relay, a)
+    assert relay.relay.stats.refused["registry_not_synced"] == 1
+    nc = await nats.connect(nats_url)
+    late_registry = RegistryStandIn(nc)
+    late_registry.register(a)
+    await late_registry.start()
+    await eventually(lambda: relay.authority.synced, 10)
+    client = await connect(relay, a)
+    assert await client.ping() >= 0
+    await client.close()
+    await nc.close()

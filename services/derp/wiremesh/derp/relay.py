@@ -361,6 +361,11 @@ class DerpProtocol(asyncio.Protocol):
         relay = self.relay
         key = hello.public_key
         self.client_key = key
+        if not relay.authority.synced:
+            log.info("refusing %s from %s: key registry not heard from yet", encode_key(key), self.peer)
+            relay.stats.refused["registry_not_synced"] += 1
+            self.close("registry_not_synced", count=False)
+            return
         if not relay.authority.allowed(key):
             log.info("refusing unregistered node key %s from %s", encode_key(key), self.peer)
             relay.stats.refused["unregistered_key"] += 1

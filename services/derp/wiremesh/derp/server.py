@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Response
 from nacl.public import PrivateKey
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -162,6 +163,7 @@ class DerpService:
         self.admin_server: Any = None
         self._admin_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._registry_task: asyncio.Task[Any] | None = None
         self.nc: Any = None
         self.mesh: Any = None
         self.derp_ports: list[int] = []
@@ -187,7 +189,11 @@ class DerpService:
                 args.nats, name=f"wiremesh-derp-{args.replica_id}", max_reconnect_attempts=-1
             )
             if not args.allow_keys_file and not args.insecure_allow_all:
-                await follow_registry(self.nc, self.authority)
+                # Listen at once; until the registry has answered, every key is refused
+                # (and /readyz says 503), rather than not starting at all.
+                self._registry_task = asyncio.create_task(
+                    follow_registry(self.nc, self.authority), name="derp-registry"
+                )
             self.mesh = Mesh(self.nc, self.relay, args.region, args.replica_id)
             self.relay.mesh = self.mesh
             await self.mesh.start()
@@ -220,7 +226,6 @@ class DerpService:
 
     async def _start_admin(self) -> None:
         import uvicorn
-        from fastapi import FastAPI, Response
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         app = FastAPI(title="wiremesh-derp", docs_url=None, redoc_url=None)
@@ -257,8 +262,9 @@ class DerpService:
     async def stop(self) -> None:
         for server in self.servers:
             server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._registry_task):
+            if task is not None:
+                task.cancel()
         if self.mesh is not None:
             await self.mesh.stop()
         self.relay.close_all("shutdown")
