@@ -570,33 +570,12 @@ class Lab:
         stun_host = self._stun_responder()
         # The router's own firewall lets the STUN responder's answers from its other address and
         # port in (miniupnpd's reachability check needs them); nothing else new gets in.
-        self._ns_exec(
+        stun_sources = f"{{ {INTERNET_GATEWAY}, {INTERNET_ALT} }}"
+        stun_ports = f"{{ {portmap.STUN_PORT}, {portmap.STUN_ALT_PORT} }}"
+        self._nft(
             ns,
-            [
-                "nft",
-                "insert",
-                "rule",
-                "ip",
-                TABLE,
-                "input",
-                "iifname",
-                WAN_IFACE,
-                "ip",
-                "saddr",
-                "{",
-                str(INTERNET_GATEWAY),
-                ",",
-                str(INTERNET_ALT),
-                "}",
-                "udp",
-                "sport",
-                "{",
-                str(portmap.STUN_PORT),
-                ",",
-                str(portmap.STUN_ALT_PORT),
-                "}",
-                "accept",
-            ],
+            f'insert rule ip {TABLE} input iifname "{WAN_IFACE}" '
+            f"ip saddr {stun_sources} udp sport {stun_ports} accept\n",
         )
         conf = os.path.join(self.tmpdir, f"{router.name}-miniupnpd.conf")
         with open(conf, "w") as f:
