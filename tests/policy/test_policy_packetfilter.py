@@ -233,3 +233,37 @@ def test_hooks_adapt_to_the_engine_signature() -> None:
     inbound, outbound = f.hooks(clock)
     assert outbound(packet(ME, PEER, UDP, 7000, 53)) is True
     assert inbound(packet(PEER, ME, UDP, 53, 7000)) is True
+
+
+def test_our_replies_do_not_keep_a_tcp_flow_the_peer_opened_alive_after_rules_change() -> None:
+    f = ssh_only()
+    assert f.check_inbound(packet(PEER, ME, TCP, 40000, 22, SYN), 0.0)
+    f.note_outbound(packet(ME, PEER, TCP, 22, 40000, SYN | ACK), 0.1)
+    assert f.check_inbound(packet(PEER, ME, TCP, 40000, 22, ACK), 0.2)
+    f.note_outbound(packet(ME, PEER, TCP, 22, 40000, ACK), 0.3)
+    f.set_rules([])
+    assert not f.check_inbound(packet(PEER, ME, TCP, 40000, 22, ACK), 0.4)
+
+
+def test_our_replies_do_not_keep_a_udp_flow_the_peer_opened_alive_after_rules_change() -> None:
+    rule = FilterRule((f"{PEER}/32",), (f"{ME}/32",), (UDP,), ((53, 53),))
+    f = Filter([rule])
+    assert f.check_inbound(packet(PEER, ME, UDP, 5353, 53), 0.0)
+    f.note_outbound(packet(ME, PEER, UDP, 53, 5353), 0.1)
+    f.set_rules([])
+    assert not f.check_inbound(packet(PEER, ME, UDP, 5353, 53), 0.2)
+
+
+def test_connection_older_than_the_filter_is_adopted_by_our_next_packet() -> None:
+    f = ssh_only()
+    f.note_outbound(packet(ME, PEER, TCP, 50000, 443, ACK), 0.0)
+    assert f.check_inbound(packet(PEER, ME, TCP, 443, 50000, ACK), 0.1)
+
+
+def test_our_syn_opens_a_flow_even_on_a_tuple_the_peer_used_before() -> None:
+    rule = FilterRule((f"{PEER}/32",), (f"{ME}/32",), (TCP,), ((1000, 1000),))
+    f = Filter([rule])
+    assert f.check_inbound(packet(PEER, ME, TCP, 2000, 1000, SYN), 0.0)
+    f.set_rules([])
+    f.note_outbound(packet(ME, PEER, TCP, 1000, 2000, SYN), 1.0)
+    assert f.check_inbound(packet(PEER, ME, TCP, 2000, 1000, SYN | ACK), 1.1)

@@ -2,8 +2,10 @@
 
 Every decrypted packet a peer sends us goes through `check_inbound(packet, now)`: it passes
 if it answers a flow this node opened (recorded by `note_outbound` on every packet we send)
-or if a filter rule from the netmap allows it. Replies to flows others opened need no state:
-they leave through `note_outbound` like anything else we send. TCP, UDP and SCTP flows are
+or if a filter rule from the netmap allows it. A flow the peer opened stays the peer's: the
+filter remembers flows it admitted, and our replies in them do not count as opening a flow
+of ours, so when the rules stop allowing such a flow its next packet is dropped. An outbound
+packet of a flow we know nothing about (a connection older than the filter) adopts it. TCP, UDP and SCTP flows are
 keyed by addresses and ports, ICMP echo by its identifier; ICMP errors about one of our flows
 (unreachable, time exceeded, packet too big) pass so path MTU discovery keeps working.
 Non-first fragments carry no ports and pass, as in Tailscale: the first fragment was checked
@@ -323,10 +325,6 @@ class Filter:
             if admitted is not None and admitted >= now:
                 return True  # a reply within a flow the peer opened: not ours to vouch for
         flows = self._flows
-        if proto == 6 and key not in flows and (n < off + 14 or packet[off + 13] & 0x12 != 0x02):
-            # Only our own SYN opens a TCP flow: our replies to a connection a peer opened must
-            # not whitelist it, or a policy change could never cut that connection.
-            return True
         if key not in flows and len(flows) >= self.max_flows:
             self._make_room(now)
         flows[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
