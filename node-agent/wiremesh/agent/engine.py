@@ -104,6 +104,8 @@ class Engine:
         self.event_handlers: list[Callable[[object], None]] = []
         # Drops the Engine itself counts (the Device counts its own in device.drops).
         self.drops: Counter[str] = Counter()
+        # System calls and packets per direction, counted per batch: shows how well batching works.
+        self.io: Counter[str] = Counter()
         self.allowed_ips: dict[bytes, tuple[str, ...]] = {}
         self.public_key = b""
         self._tun_fd = -1
@@ -259,6 +261,26 @@ class Engine:
     def set_routes(self, prefixes: Iterable[str]) -> None:
         netconf.set_routes(self.tun_name, list(prefixes))
 
+    def receive_datagram(self, data: bytes, endpoint: Hashable) -> None:
+        """Feed a WireGuard datagram that arrived another way (a DERP relay, a magicsock probe
+        socket) as if it came from `endpoint`, and deliver what it decrypts to the TUN."""
+        with self.lock:
+            packet = self.device.receive(data, endpoint, time.time())
+            out = None if packet else self.device.datagrams_to_send()
+        if packet:
+            flt = self.inbound_filter
+            if flt is not None and not flt(packet):
+                self.drops["inbound_filter"] += 1
+                return
+            try:
+                os.write(self._tun_fd, gro.PLAIN_HEADER + packet if self._vnet else packet)
+            except OSError:
+                self.drops["tun_write_error"] += 1
+        else:
+            if out:
+                self._send_all(out)
+            self._timer_wake.set()
+
     def send_datagram(self, data: bytes, endpoint: Hashable) -> None:
         """Send a non-WireGuard datagram (disco, STUN) from the WireGuard socket."""
         self._send(data, endpoint)
@@ -331,7 +353,7 @@ class Engine:
 
     def _tun_loop(self) -> None:
         fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
-        read = os.read
+        read, io = os.read, self.io
         skip = gro.VNET_HDR_LEN if self._vnet else 0
         while True:
             # Drain what the kernel has queued (up to a batch) so that the sends can be batched too.
@@ -352,6 +374,7 @@ class Engine:
                     log.warning("tun_read_failed error=%s", exc)
                     time.sleep(0.01)
                     continue
+            io["tun_reads"] += len(batch)
             if skip:
                 # No TUN offloads are enabled, so the kernel's header is always "plain".
                 batch = [p[skip:] for p in batch]
@@ -407,6 +430,8 @@ class Engine:
                 chunk = b"".join([r[0] for r in results[i:j]])
                 try:
                     sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, endpoint)
+                    self.io["udp_gso_sends"] += 1
+                    self.io["udp_gso_datagrams"] += j - i
                 except OSError as exc:
                     if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
                         # No segmentation offload on this path: fall back to one send each, for good.
@@ -424,7 +449,7 @@ class Engine:
         fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
         write = os.write
         v6 = sock.family == socket.AF_INET6
-        vnet, coalesce = self._vnet, gro.coalesce
+        vnet, coalesce, io = self._vnet, gro.coalesce, self.io
         recvmsg, dontwait = sock.recvmsg, socket.MSG_DONTWAIT
         ancsize = socket.CMSG_SPACE(4)
         while True:
@@ -482,8 +507,12 @@ class Engine:
                 kept = [p for p in packets if flt(p)]
                 self.drops["inbound_filter"] += len(packets) - len(kept)
                 packets = kept
+            io["udp_receives"] += 1
+            io["udp_datagrams_received"] += len(datagrams)
+            io["tun_packets_written"] += len(packets)
             if vnet and packets:
                 packets = coalesce(packets)
+            io["tun_writes"] += len(packets)
             for packet in packets:
                 try:
                     write(fd, packet)

@@ -77,7 +77,8 @@ REGION_DOWN_FOR = 15.0  # a relay that failed is not chosen as home for this lon
 NATPMP_PORT = 5351
 NATPMP_LIFETIME = 7200
 NATPMP_TIMEOUT = 0.5
-PROBE_SOCKET_LIMIT = 1024  # birthday probe sockets open at once, all peers together
+PROBE_SOCKET_LIMIT = 1024
+RELAY_BACKLOG = 32  # packets held per relay region while it is being connected  # birthday probe sockets open at once, all peers together
 
 
 def _b64(key: bytes) -> str:
@@ -165,6 +166,7 @@ class MagicSock:
         self._stun_waiters: dict[bytes, concurrent.futures.Future[tuple[str, int]]] = {}
         self._derp: dict[int, Any] = {}
         self._derp_connecting: dict[int, asyncio.Task[Any]] = {}
+        self._relay_backlog: dict[int, list[tuple[Relay, bytes]]] = {}
         self._probe_socks: dict[int, tuple[socket.socket, bytes]] = {}
         self._next_probe_id = 1
         self._ping_waiters: dict[bytes, concurrent.futures.Future[PingResult]] = {}
@@ -376,7 +378,14 @@ class MagicSock:
         client = self._derp.get(dest.region)
         if client is None or client.closed:
             self._connect_region_soon(dest.region)
-            # Until that relay is connected, try our home: the peer may be there too.
+            if dest.region in self._derp_connecting:
+                # Hold a few packets (a handshake, a CallMeMaybe) until the relay is connected,
+                # rather than losing them and waiting for WireGuard's 5 s retry.
+                queue = self._relay_backlog.setdefault(dest.region, [])
+                if len(queue) < RELAY_BACKLOG:
+                    queue.append((dest, data))
+                    return
+            # Otherwise try our home: the peer may be there too.
             client = self._derp.get(self.home_region) if self.home_region is not None else None
             if client is None or client.closed:
                 self.drops["relay_unavailable"] += 1
@@ -419,25 +428,7 @@ class MagicSock:
 
     def _inject_wireguard(self, data: bytes, endpoint: PeerEndpoint) -> None:
         """A WireGuard datagram that came through a relay or a probe socket."""
-        engine = self.engine
-        with engine.lock:
-            packet = engine.device.receive(data, endpoint, time.time())
-            out = None if packet else engine.device.datagrams_to_send()
-        if packet:
-            flt = engine.inbound_filter
-            if flt is not None and not flt(packet):
-                engine.drops["inbound_filter"] += 1
-                return
-            try:
-                os.write(engine._tun_fd, packet)
-            except OSError:
-                engine.drops["tun_write_error"] += 1
-        elif out:
-            for d, ep in out:
-                if type(ep) is tuple:
-                    engine.send_datagram(d, ep)
-                else:
-                    self._transport(d, ep)
+        self.engine.receive_datagram(data, endpoint)
 
     # ------------------------------------------------------------------ events
 
@@ -743,7 +734,10 @@ class MagicSock:
         finally:
             if self._derp_connecting.get(region_id) is asyncio.current_task():
                 del self._derp_connecting[region_id]
+            backlog = self._relay_backlog.pop(region_id, [])
         self._derp[region_id] = client
+        for dest, data in backlog:
+            self._derp_send(dest, data)
         self._region_down.pop(region_id, None)
         log.info("relay_connected region=%s", region_id)
         self._tasks.append(asyncio.create_task(self._derp_reader(region_id, client)))
