@@ -158,3 +158,49 @@ def test_policy_is_stored_and_versioned_in_the_settings_table(tmp_path: pathlib.
     with Session(engine) as session:
         assert policy_store.load(session) == ("{}", 2)
     engine.dispose()
+
+
+class _StubCoord:
+    """What PolicyService needs from the Coordinator, with a real SQLite database."""
+
+    def __init__(self, db: service.Database) -> None:
+        self.db = db
+        self.mesh = policy_store.PolicyMesh()
+        self.streams: dict[int, set[object]] = {}
+        self.nc = None
+
+
+@pytest.fixture
+def stub_coord(tmp_path: pathlib.Path):
+    engine = service.make_engine(f"sqlite:///{tmp_path}/coord.db")
+    Base.metadata.create_all(engine)
+    coord = _StubCoord(service.Database(engine))
+    for r in (A, B, C):
+        coord.mesh.upsert(r)
+    yield coord
+    coord.db.close()
+
+
+async def test_stored_policy_is_applied_at_start(stub_coord) -> None:
+    stub_coord.db.call(lambda s: policy_store.save(s, SSH_ONLY))
+    svc = policy_store.PolicyService(stub_coord)
+    await svc.load()
+    assert svc.version == 1
+    assert stub_coord.mesh.peers_of(C.id) == []
+
+
+async def test_unreadable_stored_policy_fails_closed_not_open(stub_coord) -> None:
+    stub_coord.db.call(lambda s: policy_store.save(s, '{"acls": [{"action": "allow"}]}'))
+    await policy_store.PolicyService(stub_coord).load()
+    assert stub_coord.mesh.peers_of(A.id) == []
+    assert Filter.from_netmap(stub_coord.mesh.packet_filter(B.id)).allow_all is False
+
+
+async def test_set_policy_refuses_and_keeps_the_one_in_force(stub_coord) -> None:
+    svc = policy_store.PolicyService(stub_coord)
+    await svc.set_policy(SSH_ONLY)
+    with pytest.raises(policy_store.PolicyRejected):
+        await svc.set_policy('{"acls": [{"action": "accept", "src": ["*"], "dst": ["nowhere:*"]}]}')
+    assert svc.version == 1
+    assert stub_coord.db.call(policy_store.load) == (SSH_ONLY, 1)
+    assert stub_coord.mesh.peers_of(C.id) == []

@@ -125,10 +125,12 @@ class _Universe:
     def __init__(self, policy: Policy, nodes: Iterable[PolicyNode]) -> None:
         self.nodes = list(nodes)
         used = {ipaddress.ip_address(a) for n in self.nodes for a in n.addresses}
+        named: list[Selector] = [sel for rule in policy.rules for sel in (*rule.src, *rule.dst)]
+        for test in policy.tests:
+            named += [test.src_sel, *(t.sel for t in test.accept), *(t.sel for t in test.deny)]
         specific = [
             p
-            for rule in policy.rules
-            for sel in (*rule.src, *rule.dst)
+            for sel in named
             if isinstance(sel, PrefixSel)
             for p in sel.prefixes
             if p.version == 4 and p.prefixlen >= 11

@@ -199,15 +199,21 @@ class PolicyService:
     async def load(self) -> None:
         """Apply the stored policy (at start, and when another replica changed it)."""
         text, version = await self.coord.db.run(load)
-        if text is None:
-            policy = None
-        else:
-            try:
-                policy, self.warnings = validate(text, self.mesh.compiler.nodes())
-            except PolicyRejected as exc:
-                # It was valid when stored; never fall back to allow-all on a bad read.
-                log.error("stored_policy_rejected errors=%r", exc.errors[:3])
-                return
+        policy: Policy | None = None
+        if text is not None:
+            # Its tests passed when it was set; they are not re-run here, since a node set that
+            # changed since must not undo a policy in force.
+            parsed, diagnostics = check_policy(text)
+            if parsed is None:
+                # Fail closed: a stored policy we cannot read (say, after a downgrade) must not
+                # turn into allow-all.
+                log.error(
+                    "stored_policy_unreadable action=deny_all errors=%r",
+                    [d.format("policy") for d in diagnostics if d.severity == "error"][:3],
+                )
+                parsed = Policy((), {}, {}, {}, {}, ())
+            policy = parsed
+            self.warnings = [d.format("policy") for d in diagnostics if d.severity == "warning"]
         self.text, self.version = text, version
         self._apply(policy)
 
