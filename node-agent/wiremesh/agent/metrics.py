@@ -72,11 +72,16 @@ class EngineCollector(Collector):
             reasons[reason] = reasons.get(reason, 0) + n
         for reason, n in sorted(reasons.items()):
             drops.add_metric([iface, reason], n)
+        io = CounterMetricFamily(
+            "wiremesh_io", "Data plane system calls and packets, by operation", labels=["interface", "op"]
+        )
+        for op, n in sorted(self.engine.io.items()):
+            io.add_metric([iface, op], n)
         load = GaugeMetricFamily(
             "wiremesh_under_load", "1 while handshakes require a cookie (mac2)", labels=["interface"]
         )
         load.add_metric([iface], 1 if under_load else 0)
-        yield from (rx_bytes, tx_bytes, rx_pkts, tx_pkts, hs_ok, hs_fail, age, drops, load)
+        yield from (rx_bytes, tx_bytes, rx_pkts, tx_pkts, hs_ok, hs_fail, age, drops, io, load)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
