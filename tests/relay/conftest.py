@@ -122,7 +122,7 @@ StartRelay = Callable[..., Awaitable[DerpService]]
 async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
     services: list[DerpService] = []
 
-    async def start(*extra: str, key_file: Path | None = None) -> DerpService:
+    async def start(*extra: str, key_file: Path | None = None, wait_synced: bool = True) -> DerpService:
         n = len(services)
         argv = [
             "--listen",
@@ -137,7 +137,7 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
         service = DerpService(args)
         services.append(service)
         await asyncio.wait_for(service.start(), 20)
-        if "--nats" in extra and "--allow-keys-file" not in extra:
+        if wait_synced and "--nats" in extra and "--allow-keys-file" not in extra:
             deadline = time.monotonic() + 10
             while not service.authority.synced and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)

@@ -352,7 +352,7 @@ async def test_clients_are_refused_until_the_registry_answers(nats_url, start_re
     from conftest import RegistryStandIn
 
     a = PrivateKey.generate()
-    relay = await start_relay("--nats", nats_url, "--region", "r", "--replica-id", "r1")
+    relay = await start_relay("--nats", nats_url, "--region", "r", "--replica-id", "r1", wait_synced=False)
     assert not relay.authority.synced
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"http://127.0.0.1:{relay.admin_port}/readyz")).status_code == 503

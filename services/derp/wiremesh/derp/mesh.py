@@ -159,4 +159,4 @@ async def follow_registry(nc: Any, authority: KeyAuthority, *, timeout: float = 
         except Exception as exc:
             log.warning("key registry not answering (%s); retrying", type(exc).__name__)
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+        delay = min(delay * 2, 1.0)
