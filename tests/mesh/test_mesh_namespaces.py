@@ -69,6 +69,31 @@ def test_three_agents_join_with_a_preauth_key_and_ping_each_other(mesh):
                 assert pings(mesh.lab, src.node, dst.address()), f"{src.name} cannot ping {dst.name}"
 
 
+def test_agents_reach_each_other_over_ipv6_mesh_addresses(mesh):
+    assert pings(mesh.lab, mesh.a.node, mesh.c.address(6))
+    assert pings(mesh.lab, mesh.c.node, mesh.b.address(6))
+
+
+def test_tun_carries_mesh_addresses_mtu_1280_and_mesh_routes(mesh):
+    link = mesh.lab.run(mesh.a.node, ["ip", "-o", "link", "show", "dev", mesh.a.ifname]).stdout
+    assert " mtu 1280 " in link
+    addrs = mesh.lab.run(mesh.a.node, ["ip", "-o", "addr", "show", "dev", mesh.a.ifname]).stdout
+    assert f"{mesh.a.address(4)}/32" in addrs and f"{mesh.a.address(6)}/128" in addrs
+    v4 = mesh.lab.run(mesh.a.node, ["ip", "route", "show", "dev", mesh.a.ifname]).stdout
+    v6 = mesh.lab.run(mesh.a.node, ["ip", "-6", "route", "show", "dev", mesh.a.ifname]).stdout
+    assert "100.64.0.0/10" in v4 and "fd7a:115c:a1e0::/48" in v6
+
+
+def test_agents_report_their_interface_addresses_as_endpoints(mesh):
+    nodes = {n["name"]: n for n in mesh.m.admin_cli("nodes", "list")}
+    assert nodes["a"]["endpoints"] == [f"{mesh.a_host.address}:41641"]
+    # The router agent lists its WAN (default route) address before its LAN one.
+    assert nodes["b"]["endpoints"][:2] == [
+        f"{mesh.router.wan_address}:41641",
+        f"{mesh.router.lan_address}:41641",
+    ]
+
+
 def test_status_lists_self_and_peers_with_traffic_and_handshake(mesh):
     assert pings(mesh.lab, mesh.a.node, mesh.c.address())
     result = cli("status", "--json", "--socket", mesh.a.socket_path)
@@ -211,6 +236,11 @@ def test_restarting_coord_and_nats_keeps_tunnels_up_and_agents_resync(mesh):
 def test_restarted_agent_with_same_state_dir_keeps_identity_without_auth_key(mesh):
     before = mesh.c.status()["self"]
     mesh.m.stop_agent(mesh.c)
+
+    def c_offline_for_a() -> bool:
+        return any(p["name"] == "c" and not p["online"] for p in mesh.a.status()["peers"])
+
+    wait_until(c_offline_for_a, 10, "a to see c offline")
     mesh.m.agent("c", mesh.c_host, auth_key=None)
     after = mesh.c.status()["self"]
     assert (after["id"], after["addresses"], after["node_key"]) == (
