@@ -377,13 +377,13 @@ class Lab:
         self._ns_exec(ns, ["nft", "-f", "-"], input=ruleset)
 
     def _sysctl(self, ns: str, values: Mapping[str, int]) -> None:
-        """Set sysctls (dotted names) inside ``ns``; net.bridge.* is skipped if br_netfilter is absent."""
+        """Set sysctls (dotted names) inside ``ns``; net.bridge.*/net.ipv6.* are skipped if absent."""
 
         # Written straight into /proc from inside the namespace: no subprocess per value.
         def write() -> None:
             for key, value in values.items():
                 path = "/proc/sys/" + key.replace(".", "/")
-                if key.startswith("net.bridge.") and not os.path.exists(path):
+                if key.startswith(("net.bridge.", "net.ipv6.")) and not os.path.exists(path):
                     continue
                 with open(path, "w") as f:
                     f.write(str(value))
@@ -404,6 +404,9 @@ class Lab:
         self._names.add(name)
         self._namespaces.append(ns)
         self._ip(ns, "link", "set", "lo", "up")
+        # No duplicate address detection on lab links: it holds every new IPv6 address (link-local
+        # ones included, which neighbour discovery needs) tentative for a second or two.
+        self._sysctl(ns, {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0})
         return ns
 
     def internet(self) -> Internet:
