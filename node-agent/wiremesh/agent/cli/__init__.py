@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "policy",
     "admin",
     "local",
+    "net",
 ]
 
 

@@ -1,0 +1,99 @@
+"""`wiremesh netcheck` and `wiremesh ping PEER` against running agents in the NAT lab."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from natlab import NatWorld
+
+from wiremesh.agent.cli.net import format_netcheck, format_reply
+from wiremesh.lab import Lab, NatKind
+
+pytestmark = [pytest.mark.netns]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[NatWorld]:
+    with Lab() as lab:
+        w = NatWorld(lab)
+        w.agent("e", lab.device("e", NatKind.EDM))
+        w.agent("p", lab.device("p", NatKind.PORTMAP))
+        w.start()
+        yield w
+
+
+def wiremesh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from wiremesh.agent.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_netcheck_reports_udp_public_address_and_relay_latency(world):
+    p = world.agents["p"]
+    out = wiremesh("netcheck", "--socket", p.socket_path, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["udp"] is True
+    assert report["public_address"].startswith(p.host.public_address + ":")
+    assert set(report["region_latency_ms"]) == {"1", "2"}
+    assert report["preferred_region"] in (1, 2)
+
+
+def test_netcheck_sees_that_a_symmetric_nat_maps_per_destination(world):
+    out = wiremesh("netcheck", "--socket", world.agents["e"].socket_path, "--json")
+    assert json.loads(out.stdout)["mapping_varies_by_destination"] is True
+
+
+def test_netcheck_finds_the_routers_nat_pmp_mapping(world):
+    p = world.agents["p"]
+    report = json.loads(wiremesh("netcheck", "--socket", p.socket_path, "--json").stdout)
+    assert report["port_mapping"] == "nat-pmp"
+    assert report["port_mapped_address"].startswith(p.host.public_address + ":")
+
+
+def test_netcheck_prints_a_readable_report(world):
+    out = wiremesh("netcheck", "--socket", world.agents["p"].socket_path)
+    assert "UDP: yes" in out.stdout
+    assert "Preferred relay: region" in out.stdout
+
+
+def test_ping_shows_each_reply_and_its_path_until_direct(world):
+    e, p = world.agents["e"], world.agents["p"]
+    out = wiremesh("ping", "p", "--socket", e.socket_path, "-c", "15")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert any("via relay region" in line for line in lines), out.stdout
+    assert any(f"via {p.host.public_address}:" in line for line in lines), out.stdout
+
+
+def test_ping_of_an_unknown_peer_is_a_clear_error(world):
+    out = wiremesh("ping", "nobody", "--socket", world.agents["e"].socket_path, "-c", "1")
+    assert out.returncode == 1
+    assert "no such peer" in out.stderr
+
+
+def test_status_shows_each_peers_current_path(world):
+    e, p = world.agents["e"], world.agents["p"]
+    assert world.ping_until(e, p)
+    peer = world.peer(e, p)
+    assert peer["path"] in ("direct", "relay")
+    assert peer["relay_region"] in (1, 2)
+
+
+def test_formatters_render_relay_and_direct_replies():
+    assert (
+        format_reply("b", {"via": "relay", "region": 2, "latency_ms": 3.2})
+        == "pong from b via relay region 2 in 3.2 ms"
+    )
+    assert (
+        format_reply("b", {"via": "direct", "address": "1.2.3.4:5", "latency_ms": 1})
+        == "pong from b via 1.2.3.4:5 in 1.0 ms"
+    )
+    assert "Preferred relay: none" in format_netcheck({})
