@@ -312,3 +312,15 @@ def test_run_refuses_a_command_string(lab: Lab) -> None:
     a = lab.host("a")
     with pytest.raises(TypeError, match="argv"):
         lab.run(a, "ping -c1 198.18.0.1")
+
+
+def test_unblock_udp_lets_udp_through_again(lab: Lab) -> None:
+    pub = lab.host("pub")
+    a = lab.device("a", NatKind.EIM_APDF)
+    assert a.behind is not None
+    inside, server = udp_socket(lab, a), udp_socket(lab, pub, 3478)
+    lab.block_udp(a.behind)
+    lab.block_udp(a.behind)
+    lab.unblock_udp(a.behind)
+    assert observed_source(inside, server, (pub.address, 3478))[0] == a.public_address
+    lab.unblock_udp(a.behind)  # nothing left to remove: no error

@@ -31,7 +31,7 @@ block exits, even after an error; an atexit hook and a SIGTERM handler are the s
         n = lab.drops(nat)                         # packets dropped by lab rules so far (counter)
         lab.wait_drops(nat, n)                     # wait for "it was dropped", no sleeping
         h = lab.block_udp(nat)                     # drop all UDP through the router ...
-        lab.remove_rule(h)                         # ... and undo it
+        lab.remove_rule(h)                         # ... and undo it (or lab.unblock_udp(nat))
         h = lab.drop_between(nat, pub.address)     # drop everything between nat's LAN and an address
         lab.remove_rule(h)                         # (on a public host: drop_between(pub, addr))
 

@@ -228,6 +228,7 @@ class Lab:
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._stun_proc: subprocess.Popen[Any] | None = None
         self._miniupnpd_logs: dict[str, str] = {}
+        self._udp_blocks: dict[str, list[RuleHandle]] = {}
         _live_labs.add(self)
         _install_safety_net()
 
@@ -719,6 +720,9 @@ class Lab:
     def remove_rule(self, handle: RuleHandle) -> None:
         """Remove the rules added by ``block_udp`` or ``drop_between``."""
         ns = self.ns_of(handle.ns)
+        blocks = self._udp_blocks.get(ns, [])
+        if handle in blocks:
+            blocks.remove(handle)
         for family, chain, number in handle.rules:
             self._ns_exec(ns, ["nft", "delete", "rule", family, TABLE, chain, "handle", str(number)])
 
@@ -727,11 +731,21 @@ class Lab:
         return ["ip", "ip6"] if has6 else ["ip"]
 
     def block_udp(self, router: Router) -> RuleHandle:
-        """Drop all UDP the router would forward, both ways (TCP still passes); undo with remove_rule."""
+        """Drop all UDP the router would forward, both ways (TCP still passes).
+
+        Undo with ``unblock_udp(router)`` or ``remove_rule(handle)``.
+        """
         ns = self.ns_of(router)
-        return self._add_rules(
+        handle = self._add_rules(
             ns, [(f, FAULTS_CHAIN, f"meta l4proto udp {COUNTED_DROP}") for f in self._families(router)]
         )
+        self._udp_blocks.setdefault(ns, []).append(handle)
+        return handle
+
+    def unblock_udp(self, router: Router) -> None:
+        """Remove every ``block_udp`` rule still on the router (no-op when there is none)."""
+        for handle in self._udp_blocks.pop(self.ns_of(router), []):
+            self.remove_rule(handle)
 
     def drop_between(self, node: Router | Host, address: str) -> RuleHandle:
         """Drop all traffic between ``node`` (a router's LAN, or a public host) and ``address``.
