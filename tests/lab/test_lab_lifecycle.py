@@ -324,3 +324,14 @@ def test_unblock_udp_lets_udp_through_again(lab: Lab) -> None:
     lab.unblock_udp(a.behind)
     assert observed_source(inside, server, (pub.address, 3478))[0] == a.public_address
     lab.unblock_udp(a.behind)  # nothing left to remove: no error
+
+
+def test_reaping_never_touches_namespaces_no_dead_lab_claimed() -> None:
+    stranger = f"wm{os.urandom(2).hex()}-notours"
+    subprocess.run(["ip", "netns", "add", stranger], check=True)
+    try:
+        with Lab():
+            assert stranger in namespace_names()
+        assert stranger in namespace_names()
+    finally:
+        subprocess.run(["ip", "netns", "del", stranger], check=False)
