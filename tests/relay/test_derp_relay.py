@@ -368,3 +368,33 @@ async def test_clients_are_refused_until_the_registry_answers(nats_url, start_re
     assert await client.ping() >= 0
     await client.close()
     await nc.close()
+
+
+async def test_a_burst_across_replicas_arrives_complete_and_in_order(registry, start_relay, nats_url) -> None:
+    a, b = registry.register(PrivateKey.generate()), registry.register(PrivateKey.generate())
+    r1 = await start_relay("--nats", nats_url, "--region", "eu", "--replica-id", "eu-1")
+    r2 = await start_relay("--nats", nats_url, "--region", "eu", "--replica-id", "eu-2")
+    ca, cb = await connect(r1, a), await connect(r2, b)
+    await eventually(lambda: bytes(b.public_key) in r1.mesh.remote)
+    for i in range(300):
+        ca.send_nowait(bytes(b.public_key), i.to_bytes(4, "big") + os.urandom(1200))
+    await ca._writer.drain()
+    got = [int.from_bytes((await next_packet(cb)).packet[:4], "big") for _ in range(300)]
+    assert got == list(range(300))
+    await ca.close()
+    await cb.close()
+
+
+async def test_malformed_cross_replica_message_is_counted_and_dropped(
+    registry, start_relay, nats_url
+) -> None:
+    import nats
+
+    from wiremesh.core import bus
+
+    relay = await start_relay("--nats", nats_url, "--region", "eu", "--replica-id", "eu-1")
+    nc = await nats.connect(nats_url)
+    await nc.publish(bus.DERP_FORWARD.format(region="eu", replica="eu-1"), b"\x00\x00\xff\xff" + bytes(70))
+    await nc.flush()
+    await eventually(lambda: relay.relay.stats.drops["mesh_malformed"] == 1)
+    await nc.close()

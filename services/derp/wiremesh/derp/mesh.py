@@ -1,12 +1,14 @@
 """Replicas of one region over NATS: shared presence and cross-replica forwarding.
 
 Each replica announces the node keys connected to it on DERP_PRESENCE; the others keep a
-map key -> replica. A packet for a key connected elsewhere is published on that replica's
-DERP_FORWARD subject as `src key | dst key | packet`. A replica that starts (or restarts)
-asks the others to re-announce on DERP_PRESENCE_SYNC.
+map key -> replica. Packets for a key connected elsewhere are published on that replica's
+DERP_FORWARD subject, several per NATS message: records of `u32 BE length | src key | dst
+key | packet` (length counts keys and packet). A replica that starts (or restarts) asks the
+others to re-announce on DERP_PRESENCE_SYNC.
 
 The hot path never awaits: forward() and announce() append to an outbox that one task
-drains with nats-py's buffered publish, so a batch of packets costs one flush.
+drains; packets queued for the same replica meanwhile travel in one NATS message, because
+per-message cost in nats-py, not bytes, is what limits cross-replica throughput.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from typing import Any
 
 from wiremesh.core import bus
@@ -23,6 +26,8 @@ from wiremesh.derp.relay import Relay
 log = logging.getLogger("wiremesh.derp.mesh")
 
 MAX_OUTBOX = 65536  # messages waiting for NATS; beyond this, forwards are dropped and counted
+MAX_BATCH_BYTES = 512 << 10  # well under NATS's default 1 MiB max payload
+_RECORD = struct.Struct("!I")
 
 
 class Mesh:
@@ -35,6 +40,8 @@ class Mesh:
         self._presence_subject = bus.DERP_PRESENCE.format(region=region)
         self._sync_subject = bus.DERP_PRESENCE_SYNC.format(region=region)
         self._outbox: list[tuple[str, bytes]] = []
+        self._forwards: dict[str, list[bytes]] = {}  # replica -> flat records (4 parts each)
+        self._forward_count = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
@@ -71,10 +78,18 @@ class Mesh:
         replica = self.remote.get(dst)
         if replica is None:
             return False
-        if len(self._outbox) >= MAX_OUTBOX:
+        if self._forward_count >= MAX_OUTBOX:
             self.relay.stats.drops["mesh_backlog"] += 1
             return True
-        self._enqueue(bus.DERP_FORWARD.format(region=self.region, replica=replica), src + dst + packet)
+        records = self._forwards.get(replica)
+        if records is None:
+            records = self._forwards[replica] = []
+        records.append(_RECORD.pack(64 + len(packet)))
+        records.append(src)
+        records.append(dst)
+        records.append(packet)
+        self._forward_count += 1
+        self._wake.set()
         return True
 
     def _enqueue(self, subject: str, payload: bytes) -> None:
@@ -87,9 +102,31 @@ class Mesh:
             self._wake.clear()
             await self._drain_once()
 
+    def _take_forwards(self) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for replica, records in self._forwards.items():
+            subject = bus.DERP_FORWARD.format(region=self.region, replica=replica)
+            batch: list[bytes] = []
+            size = 0
+            for i in range(0, len(records), 4):
+                record = records[i : i + 4]
+                record_len = 4 + 64 + len(record[3])
+                if batch and size + record_len > MAX_BATCH_BYTES:
+                    out.append((subject, b"".join(batch)))
+                    batch, size = [], 0
+                batch.extend(record)
+                size += record_len
+            if batch:
+                out.append((subject, b"".join(batch)))
+        self._forwards.clear()
+        self._forward_count = 0
+        return out
+
     async def _drain_once(self) -> None:
-        while self._outbox:
+        while self._outbox or self._forwards:
+            # Presence first, so a peer learns where a key is before packets for it arrive.
             batch, self._outbox = self._outbox, []
+            batch += self._take_forwards()
             try:
                 for subject, payload in batch:
                     await self.nc.publish(subject, payload)
@@ -121,10 +158,26 @@ class Mesh:
 
     async def _on_forward(self, msg: Any) -> None:
         data = msg.data
-        if len(data) < 64:
-            self.relay.stats.drops["mesh_malformed"] += 1
-            return
-        self.relay.deliver_from_mesh(data[:32], data[32:64], data[64:])
+        view = memoryview(data)
+        offset, end = 0, len(data)
+        relay = self.relay
+        while offset < end:
+            if end - offset < 4 + 64:
+                relay.stats.drops["mesh_malformed"] += 1
+                break
+            (length,) = _RECORD.unpack_from(data, offset)
+            stop = offset + 4 + length
+            if length < 64 or stop > end:
+                relay.stats.drops["mesh_malformed"] += 1
+                break
+            start = offset + 4
+            relay.deliver_from_mesh(
+                bytes(view[start : start + 32]),
+                bytes(view[start + 32 : start + 64]),
+                bytes(view[start + 64 : stop]),
+            )
+            offset = stop
+        relay.flush()
 
 
 async def follow_registry(nc: Any, authority: KeyAuthority, *, timeout: float = 5.0) -> list[Any]:

@@ -144,14 +144,13 @@ class Relay:
             src_proto.write_frame(frames.encode(frames.PeerGone(dst, PeerGoneReason.NOT_HERE)))
 
     def deliver_from_mesh(self, src: bytes, dst: bytes, packet: bytes) -> None:
-        """A packet another replica forwarded here for a client of ours."""
+        """A packet another replica forwarded here for a client of ours (caller flushes)."""
         self.stats.cross_replica_received += 1
         dst_proto = self.clients.get(dst)
         if dst_proto is None:
             self.stats.drops["mesh_not_here"] += 1
             return
         self._deliver(dst_proto, src, packet)
-        self.flush()
 
     def _deliver(self, dst_proto: DerpProtocol, src: bytes, packet: bytes) -> None:
         size = len(packet)
