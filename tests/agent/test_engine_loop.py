@@ -170,3 +170,15 @@ def test_stop_removes_the_interface() -> None:
     with two_engines() as (ns_a, _ns_b, a, _b):
         call_in(ns_a, a.stop)
         assert not call_in(ns_a, lambda: netconf.interface_exists(a.tun_name))
+
+
+def test_a_raising_filter_costs_packets_not_the_data_plane() -> None:
+    def broken(packet: bytes) -> bool:
+        raise RuntimeError("filter bug")
+
+    with two_engines() as (ns_a, _ns_b, _a, b):
+        b.inbound_filter = broken
+        assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
+        assert b.status()["drops"]["engine_error"] >= 2
+        b.inbound_filter = None
+        assert ping(ns_a, "10.202.0.2", count=2).returncode == 0

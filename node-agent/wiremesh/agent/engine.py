@@ -352,8 +352,7 @@ class Engine:
         return False
 
     def _tun_loop(self) -> None:
-        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
-        read, io = os.read, self.io
+        fd, read, io = self._tun_fd, os.read, self.io
         skip = gro.VNET_HDR_LEN if self._vnet else 0
         while True:
             # Drain what the kernel has queued (up to a batch) so that the sends can be batched too.
@@ -375,29 +374,38 @@ class Engine:
                     time.sleep(0.01)
                     continue
             io["tun_reads"] += len(batch)
-            if skip:
-                # No TUN offloads are enabled, so the kernel's header is always "plain".
-                batch = [p[skip:] for p in batch]
-            hook = self.outbound_hook
-            if hook is not None:
-                kept = [p for p in batch if hook(p)]
-                self.drops["outbound_hook"] += len(batch) - len(kept)
-                batch = kept
-            results: list[tuple[bytes, Hashable]] = []
-            flush = False
-            with lock:
-                t = now()
-                for packet in batch:
-                    result = dev.send(packet, t)
-                    if result is None:
-                        flush = True
-                    else:
-                        results.append(result)
-                out = dev.datagrams_to_send() if flush else None
-            self._send_batch(results)
-            if out is not None:
-                self._send_all(out)
-                self._timer_wake.set()
+            try:
+                self._outbound(batch, skip)
+            except Exception:  # a bug or a failing hook costs this batch, never the data plane
+                self.drops["engine_error"] += len(batch)
+                log.exception("outbound_batch_failed packets=%d", len(batch))
+
+    def _outbound(self, batch: list[bytes], skip: int) -> None:
+        """IP packets read from the TUN -> hook -> Device.send -> UDP."""
+        if skip:
+            # No TUN offloads are enabled, so the kernel's header is always "plain".
+            batch = [p[skip:] for p in batch]
+        hook = self.outbound_hook
+        if hook is not None:
+            kept = [p for p in batch if hook(p)]
+            self.drops["outbound_hook"] += len(batch) - len(kept)
+            batch = kept
+        results: list[tuple[bytes, Hashable]] = []
+        flush = False
+        dev = self.device
+        with self.lock:
+            t = time.time()
+            for packet in batch:
+                result = dev.send(packet, t)
+                if result is None:
+                    flush = True
+                else:
+                    results.append(result)
+            out = dev.datagrams_to_send() if flush else None
+        self._send_batch(results)
+        if out is not None:
+            self._send_all(out)
+            self._timer_wake.set()
 
     def _send_batch(self, results: list[tuple[bytes, Hashable]]) -> None:
         """Send datagrams, coalescing runs of equal size to one endpoint into one UDP_SEGMENT send."""
@@ -446,10 +454,7 @@ class Engine:
             i = j
 
     def _udp_loop(self, sock: socket.socket) -> None:
-        fd, dev, lock, now = self._tun_fd, self.device, self.lock, time.time
-        write = os.write
         v6 = sock.family == socket.AF_INET6
-        vnet, coalesce, io = self._vnet, gro.coalesce, self.io
         recvmsg, dontwait = sock.recvmsg, socket.MSG_DONTWAIT
         ancsize = socket.CMSG_SPACE(4)
         while True:
@@ -468,60 +473,71 @@ class Engine:
                 continue
             if v6:
                 addr = (addr[0], addr[1])
-            # With UDP_GRO the kernel hands over several datagrams of one flow at once, split at
-            # the segment size it reports.
-            segment = 0
-            for level, kind, cdata in ancdata:
-                if level == SOL_UDP and kind == UDP_GRO:
-                    segment = int.from_bytes(cdata[:4], sys.byteorder)
-            if segment and len(data) > segment:
-                datagrams = [data[k : k + segment] for k in range(0, len(data), segment)]
-            else:
-                datagrams = [data]
-            other = self.other_datagram_handler
-            if other is not None:
-                kept = []
-                for d in datagrams:
-                    if looks_like_wireguard(d):
-                        kept.append(d)
-                        continue
-                    try:
-                        other(d, addr)
-                    except Exception:
-                        self.drops["other_handler_error"] += 1
-                        log.exception("other_datagram_handler_failed")
-                datagrams = kept
-            packets: list[bytes] = []
-            flush = False
-            with lock:
-                t = now()
-                for d in datagrams:
-                    packet = dev.receive(d, addr, t)
-                    if packet:
-                        packets.append(packet)
-                    else:
-                        flush = True
-                out = dev.datagrams_to_send() if flush else None
-            flt = self.inbound_filter
-            if flt is not None and packets:
-                kept = [p for p in packets if flt(p)]
-                self.drops["inbound_filter"] += len(packets) - len(kept)
-                packets = kept
-            io["udp_receives"] += 1
-            io["udp_datagrams_received"] += len(datagrams)
-            io["tun_packets_written"] += len(packets)
-            if vnet and packets:
-                packets = coalesce(packets)
-            io["tun_writes"] += len(packets)
-            for packet in packets:
+            try:
+                self._inbound(data, ancdata, addr)
+            except Exception:  # a bug or a failing filter costs this batch, never the data plane
+                self.drops["engine_error"] += 1
+                log.exception("inbound_batch_failed bytes=%d", len(data))
+
+    def _inbound(self, data: bytes, ancdata: list[tuple[int, int, bytes]], addr: tuple[str, int]) -> None:
+        """Datagrams from one receive -> Device.receive -> filter -> (coalesce) -> TUN."""
+        io = self.io
+        # With UDP_GRO the kernel hands over several datagrams of one flow at once, split at the
+        # segment size it reports.
+        segment = 0
+        for level, kind, cdata in ancdata:
+            if level == SOL_UDP and kind == UDP_GRO:
+                segment = int.from_bytes(cdata[:4], sys.byteorder)
+        if segment and len(data) > segment:
+            datagrams = [data[k : k + segment] for k in range(0, len(data), segment)]
+        else:
+            datagrams = [data]
+        other = self.other_datagram_handler
+        if other is not None:
+            kept = []
+            for d in datagrams:
+                if looks_like_wireguard(d):
+                    kept.append(d)
+                    continue
                 try:
-                    write(fd, packet)
-                except OSError:
-                    self.drops["tun_write_error"] += 1
-            if out is not None:
-                if out:
-                    self._send_all(out)
-                self._timer_wake.set()
+                    other(d, addr)
+                except Exception:
+                    self.drops["other_handler_error"] += 1
+                    log.exception("other_datagram_handler_failed")
+            datagrams = kept
+        packets: list[bytes] = []
+        flush = False
+        dev = self.device
+        with self.lock:
+            t = time.time()
+            for d in datagrams:
+                packet = dev.receive(d, addr, t)
+                if packet:
+                    packets.append(packet)
+                else:
+                    flush = True
+            out = dev.datagrams_to_send() if flush else None
+        flt = self.inbound_filter
+        if flt is not None and packets:
+            kept = [p for p in packets if flt(p)]
+            self.drops["inbound_filter"] += len(packets) - len(kept)
+            packets = kept
+        io["udp_receives"] += 1
+        io["udp_datagrams_received"] += len(datagrams)
+        io["tun_packets_written"] += len(packets)
+        if self._vnet and packets:
+            packets = gro.coalesce(packets)
+        io["tun_writes"] += len(packets)
+        fd, write = self._tun_fd, os.write
+        for packet in packets:
+            try:
+                write(fd, packet)
+            except OSError:
+                self.drops["tun_write_error"] += 1
+        if out is not None:
+            if out:
+                self._send_all(out)
+            self._timer_wake.set()
 
     def _timer_loop(self) -> None:
         dev, lock = self.device, self.lock
@@ -530,15 +546,20 @@ class Engine:
             self._timer_wake.clear()
             now = time.time()
             events: list[object] = []
-            with lock:
-                dev.handle_timer(now)
-                out = dev.datagrams_to_send()
-                while (event := dev.next_event()) is not None:
-                    events.append(event)
-                deadline = dev.next_timer()
-            self._send_all(out)
-            for event in events:
-                self._dispatch(event)
+            deadline: float | None = None
+            try:
+                with lock:
+                    dev.handle_timer(now)
+                    out = dev.datagrams_to_send()
+                    while (event := dev.next_event()) is not None:
+                        events.append(event)
+                    deadline = dev.next_timer()
+                self._send_all(out)
+                for event in events:
+                    self._dispatch(event)
+            except Exception:  # keep the timers running: a missed tick beats a dead tunnel
+                self.drops["engine_error"] += 1
+                log.exception("timer_tick_failed")
             if deadline is None:
                 timeout = MAX_TIMER_SLEEP
             else:
