@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from wiremesh.core.policy.evaluate import identity_matches
@@ -48,11 +48,37 @@ ANY_PREFIXES = (str(ANY_V4), str(ANY_V6))
 DENY_ALL = FilterRule(src=(), dst=(), protos=(), ports=())  # matches no packet
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class CompiledNode:
+    """A node's compiled output. `reach` is the set of nodes it may see, possibly including
+    itself: the same frozenset object is shared by many nodes (with the default allow-all
+    policy, by all of them), so 5,000 nodes do not hold 5,000 copies of a 5,000-entry set."""
+
     node_id: int
-    peers: frozenset[int]
+    reach: frozenset[int]
     rules: tuple[FilterRule, ...]
+
+    @property
+    def peers(self) -> frozenset[int]:
+        """The nodes it may see (a copy without itself; prefer can_see/reach in hot paths)."""
+        return self.reach - {self.node_id} if self.node_id in self.reach else self.reach
+
+    def can_see(self, node_id: int) -> bool:
+        return node_id != self.node_id and node_id in self.reach
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompiledNode):
+            return NotImplemented
+        if self.node_id != other.node_id or self.rules != other.rules:
+            return False
+        a, b = self.reach, other.reach
+        if a is b or a == b:
+            return True
+        if abs(len(a) - len(b)) > 1:
+            return False
+        return (a ^ b) <= {self.node_id}
+
+    __hash__ = None  # type: ignore[assignment]
 
     def packet_filter(self) -> list[dict[str, Any]]:
         """The netmap's `packet_filter` list. In the netmap an empty list means "no policy,
@@ -99,6 +125,8 @@ class _RuleState:
     other targets is split in two, since self is resolved per user)."""
 
     __slots__ = (
+        "_dst_frozen",
+        "_src_frozen",
         "_src_prefixes",
         "dst",
         "dst_nodes",
@@ -131,6 +159,18 @@ class _RuleState:
         self.dst_nodes: set[int] = set()
         self.self_src: dict[str, set[int]] = {}  # self rules: user -> that user's source nodes
         self._src_prefixes: tuple[str, ...] | None = None
+        self._src_frozen: frozenset[int] | None = None
+        self._dst_frozen: frozenset[int] | None = None
+
+    def src_set(self, freeze: Callable[[set[int]], frozenset[int]]) -> frozenset[int]:
+        if self._src_frozen is None:
+            self._src_frozen = freeze(self.src_nodes)
+        return self._src_frozen
+
+    def dst_set(self, freeze: Callable[[set[int]], frozenset[int]]) -> frozenset[int]:
+        if self._dst_frozen is None:
+            self._dst_frozen = freeze(self.dst_nodes)
+        return self._dst_frozen
 
     def src_prefixes(self, nodes: dict[int, _Node]) -> tuple[str, ...]:
         if self._src_prefixes is None:
@@ -187,6 +227,27 @@ class _RuleState:
         return tuple(dict.fromkeys(str(p) for p in out))
 
 
+class _DiffMemo:
+    """Compares many nodes' old and new output cheaply: their reach sets are mostly the same
+    few shared objects, so each pair's difference is computed once."""
+
+    def __init__(self) -> None:
+        # Holding a and b keeps their ids from being reused while the memo lives.
+        self._diffs: dict[tuple[int, int], tuple[frozenset[int], frozenset[int], frozenset[int]]] = {}
+
+    def same(self, before: CompiledNode, after: CompiledNode) -> bool:
+        if before.rules != after.rules:
+            return False
+        a, b = before.reach, after.reach
+        if a is b:
+            return True
+        key = (id(a), id(b))
+        hit = self._diffs.get(key)
+        if hit is None:
+            hit = self._diffs[key] = (a, b, a ^ b)
+        return hit[2] <= {after.node_id}
+
+
 def _self_eligible(n: PolicyNode) -> bool:
     return not n.tags and bool(n.user)
 
@@ -222,7 +283,8 @@ class PolicyCompiler:
         old = {nid: self.compiled(nid) for nid in self._nodes}
         self._policy = policy if policy is not None else allow_all_policy()
         self._rebuild()
-        return {nid for nid, before in old.items() if self.compiled(nid) != before}
+        memo = _DiffMemo()
+        return {nid for nid, before in old.items() if not memo.same(before, self.compiled(nid))}
 
     def add_node(self, node: PolicyNode) -> set[int]:
         if node.id in self._nodes:
@@ -246,6 +308,7 @@ class PolicyCompiler:
     # ---- full build ----
 
     def _rebuild(self) -> None:
+        self._intern: dict[frozenset[int], frozenset[int]] = {}
         self._states: list[_RuleState] = []
         for rule in self._policy.rules:
             plain = tuple(d for d in rule.dst if not isinstance(d, SelfSel))
@@ -362,17 +425,19 @@ class PolicyCompiler:
     def _compile(self, n: _Node) -> CompiledNode:
         nid = n.node.id
         rules: list[FilterRule] = []
-        peer_sets: list[set[int]] = []
+        peer_sets: dict[int, frozenset[int]] = {}  # by id(): the same shared set counts once
         for i in self._dst_rules.get(nid, ()):
             st = self._states[i]
-            peer_sets.append(st.src_nodes)
+            fs = st.src_set(self._freeze)
+            peer_sets[id(fs)] = fs
             src = st.src_prefixes(self._nodes)
             dst = st.dst_prefixes(n)
             if src and dst:
                 for protos, ports in st.templates:
                     rules.append(FilterRule(src, dst, protos, ports))
         for i in self._src_rules.get(nid, ()):
-            peer_sets.append(self._states[i].dst_nodes)
+            fs = self._states[i].dst_set(self._freeze)
+            peer_sets[id(fs)] = fs
         if _self_eligible(n.node):
             same_user = self._by_user.get(n.node.user, set())
             for i in self._self_states:
@@ -380,14 +445,34 @@ class PolicyCompiler:
                 sources = st.self_src.get(n.node.user)
                 if not sources:
                     continue
-                peer_sets.append(same_user if nid in sources else sources)
+                fs = frozenset(same_user if nid in sources else sources)
+                peer_sets[id(fs)] = fs
                 src = tuple(sorted({s for sid in sources for s in self._nodes[sid].addr_strs}))
                 if src and n.addr_strs:
                     for protos, ports in st.templates:
                         rules.append(FilterRule(src, n.addr_strs, protos, ports))
-        peers = set().union(*peer_sets)
-        peers.discard(nid)
-        return CompiledNode(nid, frozenset(peers), tuple(rules))
+        sets = list(peer_sets.values())
+        if not sets:
+            reach: frozenset[int] = frozenset()
+        elif len(sets) == 1:
+            reach = sets[0]
+        else:
+            reach = frozenset().union(*sets)
+        return CompiledNode(nid, reach, tuple(rules))
+
+    def _freeze(self, nodes: set[int]) -> frozenset[int]:
+        """A frozen copy, interned: rules covering the same nodes share one set object."""
+        fs = frozenset(nodes)
+        return self._intern.setdefault(fs, fs)
+
+    def _reintern(self) -> None:
+        """Keep the intern table to the sets rule states hold now (no growth over time)."""
+        table: dict[frozenset[int], frozenset[int]] = {}
+        for st in self._states:
+            for fs in (st._src_frozen, st._dst_frozen):
+                if fs is not None:
+                    table.setdefault(fs, fs)
+        self._intern = table
 
     # ---- incremental change ----
 
@@ -426,6 +511,10 @@ class PolicyCompiler:
                 st.src_ident.add(node_id)
             else:
                 st.src_ident.discard(node_id)
+            if was_src != is_src:
+                st._src_frozen = None
+            if was_dst != is_dst:
+                st._dst_frozen = None
             if was_src != is_src and st.is_self:
                 if is_src:
                     st.src_nodes.add(node_id)
@@ -453,13 +542,15 @@ class PolicyCompiler:
         if new is None:
             self._dst_rules.pop(node_id, None)
             self._src_rules.pop(node_id, None)
+        self._reintern()
         changed: set[int] = set()
+        memo = _DiffMemo()
         for nid in affected:
             before = self._cache.pop(nid, None)
             if nid not in self._nodes:
                 if before is not None:
                     changed.add(nid)
                 continue
-            if self.compiled(nid) != before:
+            if before is None or not memo.same(before, self.compiled(nid)):
                 changed.add(nid)
         return changed

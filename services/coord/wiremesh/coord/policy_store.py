@@ -61,7 +61,7 @@ class PolicyMesh(Mesh):
         if viewer.id == peer.id or peer.expired:
             return False
         try:
-            return peer.id in self.compiler.compiled(viewer.id).peers
+            return self.compiler.compiled(viewer.id).can_see(peer.id)
         except KeyError:
             return False
 
@@ -69,7 +69,7 @@ class PolicyMesh(Mesh):
         # Visibility is symmetric (either side may reach the other), so a node's peers are
         # also exactly the nodes that see it.
         try:
-            return self.compiler.compiled(record.id).peers
+            return self.compiler.compiled(record.id).reach  # may include itself; _can_see says no
         except KeyError:
             return frozenset()
 
