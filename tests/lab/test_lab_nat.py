@@ -204,3 +204,36 @@ def test_flushing_an_adf_router_also_forgets_its_filter_state(lab: Lab) -> None:
     before = lab.drops(a.behind)
     other.sendto(b"other-port", mapped)
     lab.wait_drops(a.behind, before)
+
+
+def _public_mappings(lab: Lab, router, names=("a", "b")):
+    stun = lab.host("stun")
+    server = udp_socket(lab, stun, 3478)
+    hosts = [lab.host(name, behind=router) for name in names]
+    socks = [udp_socket(lab, host, 41641 + i) for i, host in enumerate(hosts)]
+    mapped = [observed_source(sock, server, (stun.address, 3478)) for sock in socks]
+    return hosts, socks, mapped
+
+
+@pytest.mark.parametrize("kind", [NatKind.EIM_APDF, NatKind.EIM_ADF], ids=lambda k: k.value)
+def test_hairpin_router_loops_lan_traffic_to_a_public_mapping_back(lab: Lab, kind: NatKind) -> None:
+    nat = lab.nat_router("home", kind, hairpin=True)
+    _, (sa, sb), (mapped_a, mapped_b) = _public_mappings(lab, nat)
+    sa.sendto(b"hairpin", mapped_b)
+    assert recv(sb) == (b"hairpin", mapped_a)
+    sb.sendto(b"back", mapped_a)
+    assert recv(sa) == (b"back", mapped_b)
+
+
+def test_routers_do_not_hairpin_by_default(lab: Lab) -> None:
+    nat = lab.nat_router("home", NatKind.EIM_APDF)
+    (_, b), (sa, sb), (_, mapped_b) = _public_mappings(lab, nat)
+    sa.sendto(b"hairpin", mapped_b)
+    sa.sendto(b"marker", (b.address, sb.getsockname()[1]))
+    assert first_arrival(sb) == b"marker"
+
+
+def test_hairpin_is_refused_for_endpoint_dependent_mapping(lab: Lab) -> None:
+    with pytest.raises(ValueError, match="hairpinning"):
+        lab.nat_router("home", NatKind.EDM, hairpin=True)
+    assert lab.namespaces == ()

@@ -54,7 +54,8 @@ NAT kinds (see ``wiremesh.lab.nat`` for the exact nftables rules): NONE (public 
 EIM_APDF, EIM_ADF, EDM (symmetric), UDP_BLOCKED, PORTMAP (EIM_APDF plus miniupnpd answering
 NAT-PMP, PCP and UPnP IGD on the LAN; ``lab.miniupnpd_log(router)`` shows its log). Every router
 drops new inbound connections on its WAN side before they reach the router itself (LAB.md).
-Routers do not hairpin (a LAN host cannot reach a neighbour through the public address).
+Routers do not hairpin unless built with ``nat_router(..., hairpin=True)`` (EIM kinds, UDP only):
+then a LAN host reaches a neighbour at its public mapping and is seen from its own.
 No latency or loss emulation: this kernel has no netem qdisc (tbf/htb rate limits do exist).
 The internet namespace also holds 198.18.0.1 and 198.18.0.2, where the lab's own STUN responder
 (for miniupnpd, ports 3478 and 3479) answers once a PORTMAP router exists.

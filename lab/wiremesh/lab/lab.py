@@ -25,9 +25,12 @@ from typing import Any, TypeVar
 
 from wiremesh.lab import netns, portmap, registry
 from wiremesh.lab.nat import (
+    ADF_MAP,
     DROPS_COUNTER,
+    EIM_MAP,
     FAULTS_CHAIN,
     FORWARD_CHAIN,
+    HAIRPIN_KINDS,
     TABLE,
     NatKind,
     host_ruleset,
@@ -490,15 +493,21 @@ class Lab:
         behind: Router | None = None,
         cgnat: bool = False,
         wan_address: str | None = None,
+        hairpin: bool = False,
     ) -> Router:
         """A NAT router of ``kind`` with its WAN on the internet (or on ``behind``'s LAN).
 
         Its LAN is 192.168.<n>.0/24, or 100.127.<n>.0/24 for a carrier-grade NAT (``cgnat``).
+        ``hairpin`` (EIM kinds only): UDP from the LAN to a LAN host's public mapping loops back.
         """
         if not kind.is_router:
             raise ValueError("NatKind.NONE has no router; use lab.host(name) for a public host")
+        if hairpin and kind not in HAIRPIN_KINDS:
+            raise ValueError(f"hairpinning needs an endpoint-independent mapping, not {kind}")
         segment = self._segment_for(behind)
         ns = self._new_namespace(name)
+        # A hairpinned packet leaves by the interface it came in on; no ICMP redirects for that.
+        self._sysctl(ns, {"net.ipv4.conf.all.send_redirects": 0, "net.ipv4.conf.default.send_redirects": 0})
         wan_addr, wan_gw, wan_addr6 = self._attach(ns, WAN_IFACE, segment, wan_address)
         if cgnat:
             lan_net = ipaddress.IPv4Network(f"100.127.{self._next_cgnat}.0/24")
@@ -513,7 +522,9 @@ class Lab:
         self._ip(ns, "addr", "add", f"{lan_gw}/{lan_net.prefixlen}", "dev", LAN_BRIDGE)
         self._ip(ns, "link", "set", LAN_BRIDGE, "up")
         self._sysctl(ns, {**_NO_BRIDGE_NETFILTER, "net.ipv4.ip_forward": 1})
-        self._nft(ns, router_ruleset(kind, WAN_IFACE, LAN_BRIDGE))
+        self._nft(
+            ns, router_ruleset(kind, WAN_IFACE, LAN_BRIDGE, (wan_addr, str(lan_net)) if hairpin else None)
+        )
         segment_lan = _Segment(ns, LAN_BRIDGE, lan_net, lan_gw, next_host=10)
         lan6: ipaddress.IPv6Network | None = None
         # IPv6 only behind routers directly on the internet; carriers in the lab are IPv4-only.
@@ -698,8 +709,12 @@ class Lab:
         )
         if result.returncode != 0:
             raise LabError(f"conntrack -F in {ns} failed: {result.stderr.strip()}")
-        if isinstance(node, Router) and node.kind is NatKind.EIM_ADF:
-            self._ns_exec(ns, ["nft", "flush", "map", "ip", TABLE, "adf"])
+        if isinstance(node, Router):
+            # The NAT's own memory of mappings lives in these maps as well as in conntrack.
+            listing = self._ns_exec(ns, ["nft", "list", "table", "ip", TABLE])
+            for name in (ADF_MAP, EIM_MAP):
+                if f"map {name} {{" in listing:
+                    self._ns_exec(ns, ["nft", "flush", "map", "ip", TABLE, name])
 
     def _add_rules(self, ns: str, rules: Sequence[tuple[str, str, str]]) -> RuleHandle:
         added: list[tuple[str, str, int]] = []

@@ -28,6 +28,7 @@ TABLE = "wmlab"
 FAULTS_CHAIN = "faults"
 FORWARD_CHAIN = "forward"
 ADF_MAP = "adf"
+EIM_MAP = "eim"  # hairpinning: mapped port -> inside address and port
 DROPS_COUNTER = "drops"  # every packet the NAT itself drops (not fault injection), per family
 # How long an address-dependent filter entry lives after the last outbound packet. Matches
 # the kernel's UDP conntrack timeout for a flow that has seen replies (nf_conntrack_udp_timeout_stream).
@@ -49,13 +50,20 @@ class NatKind(enum.Enum):
         return self is not NatKind.NONE
 
 
-def router_ruleset(kind: NatKind, wan: str, lan: str) -> str:
+HAIRPIN_KINDS = frozenset({NatKind.EIM_APDF, NatKind.EIM_ADF, NatKind.PORTMAP})
+
+
+def router_ruleset(kind: NatKind, wan: str, lan: str, hairpin: tuple[str, str] | None = None) -> str:
     """The nftables ruleset (for ``nft -f``) that makes a namespace a NAT router of ``kind``.
 
-    ``wan`` and ``lan`` are the interface names on the outside and inside.
+    ``wan`` and ``lan`` are the interface names on the outside and inside. ``hairpin`` =
+    (WAN address, LAN subnet) adds UDP hairpinning (RFC 4787 REQ-9): a LAN host sending to the
+    public mapping of another LAN host reaches it, seen from its own public mapping.
     """
     if not kind.is_router:
         raise ValueError(f"{kind} has no router")
+    if hairpin is not None and kind not in HAIRPIN_KINDS:
+        raise ValueError(f"hairpinning needs an endpoint-independent mapping, not {kind}")
     masquerade = "masquerade fully-random" if kind is NatKind.EDM else "masquerade"
     forward_rules = []
     if kind is NatKind.UDP_BLOCKED:
@@ -101,6 +109,28 @@ def router_ruleset(kind: NatKind, wan: str, lan: str) -> str:
             "  chain prerouting {",
             "    type nat hook prerouting priority dstnat; policy accept;",
             f'    iifname "{wan}" meta l4proto udp dnat ip to udp dport . ip saddr map @{ADF_MAP}',
+            "  }",
+        ]
+    if hairpin is not None:
+        wan_address, lan_subnet = hairpin
+        lines += [
+            f"  map {EIM_MAP} {{",
+            "    type inet_service : ipv4_addr . inet_service",
+            "    flags dynamic,timeout",
+            f"    timeout {ADF_TIMEOUT_S}s",
+            "  }",
+            "  chain eim_learn {",
+            "    type filter hook postrouting priority srcnat + 10; policy accept;",
+            f'    oifname "{wan}" meta l4proto udp update @{EIM_MAP} '
+            "{ ct reply proto-dst : ct original ip saddr . ct original proto-src }",
+            "  }",
+            "  chain hairpin_in {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f'    iifname "{lan}" ip daddr {wan_address} meta l4proto udp dnat ip to udp dport map @{EIM_MAP}',
+            "  }",
+            "  chain hairpin_out {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f'    oifname "{lan}" ct status dnat ip saddr {lan_subnet} snat ip to {wan_address}',
             "  }",
         ]
     lines.append("}")
