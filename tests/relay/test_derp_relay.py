@@ -398,3 +398,18 @@ async def test_malformed_cross_replica_message_is_counted_and_dropped(
     await nc.flush()
     await eventually(lambda: relay.relay.stats.drops["mesh_malformed"] == 1)
     await nc.close()
+
+
+async def test_second_connection_with_the_same_key_replaces_the_first(
+    registry, start_relay, nats_url
+) -> None:
+    a, b = registry.register(PrivateKey.generate()), registry.register(PrivateKey.generate())
+    relay = await relay_with(registry, start_relay, nats_url)
+    first, cb = await connect(relay, a), await connect(relay, b)
+    second = await connect(relay, a)
+    await first.wait_closed(5)
+    await cb.send(bytes(a.public_key), b"to the newest")
+    assert (await next_packet(second)).packet == b"to the newest"
+    assert relay.relay.stats.closes["replaced"] == 1
+    await second.close()
+    await cb.close()

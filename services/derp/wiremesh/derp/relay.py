@@ -92,7 +92,9 @@ class Relay:
     def register(self, proto: DerpProtocol, key: bytes) -> None:
         old = self.clients.get(key)
         if old is not None and old is not proto:
-            # The newest connection for a key wins; the old one is most likely dead.
+            # The newest connection for a key wins; the old one is most likely dead. It leaves
+            # the table first, so closing it tells no peer (and no replica) that the key left.
+            del self.clients[key]
             old.close("replaced")
         self.clients[key] = proto
         if self.mesh is not None:
