@@ -39,6 +39,8 @@ block exits, even after an error; an atexit hook and a SIGTERM handler are the s
     classify(lab, a, server1, server2)             # measured mapping/filtering (netcheck ground truth)
 
     python -m wiremesh.lab check                   # one device per kind, prints what each NAT does
+    python -m wiremesh.lab up [--ipv6]             # build the zoo, print `ip netns exec` lines, wait
+    python -m wiremesh.lab bench                   # iperf3 through the lab's NAT paths
 
 Names: every namespace is ``<prefix><name>``, the prefix random per lab (``wm3f9a-``), so many labs
 can run at once. Interfaces are created directly inside lab namespaces (never in the root one) and
