@@ -335,3 +335,22 @@ def test_reaping_never_touches_namespaces_no_dead_lab_claimed() -> None:
         assert stranger in namespace_names()
     finally:
         subprocess.run(["ip", "netns", "del", stranger], check=False)
+
+
+UNCLOSED_LAB_CHILD = """
+from wiremesh.lab import Lab, NatKind
+def build():
+    lab = Lab()
+    lab.device("a", NatKind.EIM_APDF)
+    print(lab.prefix, flush=True)
+build()  # the Lab object is dropped without close(); exit must still tear it down
+"""
+
+
+def test_a_lab_dropped_without_close_is_torn_down_at_exit() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", UNCLOSED_LAB_CHILD], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    prefix = out.strip()
+    assert prefix.startswith("wm")
+    assert not lab_namespaces(prefix)

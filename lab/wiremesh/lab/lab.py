@@ -174,7 +174,8 @@ class _Segment:
                 return addr
 
 
-_live_labs: weakref.WeakSet[Lab] = weakref.WeakSet()
+# Strong references: a lab nobody closed (or kept a reference to) is still torn down at exit.
+_live_labs: set[Lab] = set()
 _safety_net_lock = threading.Lock()
 _safety_net_installed = False
 
