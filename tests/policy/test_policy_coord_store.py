@@ -3,10 +3,12 @@ refuses broken policies or failing tests, and storage in coord's settings table 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 import pytest
+from policy_packets import TCP, packet
 from sqlalchemy.orm import Session
 
 from wiremesh.coord import policy_store
@@ -81,8 +83,6 @@ def test_source_and_destination_see_each_other() -> None:
 
 def test_destination_filter_allows_only_the_granted_port() -> None:
     mesh = mesh_with_policy()
-    from policy_packets import TCP, packet
-
     f = Filter.from_netmap(json.loads(mesh.packet_filter_json(B.id)))
     assert f.check_inbound(packet(A.ipv4, B.ipv4, TCP, 40000, 22), 0.0)
     assert not f.check_inbound(packet(A.ipv4, B.ipv4, TCP, 40000, 80), 0.0)
@@ -90,8 +90,6 @@ def test_destination_filter_allows_only_the_granted_port() -> None:
 
 def test_source_filter_refuses_connections_from_the_destination() -> None:
     mesh = mesh_with_policy()
-    from policy_packets import TCP, packet
-
     f = Filter.from_netmap(mesh.packet_filter(A.id))
     assert not f.check_inbound(packet(B.ipv4, A.ipv4, TCP, 40000, 22), 0.0)
 
@@ -204,3 +202,16 @@ async def test_set_policy_refuses_and_keeps_the_one_in_force(stub_coord) -> None
     assert svc.version == 1
     assert stub_coord.db.call(policy_store.load) == (SSH_ONLY, 1)
     assert stub_coord.mesh.peers_of(C.id) == []
+
+
+def test_expired_node_is_nobodys_peer_or_source() -> None:
+    mesh = mesh_with_policy()
+    mesh.upsert(dataclasses.replace(A, expired=True))
+    assert mesh.peers_of(B.id) == []
+    f = Filter.from_netmap(mesh.packet_filter(B.id))
+    assert not f.check_inbound(packet(A.ipv4, B.ipv4, TCP, 40000, 22), 0.0)
+
+
+def test_node_change_does_not_mark_nodes_that_never_saw_it() -> None:
+    mesh = mesh_with_policy()
+    assert C.id not in mesh.upsert(dataclasses.replace(A, endpoints=("192.0.2.1:41641",)))

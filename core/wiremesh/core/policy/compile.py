@@ -265,6 +265,9 @@ class PolicyCompiler:
     def policy(self) -> Policy:
         return self._policy
 
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._nodes
+
     def nodes(self) -> list[PolicyNode]:
         return [n.node for n in self._nodes.values()]
 

@@ -76,16 +76,19 @@ class PolicyMesh(Mesh):
     def upsert(self, record: NodeRecord) -> set[int]:
         old = self.records.get(record.id)
         before = set(self.viewers(old)) if old is not None else set()
-        node = policy_node(record)
-        changed = self.compiler.add_node(node) if old is None else self.compiler.update_node(node)
+        known = record.id in self.compiler
+        if record.expired:
+            # An expired node is nobody's peer and nobody's source until it logs in again.
+            changed = self.compiler.remove_node(record.id) if known else set()
+        elif known:
+            changed = self.compiler.update_node(policy_node(record))
+        else:
+            changed = self.compiler.add_node(policy_node(record))
         self.filter_changed |= changed
-        affected = super().upsert(record)
-        return (
-            affected
-            | before
-            | (changed - {record.id})
-            | ({record.id} if record.id in changed and old else set())
-        )
+        affected = super().upsert(record) | before
+        if old is not None and record.id in changed:
+            affected.add(record.id)  # what it may see changed: its own stream needs a full netmap
+        return affected
 
     def remove(self, node_id: int) -> set[int]:
         old = self.records.get(node_id)
