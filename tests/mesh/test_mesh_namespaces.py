@@ -274,3 +274,14 @@ def test_state_dir_and_local_api_socket_are_private(mesh):
     nodes = mesh.m.admin_cli("nodes", "list")
     assert private not in json.dumps(nodes)
     assert any(n["node_key"] == mesh.a.status()["self"]["node_key"] for n in nodes)
+
+
+def test_sigterm_exits_0_and_removes_interface_and_socket(mesh):
+    agent = mesh.m.agent("g", mesh.lab.host("g"), mesh.key)
+    proc = agent.proc
+    assert proc is not None
+    mesh.m.stop_agent(agent)
+    assert proc.returncode == 0, agent.log_text()[-2000:]
+    assert not pathlib.Path(agent.socket_path).exists()
+    links = mesh.lab.run(agent.node, ["ip", "-o", "link", "show"]).stdout
+    assert agent.ifname not in links

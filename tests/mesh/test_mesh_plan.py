@@ -98,3 +98,11 @@ def test_no_netmap_means_nothing_configured():
 def test_endpoint_choice_takes_the_first_well_formed_one():
     assert choose_endpoint(["bogus", "[fd00::1]:5", "198.18.0.9:41641"]) == ("fd00::1", 5)
     assert choose_endpoint(["1.2.3.4:0", "nohost:1"]) is None
+
+
+def test_a_path_selector_can_supply_the_endpoint_of_a_peer():
+    p2, p3 = node(2), node(3)
+    relay = ("derp", 1)
+    result = plan(netmap(p2, p3), NOW, endpoints={p2.node_key: relay})
+    by_key = {crypto.encode_key(p.public_key): p.endpoint for p in result.peers}
+    assert by_key == {p2.node_key: relay, p3.node_key: ("198.18.1.3", 41641)}

@@ -31,7 +31,7 @@ import pathlib
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from wiremesh.agent import netconf
@@ -128,9 +128,18 @@ def _valid_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
 
 
 def plan(
-    netmap: NetworkMap | None, now: float, *, running: bool = True, own_routes: Iterable[str] = ()
+    netmap: NetworkMap | None,
+    now: float,
+    *,
+    running: bool = True,
+    own_routes: Iterable[str] = (),
+    endpoints: Mapping[str, Hashable] | None = None,
 ) -> Plan:
-    """The Engine configuration for `netmap` at `now`; `running=False` is `wiremesh down`."""
+    """The Engine configuration for `netmap` at `now`; `running=False` is `wiremesh down`.
+
+    `endpoints` (node key -> WireGuard endpoint) overrides the first-listed-endpoint guess, for
+    a path selector such as magicsock that hands out its own endpoint objects.
+    """
     if netmap is None:
         return Plan()
     addresses = _valid_prefixes(netmap.self_node.addresses)
@@ -157,7 +166,7 @@ def plan(
             PeerConfig(
                 public_key=key,
                 allowed_ips=allowed,
-                endpoint=choose_endpoint(node.endpoints),
+                endpoint=(endpoints or {}).get(node.node_key) or choose_endpoint(node.endpoints),
                 persistent_keepalive=PERSISTENT_KEEPALIVE,
             )
         )
@@ -257,6 +266,8 @@ class MeshAgent:
         self.netmaps_received = 0
         self.last_error = ""
         self.endpoints: tuple[str, ...] = ()
+        # Optional path selector seam: usable peers -> {node key: WireGuard endpoint}.
+        self.peer_endpoints: Callable[[Sequence[Node]], Mapping[str, Hashable]] | None = None
         self._endpoint_source = endpoints or (
             lambda: local_endpoints(engine.listen_port, exclude=(config.tun,))
         )
@@ -415,8 +426,17 @@ class MeshAgent:
 
     async def apply(self) -> None:
         """Bring the Engine in line with the current netmap (only what changed is touched)."""
+        now = self.clock()
+        chosen: Mapping[str, Hashable] | None = None
+        if self.peer_endpoints is not None and self.netmap is not None:
+            usable = [p for p in self.netmap.peers if peer_usable(p, now)]
+            chosen = self.peer_endpoints(usable)
         wanted = plan(
-            self.netmap, self.clock(), running=self.running, own_routes=self.config.advertise_routes
+            self.netmap,
+            now,
+            running=self.running,
+            own_routes=self.config.advertise_routes,
+            endpoints=chosen,
         )
         await self._blocking(self._apply_plan, wanted)
 
