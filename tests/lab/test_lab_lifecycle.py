@@ -354,3 +354,16 @@ def test_a_lab_dropped_without_close_is_torn_down_at_exit() -> None:
     prefix = out.strip()
     assert prefix.startswith("wm")
     assert not lab_namespaces(prefix)
+
+
+def test_explicit_public_address_is_used_and_cannot_be_taken_twice(lab: Lab) -> None:
+    pub = lab.host("pub", address="198.18.200.7")
+    assert pub.address == "198.18.200.7"
+    assert "198.18.200.7/16" in lab.run(pub, ["ip", "-4", "addr", "show", "dev", "eth0"]).stdout
+    with pytest.raises(ValueError, match="not a free address"):
+        lab.host("again", address="198.18.200.7")
+    with pytest.raises(ValueError, match="not a free address"):
+        lab.host("gateway", address="198.18.0.1")
+    # A refused node leaves nothing behind, and its name stays free.
+    assert not any(ns.endswith(("-again", "-gateway")) for ns in lab.namespaces)
+    lab.host("again")

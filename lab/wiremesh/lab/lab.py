@@ -398,12 +398,15 @@ class Lab:
 
     # -- building -----------------------------------------------------------------------------
 
-    def _new_namespace(self, name: str) -> str:
+    def _check_name(self, name: str) -> None:
         self._check_open()
         if not _NAME_RE.match(name):
             raise ValueError(f"lab node names are 1-20 chars of [a-z0-9-], got {name!r}")
         if name in self._names:
             raise ValueError(f"lab already has a node named {name!r}")
+
+    def _new_namespace(self, name: str) -> str:
+        self._check_name(name)
         ns = self.prefix + name
         self._cmd(["ip", "netns", "add", ns])
         self._names.add(name)
@@ -448,17 +451,21 @@ class Lab:
         self.ns_of(behind)
         return self._lan_segments[behind.ns]
 
+    @staticmethod
+    def _reserve(segment: _Segment, address: str | None) -> ipaddress.IPv4Address:
+        """Pick (or check and take) an address on ``segment``, before anything is built."""
+        if address is None:
+            return segment.allocate()
+        addr = ipaddress.IPv4Address(address)
+        if addr not in segment.network or addr == segment.gateway or addr in segment.used:
+            raise ValueError(f"{address} is not a free address in {segment.network}")
+        segment.used.add(addr)
+        return addr
+
     def _attach(
-        self, ns: str, iface: str, segment: _Segment, address: str | None
+        self, ns: str, iface: str, segment: _Segment, addr: ipaddress.IPv4Address
     ) -> tuple[str, str, str | None]:
         """Link ``ns`` to ``segment`` with a veth named ``iface`` on the ``ns`` side."""
-        if address is None:
-            addr = segment.allocate()
-        else:
-            addr = ipaddress.IPv4Address(address)
-            if addr not in segment.network or addr == segment.gateway or addr in segment.used:
-                raise ValueError(f"{address} is not a free address in {segment.network}")
-            segment.used.add(addr)
         segment.ports += 1
         port = f"p{segment.ports}"
         # Both ends are created directly inside lab namespaces: nothing ever appears in the root one.
@@ -477,9 +484,11 @@ class Lab:
 
     def host(self, name: str, behind: Router | None = None, *, address: str | None = None) -> Host:
         """A host on the internet (``behind=None``) or on a router's LAN."""
+        self._check_name(name)
         segment = self._segment_for(behind)
+        reserved = self._reserve(segment, address)
         ns = self._new_namespace(name)
-        addr, gateway, addr6 = self._attach(ns, HOST_IFACE, segment, address)
+        addr, gateway, addr6 = self._attach(ns, HOST_IFACE, segment, reserved)
         if behind is None:
             self._nft(ns, host_ruleset())
             if addr6 is not None:
@@ -505,11 +514,13 @@ class Lab:
             raise ValueError("NatKind.NONE has no router; use lab.host(name) for a public host")
         if hairpin and kind not in HAIRPIN_KINDS:
             raise ValueError(f"hairpinning needs an endpoint-independent mapping, not {kind}")
+        self._check_name(name)
         segment = self._segment_for(behind)
+        reserved = self._reserve(segment, wan_address)
         ns = self._new_namespace(name)
         # A hairpinned packet leaves by the interface it came in on; no ICMP redirects for that.
         self._sysctl(ns, {"net.ipv4.conf.all.send_redirects": 0, "net.ipv4.conf.default.send_redirects": 0})
-        wan_addr, wan_gw, wan_addr6 = self._attach(ns, WAN_IFACE, segment, wan_address)
+        wan_addr, wan_gw, wan_addr6 = self._attach(ns, WAN_IFACE, segment, reserved)
         if cgnat:
             lan_net = ipaddress.IPv4Network(f"100.127.{self._next_cgnat}.0/24")
             self._next_cgnat += 1
