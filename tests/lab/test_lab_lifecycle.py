@@ -228,12 +228,13 @@ def lab_namespaces(prefix: str) -> set[str]:
     return {ns for ns in namespace_names() if ns.startswith(prefix)}
 
 
-def test_sigterm_tears_the_lab_down() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_termination_signal_tears_the_lab_down_and_still_kills(signum: int) -> None:
     proc, prefix = start_lab_child()
     try:
         assert lab_namespaces(prefix)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=20) == -signum
         assert not lab_namespaces(prefix)
     finally:
         if proc.poll() is None:

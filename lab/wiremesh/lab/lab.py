@@ -201,9 +201,11 @@ def _install_safety_net() -> None:
         _safety_net_installed = True
         atexit.register(_close_all_labs)
         if threading.current_thread() is threading.main_thread():
-            with contextlib.suppress(ValueError, OSError):
-                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-                    signal.signal(signal.SIGTERM, _on_sigterm)
+            # Only where nobody else handles the signal: an application's own handler wins.
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(ValueError, OSError):
+                    if signal.getsignal(signum) in (signal.SIG_DFL, None):
+                        signal.signal(signum, _on_sigterm)
 
 
 class Lab:
