@@ -35,9 +35,8 @@ def call_in(ns: str, fn: Callable[[], T]) -> T:
     def target() -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
+        except FileNotFoundError:
             error.append(LookupError(f"network namespace {ns!r} does not exist"))
-            del exc
             return
         try:
             if _libc.setns(fd, CLONE_NEWNET) != 0:
