@@ -3,6 +3,7 @@ pass; broken policies are rejected with errors pointing at the right line."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import textwrap
 
@@ -299,3 +300,14 @@ def test_autogroup_self_with_address_sources_is_rejected() -> None:
     )
     assert "autogroup:self needs sources" in err.message
     assert err.pos is not None and err.pos.line == 2
+
+
+def test_ipset_removals_that_explode_are_bounded() -> None:
+    removes = [f"remove fd00:{i:x}::1" for i in range(1, 2000)]
+    errs = errors(json.dumps({"ipsets": {"ipset:big": ["fd00::/16", *removes]}}))
+    assert any("more than" in e.message for e in errs)
+
+
+def test_ipset_remove_in_the_middle_leaves_both_sides() -> None:
+    policy = good('{"ipsets": {"ipset:x": ["10.0.0.0/30", "remove 10.0.0.1", "remove 10.0.0.2"]}}')
+    assert [str(n) for n in policy.ipsets["ipset:x"]] == ["10.0.0.0/32", "10.0.0.3/32"]

@@ -312,7 +312,11 @@ class _Builder:
                 if nets is not None:
                     bucket.extend(nets)
             resolving.discard(name)
-            result = _subtract(add, remove)
+            try:
+                result = _subtract(add, remove)
+            except ValueError as exc:
+                self.error(f"ipset {name!r}: {exc}", path, key=True)
+                result = ()
             self.ipsets[name] = result
             return result
 
@@ -610,21 +614,45 @@ def parse_ip_capability(text: str) -> ProtoPorts:
     return ProtoPorts(protos, ports)
 
 
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
 def _subtract(add: list[IPNetwork], remove: list[IPNetwork]) -> tuple[IPNetwork, ...]:
-    result: list[IPNetwork] = list(add)
-    for r in remove:
-        nxt: list[IPNetwork] = []
-        for net in result:
-            if net.version != r.version or not net.overlaps(r):
-                nxt.append(net)
-            elif r.supernet_of(net):  # type: ignore[arg-type]
-                continue
-            else:
-                nxt.extend(net.address_exclude(r))  # type: ignore[arg-type]
-        result = nxt
-    v4 = [n for n in result if n.version == 4]
-    v6 = [n for n in result if n.version == 6]
-    return tuple(ipaddress.collapse_addresses(v4)) + tuple(ipaddress.collapse_addresses(v6))
+    """add minus remove, as few CIDRs as possible. Works on integer ranges, so the cost is
+    linear in the entries; raises ValueError if the result needs more than MAX_ITEMS CIDRs."""
+    out: list[IPNetwork] = []
+    for version, cls in ((4, ipaddress.IPv4Address), (6, ipaddress.IPv6Address)):
+        keep = _merge(
+            [(int(n.network_address), int(n.broadcast_address)) for n in add if n.version == version]
+        )
+        cut = _merge(
+            [(int(n.network_address), int(n.broadcast_address)) for n in remove if n.version == version]
+        )
+        result: list[tuple[int, int]] = []
+        j = 0
+        for lo, hi in keep:
+            while j < len(cut) and cut[j][1] < lo:
+                j += 1
+            cur, k = lo, j
+            while k < len(cut) and cut[k][0] <= hi:
+                if cut[k][0] > cur:
+                    result.append((cur, cut[k][0] - 1))
+                cur = max(cur, cut[k][1] + 1)
+                k += 1
+            if cur <= hi:
+                result.append((cur, hi))
+        for lo, hi in result:
+            out.extend(ipaddress.summarize_address_range(cls(lo), cls(hi)))
+            if len(out) > MAX_ITEMS:
+                raise ValueError(f"its removals split it into more than {MAX_ITEMS} CIDRs")
+    return tuple(out)
 
 
 def check_policy(text: str | bytes) -> tuple[Policy | None, list[Diagnostic]]:
