@@ -237,3 +237,18 @@ def test_hairpin_is_refused_for_endpoint_dependent_mapping(lab: Lab) -> None:
     with pytest.raises(ValueError, match="hairpinning"):
         lab.nat_router("home", NatKind.EDM, hairpin=True)
     assert lab.namespaces == ()
+
+
+@pytest.mark.parametrize("kind", ROUTER_KINDS, ids=lambda k: k.value)
+def test_router_does_not_forward_to_its_lan_even_when_routed_there(lab: Lab, kind: NatKind) -> None:
+    pub = lab.host("pub")
+    a = lab.device("a", kind)
+    assert a.behind is not None
+    # A hostile neighbour on the internet points a route at the router's WAN address.
+    lab.run(pub, ["ip", "route", "add", a.behind.lan_subnet, "via", a.behind.wan_address])
+    inside = udp_socket(lab, a, 41641)
+    before = lab.drops(a.behind)
+    udp_socket(lab, pub).sendto(b"routed-in", (a.address, 41641))
+    lab.wait_drops(a.behind, before)
+    udp_socket(lab, lab.host("lanpeer", behind=a.behind)).sendto(b"marker", (a.address, 41641))
+    assert first_arrival(inside) == b"marker"
