@@ -413,3 +413,60 @@ async def test_second_connection_with_the_same_key_replaces_the_first(
     assert relay.relay.stats.closes["replaced"] == 1
     await second.close()
     await cb.close()
+
+
+async def test_clients_are_told_the_relay_is_restarting_when_it_stops(tmp_path, start_relay) -> None:
+    a = PrivateKey.generate()
+    keys = tmp_path / "allowed"
+    keys.write_text(key_text(a) + "\n")
+    relay = await start_relay("--allow-keys-file", str(keys))
+    client = await connect(relay, a)
+    await relay.stop()
+    assert await client.recv(5) == frames.Restarting(reconnect_in_ms=1000, try_for_ms=30000)
+    await client.close()
+
+
+async def test_relay_serves_derp_over_tls(tmp_path, start_relay) -> None:
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derp.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("derp.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    a, b = PrivateKey.generate(), PrivateKey.generate()
+    keys = tmp_path / "allowed"
+    keys.write_text(f"{key_text(a)}\n{key_text(b)}\n")
+    relay = await start_relay(
+        "--allow-keys-file", str(keys), "--tls-cert", str(cert_path), "--tls-key", str(key_path)
+    )
+    ctx = ssl.create_default_context(cafile=str(cert_path))
+    ctx.check_hostname = False  # we dial 127.0.0.1; the chain is still verified against our CA
+    ca = await DerpClient.connect("127.0.0.1", relay.derp_ports[0], a, ssl=ctx)
+    cb = await DerpClient.connect("127.0.0.1", relay.derp_ports[0], b, ssl=ctx)
+    await ca.send(bytes(b.public_key), b"over tls")
+    assert (await next_packet(cb)).packet == b"over tls"
+    await ca.close()
+    await cb.close()

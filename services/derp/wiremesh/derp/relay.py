@@ -173,8 +173,13 @@ class Relay:
         for proto in dirty:
             proto.flush_pending()
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: str, *, restarting: frames.Restarting | None = None) -> None:
+        """Close every connection; with `restarting`, admitted clients are told first when to
+        come back (Tailscale's Restarting frame), so they reconnect instead of failing over."""
+        notice = frames.encode(restarting) if restarting is not None else None
         for proto in list(self.connections):
+            if notice is not None and proto.client_key is not None and proto.client_key in self.clients:
+                proto.write_frame(notice)
             proto.close(reason)
 
 

@@ -32,6 +32,7 @@ from nacl.public import PrivateKey
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from wiremesh.core.derp import frames
 from wiremesh.derp.keyauth import KeyAuthority
 from wiremesh.derp.relay import Relay, RelayConfig
 
@@ -267,7 +268,7 @@ class DerpService:
                 task.cancel()
         if self.mesh is not None:
             await self.mesh.stop()
-        self.relay.close_all("shutdown")
+        self.relay.close_all("shutdown", restarting=frames.Restarting(reconnect_in_ms=1000, try_for_ms=30000))
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
