@@ -311,3 +311,11 @@ def test_ipset_removals_that_explode_are_bounded() -> None:
 def test_ipset_remove_in_the_middle_leaves_both_sides() -> None:
     policy = good('{"ipsets": {"ipset:x": ["10.0.0.0/30", "remove 10.0.0.1", "remove 10.0.0.2"]}}')
     assert [str(n) for n in policy.ipsets["ipset:x"]] == ["10.0.0.0/32", "10.0.0.3/32"]
+
+
+def test_test_whose_source_names_nobody_fails() -> None:
+    policy = good(
+        '{"groups": {"group:empty": []}, "tests": [{"src": "group:empty", "accept": ["10.0.0.1:22"]}]}'
+    )
+    [failure] = run_tests(policy)
+    assert "names nobody" in failure.message

@@ -185,6 +185,11 @@ def run_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[TestFail
     evaluator = Evaluator(policy, universe.nodes)
     failures = []
     for test, srcs, checks in plan:
+        if not srcs:
+            failures.append(
+                TestFailure(test.index, f"tests[{test.index}]: src {test.src!r} names nobody", test.pos)
+            )
+            continue
         for target, expect, dsts in checks:
             for src in srcs:
                 for dst in dsts:
