@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
-from conftest import RegistryStandIn, StartRelay, key_text
 from nacl.public import PrivateKey
+from relay_helpers import RegistryStandIn, StartRelay, key_text
 
 from wiremesh.agent.derpclient import DerpClient, DerpError
 from wiremesh.core.derp import frames
@@ -349,7 +349,6 @@ async def test_server_key_persists_in_the_key_file(tmp_path, start_relay) -> Non
 
 async def test_clients_are_refused_until_the_registry_answers(nats_url, start_relay) -> None:
     import nats
-    from conftest import RegistryStandIn
 
     a = PrivateKey.generate()
     relay = await start_relay("--nats", nats_url, "--region", "r", "--replica-id", "r1", wait_synced=False)
