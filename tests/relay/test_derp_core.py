@@ -117,6 +117,20 @@ def test_oversized_send_packet_closes_from_the_header() -> None:
         server.receive_data(frames.frame_header(FrameType.SEND_PACKET, frames.MAX_FRAME_LEN + 1), 1)
 
 
+def test_send_packet_one_byte_over_64k_is_refused() -> None:
+    server, _, _, _ = handshake()
+    frame = frames.encode_frame(FrameType.SEND_PACKET, bytes(32) + bytes(frames.MAX_PACKET_SIZE + 1))
+    with pytest.raises(FrameError, match="maximum"):
+        server.receive_data(frame, 1)
+
+
+def test_send_packet_of_exactly_64k_is_accepted() -> None:
+    server, _, _, _ = handshake()
+    frame = frames.encode_frame(FrameType.SEND_PACKET, bytes(32) + bytes(frames.MAX_PACKET_SIZE))
+    [event] = server.receive_data(frame, 1)
+    assert isinstance(event, frames.SendPacket) and len(event.packet) == frames.MAX_PACKET_SIZE
+
+
 def test_client_refuses_to_send_a_packet_over_64k() -> None:
     _, client, _, _ = handshake()
     with pytest.raises(FrameError, match="exceeds"):

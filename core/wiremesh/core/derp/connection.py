@@ -178,6 +178,8 @@ class ServerConnection(_Base):
                     # The hot path: no dataclass per packet beyond the event itself.
                     if len(payload) < KEY_LEN:
                         raise FrameError("SendPacket shorter than a key")
+                    if len(payload) > KEY_LEN + MAX_PACKET_SIZE:
+                        raise FrameError(f"packet exceeds the {MAX_PACKET_SIZE}-byte maximum")
                     events.append(frames.SendPacket(payload[:KEY_LEN], payload[KEY_LEN:]))
                     continue
                 frame = frames.parse(frame_type, payload) if frame_type in frames.KNOWN_TYPES else None

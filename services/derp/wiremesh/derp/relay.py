@@ -135,6 +135,8 @@ class Relay:
             self._deliver(dst_proto, src, packet)
             if len(src_proto.sent_to) < MAX_PEER_GONE_MEMORY:
                 src_proto.sent_to.add(dst)
+            if src_proto.told_gone:
+                src_proto.told_gone.discard(dst)  # it is here now; tell again if it leaves
             return
         mesh = self.mesh
         if mesh is not None and mesh.forward(src, dst, packet):
