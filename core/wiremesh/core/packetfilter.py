@@ -143,6 +143,9 @@ class Filter:
         # such a flow are replies: they must not turn it into "our" flow, or a policy change
         # could never cut it.
         self._admitted: dict[tuple[int, int, int, int, int], float] = {}
+        # Admitted flows the current rules were checked against: later packets of such a flow
+        # skip the rule scan. New rules start it empty, so every flow is judged again.
+        self._passed: dict[tuple[int, int, int, int, int], float] = {}
         self._next_sweep = 0.0
         self.rules: tuple[FilterRule, ...] = ()
         self.set_rules(rules)
@@ -159,6 +162,7 @@ class Filter:
         self._by_proto, self._any_proto = _build_index(self.rules)
         if allow_all is not None:
             self.allow_all = allow_all
+        self._passed = {}
 
     @property
     def flow_count(self) -> int:
@@ -235,14 +239,25 @@ class Filter:
                 flows[key] = now + TIMEOUTS.get(key[0], OTHER_TIMEOUT)
                 self.accepted_replies += 1
                 return True
+            expiry = self._passed.get(key)
+            if expiry is not None and expiry >= now:
+                self._admitted[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
+                self.accepted += 1
+                return True
 
+        # Taken before the rules are read: if new rules arrive meanwhile, this verdict lands
+        # in the cache they discarded.
+        passed = self._passed
         if self.allow_all or self._rules_allow(version, proto, src, dst, port):
             self.accepted += 1
             if key is not None and proto not in (ICMP4, ICMP6):
                 admitted = self._admitted
                 if key not in admitted and len(admitted) >= self.max_flows:
                     self._make_room(now)
-                admitted[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
+                expiry = admitted[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
+                if len(passed) >= self.max_flows:
+                    passed.clear()  # only a cache: the rules decide again
+                passed[key] = expiry
             return True
         self.drops["no_rule"] += 1
         return False
@@ -392,7 +407,7 @@ class Filter:
         """Forget expired flows; returns how many. (Called from note_outbound periodically.)"""
         self._next_sweep = now + SWEEP_INTERVAL
         count = 0
-        for table in (self._flows, self._admitted):
+        for table in (self._flows, self._admitted, self._passed):
             # list() copies in one step under the GIL, so readers in other threads are safe.
             expired = [k for k, exp in list(table.items()) if exp < now]
             for k in expired:
