@@ -40,7 +40,7 @@ POLICY_CHANGED = "wiremesh.coord.policy.changed"  # PolicyChanged
 
 # Relay presence and cross-replica forwarding (published by derp replicas).
 DERP_PRESENCE = "wiremesh.derp.{region}.presence"  # DerpPresence
-DERP_FORWARD = "wiremesh.derp.{region}.fwd.{replica}"  # raw bytes: records of u32 BE len | src key | dst key | packet
+DERP_FORWARD = "wiremesh.derp.{region}.fwd.{replica}"  # records: u32 BE len | src key | dst key | packet
 DERP_PRESENCE_SYNC = "wiremesh.derp.{region}.presence.sync"  # raw bytes: replica id; others re-announce
 
 
