@@ -311,6 +311,7 @@ async def test_metrics_count_forwarded_packets(registry, start_relay, nats_url) 
     a, b = registry.register(PrivateKey.generate()), registry.register(PrivateKey.generate())
     relay = await relay_with(registry, start_relay, nats_url)
     ca, cb = await connect(relay, a), await connect(relay, b)
+    ca.note_preferred(True)
     await ca.send(bytes(b.public_key), b"x" * 100)
     await next_packet(cb)
     async with httpx.AsyncClient() as http:
@@ -319,6 +320,7 @@ async def test_metrics_count_forwarded_packets(registry, start_relay, nats_url) 
     assert "derp_packets_forwarded_total 1.0" in text
     assert "derp_bytes_forwarded_total 100.0" in text
     assert "derp_clients 2.0" in text
+    assert "derp_clients_home 1.0" in text
     assert health.status_code == 200
     await ca.close()
     await cb.close()

@@ -69,8 +69,12 @@ class KeyAuthority:
             self.on_revoked(key, reason)
 
     def expired_keys(self) -> list[bytes]:
+        """Keys whose expiry has passed, forgotten here (the registry re-adds a renewed key)."""
         now = self._clock()
-        return [k for k, exp in self._keys.items() if exp is not None and exp <= now]
+        expired = [k for k, exp in self._keys.items() if exp is not None and exp <= now]
+        for key in expired:
+            del self._keys[key]
+        return expired
 
     def load_file(self, path: Path) -> int:
         """One base64 key per line; blank lines and `#` comments are skipped."""

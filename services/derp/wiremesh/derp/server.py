@@ -107,6 +107,10 @@ class RelayCollector:
         yield GaugeMetricFamily(
             "derp_registry_keys", "Node keys the relay currently accepts", value=len(self.relay.authority)
         )
+        home = sum(
+            1 for proto in self.relay.clients.values() if proto.conn is not None and proto.conn.preferred
+        )
+        yield GaugeMetricFamily("derp_clients_home", "Clients that call this relay their home", value=home)
 
 
 # --- structured logs -------------------------------------------------------------------
