@@ -9,7 +9,14 @@ import textwrap
 
 import pytest
 
-from wiremesh.core.policy import PolicyError, check_policy, parse_policy, policy_from_obj, run_tests
+from wiremesh.core.policy import (
+    PolicyError,
+    check_policy,
+    check_policy_obj,
+    parse_policy,
+    policy_from_obj,
+    run_tests,
+)
 from wiremesh.core.policy.model import Diagnostic, Policy
 
 EXAMPLES = sorted((pathlib.Path(__file__).parent / "examples").glob("*.hujson"))
@@ -319,3 +326,11 @@ def test_test_whose_source_names_nobody_fails() -> None:
     )
     [failure] = run_tests(policy)
     assert "names nobody" in failure.message
+
+
+def test_decoded_structure_errors_name_their_place_in_the_structure() -> None:
+    policy, diags = check_policy_obj({"acls": [{"action": "accept", "src": ["group:x"], "dst": ["*:*"]}]})
+    assert policy is None
+    assert diags[0].format("acl/default") == (
+        "acl/default: acls[0].src[0]: error: group 'group:x' is not defined in groups"
+    )

@@ -21,7 +21,7 @@ from wiremesh.core.policy.model import (
     PolicyNode,
     allow_all_policy,
 )
-from wiremesh.core.policy.parse import check_policy, parse_policy, policy_from_obj
+from wiremesh.core.policy.parse import check_policy, check_policy_obj, parse_policy, policy_from_obj
 
 __all__ = [
     "CompiledNode",
@@ -37,6 +37,7 @@ __all__ = [
     "TestFailure",
     "allow_all_policy",
     "check_policy",
+    "check_policy_obj",
     "evaluate",
     "parse_policy",
     "policy_from_obj",

@@ -60,9 +60,15 @@ class Diagnostic:
     severity: Literal["error", "warning"]
     message: str
     pos: Pos | None = None
+    path: str = ""  # where in the structure ("acls[0].src[1]"), for input without positions
 
     def format(self, filename: str = "policy") -> str:
-        where = f"{filename}:{self.pos.line}:{self.pos.col}" if self.pos else filename
+        if self.pos:
+            where = f"{filename}:{self.pos.line}:{self.pos.col}"
+        elif self.path:
+            where = f"{filename}: {self.path}"
+        else:
+            where = filename
         return f"{where}: {self.severity}: {self.message}"
 
 

@@ -126,6 +126,13 @@ def _parse_ip_range(text: str) -> tuple[IPNetwork, ...]:
     return (ipaddress.ip_network(text, strict=False),)
 
 
+def _path_text(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
 class _Builder:
     def __init__(self, doc: Document | None, value: Any) -> None:
         self.doc = doc
@@ -146,10 +153,10 @@ class _Builder:
         return self.doc.pos(path)
 
     def error(self, message: str, path: Path, key: bool = False) -> None:
-        self.diags.append(Diagnostic("error", message, self.pos(path, key)))
+        self.diags.append(Diagnostic("error", message, self.pos(path, key), _path_text(path)))
 
     def warn(self, message: str, path: Path, key: bool = False) -> None:
-        self.diags.append(Diagnostic("warning", message, self.pos(path, key)))
+        self.diags.append(Diagnostic("warning", message, self.pos(path, key), _path_text(path)))
 
     # -- shape helpers --
 
@@ -675,6 +682,13 @@ def parse_policy(text: str | bytes) -> Policy:
     if policy is None:
         raise PolicyError(diags)
     return policy
+
+
+def check_policy_obj(value: Any) -> tuple[Policy | None, list[Diagnostic]]:
+    """Like check_policy for an already-decoded structure (the ACL custom resource's spec);
+    diagnostics carry no line/column (a YAML front end can map their messages itself)."""
+    builder = _Builder(None, value)
+    return builder.build(), builder.diags
 
 
 def policy_from_obj(value: Any) -> Policy:
