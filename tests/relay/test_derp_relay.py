@@ -471,3 +471,24 @@ async def test_relay_serves_derp_over_tls(tmp_path, start_relay) -> None:
     assert (await next_packet(cb)).packet == b"over tls"
     await ca.close()
     await cb.close()
+
+
+async def test_malformed_registry_event_is_ignored(registry, start_relay, nats_url) -> None:
+    from wiremesh.core import bus
+
+    a = registry.register(PrivateKey.generate())
+    relay = await relay_with(registry, start_relay, nats_url)
+    ca = await connect(relay, a)
+    await registry.nc.publish(bus.NODE_KEY_REMOVED, b'{"node_key": "not base64!"}')
+    await registry.nc.publish(bus.NODE_KEY_REMOVED, b"\xff garbage")
+    await registry.nc.flush()
+    assert await ca.ping() >= 0
+    assert relay.authority.allowed(bytes(a.public_key))
+    await ca.close()
+
+
+async def test_malformed_allow_keys_file_is_reported_with_its_line(tmp_path, start_relay) -> None:
+    keys = tmp_path / "allowed"
+    keys.write_text(f"{key_text(PrivateKey.generate())}\nnot-a-key\n")
+    with pytest.raises(ValueError, match=r"allowed:2: not a base64 key"):
+        await start_relay("--allow-keys-file", str(keys))

@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         return asyncio.run(serve(args))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # bad key files, ports in use: one clear line
         print(f"wiremesh-derp: {exc}", file=sys.stderr)
         return 1
     finally:
