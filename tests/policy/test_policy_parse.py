@@ -334,3 +334,10 @@ def test_decoded_structure_errors_name_their_place_in_the_structure() -> None:
     assert diags[0].format("acl/default") == (
         "acl/default: acls[0].src[0]: error: group 'group:x' is not defined in groups"
     )
+
+
+def test_bad_port_after_a_tag_is_reported_as_a_bad_port() -> None:
+    err = only_error(
+        '{"tagOwners": {"tag:web": []}, "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:web:http"]}]}'
+    )
+    assert "bad port 'http'" in err.message

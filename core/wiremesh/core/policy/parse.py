@@ -481,8 +481,11 @@ class _Builder:
                 try:
                     ports = parse_ports(ports_text)
                 except ValueError as exc:
-                    whole = text in self.hosts or text.startswith(("tag:", "group:", "autogroup:", "ipset:"))
-                    if whole or ("@" in text and "@" not in ports_text and not ports_text.isdigit()):
+                    # "tag:web" alone splits into "tag" and "web": say what is missing.
+                    whole = text in self.hosts or (
+                        text.count(":") == 1 and text.startswith(("tag:", "group:", "autogroup:", "ipset:"))
+                    )
+                    if whole:
                         self.error(
                             f"destination {text!r} has no ports: write '{text}:*' or '{text}:22'", dpath
                         )
