@@ -34,6 +34,7 @@ from wiremesh.core.netmap import MapDelta, NetmapError, NetworkMap
 
 log = logging.getLogger(__name__)
 FRAMES = "application/x-wiremesh-frames"
+_STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class ControlRefused(Exception):
@@ -116,16 +117,22 @@ class ControlClient:
         return ClientCall(self.machine_private_key, self.server_public_key, cm.encode(payload), self.clock())
 
     async def _unary(self, path: str, payload: Any) -> tuple[int, bytes]:
-        call = await self._call(payload)
-        try:
-            response = await self.http.post(
-                f"{self.server_url}{path}",
-                content=call.request,
-                headers={"content-type": "application/octet-stream"},
-                timeout=self.timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise ControlUnavailable(f"{path}: {exc!r}") from exc
+        for attempt in range(2):
+            call = await self._call(payload)  # a retry needs a fresh handshake: coord refuses replays
+            try:
+                response = await self.http.post(
+                    f"{self.server_url}{path}",
+                    content=call.request,
+                    headers={"content-type": "application/octet-stream"},
+                    timeout=self.timeout,
+                )
+                break
+            except _STALE_CONNECTION as exc:
+                # A pooled keep-alive connection the server closed just as we reused it.
+                if attempt:
+                    raise ControlUnavailable(f"{path}: {exc!r}") from exc
+            except httpx.HTTPError as exc:
+                raise ControlUnavailable(f"{path}: {exc!r}") from exc
         return response.status_code, self._open_first(
             call, response.status_code, response.headers, response.content
         )
@@ -211,47 +218,58 @@ class ControlClient:
         request = cm.MapRequest(
             node_key=node_key, endpoints=None if endpoints is None else tuple(endpoints), keepalive=keepalive
         )
-        call = await self._call(request)
+        for attempt in range(2):
+            call = await self._call(request)
+            got_response = False
+            try:
+                async for message in self._stream_once(call, keepalive):
+                    got_response = True
+                    yield message
+            except _STALE_CONNECTION as exc:
+                if got_response or attempt:
+                    raise ControlUnavailable(f"netmap stream: {exc!r}") from exc
+                continue  # the pooled connection was stale: retry once on a new one
+            except httpx.HTTPError as exc:
+                raise ControlUnavailable(f"netmap stream: {exc!r}") from exc
+            except ControlError as exc:
+                raise ControlUnavailable(f"netmap stream: {exc}") from exc
+            raise ControlUnavailable("netmap stream ended")
+
+    async def _stream_once(self, call: ClientCall, keepalive: float) -> AsyncIterator[dict[str, Any]]:
         timeout = httpx.Timeout(self.timeout, read=keepalive * 3 + 5)
-        try:
-            async with self.http.stream(
-                "POST",
-                f"{self.server_url}/machine/map",
-                content=call.request,
-                headers={"content-type": "application/octet-stream"},
-                timeout=timeout,
-            ) as response:
-                if not response.headers.get("content-type", "").startswith(FRAMES):
-                    body = await response.aread()
-                    raise _refusal(response.status_code, _detail(body) or f"HTTP {response.status_code}")
-                reader = FrameReader()
-                first = True
-                async for chunk in response.aiter_raw():
-                    for frame in reader.feed(chunk):
-                        if first:
-                            first = False
-                            reply = _decode(cm.Reply, call.read_response(frame))
-                            if reply.error or response.status_code != 200:
-                                raise _refusal(response.status_code, reply.error)
-                            continue
-                        try:
-                            message = json.loads(call.open_frame(frame))
-                        except (ControlError, ValueError) as exc:
-                            raise ControlUnavailable(f"bad frame on the netmap stream: {exc}") from exc
-                        if not isinstance(message, dict):
-                            raise ControlUnavailable("bad frame on the netmap stream: not an object")
-                        if message.get("type") == "error":
-                            code = message.get("code")
-                            raise _refusal(
-                                code if isinstance(code, int) else 403,
-                                str(message.get("error", "stream closed by coord")),
-                            )
-                        yield message
-        except httpx.HTTPError as exc:
-            raise ControlUnavailable(f"netmap stream: {exc!r}") from exc
-        except ControlError as exc:
-            raise ControlUnavailable(f"netmap stream: {exc}") from exc
-        raise ControlUnavailable("netmap stream ended")
+        async with self.http.stream(
+            "POST",
+            f"{self.server_url}/machine/map",
+            content=call.request,
+            headers={"content-type": "application/octet-stream"},
+            timeout=timeout,
+        ) as response:
+            if not response.headers.get("content-type", "").startswith(FRAMES):
+                body = await response.aread()
+                raise _refusal(response.status_code, _detail(body) or f"HTTP {response.status_code}")
+            reader = FrameReader()
+            first = True
+            async for chunk in response.aiter_raw():
+                for frame in reader.feed(chunk):
+                    if first:
+                        first = False
+                        reply = _decode(cm.Reply, call.read_response(frame))
+                        if reply.error or response.status_code != 200:
+                            raise _refusal(response.status_code, reply.error)
+                        continue
+                    try:
+                        message = json.loads(call.open_frame(frame))
+                    except (ControlError, ValueError) as exc:
+                        raise ControlUnavailable(f"bad frame on the netmap stream: {exc}") from exc
+                    if not isinstance(message, dict):
+                        raise ControlUnavailable("bad frame on the netmap stream: not an object")
+                    if message.get("type") == "error":
+                        code = message.get("code")
+                        raise _refusal(
+                            code if isinstance(code, int) else 403,
+                            str(message.get("error", "stream closed by coord")),
+                        )
+                    yield message
 
     async def stream(
         self, node_key: str, endpoints: tuple[str, ...] | None = None, keepalive: float = 15.0
