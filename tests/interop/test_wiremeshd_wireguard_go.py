@@ -71,7 +71,6 @@ def test_handshake_and_ping_both_ways(
     assert metric_sum(metrics, "wiremesh_peer_rx_packets_total") >= 5
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["direct", "nat"])
 def test_iperf3_tcp_both_directions(lab: Lab, topology: str) -> None:
     ours, theirs = build(lab, topology, "a", "a", psk=topology == "nat")
@@ -89,3 +88,25 @@ def test_iperf3_tcp_both_directions(lab: Lab, topology: str) -> None:
     )
     assert grew_tx >= up.bytes
     assert grew_rx >= down.bytes
+
+
+@pytest.mark.parametrize("initiator", ["a", "b"], ids=["wiremesh_initiates", "wireguard_go_initiates"])
+def test_ipv6_endpoints_and_ipv6_inside_the_tunnel(initiator: str) -> None:
+    with Lab(ipv6=True) as lab6:
+        ours, theirs = static_tunnel(
+            lab6,
+            WIREMESH,
+            lab6.host("a"),
+            WIREGUARD_GO,
+            lab6.host("b"),
+            initiator=initiator,
+            ipv6=True,
+            metrics_ports=(METRICS_PORT, None),
+        )
+        first, second = (ours, theirs) if initiator == "a" else (theirs, ours)
+        assert second.tunnel_ip6 is not None and first.tunnel_ip6 is not None
+        assert ping(lab6, first.host, second.tunnel_ip6, count=3).received >= 2, ours.log_text()
+        assert ping(lab6, second.host, first.tunnel_ip, count=3).received == 3
+        assert ping(lab6, second.host, first.tunnel_ip6, count=3).received == 3
+        status = scrape(lab6, ours)
+        assert metric_sum(status, "wiremesh_peer_handshakes_completed_total") >= 1

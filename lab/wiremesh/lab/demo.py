@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WIREMESH = "wiremesh"
 WIREGUARD_GO = "wireguard-go"
 TUNNEL_NET = "10.99.0"
+TUNNEL_NET6 = "fd99::"
 DEFAULT_PORT = 51820
 READY_TIMEOUT_S = 15.0
 
@@ -82,6 +83,7 @@ class TunnelSide:
     public_key: bytes
     tunnel_ip: str
     listen_port: int
+    tunnel_ip6: str | None = None
     metrics_port: int | None = None
     proc: subprocess.Popen[Any] | None = None
     log_path: str = ""
@@ -148,11 +150,18 @@ def start_side(
     listen_port: int = DEFAULT_PORT,
     mtu: int = 1420,
     metrics_port: int | None = None,
+    inner_ipv6: bool = False,
 ) -> TunnelSide:
     """Start a WireGuard endpoint of `kind` in `host` with tunnel address 10.99.0.<index>/24."""
     ifname = unique_ifname("m" if kind == WIREMESH else "g")
     tunnel_ip = f"{TUNNEL_NET}.{index}"
-    peer_ip = f"{TUNNEL_NET}.{2 if index == 1 else 1}"
+    peer_index = 2 if index == 1 else 1
+    peer_ip = f"{TUNNEL_NET}.{peer_index}"
+    addresses = [f"{tunnel_ip}/24"]
+    allowed = [f"{peer_ip}/32"]
+    if inner_ipv6:
+        addresses.append(f"{TUNNEL_NET6}{index}/64")
+        allowed.append(f"{TUNNEL_NET6}{peer_index}/128")
     side = TunnelSide(
         kind=kind,
         host=host,
@@ -162,6 +171,7 @@ def start_side(
         .public_key()
         .public_bytes(Encoding.Raw, PublicFormat.Raw),
         tunnel_ip=tunnel_ip,
+        tunnel_ip6=f"{TUNNEL_NET6}{index}" if inner_ipv6 else None,
         listen_port=listen_port,
         metrics_port=metrics_port,
         log_path=os.path.join(lab.tmpdir, f"{ifname}.log"),
@@ -176,9 +186,9 @@ def start_side(
                     wg_quick_text(
                         private_key,
                         listen_port,
-                        f"{tunnel_ip}/24",
+                        ", ".join(addresses),
                         peer_public_key,
-                        f"{peer_ip}/32",
+                        ", ".join(allowed),
                         peer_endpoint,
                         preshared_key,
                         keepalive,
@@ -215,7 +225,7 @@ def start_side(
                         os.fchmod(f.fileno(), 0o600)
                         f.write(b64(value) + "\n")
             wg = ["wg", "set", ifname, "private-key", keyfile, "listen-port", str(listen_port)]
-            wg += ["peer", b64(peer_public_key), "allowed-ips", f"{peer_ip}/32"]
+            wg += ["peer", b64(peer_public_key), "allowed-ips", ",".join(allowed)]
             if preshared_key is not None:
                 wg += ["preshared-key", pskfile]
             if peer_endpoint is not None:
@@ -223,7 +233,11 @@ def start_side(
             if keepalive:
                 wg += ["persistent-keepalive", str(keepalive)]
             lab.run(host, wg)
-            lab.run(host, ["ip", "addr", "add", f"{tunnel_ip}/24", "dev", ifname])
+            for address in addresses:
+                lab.run(
+                    host,
+                    ["ip", "addr", "add", address, "dev", ifname, *(["nodad"] if ":" in address else [])],
+                )
             lab.run(host, ["ip", "link", "set", ifname, "mtu", str(mtu), "up"])
         wait_for(lambda: interface_up(lab, host, ifname), READY_TIMEOUT_S, f"{ifname} up")
     finally:
@@ -243,18 +257,29 @@ def static_tunnel(
     keepalive: int = 0,
     metrics_ports: tuple[int | None, int | None] = (None, None),
     listen_port: int = DEFAULT_PORT,
+    ipv6: bool = False,
 ) -> tuple[TunnelSide, TunnelSide]:
     """Two endpoints with 10.99.0.1 (a) and 10.99.0.2 (b).
 
     Only the `initiator` ("a", "b" or "both") is told the other's endpoint, so only it can start
     the handshake; the other learns the initiator's address from its authenticated packets.
     `host_b` must be reachable at `host_b.public_address` when a initiates, and vice versa.
+    With `ipv6` the endpoints are the hosts' IPv6 addresses (a Lab(ipv6=True)) and the tunnel
+    carries fd99::1 and fd99::2 as well.
     """
     priv_a, pub_a = keypair()
     priv_b, pub_b = keypair()
     preshared = secrets.token_bytes(32) if psk else None
-    ep_b = f"{host_b.public_address}:{listen_port}" if initiator in ("a", "both") else None
-    ep_a = f"{host_a.public_address}:{listen_port}" if initiator in ("b", "both") else None
+
+    def endpoint(host: Host) -> str:
+        if ipv6:
+            if host.address6 is None:
+                raise ValueError(f"{host.name} has no IPv6 address: use Lab(ipv6=True)")
+            return f"[{host.address6}]:{listen_port}"
+        return f"{host.public_address}:{listen_port}"
+
+    ep_b = endpoint(host_b) if initiator in ("a", "both") else None
+    ep_a = endpoint(host_a) if initiator in ("b", "both") else None
 
     def start_a() -> TunnelSide:
         return start_side(
@@ -269,6 +294,7 @@ def static_tunnel(
             keepalive=keepalive if ep_b else 0,
             metrics_port=metrics_ports[0],
             listen_port=listen_port,
+            inner_ipv6=ipv6,
         )
 
     def start_b() -> TunnelSide:
@@ -284,6 +310,7 @@ def static_tunnel(
             keepalive=keepalive if ep_a else 0,
             metrics_port=metrics_ports[1],
             listen_port=listen_port,
+            inner_ipv6=ipv6,
         )
 
     # Start the responder first: an initiation sent before it listens is lost and only retried
