@@ -185,3 +185,14 @@ def _no_policy_left_behind(request):
         plane = request.getfixturevalue("control_plane")
         with contextlib.suppress(Exception):
             plane.admin("DELETE", "/policy")
+
+
+def test_policy_version_rules_and_rejections_are_exported_as_metrics(control_plane_factory) -> None:
+    plane = control_plane_factory()
+    assert put_policy(plane, SSH_ONLY)[0] == 200
+    assert put_policy(plane, "{ not json")[0] == 400
+    with urllib.request.urlopen(f"{plane.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "wiremesh_coord_policy_version 1.0" in text
+    assert "wiremesh_coord_policy_rules 1.0" in text
+    assert 'wiremesh_coord_policy_updates_total{outcome="rejected"} 1.0' in text

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Gauge
 from sqlalchemy.orm import Session
 
 from wiremesh.coord.mesh import Mesh
@@ -193,14 +194,36 @@ class PolicyService:
         self.text: str | None = None
         self.version = 0
         self.warnings: list[str] = []
+        self.rules = 0
+        self._updates: Counter | None = None
 
     @property
     def mesh(self) -> PolicyMesh:
         mesh: PolicyMesh = self.coord.mesh
         return mesh
 
+    def _register_metrics(self) -> None:
+        registry = getattr(self.coord, "registry", None)
+        if registry is None or self._updates is not None:
+            return
+        Gauge(
+            "wiremesh_coord_policy_version",
+            "version of the ACL policy in force (0: none set, allow all)",
+            registry=registry,
+        ).set_function(lambda: self.version)
+        Gauge(
+            "wiremesh_coord_policy_rules", "network rules in the ACL policy in force", registry=registry
+        ).set_function(lambda: self.rules)
+        self._updates = Counter(
+            "wiremesh_coord_policy_updates",
+            "policy updates through the admin API",
+            ["outcome"],
+            registry=registry,
+        )
+
     async def load(self) -> None:
         """Apply the stored policy (at start, and when another replica changed it)."""
+        self._register_metrics()
         text, version = await self.coord.db.run(load)
         policy: Policy | None = None
         if text is not None:
@@ -239,10 +262,17 @@ class PolicyService:
         policy = None
         warnings: list[str] = []
         if text is not None:
-            policy, warnings = validate(text, self.mesh.compiler.nodes())
+            try:
+                policy, warnings = validate(text, self.mesh.compiler.nodes())
+            except PolicyRejected:
+                if self._updates is not None:
+                    self._updates.labels("rejected").inc()
+                raise
         version = await self.coord.db.run(lambda s: save(s, text))
         self.text, self.version, self.warnings = text, version, warnings
         changed = self._apply(policy)
+        if self._updates is not None:
+            self._updates.labels("applied").inc()
         await self._announce(version)
         log.info(
             "policy_set version=%d rules=%d nodes_changed=%d",
@@ -256,6 +286,7 @@ class PolicyService:
         return {"policy": self.text, "version": self.version, "warnings": self.warnings}
 
     def _apply(self, policy: Policy | None) -> set[int]:
+        self.rules = len(policy.rules) if policy is not None else 0
         changed = self.mesh.set_policy(policy)
         self.mesh.take_filter_changed()
         for node_id in changed:
