@@ -365,7 +365,6 @@ def create_app(coord: Coordinator) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="wiremesh-coord", description="wiremesh coordination server")
     service.add_common_arguments(parser, "coord", 8080)
-    parser.add_argument("--peer-visibility", choices=("all", "user"), default="all")
     parser.add_argument("--ephemeral-grace", type=float, default=30.0, help="seconds offline before removal")
     parser.add_argument("--node-key-expiry", type=float, default=180 * 86400.0, help="seconds; 0 = never")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0)
@@ -380,7 +379,6 @@ def main(argv: list[str] | None = None) -> None:
         nats_url=settings.nats_url,
         replica_id=settings.replica_id,
         admin_key=settings.admin_key,
-        visibility=args.peer_visibility,
         ephemeral_grace=args.ephemeral_grace,
         node_key_expiry=args.node_key_expiry or None,
         keys_timeout=args.keys_timeout,

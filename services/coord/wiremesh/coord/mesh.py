@@ -5,9 +5,10 @@ rebuilt and serialised once, and each affected stream is only marked dirty. Stre
 their delta from the cached bytes when they next write, so a burst of changes coalesces
 into one frame per stream.
 
-Visibility is a policy hook. Until the ACL engine provides visible-peer sets, two modes:
-"all" (everyone sees everyone, Tailscale's default policy) and "user" (nodes see nodes of
-their own user, and tagged nodes see and are seen by everyone).
+Visibility is a hook (`_can_see` / `_candidates`): coord runs `PolicyMesh` (policy_store.py),
+whose visible-peer sets come from the ACL policy compiler. The base class keeps two static
+modes for tests of the incremental machinery: "all" (everyone sees everyone) and "user"
+(nodes see their own user's nodes; tagged nodes see and are seen by everyone).
 """
 
 from __future__ import annotations
