@@ -133,3 +133,18 @@ async def test_path_that_is_not_a_socket_is_refused(tmp_path):
     with pytest.raises(LocalAPIError, match="not a socket"):
         await LocalAPIServer(Backend(), str(path)).start()
     assert path.read_text() == "precious"
+
+
+async def test_up_with_an_auth_key_needs_a_backend_that_logs_in(server):
+    srv, backend = server
+    body = json.dumps({"auth_key": "wmauth-x"}).encode()
+    raw = f"POST /v0/up HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    code, answer = await request(srv.path, raw)
+    assert code == 400 and "does not log in" in answer["error"] and backend.calls == []
+
+
+async def test_up_body_that_is_not_a_json_object_is_400(server):
+    srv, backend = server
+    raw = b"POST /v0/up HTTP/1.1\r\nContent-Length: 3\r\n\r\n[1]"
+    code, answer = await request(srv.path, raw)
+    assert code == 400 and "JSON object" in answer["error"] and backend.calls == []

@@ -285,3 +285,20 @@ def test_sigterm_exits_0_and_removes_interface_and_socket(mesh):
     assert not pathlib.Path(agent.socket_path).exists()
     links = mesh.lab.run(agent.node, ["ip", "-o", "link", "show"]).stdout
     assert agent.ifname not in links
+
+
+def test_expired_node_comes_back_with_up_and_a_new_auth_key(mesh):
+    agent = _join_extra(mesh, "h")
+    before = agent.status()["self"]
+    mesh.m.admin_cli("nodes", "expire", "h")
+    wait_until(lambda: agent.status()["backend_state"] == "NeedsLogin", 10, "h to need login")
+    key_file = mesh.m.dir / "h-new.authkey"
+    key_file.write_text(mesh.m.auth_key())
+    result = cli("up", "--auth-key", f"file:{key_file}", "--socket", agent.socket_path)
+    assert result.returncode == 0, result.stderr
+    mesh.m.wait_running(agent)
+    after = agent.status()["self"]
+    assert (after["id"], after["addresses"]) == (before["id"], before["addresses"])
+    assert after["node_key"] != before["node_key"]  # coord takes no expired node key back
+    wait_peers(mesh.a, {"h"})
+    assert pings(mesh.lab, mesh.a.node, agent.address())

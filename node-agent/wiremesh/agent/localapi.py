@@ -2,7 +2,8 @@
 
     GET  /v0/status   self, peers (name, addresses, online, endpoint, rx/tx, last handshake)
     GET  /v0/ip       {"addresses": [...]}
-    POST /v0/up       resume forwarding (and retry login if coord had cut us off)
+    POST /v0/up       resume forwarding (and retry login if coord had cut us off);
+                      body {"auth_key": "..."} (optional) re-authenticates an expired node
     POST /v0/down     stop forwarding, stay logged in
     POST /v0/logout   deregister from coord and remove the state
     POST /v0/netcheck     probe UDP, public address, NAT mapping, relays (backends with netcheck())
@@ -115,11 +116,11 @@ class LocalAPIServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                method, path, _body = await asyncio.wait_for(self._read_request(reader), READ_TIMEOUT)
+                method, path, body = await asyncio.wait_for(self._read_request(reader), READ_TIMEOUT)
             except TimeoutError:
                 raise _BadRequest(400, "request not received in time") from None
             self.requests += 1
-            status, payload = await self._dispatch(method, path)
+            status, payload = await self._dispatch(method, path, body)
         except _BadRequest as exc:
             self.bad_requests += 1
             status, payload = exc.status, {"error": str(exc)}
@@ -170,8 +171,9 @@ class LocalAPIServer:
         body = await reader.readexactly(length) if length else b""
         return method, target.split("?", 1)[0], body
 
-    async def _dispatch(self, method: str, path: str) -> tuple[int, Any]:
+    async def _dispatch(self, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
         backend = self.backend
+        options = _json_object(body)
 
         async def ip() -> Any:
             return {"addresses": backend.ip()}
@@ -179,10 +181,22 @@ class LocalAPIServer:
         async def status() -> Any:
             return backend.status()
 
+        async def up() -> Any:
+            auth_key = options.get("auth_key", "")
+            if not isinstance(auth_key, str):
+                raise _BadRequest(400, "auth_key must be a string")
+            if not auth_key:
+                return await backend.up()
+            # Optional capability: only a daemon that logs in to coord takes an auth key.
+            reauth = getattr(backend, "up_with_auth_key", None)
+            if reauth is None:
+                raise _BadRequest(400, "this daemon does not log in to a coordination server")
+            return await reauth(auth_key)
+
         routes: dict[str, tuple[str, Callable[[], Awaitable[Any]]]] = {
             f"{API_PREFIX}/status": ("GET", status),
             f"{API_PREFIX}/ip": ("GET", ip),
-            f"{API_PREFIX}/up": ("POST", backend.up),
+            f"{API_PREFIX}/up": ("POST", up),
             f"{API_PREFIX}/down": ("POST", backend.down),
             f"{API_PREFIX}/logout": ("POST", backend.logout),
         }
@@ -201,8 +215,22 @@ class LocalAPIServer:
             raise _BadRequest(405, f"{path} takes {route[0]}, not {method[:10]}")
         try:
             return 200, await route[1]()
+        except _BadRequest:
+            raise
         except Exception as exc:
             code = _error_status(exc)
             if code is None:
                 raise
             return code, {"error": str(exc)}
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _BadRequest(400, "request body is not JSON") from None
+    if not isinstance(value, dict):
+        raise _BadRequest(400, "request body must be a JSON object")
+    return value

@@ -35,7 +35,13 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from wiremesh.agent import netconf
-from wiremesh.agent.control import ControlClient, ControlRefused, ControlUnavailable, LoginRequired
+from wiremesh.agent.control import (
+    ControlClient,
+    ControlRefused,
+    ControlUnavailable,
+    LoginRequired,
+    LoginResult,
+)
 from wiremesh.agent.state import Keys, Persisted, StateDir, StateError
 from wiremesh.core import crypto
 from wiremesh.core.netmap import NetworkMap, Node
@@ -271,6 +277,7 @@ class MeshAgent:
         self._endpoint_source = endpoints or (
             lambda: local_endpoints(engine.listen_port, exclude=(config.tun,))
         )
+        self._auth_key = config.auth_key
         self._auth_key_usable = bool(config.auth_key)
         self._logged_in = False
         self._apply_failed = False
@@ -308,15 +315,15 @@ class MeshAgent:
     # ---- control
 
     async def _login(self) -> None:
-        auth_key = self.config.auth_key if self._auth_key_usable else ""
-        result = await self.client.login(
-            self.keys.node_public,
-            self.keys.disco_public,
-            self.config.hostname or _default_hostname(),
-            auth_key=auth_key,
-            advertised_routes=self.config.advertise_routes,
-            endpoints=self.endpoints,
-        )
+        auth_key = self._auth_key if self._auth_key_usable else ""
+        try:
+            result = await self._login_request(auth_key)
+        except LoginRequired as exc:
+            if not auth_key or "new node key" not in str(exc):
+                raise
+            # Coord does not take an expired node key back: re-authenticate under a fresh one.
+            await self._rotate_node_key()
+            result = await self._login_request(auth_key)
         self._auth_key_usable = False
         self._logged_in = True
         self.last_error = ""
@@ -336,6 +343,24 @@ class MeshAgent:
         )
         self.backend_state = BackendState.RUNNING if self.persisted.want_running else BackendState.STOPPED
         await self._blocking(self._set_addresses, result.addresses)
+
+    async def _login_request(self, auth_key: str) -> LoginResult:
+        return await self.client.login(
+            self.keys.node_public,
+            self.keys.disco_public,
+            self.config.hostname or _default_hostname(),
+            auth_key=auth_key,
+            advertised_routes=self.config.advertise_routes,
+            endpoints=self.endpoints,
+        )
+
+    async def _rotate_node_key(self) -> None:
+        """A new WireGuard key for this node (the machine key, and so the node, stay)."""
+        key = crypto.generate_private_key()
+        await self._blocking(self.state_dir.replace_node_key, key)
+        self.keys = dataclasses.replace(self.keys, node=key)
+        await self._blocking(self.engine.set_private_key, key)
+        log.info("node_key_rotated node_key=%s", self.keys.node_public)
 
     async def _control_loop(self) -> None:
         backoff = 0.2
@@ -574,9 +599,14 @@ class MeshAgent:
             raise MeshError(503, "no addresses yet: not logged in (see `wiremesh status`)")
         return addresses
 
-    async def up(self) -> dict[str, Any]:
+    async def up(self, auth_key: str = "") -> dict[str, Any]:
+        """Resume forwarding; with `auth_key`, re-authenticate a node coord cut off (expired)."""
         if self.backend_state is BackendState.LOGGED_OUT:
             raise MeshError(409, "logged out: start wiremeshd again with an auth key")
+        if len(auth_key) > MAX_AUTH_KEY_BYTES:
+            raise MeshError(400, f"auth key longer than {MAX_AUTH_KEY_BYTES} bytes")
+        if auth_key:
+            self._auth_key, self._auth_key_usable = auth_key, True
         self.persisted = dataclasses.replace(self.persisted, want_running=True)
         self._save()
         if self._logged_in:
@@ -586,6 +616,9 @@ class MeshAgent:
         await self.apply()
         log.info("up")
         return self.status()
+
+    async def up_with_auth_key(self, auth_key: str) -> dict[str, Any]:
+        return await self.up(auth_key)
 
     async def down(self) -> dict[str, Any]:
         if self.backend_state is BackendState.LOGGED_OUT:

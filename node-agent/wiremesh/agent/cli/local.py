@@ -22,12 +22,12 @@ def default_socket() -> str:
     return os.environ.get("WIREMESH_SOCKET", DEFAULT_SOCKET)
 
 
-def call(socket_path: str, method: str, path: str) -> tuple[int, Any]:
+def call(socket_path: str, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     """One request to the local API; (status, decoded JSON)."""
     transport = httpx.HTTPTransport(uds=socket_path)
     try:
         with httpx.Client(transport=transport, base_url="http://wiremeshd", timeout=TIMEOUT) as client:
-            response = client.request(method, f"/v0/{path}")
+            response = client.request(method, f"/v0/{path}", json=body)
     except httpx.HTTPError as exc:
         raise LocalAPIUnavailable(f"cannot reach wiremeshd at {socket_path}: {exc}") from exc
     try:
@@ -52,14 +52,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     family.add_argument("-4", dest="family", action="store_const", const=4, help="IPv4 only")
     family.add_argument("-6", dest="family", action="store_const", const=6, help="IPv6 only")
     ip.set_defaults(func=_ip)
-    add("up", "resume forwarding through the mesh").set_defaults(func=_action, action="up")
+    up = add("up", "resume forwarding through the mesh")
+    up.add_argument(
+        "--auth-key",
+        default=None,
+        metavar="KEY",
+        help="re-authenticate a node coord cut off (expired); 'file:PATH' reads it from a file",
+    )
+    up.set_defaults(func=_action, action="up")
     add("down", "stop forwarding; stay logged in").set_defaults(func=_action, action="down")
     add("logout", "deregister this node and remove its keys").set_defaults(func=_action, action="logout")
 
 
-def _request(args: argparse.Namespace, method: str, path: str) -> tuple[int, Any] | None:
+def _request(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any] | None:
     try:
-        return call(args.socket or default_socket(), method, path)
+        return call(args.socket or default_socket(), method, path, body)
     except LocalAPIUnavailable as exc:
         print(f"wiremesh: {exc}", file=sys.stderr)
         return None
@@ -100,8 +109,22 @@ def _ip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_auth_key(value: str) -> str:
+    if value.startswith("file:"):
+        with open(value[5:]) as f:
+            return f.read(1024).strip()
+    return value.strip()
+
+
 def _action(args: argparse.Namespace) -> int:
-    got = _request(args, "POST", args.action)
+    body = None
+    if getattr(args, "auth_key", None):
+        try:
+            body = {"auth_key": _read_auth_key(args.auth_key)}
+        except OSError as exc:
+            print(f"wiremesh: cannot read the auth key: {exc}", file=sys.stderr)
+            return 1
+    got = _request(args, "POST", args.action, body)
     if got is None:
         return 1
     status, payload = got
