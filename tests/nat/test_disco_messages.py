@@ -92,3 +92,26 @@ def test_call_me_maybe_endpoint_count_is_bounded():
     too_many = CallMeMaybe(tuple(Endpoint(("10.0.0.1", p)) for p in range(1, disco.MAX_ENDPOINTS + 2)))
     with pytest.raises(DiscoError, match="at most"):
         disco.encode(too_many)
+
+
+def test_netmap_peers_become_magicsock_peer_infos():
+    from wiremesh.agent.magicsock import peer_infos_from_netmap
+    from wiremesh.core import crypto
+    from wiremesh.core.netmap import Node
+
+    key, dkey = bytes(range(32)), bytes(range(1, 33))
+    node = Node(
+        id=1,
+        name="b",
+        hostname="b",
+        user="u",
+        node_key=crypto.encode_key(key),
+        disco_key=crypto.encode_key(dkey),
+        addresses=("100.64.0.2/32",),
+        allowed_ips=("100.64.0.2/32",),
+        endpoints=("198.18.1.2:41641", "[2001:db8::1]:7", "bad", "1.2.3.4:0"),
+        home_relay=2,
+    )
+    (info,) = peer_infos_from_netmap([node])
+    assert info.node_key == key and info.disco_key == dkey and info.home_region == 2
+    assert [e.address for e in info.endpoints] == [("198.18.1.2", 41641), ("2001:db8::1", 7)]

@@ -1,9 +1,11 @@
 """magicsock, the adapter: gives the sans-I/O path selector sockets, relays and a clock.
 
-    ms = MagicSock(engine, node_private_key, derp_map)
-    ms.start()                                   # before or after engine.start()
-    endpoints = ms.set_peers([PeerInfo(...)])    # node key -> WireGuard endpoint object
+    ms = MagicSock(engine, node_private_key, netmap.derp_map, disco_key=DiscoKey(disco_private),
+                   on_change=report)             # report(endpoints, home_region) -> coord update
+    ms.start()                                   # after engine.start() (STUN uses its socket)
+    endpoints = ms.set_peers(peer_infos_from_netmap(netmap.peers))  # node key -> endpoint object
     engine.set_peers([PeerConfig(..., endpoint=endpoints[key])])
+    ms.set_derp_map(netmap.derp_map)             # on every netmap change
     ms.status(); ms.netcheck(); ms.ping(node_key)
     ms.stop()
 
@@ -78,7 +80,9 @@ NATPMP_PORT = 5351
 NATPMP_LIFETIME = 7200
 NATPMP_TIMEOUT = 0.5
 PROBE_SOCKET_LIMIT = 1024
-RELAY_BACKLOG = 32  # packets held per relay region while it is being connected  # birthday probe sockets open at once, all peers together
+RELAY_BACKLOG = 32
+HANDSHAKE_INITIATION_LEN = 148
+INITIATION_RESEND_WINDOW = 4.5  # WireGuard retries an unanswered initiation after 5 s itself  # packets held per relay region while it is being connected  # birthday probe sockets open at once, all peers together
 
 
 def _b64(key: bytes) -> str:
@@ -154,6 +158,7 @@ class MagicSock:
         self._endpoints: dict[bytes, PeerEndpoint] = {}
         self._aliases: dict[Hashable, PeerEndpoint] = {}
         self.drops: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
         self.home_region: int | None = None
         self.region_latency: dict[int, float] = {}
         self._region_down: dict[int, float] = {}
@@ -167,6 +172,8 @@ class MagicSock:
         self._derp: dict[int, Any] = {}
         self._derp_connecting: dict[int, asyncio.Task[Any]] = {}
         self._relay_backlog: dict[int, list[tuple[Relay, bytes]]] = {}
+        self._initiations: dict[bytes, tuple[bytes, float]] = {}
+        self._home_lock: asyncio.Lock | None = None
         self._probe_socks: dict[int, tuple[socket.socket, bytes]] = {}
         self._next_probe_id = 1
         self._ping_waiters: dict[bytes, concurrent.futures.Future[PingResult]] = {}
@@ -209,6 +216,9 @@ class MagicSock:
             dest = self.core.route(endpoint.node_key, now)
             out = self.core.datagrams_to_send()
         self._emit(out)
+        if len(data) == HANDSHAKE_INITIATION_LEN and data[0] == 1:
+            # Kept so that it can be re-sent at once over a better route (see _resend_initiation).
+            self._initiations[endpoint.node_key] = (data, now)
         if dest is None:
             self.drops["no_route"] += 1
         else:
@@ -309,6 +319,11 @@ class MagicSock:
     def set_peers(self, peers: Iterable[PeerInfo]) -> dict[bytes, PeerEndpoint]:
         """Reconcile with the netmap; returns each peer's WireGuard endpoint object."""
         peers = list(peers)
+        moved = [
+            p.node_key
+            for p in peers
+            if p.node_key in self.core.peers and p.home_region != self.core.peers[p.node_key].home_region
+        ]
         with self._lock:
             self.core.set_peers(peers, time.monotonic())
             for key in list(self._endpoints):
@@ -325,7 +340,24 @@ class MagicSock:
             out = self.core.datagrams_to_send()
         self._emit(out)
         self._wake_loop()
+        for key in moved:
+            self._resend_initiation(key)
         return dict(self._endpoints)
+
+    def _resend_initiation(self, node_key: bytes) -> None:
+        """Re-send the peer's pending WireGuard handshake initiation over its current route.
+
+        The first initiation often goes out before any route is known to work (the relay region
+        of a peer that has just started, a direct path not yet punched) and is lost; WireGuard
+        itself would only retry 5 s later. A duplicate that did arrive is rejected by the
+        responder's timestamp check, so re-sending is harmless.
+        """
+        entry = self._initiations.pop(node_key, None)
+        ep = self._endpoints.get(node_key)
+        if entry is None or ep is None or time.monotonic() - entry[1] > INITIATION_RESEND_WINDOW:
+            return
+        self.counters["initiations_resent"] += 1
+        self._transport(entry[0], ep)
 
     def endpoint_for(self, node_key: bytes) -> PeerEndpoint | None:
         return self._endpoints.get(node_key)
@@ -447,6 +479,8 @@ class MagicSock:
                         self._aliases[event.direct.address] = ep
             elif isinstance(event, PathChanged):
                 log.info("peer_path peer=%s path=%s", _b64(event.node_key)[:8], event.direct or "relay")
+                if event.direct is not None:
+                    self._resend_initiation(event.node_key)
             elif isinstance(event, PingResult):
                 fut = self._ping_waiters.pop(event.tx_id, None)
                 if fut is not None and not fut.done():
@@ -657,6 +691,14 @@ class MagicSock:
         self._report()
 
     async def _choose_home(self) -> None:
+        # One decision at a time: a periodic netcheck and a lost relay must not race each other
+        # (the netcheck could otherwise re-elect the relay that has just gone).
+        if self._home_lock is None:
+            self._home_lock = asyncio.Lock()
+        async with self._home_lock:
+            await self._choose_home_locked()
+
+    async def _choose_home_locked(self) -> None:
         now = time.monotonic()
         down = {r for r, until in self._region_down.items() if until > now}
         home = choose_home_region(self.region_latency, self.home_region, down)
@@ -670,6 +712,8 @@ class MagicSock:
         if home is None:
             return
         client = await self._connect_region(home)
+        if client is not None and client.closed:
+            client = None
         if client is None and len(self.regions) > 1:
             self._region_down[home] = time.monotonic() + REGION_DOWN_FOR
             for other in sorted(self.regions, key=lambda r: self.region_latency.get(r, 1e9)):
@@ -810,7 +854,7 @@ class MagicSock:
             "netcheck": self.netcheck_report(),
             "peers": peers,
             "drops": drops,
-            "counters": counters,
+            "counters": {**counters, **self.counters},
             "probe_sockets": len(self._probe_socks),
         }
 
@@ -900,6 +944,36 @@ def natpmp_map(gateway: str, internal_port: int, lifetime: int = NATPMP_LIFETIME
     if result != 0 or internal != internal_port or external == 0:
         return None
     return public_ip, external
+
+
+# ----------------------------------------------------------------------------- mesh mode glue
+
+
+def peer_infos_from_netmap(nodes: Iterable[Any]) -> list[PeerInfo]:
+    """PeerInfo for each netmap peer (`wiremesh.core.netmap.Node`): what mesh mode passes to
+    `MagicSock.set_peers`. Peers with an unreadable key are skipped; bad endpoints are ignored."""
+    from wiremesh.core import crypto
+
+    infos = []
+    for node in nodes:
+        try:
+            node_key = crypto.decode_key(node.node_key)
+        except ValueError:
+            continue
+        disco_key = None
+        if node.disco_key:
+            with contextlib.suppress(ValueError):
+                disco_key = crypto.decode_key(node.disco_key)
+        eps = []
+        for text in node.endpoints:
+            host, _, port = str(text).rpartition(":")
+            host = host.strip("[]")
+            if port.isdigit() and 0 < int(port) < 65536:
+                with contextlib.suppress(ValueError):
+                    ipaddress.ip_address(host)
+                    eps.append(Endpoint((host, int(port))))
+        infos.append(PeerInfo(node_key, disco_key, tuple(eps), node.home_relay))
+    return infos
 
 
 # ----------------------------------------------------------------------------- static mesh mode
