@@ -57,36 +57,6 @@ def _pseudo6(packet: bytes, tcp_length: int) -> int:
     return _fold(s + (tcp_length >> 16) + (tcp_length & 0xFFFF) + PROTO_TCP)
 
 
-def _segment_info(p: bytes) -> tuple[bytes, int, int, int, int] | None:
-    """(flow key, seq, header length, payload length, flags) for a mergeable TCP segment."""
-    n = len(p)
-    if n < 40:
-        return None
-    first = p[0]
-    if first == 0x45:  # IPv4 without options
-        if p[9] != PROTO_TCP or p[6] & 0x3F or p[7]:  # not TCP, or a fragment
-            return None
-        t = 20
-        key = p[1:2] + p[8:9] + p[12:24]
-    elif first >> 4 == 6:
-        if n < 60 or p[6] != PROTO_TCP:
-            return None
-        t = 40
-        key = p[0:4] + p[7:8] + p[8:44]
-    else:
-        return None
-    doff = (p[t + 12] >> 4) * 4
-    hl = t + doff
-    if doff < 20 or n <= hl:
-        return None
-    flags = p[t + 13]
-    if flags != TCP_ACK and flags != TCP_ACK | TCP_PSH:
-        return None
-    # ACK number, data offset, window and options must match; the checksum may not.
-    key += p[t + 8 : t + 13] + p[t + 14 : t + 16] + p[t + 20 : hl]
-    return key, int.from_bytes(p[t + 4 : t + 8], "big"), hl, n - hl, flags
-
-
 def coalesce(packets: list[bytes]) -> list[bytes]:
     """Turn decrypted IP packets into TUN writes (each prefixed with a virtio_net_hdr)."""
     out: list[bytes] = []
@@ -95,32 +65,77 @@ def coalesce(packets: list[bytes]) -> list[bytes]:
     i = 0
     while i < n:
         p = packets[i]
-        info = _segment_info(p)
-        if info is None or info[4] & TCP_PSH or i + 1 == n:
+        if i + 1 == n:
+            append(PLAIN_HEADER + p)
+            break
+        # The first segment of a run fixes everything the others must match; compare slices of
+        # the candidates against it rather than building a key per packet.
+        size = len(p)
+        if size < 40:
             append(PLAIN_HEADER + p)
             i += 1
             continue
-        key, seq, hl, mss, _ = info
-        next_seq = (seq + mss) & 0xFFFFFFFF
-        total = len(p)
-        j = i + 1
+        if p[0] == 0x45:
+            t = 20
+            if size < 40 or p[9] != PROTO_TCP or p[6] & 0x3F or p[7]:
+                append(PLAIN_HEADER + p)
+                i += 1
+                continue
+            same_ip = p[8:10] + p[12:20]  # TTL, protocol, addresses
+            tos = p[1]
+        elif p[0] >> 4 == 6:
+            t = 40
+            if size < 60 or p[6] != PROTO_TCP:
+                append(PLAIN_HEADER + p)
+                i += 1
+                continue
+            same_ip = p[0:4] + p[6:8] + p[8:40]
+            tos = -1
+        else:
+            append(PLAIN_HEADER + p)
+            i += 1
+            continue
+        doff = (p[t + 12] >> 4) * 4
+        hl = t + doff
+        mss = size - hl
+        if doff < 20 or mss <= 0 or p[t + 13] != TCP_ACK:
+            append(PLAIN_HEADER + p)
+            i += 1
+            continue
+        ports = p[t : t + 4]
+        ack_off = p[t + 8 : t + 13]  # ACK number and data offset
+        window = p[t + 14 : t + 16]
+        options = p[t + 20 : hl]
+        next_seq = (int.from_bytes(p[t + 4 : t + 8], "big") + mss) & 0xFFFFFFFF
+        total = size
         last_flags = TCP_ACK
+        j = i + 1
         while j < n:
             q = packets[j]
-            qi = _segment_info(q)
+            length = len(q) - hl
+            if length <= 0 or length > mss or total + length > MAX_IP_PACKET:
+                break
+            flags = q[t + 13]
+            if flags != TCP_ACK and flags != TCP_ACK | TCP_PSH:
+                break
+            if t == 20:
+                if q[0] != 0x45 or q[1] != tos or q[6] & 0x3F or q[7] or q[8:10] + q[12:20] != same_ip:
+                    break
+            elif q[0:4] + q[6:8] + q[8:40] != same_ip:
+                break
             if (
-                qi is None
-                or qi[0] != key
-                or qi[1] != next_seq
-                or qi[3] > mss
-                or total + qi[3] > MAX_IP_PACKET
+                q[t : t + 4] != ports
+                or q[t + 8 : t + 13] != ack_off
+                or q[t + 14 : t + 16] != window
+                or q[t + 20 : hl] != options
+                or int.from_bytes(q[t + 4 : t + 8], "big") != next_seq
             ):
                 break
-            total += qi[3]
-            next_seq = (next_seq + qi[3]) & 0xFFFFFFFF
-            last_flags = qi[4]
+            total += length
+            next_seq = (next_seq + length) & 0xFFFFFFFF
+            last_flags = flags
             j += 1
-            if qi[3] < mss or last_flags & TCP_PSH:
+            if length < mss or flags & TCP_PSH:
                 break  # a short or pushed segment ends a run, as in the kernel's GRO
         if j - i == 1:
             append(PLAIN_HEADER + p)
