@@ -65,7 +65,7 @@ def test_handshake_and_ping_both_ways(
     first, second = (ours, theirs) if wiremesh_side == initiator else (theirs, ours)
     # The initiator's first packet triggers the handshake; then both directions must work.
     assert ping(lab, first.host, second.tunnel_ip, count=3).received >= 2, ours.log_text()
-    assert ping(lab, second.host, first.tunnel_ip, count=3).received == 3
+    assert ping(lab, second.host, first.tunnel_ip, count=3).received >= 2
     metrics = scrape(lab, ours)
     assert metric_sum(metrics, "wiremesh_peer_handshakes_completed_total") >= 1
     assert metric_sum(metrics, "wiremesh_peer_rx_packets_total") >= 5
@@ -106,7 +106,7 @@ def test_ipv6_endpoints_and_ipv6_inside_the_tunnel(initiator: str) -> None:
         first, second = (ours, theirs) if initiator == "a" else (theirs, ours)
         assert second.tunnel_ip6 is not None and first.tunnel_ip6 is not None
         assert ping(lab6, first.host, second.tunnel_ip6, count=3).received >= 2, ours.log_text()
-        assert ping(lab6, second.host, first.tunnel_ip, count=3).received == 3
-        assert ping(lab6, second.host, first.tunnel_ip6, count=3).received == 3
+        assert ping(lab6, second.host, first.tunnel_ip, count=3).received >= 2
+        assert ping(lab6, second.host, first.tunnel_ip6, count=3).received >= 2
         status = scrape(lab6, ours)
         assert metric_sum(status, "wiremesh_peer_handshakes_completed_total") >= 1
