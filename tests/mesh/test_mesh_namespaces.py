@@ -302,3 +302,22 @@ def test_expired_node_comes_back_with_up_and_a_new_auth_key(mesh):
     assert after["node_key"] != before["node_key"]  # coord takes no expired node key back
     wait_peers(mesh.a, {"h"})
     assert pings(mesh.lab, mesh.a.node, agent.address())
+
+
+def test_agent_started_while_coord_is_down_joins_once_coord_is_back(mesh):
+    m = mesh.m
+    m.stop_process(m.coord)
+    try:
+        agent = m.agent("i", mesh.lab.host("i"), mesh.key, wait=False)
+
+        def waiting_for_coord() -> bool:
+            status = agent.try_status()
+            return bool(status and status["backend_state"] == "Starting" and status["error"])
+
+        wait_until(waiting_for_coord, 15, "i to report coord unreachable")
+    finally:
+        m.start_coord()
+        m.wait_services()
+    m.wait_running(agent)
+    wait_peers(mesh.a, {"i"})
+    assert pings(mesh.lab, agent.node, mesh.a.address())
