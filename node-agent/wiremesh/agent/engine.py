@@ -1,15 +1,20 @@
 """The data plane: moves packets between a TUN interface and UDP, through the WireGuard Device.
 
 The Device (wiremesh.core.wireguard) is sans-I/O and not thread-safe; the Engine is the thin
-adapter that owns the file descriptors and threads and serialises every Device call with one lock:
+adapter that owns the file descriptors and threads and serialises every Device call with one lock
+(taken once per batch, not per packet):
 
-- a TUN reader thread: IP packet -> (outbound hook) -> Device.send -> UDP sendto
-- one UDP reader thread per socket (IPv4, IPv6): datagram -> Device.receive -> (inbound filter) -> TUN
+- a TUN reader thread: drains up to TUN_READ_BATCH packets -> (outbound hook) -> Device.send ->
+  runs of equal-size datagrams to one endpoint leave in one sendmsg with UDP_SEGMENT (GSO)
+- one UDP reader thread per socket (IPv4, IPv6): with UDP_GRO one recvmsg returns many datagrams
+  -> Device.receive -> (inbound filter) -> consecutive TCP segments merged into one TUN write
+  with a virtio_net_hdr (software GRO, see gro.py)
 - a timer thread: Device.handle_timer at Device.next_timer(), flushing handshakes and keepalives
 
-Readers drain their descriptor without waiting and only poll() when it is empty, so a busy
-tunnel costs one system call per packet in each direction; poll() also watches a wake pipe so
-that stop() returns promptly.
+Readers drain their descriptor without waiting and only poll() when it is empty; poll() also
+watches a wake pipe so that stop() returns promptly. Optional TUN TSO (gso.py) is off by default
+because segmenting in Python cost more than it saved here. The wiremesh_io_total metric shows how
+well batching works (system calls versus packets).
 
 The control plane reconfigures a running Engine with set_peers / set_addresses / set_routes.
 
