@@ -81,6 +81,8 @@ NATPMP_LIFETIME = 7200
 NATPMP_TIMEOUT = 0.5
 PROBE_SOCKET_LIMIT = 1024
 RELAY_BACKLOG = 32
+RELAY_PING_INTERVAL = 4.0
+RELAY_PING_TIMEOUT = 3.0
 HANDSHAKE_INITIATION_LEN = 148
 INITIATION_RESEND_WINDOW = 4.5  # WireGuard retries an unanswered initiation after 5 s itself  # packets held per relay region while it is being connected  # birthday probe sockets open at once, all peers together
 
@@ -295,6 +297,7 @@ class MagicSock:
         finally:
             self._ready.set()
         self._tasks.append(asyncio.create_task(self._periodic(), name="magicsock-netcheck"))
+        self._tasks.append(asyncio.create_task(self._relay_watchdog(), name="magicsock-relay-watchdog"))
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _shutdown(self) -> None:
@@ -580,6 +583,21 @@ class MagicSock:
                 await self._netcheck_and_home()
             except Exception:
                 log.exception("netcheck_failed")
+
+    async def _relay_watchdog(self) -> None:
+        """Ping every connected relay: a NAT that forgot our TCP connection (rebinding) drops the
+        relay's FIN, so a dead relay can look connected until we send something."""
+        while not self._stopping:
+            await asyncio.sleep(RELAY_PING_INTERVAL)
+            for region, client in list(self._derp.items()):
+                if client.closed:
+                    continue
+                try:
+                    await client.ping(RELAY_PING_TIMEOUT)
+                except Exception as exc:
+                    log.info("relay_unresponsive region=%s error=%r", region, exc)
+                    with contextlib.suppress(Exception):
+                        await client.close()
 
     # ------------------------------------------------------------------ netcheck and home relay
 
