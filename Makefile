@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo test lint unit sysdeps venv bench clean
+.PHONY: all demo demo-static test lint unit sysdeps venv bench clean
 
 all: test
 
@@ -30,6 +30,10 @@ test: sysdeps venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: sysdeps venv
+	$(PY) -m wiremesh.lab.demo
+
+# Two agents joined by a static (wg-quick style) tunnel through one NAT: ping and iperf3.
+demo-static: sysdeps venv
 	$(PY) -m wiremesh.lab.demo
 
 bench: sysdeps venv
