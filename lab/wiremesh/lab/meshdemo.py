@@ -205,11 +205,8 @@ def peer_path(status: dict[str, Any], node_key: str) -> tuple[str, str]:
                 candidates.append(value)
     for peer in status.get("peers") or []:
         if isinstance(peer, dict) and key_b64(str(peer.get("node_key", ""))) == node_key:
-            candidates.append(peer.get("path"))
-            candidates.append(peer)
+            candidates.append(peer.get("path") if isinstance(peer.get("path"), dict) else peer)
     for info in candidates:
-        if isinstance(info, str) and info in ("direct", "relay"):
-            info = {"path": info}
         if not isinstance(info, dict) or info.get("path") not in ("direct", "relay"):
             continue
         if info["path"] == "direct":

@@ -1,0 +1,70 @@
+"""`make demo` (wiremesh.lab.meshdemo): the whole mesh runs and its report says what happened.
+
+The smoke test runs the demo's own entry point with a smaller cast (public, EIM, same-NAT pair,
+symmetric, UDP-blocked) and a shorter schedule, in the same namespaces and with the same
+services as `make demo`. The pure parts (who must go direct, reading a path out of a status)
+are tested on their own.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from wiremesh.lab.meshdemo import (
+    EDM,
+    EIM_APDF,
+    PUBLIC,
+    SAME_NAT,
+    UDP_BLOCKED,
+    must_go_direct,
+    peer_path,
+)
+
+KEY_A = "xsLLadZHyTov3oatUoM0o01cMNEfXVB6KFk+fEhZM30="
+KEY_B = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+
+
+def test_pairs_with_udp_blocked_or_two_symmetric_nats_are_not_expected_direct():
+    assert not must_go_direct(PUBLIC, UDP_BLOCKED)
+    assert not must_go_direct(EDM, EDM)
+    assert must_go_direct(EDM, EIM_APDF)
+    assert must_go_direct(SAME_NAT, SAME_NAT)
+
+
+def test_path_is_read_from_the_magicsock_section_of_a_status():
+    status = {
+        "peers": [{"node_key": KEY_A, "endpoint": "198.18.0.9:41641"}],
+        "magicsock": {"peers": {KEY_A: {"path": "relay", "relay_region": 2, "direct": None}}},
+    }
+    assert peer_path(status, KEY_A) == ("relay", "2")
+
+
+def test_path_is_read_from_a_peer_entry_that_carries_its_own_path():
+    status = {"peers": [{"node_key": KEY_A, "path": "direct", "direct": "192.168.1.11:41641"}]}
+    assert peer_path(status, KEY_A) == ("direct", "192.168.1.11:41641")
+
+
+def test_path_falls_back_to_the_wireguard_endpoint_a_handshake_used():
+    status = {
+        "peers": [
+            {"node_key": KEY_A, "endpoint": "198.18.0.9:41641", "last_handshake_seconds_ago": 3},
+            {"node_key": KEY_B, "endpoint": "relay:1", "last_handshake_seconds_ago": 3},
+        ]
+    }
+    assert peer_path(status, KEY_A) == ("direct", "198.18.0.9:41641")
+    assert peer_path(status, KEY_B) == ("relay", "1")
+
+
+def test_path_of_a_peer_never_heard_from_is_unknown():
+    status = {
+        "peers": [{"node_key": KEY_A, "endpoint": "198.18.0.9:41641", "last_handshake_seconds_ago": None}]
+    }
+    assert peer_path(status, KEY_A) == ("?", "")
+    assert peer_path({}, KEY_B) == ("?", "")
+
+
+def _logs(directory: pathlib.Path) -> str:
+    parts = []
+    for path in sorted(directory.glob("*.log")):
+        parts.append(f"\n--- {path.name}\n{path.read_text(errors='replace')[-1500:]}")
+    return "".join(parts)
