@@ -994,6 +994,108 @@ def peer_infos_from_netmap(nodes: Iterable[Any]) -> list[PeerInfo]:
     return infos
 
 
+class MeshBinding:
+    """Plugs a MagicSock into mesh mode (wiremesh.agent.mesh.MeshAgent) through its seams:
+
+    - `peer_endpoints`: once the netmap carries a relay map, every usable peer's WireGuard
+      endpoint is its PeerEndpoint (without one, mesh mode keeps its first-endpoint guess);
+    - `endpoint_strings` (the agent's endpoint source): STUN, port-mapped and local endpoints;
+    - our home region and endpoints are reported to coord (`ControlClient.update`) on change;
+    - `local_api_backend(agent)` adds `netcheck` and `ping` to the agent's local API.
+    """
+
+    def __init__(self, magicsock: MagicSock) -> None:
+        self.magicsock = magicsock
+        self.agent: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, agent: Any) -> None:
+        """Call from the agent's event loop, before `agent.run()`."""
+        self.agent = agent
+        self._loop = asyncio.get_running_loop()
+        agent.peer_endpoints = self.peer_endpoints
+        self.magicsock.on_change = self._report
+
+    def peer_endpoints(self, nodes: Any) -> dict[str, Hashable]:
+        netmap = getattr(self.agent, "netmap", None)
+        self.magicsock.set_derp_map(getattr(netmap, "derp_map", None) or None)
+        if not self.magicsock.regions:
+            return {}
+        from wiremesh.core import crypto
+
+        endpoints = self.magicsock.set_peers(peer_infos_from_netmap(nodes))
+        return {crypto.encode_key(key): ep for key, ep in endpoints.items()}
+
+    def endpoint_strings(self) -> tuple[str, ...]:
+        ms = self.magicsock
+        if ms.local_endpoints:
+            return tuple(_fmt(ep.address) for ep in ms.local_endpoints)
+        from wiremesh.agent.mesh import local_endpoints
+
+        return local_endpoints(ms.engine.listen_port, exclude=(ms.engine.tun_name,))
+
+    def _report(self, endpoints: tuple[str, ...], home: int | None) -> None:
+        agent, loop = self.agent, self._loop
+        if agent is None or loop is None or loop.is_closed():
+            return
+
+        async def update() -> None:
+            try:
+                await agent.client.update(agent.keys.node_public, endpoints=endpoints, home_relay=home)
+                log.info("reported endpoints=%s home_region=%s", ",".join(endpoints), home)
+            except Exception as exc:
+                log.info("report_failed error=%r", str(exc))
+
+        loop.call_soon_threadsafe(lambda: loop.create_task(update()))
+
+    def local_api_backend(self, agent: Any) -> Any:
+        return _MeshBackend(agent, self.magicsock)
+
+
+class _MeshBackend:
+    """The agent's local API backend plus netcheck and ping (everything else is the agent's)."""
+
+    def __init__(self, agent: Any, magicsock: MagicSock) -> None:
+        self._agent = agent
+        self._magicsock = magicsock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._agent, name)
+
+    async def netcheck(self) -> dict[str, Any]:
+        ms = self._magicsock
+        if ms._loop is None:
+            raise _Refused(503, "magicsock is not running")
+        result: dict[str, Any] = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(ms.netcheck(), ms._loop)
+        )
+        return result
+
+    async def ping(self, peer: str) -> dict[str, Any]:
+        ms = self._magicsock
+        names: dict[str, bytes] = {}
+        netmap = getattr(self._agent, "netmap", None)
+        from wiremesh.core import crypto
+
+        for node in getattr(netmap, "peers", ()):
+            with contextlib.suppress(ValueError):
+                node_key = crypto.decode_key(node.node_key)
+                for name in (node.name, node.hostname, *(a.split("/")[0] for a in node.addresses)):
+                    names[name] = node_key
+        key = resolve_peer(peer, names)
+        if key is None or ms.endpoint_for(key) is None or ms._loop is None:
+            raise _Refused(404, f"no such peer {peer[:60]!r} (or no relay map: magicsock is idle)")
+        replies = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ms.ping(key), ms._loop))
+        return {"peer": peer, "replies": replies, "path": ms.peer_path(key)}
+
+
+def attach_to_mesh(engine: Any, node_private_key: bytes, disco_private_key: bytes) -> MeshBinding:
+    """A started MagicSock for mesh mode (idle until coord sends a relay map)."""
+    ms = MagicSock(engine, node_private_key, None, disco_key=DiscoKey(disco_private_key))
+    ms.start(timeout=0)
+    return MeshBinding(ms)
+
+
 # ----------------------------------------------------------------------------- static mesh mode
 
 

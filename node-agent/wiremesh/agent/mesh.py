@@ -815,10 +815,14 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
     from wiremesh.agent.localapi import LocalAPIServer
+    from wiremesh.agent.magicsock import attach_to_mesh
 
-    agent = MeshAgent(config, state_dir, keys, engine)
+    # magicsock (NAT traversal, relays) takes over peers' paths once coord sends a relay map.
+    magicsock = attach_to_mesh(engine, keys.node, keys.disco)
+    agent = MeshAgent(config, state_dir, keys, engine, endpoints=magicsock.endpoint_strings)
+    magicsock.bind(agent)
     registry.register(MeshCollector(agent))
-    api = LocalAPIServer(agent, config.socket_path)
+    api = LocalAPIServer(magicsock.local_api_backend(agent), config.socket_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
@@ -834,5 +838,6 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
         await agent.run()
     finally:
         await api.close()
+        magicsock.magicsock.stop()
     log.info("shutting_down")
     return 0
