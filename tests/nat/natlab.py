@@ -78,6 +78,7 @@ class NatWorld:
         self.birthday = birthday
         self.suffix = os.urandom(2).hex()
         self.started_at = 0.0
+        self.extra_keys: list[bytes] = []  # node keys of agents not started by this world (mesh mode)
         self.netmap_dir = os.path.join(lab.tmpdir, "netmap")
         os.makedirs(self.netmap_dir, exist_ok=True)
 
@@ -119,7 +120,11 @@ class NatWorld:
         region = self.regions[rid]
         keys = os.path.join(self.lab.tmpdir, "allowed-keys")
         with open(keys, "w") as f:
-            f.write("".join(b64(a.node_key) + "\n" for a in self.agents.values()))
+            f.write(
+                "".join(
+                    b64(k) + "\n" for k in [*(a.node_key for a in self.agents.values()), *self.extra_keys]
+                )
+            )
         log = open(os.path.join(self.lab.tmpdir, f"derp{rid}.log"), "a")  # noqa: SIM115 - child keeps it
         region.proc = self.lab.popen(
             region.host,
