@@ -65,7 +65,7 @@ from wiremesh.core.magicsock import (
 from wiremesh.core.magicsock import (
     MagicSock as PathSelector,
 )
-from wiremesh.core.magicsock.derpmap import Region, parse_derp_map
+from wiremesh.core.magicsock.derpmap import DerpMapError, Region, parse_derp_map
 
 log = logging.getLogger("wiremesh.agent.magicsock")
 
@@ -366,7 +366,13 @@ class MagicSock:
         return self._endpoints.get(node_key)
 
     def set_derp_map(self, derp_map: Mapping[str, Any] | None) -> None:
-        regions = parse_derp_map(derp_map)
+        """Follow the netmap's relay map; a malformed one is logged and the current one kept."""
+        try:
+            regions = parse_derp_map(derp_map)
+        except DerpMapError as exc:
+            self.drops["bad_derp_map"] += 1
+            log.warning("derp_map_rejected error=%s", exc)
+            return
         if regions == self.regions:
             return
         self.regions = regions
