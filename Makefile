@@ -29,8 +29,9 @@ lint: venv
 test: sysdeps venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The whole mesh: NATS, coord, keys, two relay regions and agents behind several kinds of NAT.
 demo: sysdeps venv
-	$(PY) -m wiremesh.lab.demo
+	$(PY) -m wiremesh.lab.meshdemo
 
 # Two agents joined by a static (wg-quick style) tunnel through one NAT: ping and iperf3.
 demo-static: sysdeps venv

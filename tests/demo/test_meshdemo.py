@@ -1,21 +1,26 @@
 """`make demo` (wiremesh.lab.meshdemo): the whole mesh runs and its report says what happened.
 
-The smoke test runs the demo's own entry point with a smaller cast (public, EIM, same-NAT pair,
-symmetric, UDP-blocked) and a shorter schedule, in the same namespaces and with the same
-services as `make demo`. The pure parts (who must go direct, reading a path out of a status)
+The smoke test runs the demo's own entry point with the same cast, services and namespaces as
+`make demo`, on a shorter schedule and without the iperf3 figure. The pure parts (who must go direct, reading a path out of a status)
 are tested on their own.
 """
 
 from __future__ import annotations
 
+import io
 import pathlib
 
+import pytest
+
+from wiremesh.lab import meshdemo
 from wiremesh.lab.meshdemo import (
     EDM,
     EIM_APDF,
+    FULL_AGENTS,
     PUBLIC,
     SAME_NAT,
     UDP_BLOCKED,
+    Schedule,
     must_go_direct,
     peer_path,
 )
@@ -61,6 +66,24 @@ def test_path_of_a_peer_never_heard_from_is_unknown():
     }
     assert peer_path(status, KEY_A) == ("?", "")
     assert peer_path({}, KEY_B) == ("?", "")
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_demo_reports_every_pair_reached_and_the_pairs_that_can_go_direct_did(tmp_path: pathlib.Path):
+    out = io.StringIO()
+    schedule = Schedule(join_timeout=40, reach_timeout=25, direct_timeout=20, iperf_seconds=0)
+    report = meshdemo.run_demo(FULL_AGENTS, schedule, log_dir=tmp_path / "logs", out=out)
+    text = out.getvalue()
+    n = len(report.pairs)
+    assert n == len(FULL_AGENTS) * (len(FULL_AGENTS) - 1) // 2
+    assert report.all_reached, text + _logs(tmp_path / "logs")
+    assert f"summary: {n}/{n} pairs reached each other" in text
+    assert not report.missing_direct, text
+    assert {(p.a, p.b) for p in report.pairs if p.path == "relay"} >= {
+        (p.a, p.b) for p in report.pairs if not p.must_go_direct
+    }, text
 
 
 def _logs(directory: pathlib.Path) -> str:

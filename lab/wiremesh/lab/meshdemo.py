@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import socket
@@ -532,8 +533,9 @@ class MeshDemo:
 
         watcher = threading.Thread(target=watch_paths, name="demo-paths", daemon=True)
         watcher.start()
-        workers = min(8, len(pairs)) or 1
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        # One worker per pair (pings are light), so every pair gets the whole reach window.
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(pairs), 32)))
+        try:
             list(pool.map(lambda p: reach(*p), pairs))
             n_reached = sum(reached.values())
             self.step(f"{n_reached}/{len(pairs)} pairs reached each other")
@@ -550,7 +552,10 @@ class MeshDemo:
                     break
                 list(pool.map(lambda p: self.ping_once(*p), pending))
                 time.sleep(0.2)
+        finally:
+            # Also on Ctrl-C: the workers see `stop` and return, so teardown is not held up.
             stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
         watcher.join(5)
 
         results = []
@@ -619,10 +624,11 @@ class MeshDemo:
 
     def print_matrix(self, results: list[PairResult]) -> None:
         self.say()
-        self.say(f"{'pair':<20} {'reached':<8} {'path':<30} {'to direct':>9}")
+        self.say(f"{'pair':<20} {'reached':<8} {'path':<40} {'to direct':>9}")
         for r in results:
             if r.path == "direct":
-                path = f"direct {r.detail}".strip()
+                # A symmetric side that got through from one of its birthday probe sockets.
+                path = "direct " + re.sub(r" \(probe socket \d+\)", " (birthday)", r.detail)
             elif r.path == "relay":
                 path = f"relay {r.detail}".strip()
             else:
@@ -630,7 +636,7 @@ class MeshDemo:
             if r.must_go_direct and r.path != "direct":
                 path += "  (expected direct)"
             took = "-" if r.time_to_direct is None else f"{r.time_to_direct:.1f} s"
-            self.say(f"{r.a + ' <-> ' + r.b:<20} {'yes' if r.reached else 'NO':<8} {path:<30} {took:>9}")
+            self.say(f"{r.a + ' <-> ' + r.b:<20} {'yes' if r.reached else 'NO':<8} {path:<40} {took:>9}")
         n = len(results)
         reached = sum(r.reached for r in results)
         direct = sum(r.path == "direct" for r in results)
