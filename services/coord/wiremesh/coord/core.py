@@ -510,7 +510,10 @@ class Coordinator:
             self.frames.labels("netmap").inc()
             while not stream.closed:
                 try:
-                    await asyncio.wait_for(stream.wake.wait(), timeout=stream.keepalive)
+                    # asyncio.timeout, not wait_for: no extra task per wake-up (this runs once per
+                    # stream per change, so it is on the fan-out's hot path).
+                    async with asyncio.timeout(stream.keepalive):
+                        await stream.wake.wait()
                 except TimeoutError:
                     yield stream.call.seal_frame(cm.stream_frame("keepalive"))
                     self.frames.labels("keepalive").inc()
