@@ -59,19 +59,19 @@ SERVICE_TIMEOUT = 30.0
 
 # The kinds of place an agent can sit in; the label is what the matrix prints.
 PUBLIC = "public"
-EIM_APDF = "home NAT (EIM, port-restricted)"
-SAME_NAT = "office NAT (EIM, shared)"
+EIM_APDF = "home NAT (port-restricted)"
+SAME_NAT = "office NAT (shared by two)"
 EDM = "symmetric NAT (EDM)"
 DOUBLE = "carrier NAT + home NAT"
-UDP_BLOCKED = "UDP blocked (TCP only)"
-PORTMAP = "home NAT with NAT-PMP/PCP"
+UDP_BLOCKED = "firewall blocks UDP"
+PORTMAP = "home NAT with NAT-PMP"
 
 
 LEGEND = (
     "legend: direct ADDR   WireGuard goes straight to the peer at ADDR (its LAN address, NAT mapping",
     "                      or port mapping), found by disco pings through the NATs",
     "        relay REGION  through that region's DERP relay; still end-to-end encrypted",
-    "        to direct     seconds from the pair's first ping until both sides used a direct path",
+    "        to direct     seconds from starting the agents until both sides of the pair used a direct path",
     "        a pair must use the relay when one side has UDP blocked or both are behind symmetric NATs",
 )
 
@@ -255,6 +255,11 @@ class MeshDemo:
         self.region_names: dict[str, str] = {}
         self.suffix = secrets.token_hex(2)
         self._office_router: Router | None = None
+        self.lock = threading.Lock()
+        self.direct_at: dict[tuple[str, str], float] = {}  # pair -> seconds from the agents' start
+        self.agents_started = time.monotonic()
+        self.watch_stop = threading.Event()
+        self.watcher = threading.Thread(target=self._watch_paths, name="demo-paths", daemon=True)
 
     # ---------------------------------------------------------------- output
 
@@ -446,6 +451,8 @@ class MeshDemo:
                 agent.proc = self.lab.popen(
                     agent.host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
                 )
+        self.agents_started = time.monotonic()
+        self.watcher.start()
         want = len(self.agents) - 1
 
         def joined(agent: Agent) -> bool:
@@ -467,21 +474,78 @@ class MeshDemo:
                 max(deadline - time.monotonic(), 0.1),
                 f"{agent.name} to join",
             )
-        self.step(f"{len(self.agents)} agents Running, each sees the other {want}")
+        self.step(
+            f"{len(self.agents)} agents Running, each sees the other {want}; what `wiremesh netcheck` says:"
+        )
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.agents)) as pool:
+            reports = dict(zip(self.agents, pool.map(self.netcheck, self.agents.values()), strict=True))
+        self.say()
+        self.say(
+            f"{'agent':<8} {'mesh ip':<11} {'where':<27} {'udp':<4} {'public address':<19} {'varies':<7} home"
+        )
         for agent in self.agents.values():
+            nc = reports[agent.name]
+
+            def yes(value: Any) -> str:
+                return "?" if value is None else ("yes" if value else "no")
+
+            public = nc.get("port_mapped_address") or nc.get("public_address") or "-"
+            if nc.get("port_mapped_address"):
+                public += "*"
+            home = nc.get("preferred_region")
             self.say(
-                f"         {agent.name:<8} {agent.address:<15} {agent.spec.place} ({agent.host.address})"
+                f"{agent.name:<8} {agent.address:<11} {agent.spec.place:<27} {yes(nc.get('udp')):<4} "
+                f"{public:<19} {yes(nc.get('mapping_varies_by_destination')):<7} "
+                f"{self.region_names.get(str(home), '-') if home is not None else '-'}"
             )
+        self.say("(varies: the NAT maps each destination to a new port; * a port mapped with NAT-PMP/PCP)")
+        self.say()
+
+    def netcheck(self, agent: Agent) -> dict[str, Any]:
+        """The agent's `wiremesh netcheck --json` report ({} if it has none)."""
+        from wiremesh.agent.cli.local import LocalAPIUnavailable, call
+
+        try:
+            code, payload = call(agent.socket_path, "POST", "netcheck")
+        except (LocalAPIUnavailable, OSError, ValueError):
+            return {}
+        return dict(payload) if code == 200 and isinstance(payload, dict) else {}
+
+    def _watch_paths(self) -> None:
+        """Note when both sides of each pair first report a direct path (from the agents' start)."""
+        pairs = list(itertools.combinations(self.agents.values(), 2))
+        while not self.watch_stop.is_set():
+            statuses = {a.name: self.status(a) or {} for a in self.agents.values()}
+            now = time.monotonic()
+            keys = {
+                name: key_b64(str((st.get("self") or {}).get("node_key", "")))
+                for name, st in statuses.items()
+            }
+            for a, b in pairs:
+                if (a.name, b.name) in self.direct_at or not keys[a.name] or not keys[b.name]:
+                    continue
+                if (
+                    peer_path(statuses[a.name], keys[b.name])[0] == "direct"
+                    and peer_path(statuses[b.name], keys[a.name])[0] == "direct"
+                ):
+                    with self.lock:
+                        self.direct_at[(a.name, b.name)] = now - self.agents_started
+            self.watch_stop.wait(0.3)
+
+    def stop_watching(self) -> None:
+        self.watch_stop.set()
+        if self.watcher.ident is not None:
+            self.watcher.join(10)
 
     def status(self, agent: Agent) -> dict[str, Any] | None:
         """The agent's local API status (what `wiremesh status --json` prints), None if not up."""
-        from wiremesh.agent.cli.local import call
+        from wiremesh.agent.cli.local import LocalAPIUnavailable, call
 
         if not os.path.exists(agent.socket_path):
             return None
         try:
             code, payload = call(agent.socket_path, "GET", "status")
-        except (OSError, ValueError):
+        except (LocalAPIUnavailable, OSError, ValueError):
             return None
         return dict(payload) if code == 200 and isinstance(payload, dict) else None
 
@@ -501,8 +565,8 @@ class MeshDemo:
         self.step(f"every agent pings every other ({len(pairs)} pairs, both ways, concurrently)")
         first_ping = time.monotonic()
         reached: dict[tuple[str, str], bool] = {}
-        direct_at: dict[tuple[str, str], float] = {}
-        lock = threading.Lock()
+        direct_at = self.direct_at
+        lock = self.lock
         stop = threading.Event()
 
         def reach(a: Agent, b: Agent) -> None:
@@ -514,25 +578,6 @@ class MeshDemo:
             with lock:
                 reached[(a.name, b.name)] = ok_ab and ok_ba
 
-        def watch_paths() -> None:
-            # Discovery runs while peers talk: keep one ping per pair going and note when both
-            # sides first report a direct path.
-            while not stop.is_set():
-                statuses = {a.name: self.status(a) or {} for a in self.agents.values()}
-                now = time.monotonic()
-                for a, b in pairs:
-                    if (a.name, b.name) in direct_at:
-                        continue
-                    if (
-                        peer_path(statuses[a.name], b.node_key)[0] == "direct"
-                        and peer_path(statuses[b.name], a.node_key)[0] == "direct"
-                    ):
-                        with lock:
-                            direct_at[(a.name, b.name)] = now - first_ping
-                stop.wait(0.3)
-
-        watcher = threading.Thread(target=watch_paths, name="demo-paths", daemon=True)
-        watcher.start()
         # One worker per pair (pings are light), so every pair gets the whole reach window.
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(pairs), 32)))
         try:
@@ -556,7 +601,7 @@ class MeshDemo:
             # Also on Ctrl-C: the workers see `stop` and return, so teardown is not held up.
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
-        watcher.join(5)
+            self.stop_watching()
 
         results = []
         final = {a.name: self.status(a) or {} for a in self.agents.values()}
@@ -579,6 +624,20 @@ class MeshDemo:
                 )
             )
         return results
+
+    def cli_examples(self, results: list[PairResult]) -> None:
+        """`wiremesh ping` for one direct and one relayed pair, as a user would run it."""
+        direct = next((r for r in results if r.path == "direct"), None)
+        relayed = next((r for r in results if r.path == "relay"), None)
+        for r, count in ((direct, 1), (relayed, 2)):
+            if r is None:
+                continue
+            src = self.agents[r.a]
+            argv = [str(VENV_BIN / "wiremesh"), "ping", "--socket", src.socket_path, "-c", str(count), r.b]
+            result = self.lab.run(src.host, argv, check=False, timeout=30)
+            self.say(f"{src.name}$ wiremesh ping -c {count} {r.b}")
+            for line in (result.stdout + result.stderr).strip().splitlines()[:6]:
+                self.say(f"  {line}")
 
     def iperf(self, results: list[PairResult]) -> None:
         if self.schedule.iperf_seconds <= 0:
@@ -663,14 +722,19 @@ def run_demo(
     log_dir.mkdir(parents=True, exist_ok=True)
     with Lab() as lab:
         demo = MeshDemo(lab, log_dir, agents, schedule, out)
-        demo.step("building the lab: internet, control host, two relay regions, NAT routers")
-        demo.build()
-        demo.start_services()
-        demo.start_agents()
-        results = demo.probe()
-        demo.iperf(results)
-        demo.print_matrix(results)
-        demo.step("tearing down")
+        try:
+            demo.step("building the lab: internet, control host, two relay regions, NAT routers")
+            demo.build()
+            demo.start_services()
+            demo.start_agents()
+            results = demo.probe()
+            demo.print_matrix(results)
+            demo.say()
+            demo.cli_examples(results)
+            demo.iperf(results)
+            demo.step("tearing down")
+        finally:
+            demo.stop_watching()
     return Report(tuple(a.name for a in agents), tuple(results), str(log_dir))
 
 
