@@ -14,7 +14,7 @@ direct path and how long it stays trusted. It never touches a socket or a clock:
 Behaviour (DESIGN.md, "Paths a packet can take"):
 - With no trusted direct path, traffic goes through the relay at once, and a discovery round
   pings every candidate and sends the peer a CallMeMaybe through the relay; rounds repeat with
-  backoff (3 s doubling to 15 s) while there is traffic and no direct path.
+  backoff (1 s doubling to 15 s) while there is traffic and no direct path.
 - The first Pong makes its path the best; a later one replaces it when it is a LAN path and the
   best is not, or is clearly faster. A Pong trusts the path for TRUST_DURATION; heartbeats
   every HEARTBEAT_INTERVAL while traffic flows renew it. A heartbeat unanswered within
@@ -61,7 +61,7 @@ TRUST_DURATION = 4.0  # a direct path stays trusted this long past its last Pong
 HEARTBEAT_INTERVAL = 1.5  # ping the best path this often while traffic flows
 PING_TIMEOUT = 1.2  # a heartbeat unanswered this long means the path is gone
 SESSION_ACTIVE = 45.0  # traffic within this many seconds makes a peer "active"
-DISCOVERY_FIRST_BACKOFF = 3.0
+DISCOVERY_FIRST_BACKOFF = 1.0  # rounds at 0, 1, 3, 7, 15 s, then every 15 s
 DISCOVERY_MAX_BACKOFF = 15.0
 UPGRADE_INTERVAL = 20.0  # with a direct path, re-ping every candidate this often (find better)
 MIN_PING_SPACING = 0.8  # never ping one candidate more often (answers to ping storms)
@@ -71,6 +71,7 @@ MAX_CANDIDATES = 64
 MAX_PENDING = 8192  # disco pings in flight, all peers together (oldest forgotten first)
 DISCOVERY_PING_TIMEOUT = 5.0
 
+BIRTHDAY_AFTER_ROUNDS = 3  # plain hole punching gets rounds 1 and 2 (0 s and 1 s)
 BIRTHDAY_SOCKETS = 192
 BIRTHDAY_SPRAY = 1400
 BIRTHDAY_PORTS = (1024, 65535)  # Linux picks random NAT ports here
@@ -488,7 +489,7 @@ class MagicSock:
             return False
         # Only after plain hole punching had one round to work, and only towards an address
         # a STUN server or a port mapping vouched for.
-        if path.trusted(now) is not None or path.rounds < 2 or not path.active(now):
+        if path.trusted(now) is not None or path.rounds < BIRTHDAY_AFTER_ROUNDS or not path.active(now):
             return False
         return any(c.kind in (EndpointKind.STUN, EndpointKind.PORTMAP) for c in path.candidates.values())
 
