@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from wiremesh.agent import mesh, metrics, netconf, tun, wgconfig
-from wiremesh.agent.engine import Engine
+from wiremesh.agent.engine import Engine, resolve_workers
 
 log = logging.getLogger("wiremesh.agent.daemon")
 
@@ -53,6 +54,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def add_static_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("static mode", "a fixed set of peers from a wg-quick style file")
     group.add_argument("--wg-config", metavar="FILE", help="wg-quick style configuration file")
+    group.add_argument(
+        "--workers",
+        default=os.environ.get("WIREMESH_WORKERS", "0"),
+        choices=["0", "1", "auto"],
+        help="1: decrypt in a separate receive worker process (uses a second core); auto: 1 with 2+ CPUs;"
+        " default 0, or $WIREMESH_WORKERS",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +164,7 @@ def run_static(args: argparse.Namespace) -> int:
         listen_port=config.interface.listen_port or 0,
         mtu=config.interface.mtu or DEFAULT_MTU,
         metrics=registry,
+        workers=resolve_workers(args.workers),
     )
     server = None
     try:

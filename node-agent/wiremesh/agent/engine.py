@@ -18,6 +18,14 @@ well batching works (system calls versus packets).
 
 The control plane reconfigures a running Engine with set_peers / set_addresses / set_routes.
 
+With `workers=1` (wiremeshd --workers) the inbound path moves to a receive worker process
+(rxworker.py): it reads the UDP sockets, decrypts with session keys this process exports as the
+Device creates them, and writes the TUN; everything else comes back here over a control pair.
+This process then runs no UDP reader threads; its Device still does handshakes, timers, roaming
+and the outbound path. The worker mode has no inbound_filter (the filter lives in this process),
+so start() refuses it when one is set; other_datagram_handler, transport and receive_datagram
+keep working (non-WireGuard datagrams come back here; relayed transport goes to the worker).
+
 The Device's clock is Unix time (time.time()): it also dates handshake initiations (TAI64N).
 """
 
@@ -29,9 +37,11 @@ import errno
 import functools
 import logging
 import os
+import pickle
 import select
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -57,6 +67,10 @@ UDP_MAX_SEGMENTS = 64
 UDP_MAX_GSO_BYTES = 65000
 SOCKET_BUFFER = 4 << 20
 POLL_IDLE_MS = 1000
+WORKER_CONTROL_BUFFER = 4 << 20
+WORKER_CONTROL_MAX = MAX_DATAGRAM + 4096
+WORKER_STOP_TIMEOUT = 5.0
+_TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
 
@@ -69,6 +83,16 @@ OtherDatagramHandler = Callable[[bytes, tuple[str, int]], None]
 def looks_like_wireguard(data: bytes) -> bool:
     """WireGuard messages start with type 1-4 and three zero bytes (disco and STUN do not)."""
     return len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\x00\x00\x00"
+
+
+def resolve_workers(value: str | int) -> int:
+    """`--workers` as a count: "auto" is 1 (a receive worker) when there are 2+ CPUs, else 0."""
+    if value == "auto":
+        return 1 if (os.cpu_count() or 1) >= 2 else 0
+    n = int(value)
+    if n not in (0, 1):
+        raise ValueError(f"workers must be 0, 1 or auto, not {value!r}")
+    return n
 
 
 def _b64(key: bytes) -> str:
@@ -89,8 +113,12 @@ class Engine:
         device: Any = None,
         offload: bool = True,
         tso: bool = False,
+        workers: int = 0,
     ) -> None:
         tun.validate_ifname(tun_name)
+        if workers not in (0, 1):
+            raise ValueError("workers must be 0 or 1 (one receive worker process)")
+        self.workers = workers
         if device is None:
             from wiremesh.core.wireguard import Device
 
@@ -123,6 +151,11 @@ class Engine:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        # Receive worker (workers=1): its process, our end of the control pair, and the local
+        # indices of the sessions whose receive side it holds (only it decrypts those).
+        self._worker: subprocess.Popen[bytes] | None = None
+        self._ctl: socket.socket | None = None
+        self._exported: set[int] = set()
         self._gso = True
         # With a virtio_net_hdr on the TUN, runs of TCP segments are written as one GSO packet.
         self._vnet = offload
@@ -141,6 +174,8 @@ class Engine:
         """Create the TUN interface, bind the sockets and start the packet threads."""
         if self._started:
             raise RuntimeError("engine already started")
+        if self.workers and self.inbound_filter is not None:
+            raise ValueError("the receive worker mode does not run an inbound_filter")
         try:
             self._tun_fd = tun.open_tun(self.tun_name, vnet_hdr=self._vnet)
         except tun.TunError:
@@ -161,7 +196,10 @@ class Engine:
             netconf.set_link(self.tun_name, mtu=self.mtu, up=True, txqueuelen=TUN_TXQUEUELEN)
             self._open_sockets()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            if self.workers:
+                self._start_worker()
         except BaseException:
+            self._stop_worker()
             self._close_fds()
             raise
         self._started = True
@@ -170,19 +208,23 @@ class Engine:
             ("wm-tun", self._tun_loop),
             ("wm-timer", self._timer_loop),
         ]
-        for sock in (self._sock4, self._sock6):
-            if sock is not None:
-                targets.append((f"wm-udp{sock.family.name[-1]}", functools.partial(self._udp_loop, sock)))
+        if self._worker is not None:
+            targets.append(("wm-worker", self._worker_loop))
+        else:
+            for sock in (self._sock4, self._sock6):
+                if sock is not None:
+                    targets.append((f"wm-udp{sock.family.name[-1]}", functools.partial(self._udp_loop, sock)))
         for name, target in targets:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         log.info(
-            "engine_started interface=%s listen_port=%d mtu=%d ipv6=%s",
+            "engine_started interface=%s listen_port=%d mtu=%d ipv6=%s rx_worker=%s",
             self.tun_name,
             self.listen_port,
             self.mtu,
             self._sock6 is not None,
+            self._worker.pid if self._worker is not None else "-",
         )
 
     def stop(self) -> None:
@@ -193,6 +235,7 @@ class Engine:
         self._timer_wake.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
+        self._stop_worker()
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
@@ -251,11 +294,182 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # ----------------------------------------------------------------------- receive worker
+
+    def _start_worker(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for s in (ours, theirs):
+                for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                    s.setsockopt(socket.SOL_SOCKET, opt, WORKER_CONTROL_BUFFER)
+            socks = [s for s in (self._sock4, self._sock6) if s is not None]
+            fds = [self._tun_fd, theirs.fileno(), *(s.fileno() for s in socks)]
+            argv = [sys.executable, "-m", "wiremesh.agent.rxworker", "--tun-fd", str(self._tun_fd)]
+            argv += ["--control-fd", str(theirs.fileno()), "--log-level", str(log.getEffectiveLevel())]
+            for s in socks:
+                argv += ["--sock-fd", str(s.fileno())]
+            if self._vnet:
+                argv.append("--vnet")
+            # A fresh interpreter rather than fork(): this process may already run other threads.
+            self._worker = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._ctl = ours
+        self._exported.clear()
+        with self.lock:
+            self._push_peers()
+            self._sync_sessions()
+
+    def _stop_worker(self) -> None:
+        proc, ctl = self._worker, self._ctl
+        if ctl is not None:
+            with contextlib.suppress(OSError):
+                ctl.send(pickle.dumps(("stop",)), socket.MSG_DONTWAIT)
+            with contextlib.suppress(OSError):
+                ctl.shutdown(socket.SHUT_RDWR)  # also wakes our wm-worker thread
+        if proc is not None:
+            try:
+                proc.wait(timeout=WORKER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("rx_worker_killed pid=%d", proc.pid)
+                proc.kill()
+                proc.wait()
+        self._worker = None
+
+    def _to_worker(self, message: tuple[object, ...], *, droppable: bool = False) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            self.drops["worker_unpicklable"] += 1
+            return
+        try:
+            # Keys must arrive (blocking); a datagram for the worker may be dropped like any packet.
+            ctl.send(data, socket.MSG_DONTWAIT if droppable else 0)
+        except BlockingIOError:
+            self.drops["worker_control_full"] += 1
+        except OSError as exc:
+            if not self._stopping.is_set():
+                self.drops["worker_control_error"] += 1
+                log.warning("rx_worker_send_failed error=%s", exc)
+
+    def _push_peers(self) -> None:
+        """Caller holds the lock. The worker checks inner source addresses against AllowedIPs."""
+        if self._ctl is not None:
+            self._to_worker(("peers", dict(self.allowed_ips)))
+
+    def _sync_sessions(self) -> None:
+        """Caller holds the lock: hand new sessions' receive side to the worker, drop gone ones."""
+        if self._ctl is None:
+            return
+        live = self.device.session_indices()
+        exported = self._exported
+        gone = exported - live
+        if gone:
+            exported -= gone
+            self._to_worker(("forget", sorted(gone)))
+        for index in live - exported:
+            state = self.device.export_receive_state(index)
+            if state is not None:
+                exported.add(index)
+                self._to_worker(("session", index, *state))
+
+    def _worker_loop(self) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
+        while not self._stopping.is_set():
+            try:
+                raw = ctl.recv(WORKER_CONTROL_MAX)
+            except OSError as exc:
+                if not self._stopping.is_set():
+                    log.error("rx_worker_control_failed error=%s", exc)
+                return
+            if not raw:
+                if not self._stopping.is_set():
+                    code = self._worker.poll() if self._worker is not None else None
+                    self.drops["worker_exited"] += 1
+                    log.error("rx_worker_exited returncode=%s", code)
+                return
+            try:
+                message = pickle.loads(raw)
+                if message[0] == "stats":
+                    self._worker_stats(message[1], message[2], message[3])
+                elif message[0] == "other":
+                    self._main_receive(message[1], message[2])
+            except Exception:
+                self.drops["engine_error"] += 1
+                log.exception("rx_worker_message_failed")
+
+    def _worker_stats(
+        self, records: list[tuple[int, Hashable, int, int, int]], drops: dict[str, int], io: dict[str, int]
+    ) -> None:
+        self.drops.update(drops)
+        self.io.update(io)
+        if not records:
+            return
+        dev = self.device
+        with self.lock:
+            now = time.time()
+            for index, source, nbytes, packets, data_packets in records:
+                dev.note_received(index, source, nbytes, packets, data_packets, now)
+            out = dev.datagrams_to_send()
+            self._sync_sessions()
+        if out:
+            self._send_all(out)
+        self._timer_wake.set()
+
+    def _main_receive(self, data: bytes, endpoint: Hashable, from_socket: bool = True) -> bytes | None:
+        """Caller does not hold the lock. A datagram for this process's Device: transport for a
+        session the worker holds goes to the worker; the rest is handled here. Returns an inner
+        packet the Device decrypted (a session not exported), for the caller to deliver."""
+        other = self.other_datagram_handler if from_socket else None
+        if other is not None and isinstance(endpoint, tuple) and not looks_like_wireguard(data):
+            try:
+                other(data, endpoint)
+            except Exception:
+                self.drops["other_handler_error"] += 1
+                log.exception("other_datagram_handler_failed")
+            return None
+        with self.lock:
+            if (
+                data[:4] == _TRANSPORT_PREFIX
+                and len(data) >= 8
+                and int.from_bytes(data[4:8], "little") in self._exported
+            ):
+                self._to_worker(("decrypt", bytes(data), endpoint), droppable=True)
+                return None
+            packet = self.device.receive(data, endpoint, time.time())
+            out = self.device.datagrams_to_send()
+            self._sync_sessions()
+        if out:
+            self._send_all(out)
+        self._timer_wake.set()
+        if packet:
+            self._deliver(packet)
+        return packet
+
+    def _deliver(self, packet: bytes) -> None:
+        flt = self.inbound_filter
+        if flt is not None and not flt(packet):
+            self.drops["inbound_filter"] += 1
+            return
+        try:
+            os.write(self._tun_fd, gro.PLAIN_HEADER + packet if self._vnet else packet)
+        except OSError:
+            self.drops["tun_write_error"] += 1
+
     # ----------------------------------------------------------------------- reconfiguration
 
     def set_private_key(self, private_key: bytes) -> None:
         with self.lock:
             self.device.set_private_key(private_key)
+            self._sync_sessions()
         self._timer_wake.set()
 
     def set_peers(self, peers: Iterable[Any]) -> None:
@@ -271,6 +485,8 @@ class Engine:
                 self.device.set_peer(cfg)
                 self.allowed_ips[key] = tuple(cfg.allowed_ips)
             out = self.device.datagrams_to_send()
+            self._push_peers()
+            self._sync_sessions()
         self._send_all(out)
         self._timer_wake.set()
 
@@ -283,21 +499,17 @@ class Engine:
     def receive_datagram(self, data: bytes, endpoint: Hashable) -> None:
         """Feed a WireGuard datagram that arrived another way (a DERP relay, a magicsock probe
         socket) as if it came from `endpoint`, and deliver what it decrypts to the TUN."""
+        if self._ctl is not None:
+            self._main_receive(data, endpoint, from_socket=False)
+            return
         with self.lock:
             packet = self.device.receive(data, endpoint, time.time())
-            out = None if packet else self.device.datagrams_to_send()
+            out = self.device.datagrams_to_send()
+        if out:
+            self._send_all(out)
         if packet:
-            flt = self.inbound_filter
-            if flt is not None and not flt(packet):
-                self.drops["inbound_filter"] += 1
-                return
-            try:
-                os.write(self._tun_fd, gro.PLAIN_HEADER + packet if self._vnet else packet)
-            except OSError:
-                self.drops["tun_write_error"] += 1
-        else:
-            if out:
-                self._send_all(out)
+            self._deliver(packet)
+        if out or not packet:
             self._timer_wake.set()
 
     def send_datagram(self, data: bytes, endpoint: Hashable) -> None:
@@ -429,10 +641,12 @@ class Engine:
                     flush = True
                 else:
                     results.append(result)
-            out = dev.datagrams_to_send() if flush else None
+            # A successful send can produce output too (a rekey initiation): always drain.
+            out = dev.datagrams_to_send()
         self._send_batch(results)
-        if out is not None:
+        if out:
             self._send_all(out)
+        if flush or out:
             self._timer_wake.set()
 
     def _send_batch(self, results: list[tuple[bytes, Hashable]]) -> None:
@@ -544,7 +758,8 @@ class Engine:
                     packets.append(packet)
                 else:
                     flush = True
-            out = dev.datagrams_to_send() if flush else None
+            # Decrypting can produce output too (a confirmed session's held packets, a rekey).
+            out = dev.datagrams_to_send()
         flt = self.inbound_filter
         if flt is not None and packets:
             kept = [p for p in packets if flt(p)]
@@ -562,9 +777,9 @@ class Engine:
                 write(fd, packet)
             except OSError:
                 self.drops["tun_write_error"] += 1
-        if out is not None:
-            if out:
-                self._send_all(out)
+        if out:
+            self._send_all(out)
+        if flush or out:
             self._timer_wake.set()
 
     def _timer_loop(self) -> None:
@@ -582,6 +797,7 @@ class Engine:
                     while (event := dev.next_event()) is not None:
                         events.append(event)
                     deadline = dev.next_timer()
+                    self._sync_sessions()
                 self._send_all(out)
                 for event in events:
                     self._dispatch(event)

@@ -695,6 +695,51 @@ class Device:
         peer.handshake_started = None
         peer.t_retransmit = peer.t_keepalive = peer.t_new_handshake = peer.t_zero_keys = None
 
+    # ------------------------------------------------------------------ receive offload
+    # An agent may decrypt transport messages elsewhere (another process) with a session's
+    # exported receive state; the Device then must not decrypt that session itself (the replay
+    # window lives where decryption happens) and learns what arrived through note_received.
+
+    def session_indices(self) -> set[int]:
+        """Our local indices of every live session (current, previous and unconfirmed next)."""
+        return set(self._sessions)
+
+    def export_receive_state(self, local_index: int) -> tuple[bytes, bytes, float] | None:
+        """(peer public key, receive key, reject deadline) of a live session, or None."""
+        session = self._sessions.get(local_index)
+        if session is None:
+            return None
+        return session.peer.public_key, session.recv_key, session.reject_deadline
+
+    def note_received(
+        self, local_index: int, source: Hashable, nbytes: int, packets: int, data_packets: int, now: float
+    ) -> None:
+        """Account for `packets` transport messages of a session that were authenticated elsewhere
+        (`data_packets` of them not keepalives): counters, confirming a responder's session,
+        roaming and the timers, as _receive_transport does after decrypting."""
+        self._now = now
+        session = self._sessions.get(local_index)
+        if session is None or packets <= 0:
+            return
+        peer = session.peer
+        if session is peer.next:
+            self._confirm_next(peer, session, now)
+        peer.rx_bytes += nbytes
+        peer.rx_packets += packets
+        if source != peer.endpoint:
+            self._roam(peer, source)
+        peer.t_new_handshake = None
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
+            if peer.t_persistent < self._earliest:
+                self._earliest = peer.t_persistent
+        if now >= session.receive_rekey_deadline and session is peer.current and peer.handshake is None:
+            self._initiate(peer, now, retry=False)
+        if data_packets and peer.t_keepalive is None:
+            peer.t_keepalive = now + KEEPALIVE_TIMEOUT
+            if peer.t_keepalive < self._earliest:
+                self._earliest = peer.t_keepalive
+
     # ------------------------------------------------------------------ driving
 
     def datagrams_to_send(self) -> list[tuple[bytes, Hashable]]:

@@ -38,6 +38,7 @@ class Session:
         "peer",
         "receive_rekey_deadline",
         "recv_aead",
+        "recv_key",
         "reject_deadline",
         "remote_index",
         "replay",
@@ -63,6 +64,8 @@ class Session:
         # sealing a packet.
         self.send_aead = ChaCha20Poly1305(send_key)
         self.recv_aead = ChaCha20Poly1305(recv_key)
+        # Kept so an agent can hand this keypair's receive side to a decrypting worker process.
+        self.recv_key = recv_key
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.initiator = initiator

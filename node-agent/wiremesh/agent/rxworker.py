@@ -1,0 +1,311 @@
+"""The receive worker: a separate process that decrypts transport messages and writes the TUN.
+
+With `Engine(workers=1)` the inbound hot path (UDP -> decrypt -> TUN) runs here, in its own
+interpreter, while the Engine's process keeps the full Device (handshakes, cookies, timers,
+roaming, events, reconfiguration) and the outbound path. Two processes use both cores where two
+threads of one process share one interpreter lock.
+
+The Engine starts this module as `python -m wiremesh.agent.rxworker` with the TUN, the UDP
+sockets and one end of a SOCK_SEQPACKET control pair inherited. Over the control pair (pickled
+tuples; both ends are our own processes):
+
+  Engine -> worker   ("peers", {public_key: allowed_ips}), ("session", index, public_key, key,
+                     reject_deadline), ("forget", [index, ...]), ("decrypt", datagram, source),
+                     ("stop",)
+  worker -> Engine   ("other", datagram, source): anything that is not a transport message of a
+                     session we hold (handshakes, cookies, disco/STUN, unknown indices);
+                     ("stats", [(index, source, bytes, packets, data_packets), ...], drops, io)
+
+A session is exported the moment the Device creates it, so only this process ever decrypts it
+and its replay window lives here. Stats go back at most every STATS_INTERVAL, at once for a
+session's first packet (it confirms a responder's keypair) or a new source address (roaming).
+The worker never blocks on the Engine (sends with MSG_DONTWAIT, stats retried, other datagrams
+counted as dropped), so neither side can deadlock the other. It exits when the control pair
+closes, so it cannot outlive the Engine's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Hashable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from wiremesh.agent import gro
+from wiremesh.core.allowedips import AllowedIPs
+from wiremesh.core.wireguard.replay import ReplayWindow
+
+log = logging.getLogger(__name__)
+
+MAX_DATAGRAM = 65535
+CONTROL_MAX = MAX_DATAGRAM + 4096  # one forwarded datagram and its pickled envelope
+SOL_UDP = 17
+UDP_GRO = 104
+STATS_INTERVAL = 0.02
+POLL_IDLE_MS = 1000
+MESSAGE_TRANSPORT = 4
+TRANSPORT_MIN_SIZE = 32  # header (16) + an empty payload's tag (16)
+# Same as the core's timers.REJECT_AFTER_MESSAGES: counters at or past it are never valid.
+REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+
+_transport_unpack = struct.Struct("<IIQ").unpack_from
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+
+
+class _Session:
+    __slots__ = ("aead", "peer", "reject_deadline", "replay", "seen", "source")
+
+    def __init__(self, peer: bytes, key: bytes, reject_deadline: float) -> None:
+        self.peer = peer
+        self.aead = ChaCha20Poly1305(key)
+        self.reject_deadline = reject_deadline
+        self.replay = ReplayWindow()
+        self.seen = False  # has any packet of it been reported to the Engine yet
+        self.source: Hashable | None = None
+
+
+class Worker:
+    def __init__(self, tun_fd: int, socks: list[socket.socket], ctl: socket.socket, vnet: bool) -> None:
+        self.tun_fd = tun_fd
+        self.socks = socks
+        self.ctl = ctl
+        self.vnet = vnet
+        self.sessions: dict[int, _Session] = {}
+        self.routes: AllowedIPs[bytes] = AllowedIPs()
+        self.drops: Counter[str] = Counter()
+        self.io: Counter[str] = Counter()
+        # (index, source) -> [bytes, packets, data packets] not yet reported
+        self.pending: dict[tuple[int, Hashable], list[int]] = {}
+        self.urgent = False
+        self.last_stats = 0.0
+        self.running = True
+
+    # ------------------------------------------------------------------ control
+
+    def _to_engine(self, message: tuple[object, ...]) -> bool:
+        try:
+            self.ctl.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # the Engine went away
+            log.debug("rxworker_control_send_failed error=%s", exc)
+            self.running = False
+            return False
+        return True
+
+    def _control(self) -> None:
+        """Apply every control message queued (never blocks)."""
+        while True:
+            try:
+                raw = self.ctl.recv(CONTROL_MAX, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.running = False
+                return
+            if not raw:  # the Engine closed its end (stopped, or its process died)
+                self.running = False
+                return
+            message = pickle.loads(raw)
+            kind = message[0]
+            if kind == "decrypt":
+                self._datagrams([message[1]], message[2], time.time(), forward_unknown=False)
+            elif kind == "session":
+                _, index, peer, key, reject_deadline = message
+                self.sessions[index] = _Session(peer, key, reject_deadline)
+            elif kind == "forget":
+                for index in message[1]:
+                    self.sessions.pop(index, None)
+            elif kind == "peers":
+                routes: AllowedIPs[bytes] = AllowedIPs()
+                for peer, prefixes in message[1].items():
+                    for prefix in prefixes:
+                        routes.insert(prefix, peer)
+                self.routes = routes
+            elif kind == "stop":
+                self.running = False
+                return
+
+    def _flush_stats(self, now: float) -> None:
+        if not (self.pending or self.drops or self.io):
+            return
+        records = [(index, source, v[0], v[1], v[2]) for (index, source), v in self.pending.items()]
+        if self._to_engine(("stats", records, dict(self.drops), dict(self.io))):
+            self.pending.clear()
+            self.drops.clear()
+            self.io.clear()
+            self.urgent = False
+        self.last_stats = now
+
+    # ------------------------------------------------------------------ packet path
+
+    def _datagrams(self, datagrams: list[bytes], source: Hashable, now: float, forward_unknown: bool) -> None:
+        sessions, drops, routes = self.sessions, self.drops, self.routes
+        pending = self.pending
+        packets: list[bytes] = []
+        for d in datagrams:
+            n = len(d)
+            if n >= TRANSPORT_MIN_SIZE:
+                kind, receiver, counter = _transport_unpack(d, 0)
+                session = sessions.get(receiver) if kind == MESSAGE_TRANSPORT else None
+            else:
+                session = None
+            if session is None:
+                if not forward_unknown:
+                    drops["no_session"] += 1
+                elif not self._to_engine(("other", d, source)):
+                    drops["worker_forward_full"] += 1
+                continue
+            if now >= session.reject_deadline:
+                drops["expired_session"] += 1
+                continue
+            replay = session.replay
+            if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
+                drops["replay"] += 1
+                continue
+            try:
+                plaintext = session.aead.decrypt(_NONCE_PREFIX + d[8:16], memoryview(d)[16:], None)
+            except InvalidTag:
+                drops["decrypt_failed"] += 1
+                continue
+            if not replay.update(counter):
+                drops["replay"] += 1
+                continue
+            if not session.seen or source != session.source:
+                session.seen = True
+                session.source = source
+                self.urgent = True
+            size = len(plaintext)
+            key = (receiver, source)
+            record = pending.get(key)
+            if record is None:
+                record = pending[key] = [0, 0, 0]
+            record[0] += n
+            record[1] += 1
+            if not size:
+                continue  # keepalive
+            record[2] += 1
+            version = plaintext[0] >> 4
+            if version == 4 and size >= 20:
+                length = (plaintext[2] << 8) | plaintext[3]
+                src = plaintext[12:16]
+                if length < 20:
+                    length = size + 1
+            elif version == 6 and size >= 40:
+                length = ((plaintext[4] << 8) | plaintext[5]) + 40
+                src = plaintext[8:24]
+            else:
+                drops["not_ip"] += 1
+                continue
+            if length > size:
+                drops["not_ip"] += 1
+                continue
+            if routes.lookup(src) != session.peer:
+                drops["source_not_allowed"] += 1
+                continue
+            packets.append(plaintext if length == size else plaintext[:length])
+        if not packets:
+            return
+        io = self.io
+        io["tun_packets_written"] += len(packets)
+        if self.vnet:
+            packets = gro.coalesce(packets)
+        io["tun_writes"] += len(packets)
+        fd, write = self.tun_fd, os.write
+        for packet in packets:
+            try:
+                write(fd, packet)
+            except OSError:
+                drops["tun_write_error"] += 1
+
+    def _receive(self, sock: socket.socket) -> bool:
+        """One recvmsg (many datagrams with UDP_GRO); False when the socket had nothing."""
+        try:
+            data, ancdata, _flags, addr = sock.recvmsg(
+                MAX_DATAGRAM, socket.CMSG_SPACE(4), socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # ICMP errors surface here on Linux; not fatal
+            self.drops["udp_recv_error"] += 1
+            log.debug("udp_recv_failed error=%s", exc)
+            return True
+        segment = 0
+        for level, kind, cdata in ancdata:
+            if level == SOL_UDP and kind == UDP_GRO:
+                segment = int.from_bytes(cdata[:4], sys.byteorder)
+        if segment and len(data) > segment:
+            datagrams = [data[k : k + segment] for k in range(0, len(data), segment)]
+        else:
+            datagrams = [data]
+        source = (addr[0], addr[1])
+        self.io["udp_receives"] += 1
+        self.io["udp_datagrams_received"] += len(datagrams)
+        now = time.time()
+        try:
+            self._datagrams(datagrams, source, now, forward_unknown=True)
+        except Exception:  # a bug costs this batch, never the data plane
+            self.drops["engine_error"] += len(datagrams)
+            log.exception("rxworker_batch_failed datagrams=%d", len(datagrams))
+        if self.urgent or now - self.last_stats >= STATS_INTERVAL:
+            self._flush_stats(now)
+        return True
+
+    def run(self) -> None:
+        poller = select.poll()
+        for fd in [s.fileno() for s in self.socks] + [self.ctl.fileno()]:
+            poller.register(fd, select.POLLIN)
+        while self.running:
+            self._control()
+            busy = False
+            for sock in self.socks:
+                if self._receive(sock):
+                    busy = True
+            if not busy and self.running:
+                self._flush_stats(time.time())
+                poller.poll(STATS_INTERVAL * 1000 if self.pending or self.drops else POLL_IDLE_MS)
+        self._flush_stats(time.time())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wiremesh-rxworker", description=__doc__.splitlines()[0])
+    parser.add_argument("--tun-fd", type=int, required=True)
+    parser.add_argument("--sock-fd", type=int, action="append", default=[])
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--vnet", action="store_true")
+    parser.add_argument("--log-level", type=int, default=logging.INFO)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    # Ctrl-C reaches the whole process group: the Engine stops us in order through the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    socks = [socket.socket(fileno=fd) for fd in args.sock_fd]
+    ctl = socket.socket(fileno=args.control_fd)
+    ctl.setblocking(True)
+    worker = Worker(args.tun_fd, socks, ctl, args.vnet)
+    log.info("rxworker_started pid=%d sockets=%d", os.getpid(), len(socks))
+    try:
+        worker.run()
+    finally:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.close()
+    log.info("rxworker_stopped pid=%d", os.getpid())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
