@@ -13,6 +13,7 @@ from wiremesh.core.magicsock import (
     CloseProbeSockets,
     Direct,
     MagicSock,
+    MappingChanged,
     OpenProbeSockets,
     PathChanged,
     PeerInfo,
@@ -344,3 +345,23 @@ def test_home_region_is_the_closest_reachable_with_hysteresis(latencies, current
 
 def test_heartbeat_constants_meet_the_three_second_fallback():
     assert mscore.HEARTBEAT_INTERVAL + mscore.PING_TIMEOUT < 3.0
+
+
+def test_pong_showing_a_new_public_port_reports_that_our_nat_rebound():
+    a, b, _net = pair()
+    a.ms.route(b.node_key, 0.0)
+    out = a.ms.datagrams_to_send()
+    data = next(d for d, dest in out if dest == Direct(b.public))
+    _, ping = b.disco.open(data)
+    rebound = (a.public[0], a.public[1] + 1)
+    a.ms.receive_disco(
+        b.disco.seal(disco.Pong(ping.tx_id, rebound), a.disco.public_key), Direct(b.public), 0.01
+    )
+    events = [a.ms.next_event() for _ in range(6)]
+    assert MappingChanged(a.public, rebound) in events
+
+
+def test_pong_confirming_our_public_address_reports_nothing():
+    a, _b, net = pair()
+    net.run(0.0, 2.0)
+    assert not any(isinstance(e, MappingChanged) for e in a.events)

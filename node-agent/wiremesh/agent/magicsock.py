@@ -54,6 +54,7 @@ from wiremesh.core.magicsock import (
     CloseProbeSockets,
     Destination,
     Direct,
+    MappingChanged,
     OpenProbeSockets,
     PathChanged,
     PeerInfo,
@@ -176,6 +177,7 @@ class MagicSock:
         self._relay_backlog: dict[int, list[tuple[Relay, bytes]]] = {}
         self._initiations: dict[bytes, tuple[bytes, float]] = {}
         self._home_lock: asyncio.Lock | None = None
+        self._netcheck_task: asyncio.Future[None] | None = None
         self._probe_socks: dict[int, tuple[socket.socket, bytes]] = {}
         self._next_probe_id = 1
         self._ping_waiters: dict[bytes, concurrent.futures.Future[PingResult]] = {}
@@ -494,6 +496,11 @@ class MagicSock:
                 fut = self._ping_waiters.pop(event.tx_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(event)
+            elif isinstance(event, MappingChanged):
+                log.info(
+                    "mapping_changed published=%s observed=%s", _fmt(event.published), _fmt(event.observed)
+                )
+                self._call_in_loop(self._netcheck_soon)
             elif isinstance(event, OpenProbeSockets):
                 self._call_in_loop(self._open_probe_sockets, event.node_key, event.count)
             elif isinstance(event, CloseProbeSockets):
@@ -589,6 +596,10 @@ class MagicSock:
                 await self._netcheck_and_home()
             except Exception:
                 log.exception("netcheck_failed")
+
+    def _netcheck_soon(self) -> None:
+        if self._netcheck_task is None or self._netcheck_task.done():
+            self._netcheck_task = asyncio.ensure_future(self._netcheck_and_home())
 
     async def _relay_watchdog(self) -> None:
         """Ping every connected relay: a NAT that forgot our TCP connection (rebinding) drops the

@@ -48,6 +48,7 @@ from wiremesh.core.magicsock.types import (
     Destination,
     Direct,
     Event,
+    MappingChanged,
     OpenProbeSockets,
     PathChanged,
     PeerInfo,
@@ -219,6 +220,7 @@ class MagicSock:
         self.birthday_sockets = birthday_sockets
         self.birthday_spray = birthday_spray
         self._now = now
+        self._mapping_reported: Address | None = None
 
     # ------------------------------------------------------------------- configuration
 
@@ -256,6 +258,7 @@ class MagicSock:
         A change starts a discovery round for every active peer: our old endpoints may be gone.
         """
         eps = tuple(endpoints)[: disco.MAX_ENDPOINTS]
+        self._mapping_reported = None
         if eps == self.local_endpoints and mapping_varies == self.mapping_varies:
             return
         self.local_endpoints, self.mapping_varies = eps, mapping_varies
@@ -367,6 +370,7 @@ class MagicSock:
         cand = path.candidates.get(source) or self._add_candidate(path, source, EndpointKind.UNKNOWN, now)
         if cand is None:
             return
+        self._check_mapping(cand, pong.source)
         first = cand.last_pong is None
         cand.last_pong = now
         cand.latency = latency if cand.latency is None else 0.5 * cand.latency + 0.5 * latency
@@ -377,6 +381,19 @@ class MagicSock:
             self._set_best(path, cand, now)
         if path.best is cand:
             path.trust_until = now + TRUST_DURATION
+
+    def _check_mapping(self, cand: Candidate, observed: Address) -> None:
+        """A Pong over a public path tells us our public address; if our NAT maps independently
+        of the destination, it must equal our published STUN endpoint."""
+        if self.mapping_varies or cand.direct.socket != PRIMARY_SOCKET or cand.lan:
+            return
+        published = next((ep.address for ep in self.local_endpoints if ep.kind is EndpointKind.STUN), None)
+        if published is None or observed == published or observed[0] != published[0]:
+            return
+        if self._mapping_reported != observed:
+            self._mapping_reported = observed
+            self.counters["mapping_changed"] += 1
+            self._events.append(MappingChanged(published, observed))
 
     def _better(self, cand: Candidate, best: Candidate) -> bool:
         if cand.lan != best.lan:

@@ -95,4 +95,13 @@ class PingResult:
     latency: float
 
 
-Event = PathChanged | AddressConfirmed | OpenProbeSockets | CloseProbeSockets | PingResult
+@dataclasses.dataclass(frozen=True, slots=True)
+class MappingChanged:
+    """A peer saw us come from `observed`, not the STUN endpoint we publish: our NAT rebound.
+    The adapter should re-run STUN now (and so send fresh CallMeMaybes)."""
+
+    published: Address
+    observed: Address
+
+
+Event = PathChanged | AddressConfirmed | OpenProbeSockets | CloseProbeSockets | PingResult | MappingChanged
