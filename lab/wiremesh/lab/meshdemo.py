@@ -128,7 +128,7 @@ class PairResult:
     reached: bool
     path: str  # "direct", "relay" or "?" (as both sides see it at the end)
     detail: str  # "198.18.0.5:41641" or "region1" or ""
-    time_to_direct: float | None  # seconds from the pair's first ping
+    time_to_direct: float | None  # seconds from the agents' start until both sides were direct
     must_go_direct: bool
 
 
@@ -144,7 +144,13 @@ class Report:
 
     @property
     def missing_direct(self) -> tuple[PairResult, ...]:
-        return tuple(p for p in self.pairs if p.must_go_direct and p.path != "direct")
+        """Pairs that can go direct but never did (both sides direct at once) in the time given."""
+        return tuple(p for p in self.pairs if p.must_go_direct and p.time_to_direct is None)
+
+    @property
+    def fell_back(self) -> tuple[PairResult, ...]:
+        """Pairs that went direct but were on the relay when the matrix was taken."""
+        return tuple(p for p in self.pairs if p.path != "direct" and p.time_to_direct is not None)
 
     @property
     def ok(self) -> bool:
@@ -257,6 +263,7 @@ class MeshDemo:
         self._office_router: Router | None = None
         self.lock = threading.Lock()
         self.direct_at: dict[tuple[str, str], float] = {}  # pair -> seconds from the agents' start
+        self.now_direct: set[tuple[str, str]] = set()  # pairs direct on both sides in the last look
         self.agents_started = time.monotonic()
         self.watch_stop = threading.Event()
         self.watcher = threading.Thread(target=self._watch_paths, name="demo-paths", daemon=True)
@@ -521,15 +528,19 @@ class MeshDemo:
                 name: key_b64(str((st.get("self") or {}).get("node_key", "")))
                 for name, st in statuses.items()
             }
+            now_direct = set()
             for a, b in pairs:
-                if (a.name, b.name) in self.direct_at or not keys[a.name] or not keys[b.name]:
+                if not keys[a.name] or not keys[b.name]:
                     continue
                 if (
                     peer_path(statuses[a.name], keys[b.name])[0] == "direct"
                     and peer_path(statuses[b.name], keys[a.name])[0] == "direct"
                 ):
-                    with self.lock:
-                        self.direct_at[(a.name, b.name)] = now - self.agents_started
+                    now_direct.add((a.name, b.name))
+            with self.lock:
+                for pair in now_direct:
+                    self.direct_at.setdefault(pair, now - self.agents_started)
+                self.now_direct = now_direct
             self.watch_stop.wait(0.3)
 
     def stop_watching(self) -> None:
@@ -588,11 +599,13 @@ class MeshDemo:
             def want_direct(a: Agent, b: Agent) -> bool:
                 return must_go_direct(a.spec.place, b.spec.place) and reached.get((a.name, b.name), False)
 
-            pending = [(a, b) for a, b in pairs if want_direct(a, b)]
+            wanted = [(a, b) for a, b in pairs if want_direct(a, b)]
             deadline = first_ping + self.schedule.reach_timeout + self.schedule.direct_timeout
             while time.monotonic() < deadline:
                 with lock:
-                    pending = [(a, b) for a, b in pending if (a.name, b.name) not in direct_at]
+                    # Wait until they are direct at the same time, so the matrix shows settled
+                    # paths rather than one caught in a fallback and re-probe.
+                    pending = [(a, b) for a, b in wanted if (a.name, b.name) not in self.now_direct]
                 if not pending:
                     break
                 list(pool.map(lambda p: self.ping_once(*p), pending))
@@ -607,9 +620,10 @@ class MeshDemo:
         final = {a.name: self.status(a) or {} for a in self.agents.values()}
         for a, b in pairs:
             path, detail = peer_path(final[a.name], b.node_key)
-            back, _ = peer_path(final[b.name], a.node_key)
-            if path != back:
-                path = "direct" if path == "direct" and (a.name, b.name) in direct_at else path
+            back, back_detail = peer_path(final[b.name], a.node_key)
+            if path == "direct" and back != "direct":
+                # Direct only when both sides say so; otherwise show the side still relaying.
+                path, detail = back, back_detail
             if path == "relay":
                 detail = self.region_names.get(detail, detail)
             results.append(
@@ -692,7 +706,9 @@ class MeshDemo:
                 path = f"relay {r.detail}".strip()
             else:
                 path = "unknown"
-            if r.must_go_direct and r.path != "direct":
+            if r.path != "direct" and r.time_to_direct is not None:
+                path += "  (was direct)"
+            elif r.must_go_direct and r.path != "direct":
                 path += "  (expected direct)"
             took = "-" if r.time_to_direct is None else f"{r.time_to_direct:.1f} s"
             self.say(f"{r.a + ' <-> ' + r.b:<20} {'yes' if r.reached else 'NO':<8} {path:<40} {took:>9}")
@@ -701,11 +717,13 @@ class MeshDemo:
         direct = sum(r.path == "direct" for r in results)
         relayed = sum(r.path == "relay" for r in results)
         should = sum(r.must_go_direct for r in results)
-        direct_ok = sum(r.must_go_direct and r.path == "direct" for r in results)
+        direct_ok = sum(r.must_go_direct and r.time_to_direct is not None for r in results)
+        fell_back = sum(r.path != "direct" and r.time_to_direct is not None for r in results)
         self.say()
         self.say(
             f"summary: {reached}/{n} pairs reached each other; {direct} direct, {relayed} relayed; "
             f"{direct_ok}/{should} pairs that can go direct did"
+            + (f" ({fell_back} back on the relay at the end)" if fell_back else "")
         )
         for line in LEGEND:
             self.say(line)
