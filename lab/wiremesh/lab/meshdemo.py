@@ -236,7 +236,7 @@ def peer_path(status: dict[str, Any], node_key: str) -> tuple[str, str]:
 
 
 class MeshDemo:
-    """The lab, the services and the agents; `run()` does the rest. Use inside `with Lab()`."""
+    """The lab, the services and the agents, one phase per method; `run_demo()` drives them."""
 
     def __init__(
         self,
@@ -697,36 +697,43 @@ class MeshDemo:
 
     def print_matrix(self, results: list[PairResult]) -> None:
         self.say()
-        self.say(f"{'pair':<20} {'reached':<8} {'path':<40} {'to direct':>9}")
-        for r in results:
-            if r.path == "direct":
-                # A symmetric side that got through from one of its birthday probe sockets.
-                path = "direct " + re.sub(r" \(probe socket \d+\)", " (birthday)", r.detail)
-            elif r.path == "relay":
-                path = f"relay {r.detail}".strip()
-            else:
-                path = "unknown"
-            if r.path != "direct" and r.time_to_direct is not None:
-                path += "  (was direct)"
-            elif r.must_go_direct and r.path != "direct":
-                path += "  (expected direct)"
-            took = "-" if r.time_to_direct is None else f"{r.time_to_direct:.1f} s"
-            self.say(f"{r.a + ' <-> ' + r.b:<20} {'yes' if r.reached else 'NO':<8} {path:<40} {took:>9}")
-        n = len(results)
-        reached = sum(r.reached for r in results)
-        direct = sum(r.path == "direct" for r in results)
-        relayed = sum(r.path == "relay" for r in results)
-        should = sum(r.must_go_direct for r in results)
-        direct_ok = sum(r.must_go_direct and r.time_to_direct is not None for r in results)
-        fell_back = sum(r.path != "direct" and r.time_to_direct is not None for r in results)
-        self.say()
-        self.say(
-            f"summary: {reached}/{n} pairs reached each other; {direct} direct, {relayed} relayed; "
-            f"{direct_ok}/{should} pairs that can go direct did"
-            + (f" ({fell_back} back on the relay at the end)" if fell_back else "")
-        )
-        for line in LEGEND:
+        for line in matrix_lines(results):
             self.say(line)
+
+
+def matrix_lines(results: Sequence[PairResult]) -> list[str]:
+    """The matrix, a summary line and the legend, as the demo prints them."""
+    lines = []
+    lines.append(f"{'pair':<20} {'reached':<8} {'path':<40} {'to direct':>9}")
+    for r in results:
+        if r.path == "direct":
+            # A symmetric side that got through from one of its birthday probe sockets.
+            path = "direct " + re.sub(r" \(probe socket \d+\)", " (birthday)", r.detail)
+        elif r.path == "relay":
+            path = f"relay {r.detail}".strip()
+        else:
+            path = "unknown"
+        if r.path != "direct" and r.time_to_direct is not None:
+            path += "  (was direct)"
+        elif r.must_go_direct and r.path != "direct":
+            path += "  (expected direct)"
+        took = "-" if r.time_to_direct is None else f"{r.time_to_direct:.1f} s"
+        lines.append(f"{r.a + ' <-> ' + r.b:<20} {'yes' if r.reached else 'NO':<8} {path:<40} {took:>9}")
+    n = len(results)
+    reached = sum(r.reached for r in results)
+    direct = sum(r.path == "direct" for r in results)
+    relayed = sum(r.path == "relay" for r in results)
+    should = sum(r.must_go_direct for r in results)
+    direct_ok = sum(r.must_go_direct and r.time_to_direct is not None for r in results)
+    fell_back = sum(r.path != "direct" and r.time_to_direct is not None for r in results)
+    lines.append("")
+    lines.append(
+        f"summary: {reached}/{n} pairs reached each other; {direct} direct, {relayed} relayed; "
+        f"{direct_ok}/{should} pairs that can go direct did"
+        + (f" ({fell_back} back on the relay at the end)" if fell_back else "")
+    )
+    lines += LEGEND
+    return lines
 
 
 def run_demo(
