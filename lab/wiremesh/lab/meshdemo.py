@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from wiremesh.lab import Host, Lab, NatKind, Router
+from wiremesh.lab import Host, Lab, LabError, NatKind, Router
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 NATS_PORT = 4222
@@ -264,6 +264,7 @@ class MeshDemo:
         self.lock = threading.Lock()
         self.direct_at: dict[tuple[str, str], float] = {}  # pair -> seconds from the agents' start
         self.now_direct: set[tuple[str, str]] = set()  # pairs direct on both sides in the last look
+        self.last_statuses: dict[str, dict[str, Any]] = {}  # that look: agent name -> status
         self.agents_started = time.monotonic()
         self.watch_stop = threading.Event()
         self.watcher = threading.Thread(target=self._watch_paths, name="demo-paths", daemon=True)
@@ -541,6 +542,7 @@ class MeshDemo:
                 for pair in now_direct:
                     self.direct_at.setdefault(pair, now - self.agents_started)
                 self.now_direct = now_direct
+                self.last_statuses = statuses
             self.watch_stop.wait(0.3)
 
     def stop_watching(self) -> None:
@@ -579,6 +581,7 @@ class MeshDemo:
         direct_at = self.direct_at
         lock = self.lock
         stop = threading.Event()
+        settled: dict[str, dict[str, Any]] = {}
 
         def reach(a: Agent, b: Agent) -> None:
             deadline = first_ping + self.schedule.reach_timeout
@@ -606,6 +609,7 @@ class MeshDemo:
                     # Wait until they are direct at the same time, so the matrix shows settled
                     # paths rather than one caught in a fallback and re-probe.
                     pending = [(a, b) for a, b in wanted if (a.name, b.name) not in self.now_direct]
+                    settled = dict(self.last_statuses)
                 if not pending:
                     break
                 list(pool.map(lambda p: self.ping_once(*p), pending))
@@ -617,7 +621,11 @@ class MeshDemo:
             self.stop_watching()
 
         results = []
-        final = {a.name: self.status(a) or {} for a in self.agents.values()}
+        # The matrix shows the look the wait above ended on.
+        final = settled
+        for agent in self.agents.values():
+            if not final.get(agent.name):
+                final[agent.name] = self.status(agent) or {}
         for a, b in pairs:
             path, detail = peer_path(final[a.name], b.node_key)
             back, back_detail = peer_path(final[b.name], a.node_key)
@@ -804,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _quiet_interrupt():
         try:
             report = run_demo(SMALL_AGENTS if args.small else FULL_AGENTS, schedule, log_dir)
-        except DemoError as exc:
+        except (DemoError, LabError) as exc:
             sys.stderr.write(f"demo failed: {exc}\nlogs: {log_dir}\n")
             return 1
     sys.stdout.write(f"logs: {report.log_dir}\n")
