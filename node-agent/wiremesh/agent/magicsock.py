@@ -20,7 +20,7 @@ not roam to raw addresses behind our back.
 
 An asyncio loop in its own thread runs the DERP clients (home region plus regions connected on
 demand to reach a peer's home), STUN probes to every region (public address, latency, whether
-the NAT's mapping varies by destination), NAT-PMP port mapping on the default gateway, the
+the NAT's mapping varies by destination), PCP or NAT-PMP port mapping on the default gateway, the
 disco timers, and the birthday probe sockets.
 """
 
@@ -856,20 +856,21 @@ class MagicSock:
             self.home_region = None
             await self._choose_home()
 
-    # ------------------------------------------------------------------ NAT-PMP port mapping
+    # ------------------------------------------------------------------ port mapping (PCP, NAT-PMP)
 
     async def _portmap(self) -> None:
         gateway = _default_gateway()
         if gateway is None:
             return
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(None, natpmp_map, gateway, self.engine.listen_port)
-        if result is None:
-            self.portmap_address = None
-            self.portmap_protocol = None
-            return
-        self.portmap_address = result
-        self.portmap_protocol = "nat-pmp"
+        for protocol, request in (("pcp", pcp_map), ("nat-pmp", natpmp_map)):
+            result = await loop.run_in_executor(None, request, gateway, self.engine.listen_port)
+            if result is not None:
+                self.portmap_address = result
+                self.portmap_protocol = protocol
+                return
+        self.portmap_address = None
+        self.portmap_protocol = None
 
     # ------------------------------------------------------------------ status and ping
 
@@ -953,6 +954,44 @@ def _default_gateway() -> str | None:
     except (OSError, ValueError, StopIteration):
         return None
     return None
+
+
+PCP_VERSION = 2
+PCP_OPCODE_MAP = 1
+_PCP_MAP = struct.Struct("!BBHI16s12sB3xHH16s")  # common request header + MAP opcode body (60 bytes)
+
+
+def _v4_mapped(ip: str) -> bytes:
+    return b"\x00" * 10 + b"\xff\xff" + socket.inet_aton(ip)
+
+
+def pcp_map(gateway: str, internal_port: int, lifetime: int = NATPMP_LIFETIME) -> tuple[str, int] | None:
+    """Ask the gateway for a UDP mapping with PCP (RFC 6887 MAP): (public IP, port) or None."""
+    nonce = os.urandom(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(NATPMP_TIMEOUT)
+        try:
+            sock.connect((gateway, NATPMP_PORT))
+            client_ip = sock.getsockname()[0]
+            request = _PCP_MAP.pack(
+                PCP_VERSION, PCP_OPCODE_MAP, 0, lifetime, _v4_mapped(client_ip), nonce,
+                socket.IPPROTO_UDP, internal_port, internal_port, bytes(16),
+            )  # fmt: skip
+            sock.send(request)
+            data = sock.recv(1100)
+        except OSError:
+            return None
+    # Response: version, R|opcode, reserved, result code, lifetime, epoch, 12 reserved, then MAP.
+    if len(data) < 60 or data[0] != PCP_VERSION or data[1] != 0x80 | PCP_OPCODE_MAP or data[3] != 0:
+        return None
+    if data[24:36] != nonce:
+        return None
+    (external_port,) = struct.unpack_from("!H", data, 42)
+    external = ipaddress.IPv6Address(data[44:60])
+    ip = external.ipv4_mapped
+    if ip is None or external_port == 0:
+        return None
+    return str(ip), external_port
 
 
 def natpmp_map(gateway: str, internal_port: int, lifetime: int = NATPMP_LIFETIME) -> tuple[str, int] | None:
