@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.error
 
@@ -48,7 +49,7 @@ async def test_reusable_key_registers_several_machines(control_plane):
 
 async def test_expired_key_is_refused(control_plane):
     key = control_plane.auth_key(expiration=1)
-    time.sleep(1.2)
+    await asyncio.sleep(1.2)
     agent = make_agent(control_plane.url, "late")
     try:
         with pytest.raises(LoginRequired, match="expired"):
@@ -130,7 +131,7 @@ async def test_ephemeral_node_is_removed_after_going_offline(control_plane):
     deadline = time.monotonic() + 15
     while nodes := [n for n in control_plane.admin("GET", "/nodes") if n["id"] == result.node_id]:
         assert time.monotonic() < deadline, f"ephemeral node still registered: {nodes}"
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)  # not time.sleep: the loop must run to actually close the socket
 
 
 def test_wrong_admin_key_gets_401(control_plane):
