@@ -667,6 +667,9 @@ class MagicSock:
         }
 
     async def _netcheck_and_home(self) -> None:
+        # The port-mapping request runs beside STUN: on a router without PCP/NAT-PMP it only
+        # times out, and the home relay should not wait for that.
+        portmap = asyncio.ensure_future(self._portmap()) if self.portmap_enabled else None
         regions = list(self.regions.values())
         stun_results = await asyncio.gather(*(self._stun(r.stun) if r.stun else _none() for r in regions))
         latency: dict[int, float] = {}
@@ -685,12 +688,15 @@ class MagicSock:
         self.mapping_varies = len(set(mapped)) > 1 if len(mapped) > 1 else None
         changed_public = public != self.public_address
         self.public_address = public
-        if self.portmap_enabled and self.udp_works:
-            await self._portmap()
         await self._set_local_endpoints()
         if changed_public and public is not None:
             log.info("public_address address=%s mapping_varies=%s", _fmt(public), self.mapping_varies)
         await self._choose_home()
+        if portmap is not None:
+            before = self.portmap_address
+            await portmap
+            if self.portmap_address != before:
+                await self._set_local_endpoints()
 
     def _interface_endpoints(self) -> list[Endpoint]:
         from wiremesh.agent.mesh import local_endpoints
