@@ -95,6 +95,7 @@ _transport_unpack = TRANSPORT_HEADER.unpack_from
 _u32_unpack = struct.Struct("<I").unpack_from
 
 _MAX_RETIRED = 4096
+_ROUTE_CACHE_SIZE = 4096
 _NEVER = float("inf")
 
 Datagram = tuple[bytes, Hashable]
@@ -111,6 +112,9 @@ class Device:
         # picks endpoints itself (magicsock) turns it off; a peer with no endpoint still learns one.
         self.roaming = True
         self._routes: AllowedIPs[Peer] = AllowedIPs()
+        # Address -> peer answers of _routes, cleared whenever AllowedIPs change: a dict hit costs
+        # a tenth of walking the trie, and a tunnel carries few distinct addresses.
+        self._route_cache: dict[bytes, Peer | None] = {}
         self._sessions: dict[int, Session] = {}  # by our local index
         self._handshakes: dict[int, PendingHandshake] = {}  # by our local index
         # Indices of removed peers' sessions, so their late packets count as unknown_peer (bounded).
@@ -169,6 +173,7 @@ class Device:
         self._routes.remove_value(peer)
         for prefix in config.allowed_ips:
             self._routes.insert(prefix, peer)
+        self._route_cache.clear()
         if config.persistent_keepalive > 0:
             # Like wg: a keepalive goes out as soon as persistent keepalive is configured.
             if peer.t_persistent is None:
@@ -190,6 +195,7 @@ class Device:
         self._drop_sessions(peer)
         peer.queue.clear()
         self._routes.remove_value(peer)
+        self._route_cache.clear()
 
     # ------------------------------------------------------------------ outbound (TUN -> network)
 
@@ -203,9 +209,9 @@ class Device:
         n = len(packet)
         version = packet[0] >> 4 if n else 0
         if version == 4 and n >= 20:
-            peer = self._routes.lookup(packet[16:20])
+            peer = self._route(packet[16:20])
         elif version == 6 and n >= 40:
-            peer = self._routes.lookup(packet[24:40])
+            peer = self._route(packet[24:40])
         else:
             self.drops["not_ip"] += 1
             return None
@@ -223,6 +229,18 @@ class Device:
         ):
             return self._send_to_peer(peer, packet, now)
         return self._seal(peer, session, packet, now), endpoint
+
+    def _route(self, address: bytes) -> Peer | None:
+        cache = self._route_cache
+        try:
+            return cache[address]
+        except KeyError:
+            if len(cache) >= _ROUTE_CACHE_SIZE:
+                cache.clear()
+            peer = cache[address] = self._routes.lookup(address)
+            return peer
+        except (TypeError, ValueError):  # slices of bytearray or writable memoryview: unhashable
+            return self._routes.lookup(bytes(address))
 
     def _send_to_peer(self, peer: Peer, payload: bytes, now: float) -> tuple[bytes, Hashable] | None:
         endpoint = peer.endpoint
@@ -381,7 +399,7 @@ class Device:
         if length > size:
             self.drops["not_ip"] += 1
             return None
-        if self._routes.lookup(src) is not peer:
+        if self._route(src) is not peer:
             self.drops["source_not_allowed"] += 1
             return None
         return plaintext if length == size else plaintext[:length]
