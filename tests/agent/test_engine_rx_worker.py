@@ -214,3 +214,15 @@ def test_the_worker_mode_refuses_an_inbound_filter() -> None:
     eng.inbound_filter = lambda packet: True
     with pytest.raises(ValueError, match="inbound_filter"):
         eng.start()
+
+
+def test_a_crashed_worker_falls_back_to_receiving_in_process_after_a_fresh_handshake() -> None:
+    with two_engines() as (ns_a, _ns_b, a, _b):
+        assert ping(ns_a, "10.212.0.2", count=1).returncode == 0
+        assert a._worker is not None
+        a._worker.kill()
+        assert wait_until(lambda: a.drops["worker_exited"] == 1)
+        # The first pings start the new handshake; then the tunnel works without the worker.
+        assert wait_until(lambda: ping(ns_a, "10.212.0.2", count=1).returncode == 0, 20)
+        assert wait_until(lambda: only_peer(a)["handshakes_completed"] == 2)
+        assert ping(ns_a, "10.212.0.2", count=3).returncode == 0

@@ -278,6 +278,9 @@ class Engine:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
 
     def _close_fds(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
         for sock in (self._sock4, self._sock6):
             if sock is not None:
                 sock.close()
@@ -392,9 +395,7 @@ class Engine:
                 return
             if not raw:
                 if not self._stopping.is_set():
-                    code = self._worker.poll() if self._worker is not None else None
-                    self.drops["worker_exited"] += 1
-                    log.error("rx_worker_exited returncode=%s", code)
+                    self._worker_died()
                 return
             try:
                 message = pickle.loads(raw)
@@ -405,6 +406,30 @@ class Engine:
             except Exception:
                 self.drops["engine_error"] += 1
                 log.exception("rx_worker_message_failed")
+
+    def _worker_died(self) -> None:
+        """The worker exited on its own: receive in this process from now on. The sessions it
+        held go too (their replay windows died with it), so fresh handshakes replace them."""
+        proc = self._worker
+        code = proc.poll() if proc is not None else None
+        self.drops["worker_exited"] += 1
+        log.error("rx_worker_exited returncode=%s fallback=in_process_receive", code)
+        with self.lock:
+            ctl, self._ctl = self._ctl, None
+            self.device.expire_sessions(self._exported)
+            self._exported.clear()
+        if ctl is not None:
+            ctl.close()
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=WORKER_STOP_TIMEOUT)
+        for sock in (self._sock4, self._sock6):
+            if sock is not None:
+                t = threading.Thread(
+                    target=self._udp_loop, args=(sock,), name=f"wm-udp{sock.family.name[-1]}", daemon=True
+                )
+                t.start()
+                self._threads.append(t)
 
     def _worker_stats(
         self, records: list[tuple[int, Hashable, int, int, int]], drops: dict[str, int], io: dict[str, int]

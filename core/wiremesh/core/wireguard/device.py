@@ -729,6 +729,17 @@ class Device:
             return None
         return session.peer.public_key, session.recv_key, session.reject_deadline
 
+    def expire_sessions(self, local_indices: set[int]) -> None:
+        """Stop using these sessions at once, as if they were past REJECT_AFTER_TIME: their
+        packets count as expired, and the next packet to send starts a handshake without the
+        usual REKEY_TIMEOUT wait (e.g. their receive side was lost with a crashed worker)."""
+        for index in local_indices:
+            session = self._sessions.get(index)
+            if session is None:
+                continue
+            session.created = session.reject_deadline = session.send_rekey_deadline = -_NEVER
+            session.peer.last_handshake_sent = -_NEVER
+
     def note_received(
         self, local_index: int, source: Hashable, nbytes: int, packets: int, data_packets: int, now: float
     ) -> None:
