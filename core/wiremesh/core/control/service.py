@@ -253,6 +253,11 @@ class _Server(uvicorn.Server):
         if self._on_exit is not None:
             self._on_exit()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its graceful shutdown, so the process would die
+        # "killed by SIGTERM"; a shutdown that completed is a success: exit 0.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def serve(app: Any, settings: ServiceSettings, on_exit: Callable[[], None] | None = None) -> None:
