@@ -77,3 +77,27 @@ async def test_endpoint_update_via_one_replica_reaches_stream_on_the_other(repli
         )
     finally:
         await agent.close()
+
+
+def test_login_replayed_to_the_other_replica_is_refused(replicas):
+    import time
+
+    import httpx
+    from test_control_bad_input import login_call, post, snapshot
+
+    def shared(coord: int) -> float:
+        text = httpx.get(f"{replicas.coords[coord].url}/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("wiremesh_coord_handshakes_shared_total"))
+        return float(line.split()[1])
+
+    call = login_call(replicas, replicas.auth_key())
+    seen_before = shared(1)
+    assert post(replicas, "/machine/login", call.request).status_code == 200  # through coord-0
+    deadline = time.monotonic() + 5
+    while shared(1) <= seen_before:  # coord-1 has heard of the handshake
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    before = snapshot(replicas)
+    replay = httpx.post(f"{replicas.coords[1].url}/machine/login", content=call.request)
+    assert replay.status_code == 403 and "replayed" in replay.json()["detail"]
+    assert snapshot(replicas) == before

@@ -37,6 +37,8 @@ KEYS_QUEUE = "wiremesh-keys"
 NODE_CHANGED = "wiremesh.coord.node.changed"  # NodeChanged: netmaps that include this node are stale
 NODE_ONLINE = "wiremesh.coord.node.online"  # NodePresence
 POLICY_CHANGED = "wiremesh.coord.policy.changed"  # PolicyChanged
+# raw 32 bytes: the ephemeral key of an agent handshake a replica accepted (shared replay cache)
+HANDSHAKE_SEEN = "wiremesh.coord.handshake.seen"
 
 # Relay presence and cross-replica forwarding (published by derp replicas).
 DERP_PRESENCE = "wiremesh.derp.{region}.presence"  # DerpPresence

@@ -103,6 +103,11 @@ class ReplayGuard:
             raise HandshakeRefused("replayed handshake refused")
         self._seen[ephemeral] = now
 
+    def remember(self, ephemeral: bytes, now: float) -> None:
+        """Record a handshake another replica accepted, so a replay to this one is refused too."""
+        if len(self._seen) < self.max_entries:
+            self._seen.setdefault(ephemeral, now)
+
 
 class ServerCall:
     """One request on the coord (responder) side."""
@@ -122,7 +127,8 @@ class ServerCall:
         if len(plaintext) < _TIMESTAMP.size or self._hs.remote_static is None:
             raise HandshakeRefused("malformed handshake payload")
         (sent_ns,) = _TIMESTAMP.unpack_from(plaintext)
-        guard.check_and_remember(message[:32], sent_ns / 1e9, now)
+        self.ephemeral = message[:32]
+        guard.check_and_remember(self.ephemeral, sent_ns / 1e9, now)
         self.machine_key: bytes = self._hs.remote_static
         self.payload = plaintext[_TIMESTAMP.size :]
         self._send: CipherState | None = None

@@ -105,6 +105,7 @@ class Coordinator:
         self.packet_filter: list[dict[str, Any]] = []
         self._version = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._announcements: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.registry = CollectorRegistry()
         r = self.registry
@@ -117,6 +118,9 @@ class Coordinator:
         self.frames = Counter("wiremesh_coord_frames_sent", "netmap stream frames", ["type"], registry=r)
         self.changes = Counter(
             "wiremesh_coord_changes", "node changes applied", ["change", "source"], registry=r
+        )
+        self.shared_handshakes = Counter(
+            "wiremesh_coord_handshakes_shared", "handshakes announced by replicas (replay cache)", registry=r
         )
         self.fanout = Histogram(
             "wiremesh_coord_change_fanout",
@@ -141,6 +145,7 @@ class Coordinator:
         self.nc = await service.wait_for_nats(self.config.nats_url, self.config.replica_id)
         await self.nc.subscribe(bus.NODE_CHANGED, cb=self._on_node_changed)
         await self.nc.subscribe(bus.NODE_KEY_REMOVED, cb=self._on_node_key_removed)
+        await self.nc.subscribe(bus.HANDSHAKE_SEEN, cb=self._on_handshake_seen)
         await self.policy.subscribe(self.nc)
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         log.info("coord started", extra={"replica": self.config.replica_id, "nodes": len(self.mesh)})
@@ -244,6 +249,11 @@ class Coordinator:
         record = await self._db(lambda s: store.load_node(s, event.node_id))
         self.apply(record, event.node_id, event.change, "replica")
 
+    async def _on_handshake_seen(self, msg: Msg) -> None:
+        if len(msg.data) == 32:
+            self.guard.remember(msg.data, self.clock())
+            self.shared_handshakes.inc()
+
     async def _on_node_key_removed(self, msg: Msg) -> None:
         try:
             event = bus.decode(bus.NodeKeyEvent, msg.data)
@@ -283,7 +293,15 @@ class Coordinator:
 
     def open_call(self, body: bytes) -> ServerCall:
         try:
-            return ServerCall(self.private_key, body, self.clock(), self.guard)
+            call = ServerCall(self.private_key, body, self.clock(), self.guard)
+            if self.nc is not None and self.nc.is_connected:
+                # Other replicas learn this handshake too, so a replay sent to them is refused.
+                task = asyncio.get_running_loop().create_task(
+                    self.nc.publish(bus.HANDSHAKE_SEEN, call.ephemeral)
+                )
+                self._announcements.add(task)
+                task.add_done_callback(self._announcements.discard)
+            return call
         except ControlError as exc:
             reason = str(exc).split(":")[0].split(" ")[0]
             self.refused.labels(
