@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -362,15 +363,44 @@ def create_app(coord: Coordinator) -> FastAPI:
     return app
 
 
+def _env(name: str, default: float) -> float:
+    """A number from WIREMESH_<name>, else `default` (flags still override both)."""
+    value = os.environ.get(f"WIREMESH_{name}")
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"wiremesh-coord: WIREMESH_{name} must be a number, got {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="wiremesh-coord", description="wiremesh coordination server")
     service.add_common_arguments(parser, "coord", 8080)
-    parser.add_argument("--ephemeral-grace", type=float, default=30.0, help="seconds offline before removal")
-    parser.add_argument("--node-key-expiry", type=float, default=180 * 86400.0, help="seconds; 0 = never")
-    parser.add_argument("--heartbeat-interval", type=float, default=10.0)
-    parser.add_argument("--keys-timeout", type=float, default=5.0)
-    parser.add_argument("--control-key-file", default="", help="default: a key shared through the database")
-    parser.add_argument("--derp-map", default="", help="JSON file with the DERP map sent in every netmap")
+    parser.add_argument(
+        "--ephemeral-grace",
+        type=float,
+        default=_env("EPHEMERAL_GRACE", 30.0),
+        help="seconds offline before removal",
+    )
+    parser.add_argument(
+        "--node-key-expiry",
+        type=float,
+        default=_env("NODE_KEY_EXPIRY", 180 * 86400.0),
+        help="seconds; 0 = never",
+    )
+    parser.add_argument("--heartbeat-interval", type=float, default=_env("HEARTBEAT_INTERVAL", 10.0))
+    parser.add_argument("--keys-timeout", type=float, default=_env("KEYS_TIMEOUT", 5.0))
+    parser.add_argument(
+        "--control-key-file",
+        default=os.environ.get("WIREMESH_CONTROL_KEY_FILE", ""),
+        help="default: a key shared through the database",
+    )
+    parser.add_argument(
+        "--derp-map",
+        default=os.environ.get("WIREMESH_DERP_MAP", ""),
+        help="JSON file with the DERP map sent in every netmap",
+    )
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "coord")
     service.setup_logging(settings.log_level, settings.log_json)
