@@ -211,9 +211,9 @@ def test_stop_ends_the_worker_process() -> None:
 
 def test_the_worker_mode_refuses_an_inbound_filter() -> None:
     eng = Engine(os.urandom(32), unique("wmw"), workers=1)
-    eng.inbound_filter = lambda packet: True
     with pytest.raises(ValueError, match="inbound_filter"):
-        eng.start()
+        eng.inbound_filter = lambda packet: True
+    eng.inbound_filter = None  # clearing it is fine
 
 
 def test_a_crashed_worker_falls_back_to_receiving_in_process_after_a_fresh_handshake() -> None:

@@ -23,8 +23,10 @@ With `workers=1` (wiremeshd --workers) the inbound path moves to a receive worke
 Device creates them, and writes the TUN; everything else comes back here over a control pair.
 This process then runs no UDP reader threads; its Device still does handshakes, timers, roaming
 and the outbound path. The worker mode has no inbound_filter (the filter lives in this process),
-so start() refuses it when one is set; other_datagram_handler, transport and receive_datagram
-keep working (non-WireGuard datagrams come back here; relayed transport goes to the worker).
+so setting one raises (mesh mode, which filters, keeps workers=0). other_datagram_handler,
+transport and receive_datagram keep working (non-WireGuard datagrams come back here; relayed
+transport goes to the worker). If the worker dies, this process receives again and the tunnel
+re-handshakes (the worker held the sessions' replay windows).
 
 The Device's clock is Unix time (time.time()): it also dates handshake initiations (TAI64N).
 """
@@ -130,7 +132,7 @@ class Engine:
         # Everything the Device is asked goes through this lock (the Device is not thread-safe).
         self.lock = threading.Lock()
         # Hooks the control plane and the packet filter plug in; None means "pass everything".
-        self.inbound_filter: InboundFilter | None = None
+        self._inbound_filter: InboundFilter | None = None
         self.outbound_hook: OutboundHook | None = None
         # Datagrams that are not WireGuard (disco, STUN) go here when set; otherwise to the Device.
         self.other_datagram_handler: OtherDatagramHandler | None = None
@@ -168,14 +170,25 @@ class Engine:
 
             metrics.register(EngineCollector(self))
 
+    @property
+    def inbound_filter(self) -> InboundFilter | None:
+        """Called with each decrypted packet before it reaches the TUN; False drops it."""
+        return self._inbound_filter
+
+    @inbound_filter.setter
+    def inbound_filter(self, flt: InboundFilter | None) -> None:
+        if flt is not None and self.workers:
+            # The receive worker writes the TUN without asking this process: refuse rather than
+            # let packets bypass a filter the caller believes is in force.
+            raise ValueError("the receive worker mode does not run an inbound_filter")
+        self._inbound_filter = flt
+
     # ----------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Create the TUN interface, bind the sockets and start the packet threads."""
         if self._started:
             raise RuntimeError("engine already started")
-        if self.workers and self.inbound_filter is not None:
-            raise ValueError("the receive worker mode does not run an inbound_filter")
         try:
             self._tun_fd = tun.open_tun(self.tun_name, vnet_hdr=self._vnet)
         except tun.TunError:
