@@ -203,3 +203,24 @@ def test_invalid_expiration_gets_400(control_plane):
 def test_unknown_node_gets_404(control_plane):
     status, body = admin_raw(control_plane, "DELETE", "/nodes/999999", None)
     assert status == 404 and "no node" in body["detail"]
+
+
+def test_garbage_map_request_gets_403(control_plane):
+    response = post(control_plane, "/machine/map", os.urandom(300))
+    assert response.status_code == 403 and "handshake failed" in response.json()["detail"]
+
+
+def test_oversized_map_request_gets_413(control_plane):
+    response = post(control_plane, "/machine/map", os.urandom(100_000))
+    assert response.status_code == 413 and "too large" in response.json()["detail"]
+
+
+def test_map_request_from_unknown_machine_gets_401(control_plane):
+    request = cm.MapRequest(node_key=crypto.encode_key(crypto.public_key(crypto.generate_private_key())))
+    call = ClientCall(
+        crypto.generate_private_key(), server_key(control_plane), cm.encode(request), time.time()
+    )
+    response = post(control_plane, "/machine/map", call.request)
+    assert response.status_code == 401
+    reply = json.loads(call.read_response(FrameReader().feed(response.content)[0]))
+    assert "log in first" in reply["error"]

@@ -122,6 +122,40 @@ class FrameStream(Response):
                 await aclose()
 
 
+class MapStreams:
+    """ASGI shortcut for POST /machine/map: netmap streams skip the framework's routing layers.
+
+    A change is delivered to every affected stream by resuming that stream's response
+    coroutine; each layer of routing and middleware it sits under is paid per stream per
+    change, so the streams sit directly under this middleware instead.
+    """
+
+    def __init__(self, app: ASGIApp, coord: Coordinator) -> None:
+        self.app = app
+        self.coord = coord
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/machine/map" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        response: Response
+        try:
+            body = await service.read_body(Request(scope, receive), MAX_REQUEST_BYTES)
+            call = self.coord.open_call(body)
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        except ControlError as exc:
+            response = JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        else:
+            status, reply, stream = await self.coord.open_stream(call)
+            first = call.respond(cm.encode(reply))
+            if stream is None:
+                response = Response(first, status_code=status, media_type=FRAMES)
+            else:
+                response = FrameStream(first, stream, self.coord.run_stream(stream))
+        await response(scope, receive, send)
+
+
 class AuthKeyCreateBody(BaseModel):
     user: str = Field(default="default", max_length=64)
     reusable: bool = False
@@ -166,6 +200,7 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     app = FastAPI(title="wiremesh-coord", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=MAX_ADMIN_BODY)
+    app.add_middleware(MapStreams, coord=coord)  # POST /machine/map, see MapStreams
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -226,15 +261,6 @@ def create_app(coord: Coordinator) -> FastAPI:
     @app.post("/machine/logout")
     async def logout(request: Request) -> Response:
         return await unary(request, coord.logout)
-
-    @app.post("/machine/map")
-    async def map_stream(request: Request) -> Response:
-        call = await open_call(request)
-        status, reply, stream = await coord.open_stream(call)
-        first = call.respond(cm.encode(reply))
-        if stream is None:
-            return Response(first, status_code=status, media_type=FRAMES)
-        return FrameStream(first, stream, coord.run_stream(stream))
 
     # admin API ---------------------------------------------------------------------------
 
