@@ -56,10 +56,11 @@ def add_static_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--wg-config", metavar="FILE", help="wg-quick style configuration file")
     group.add_argument(
         "--workers",
-        default=os.environ.get("WIREMESH_WORKERS", "0"),
+        default=os.environ.get("WIREMESH_WORKERS", "auto"),
         choices=["0", "1", "auto"],
-        help="1: decrypt in a separate receive worker process (uses a second core); auto: 1 with 2+ CPUs;"
-        " default 0, or $WIREMESH_WORKERS",
+        help="receive worker processes: 1 decrypts in a second process (a second core works on the"
+        " tunnel), 0 keeps everything in this one; auto (the default, or $WIREMESH_WORKERS) is 1 with 2+ CPUs;"
+        " static mode only (mesh mode's packet filter runs in this process)",
     )
 
 
