@@ -131,3 +131,23 @@ def test_no_orphan_worker_after_the_daemon_is_signalled(lab: Lab, sig: signal.Si
     ours.proc.wait(timeout=15)
     # SIGTERM: the engine stops its worker; SIGKILL: the worker sees its control pair close.
     assert wait_gone(pid), f"receive worker {pid} outlived wiremeshd"
+
+
+def test_workers_0_keeps_everything_in_one_process_and_interoperates(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WIREMESH_WORKERS", "0")
+    ours, theirs = static_tunnel(
+        lab,
+        WIREMESH,
+        lab.host("a"),
+        WIREGUARD_GO,
+        lab.host("b"),
+        initiator="b",
+        metrics_ports=(METRICS_PORT, None),
+    )
+    assert ours.proc is not None and children(ours.proc.pid) == []
+    assert ping(lab, theirs.host, ours.tunnel_ip, count=3).received >= 2, ours.log_text()[-3000:]
+    down = iperf3(lab, ours.host, theirs.host, theirs.tunnel_ip, seconds=3, reverse=True)
+    assert down.bytes > 1_000_000
+    assert metric_sum(scrape(lab, ours), "wiremesh_peer_rx_bytes_total") >= down.bytes
