@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wiremesh.coord import policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
-from wiremesh.core import bus, crypto
+from wiremesh.core import bus, crypto, logs
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control import service
 from wiremesh.core.control.channel import MAX_REQUEST_BYTES, PROLOGUE, PROTOCOL, ControlError, ServerCall
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "coord")
-    service.setup_logging(settings.log_level, settings.log_json)
+    logs.setup_logging(settings.log_level, settings.log_json)
     config = CoordConfig(
         database_url=settings.database_url,
         nats_url=settings.nats_url,

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from wiremesh.core.derp import frames
+from wiremesh.core.logs import setup_logging
 from wiremesh.derp.keyauth import KeyAuthority
 from wiremesh.derp.relay import Relay, RelayConfig
 
@@ -114,27 +115,6 @@ class RelayCollector:
 
 
 # --- structured logs -------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 # --- the service -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from wiremesh.core import bus
+from wiremesh.core import bus, logs
 from wiremesh.core.control import service
 from wiremesh.keys import store
 
@@ -259,6 +259,6 @@ def main(argv: list[str] | None = None) -> None:
     service.add_common_arguments(parser, "keys", 8081)
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "keys")
-    service.setup_logging(settings.log_level, settings.log_json)
+    logs.setup_logging(settings.log_level, settings.log_json)
     keys = KeysService(settings.database_url, settings.nats_url, settings.replica_id)
     service.serve(create_app(keys), settings)

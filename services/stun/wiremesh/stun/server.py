@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from wiremesh.core import stun
+from wiremesh.core.logs import setup_logging
 
 log = logging.getLogger("wiremesh.stun")
 
@@ -154,19 +155,6 @@ class StunService:
         log.info("STUN stopped")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wiremesh-stun", description="wiremesh STUN server (RFC 8489 Binding)")
     p.add_argument(
@@ -200,9 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.listen = ["0.0.0.0:3478"]
         if socket.has_ipv6:
             args.listen.append("[::]:3478")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    setup_logging(args.log_level)
     try:
         return asyncio.run(serve(args))
     except (OSError, ValueError) as exc:
