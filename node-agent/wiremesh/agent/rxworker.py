@@ -307,6 +307,20 @@ class Worker:
         self._flush_stats(time.time())
 
 
+class _KeyValueFormatter(logging.Formatter):
+    """wiremeshd's log line format (daemon.KeyValueFormatter), without importing the daemon."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        line = (
+            f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} logger={record.name}"
+            f" event={record.getMessage()}"
+        )
+        if record.exc_info:
+            line += " exc=" + repr(self.formatException(record.exc_info))
+        return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wiremesh-rxworker", description=__doc__.splitlines()[0])
     parser.add_argument("--tun-fd", type=int, required=True)
@@ -315,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vnet", action="store_true")
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = _KeyValueFormatter()
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(args.log_level)
     # Ctrl-C reaches the whole process group: the Engine stops us in order through the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     socks = [socket.socket(fileno=fd) for fd in args.sock_fd]
