@@ -293,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-file", default="/var/lib/wiremesh/derp.key", help="relay private key (created if missing)"
     )
     p.add_argument(
-        "--nats", default=os.environ.get("WIREMESH_NATS_URL"), help="NATS URL (key registry, replicas)"
+        "--nats",
+        "--nats-url",
+        dest="nats",
+        default=os.environ.get("WIREMESH_NATS_URL"),
+        help="NATS URL (key registry, replicas)",
     )
     p.add_argument("--region", default="default", help="region name shared by this relay's replicas")
     p.add_argument("--replica-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique per replica")
