@@ -365,3 +365,50 @@ def test_pong_confirming_our_public_address_reports_nothing():
     a, _b, net = pair()
     net.run(0.0, 2.0)
     assert not any(isinstance(e, MappingChanged) for e in a.events)
+
+
+def _birthday_hit(a: Node, b: Node, sock: int, ping_at: float) -> bytes:
+    """b's spray reached a's probe socket `sock` at `ping_at`: a pings back from that socket.
+    Returns the tx id of a's ping back (b's Pong to it proves the path)."""
+    tx = disco.new_tx_id()
+    ping = b.disco.seal(disco.Ping(tx, b.node_key), a.disco.public_key)
+    a.ms.receive_disco(ping, Direct(b.public, sock), ping_at)
+    for data, dest in a.ms.datagrams_to_send():
+        message = b.disco.open(data)[1] if dest == Direct(b.public, sock) else None
+        if isinstance(message, disco.Ping):
+            return message.tx_id
+    raise AssertionError(f"a did not ping back from probe socket {sock}")
+
+
+def test_second_birthday_hit_never_moves_the_path_to_a_socket_being_closed():
+    # Regression (issue 4 follow-up): two probe sockets hit. The first Pong made socket 3 the
+    # path and asked the adapter to close every other probe socket; the second, faster Pong on
+    # socket 2 then moved the path to socket 2, which that close removes: the path died at the
+    # next heartbeat and fell back to the relay.
+    a, b, _ = pair(birthday_sockets=4, birthday_spray=10)
+    a.ms.set_local_endpoints(a.endpoints, True, 0.0)
+    a.ms.probe_sockets_opened(b.node_key, [1, 2, 3, 4], 1.0)
+    a.ms.datagrams_to_send()
+    tx3 = _birthday_hit(a, b, 3, 1.0)
+    tx2 = _birthday_hit(a, b, 2, 1.25)
+    a.ms.receive_disco(b.disco.seal(disco.Pong(tx3, a.public), a.disco.public_key), Direct(b.public, 3), 1.3)
+    a.ms.receive_disco(b.disco.seal(disco.Pong(tx2, a.public), a.disco.public_key), Direct(b.public, 2), 1.31)
+    # The adapter applies every close in order: what is still open afterwards?
+    still_open = {1, 2, 3, 4}
+    while (event := a.ms.next_event()) is not None:
+        if isinstance(event, CloseProbeSockets):
+            still_open &= set(event.keep)
+    dest = a.ms.route(b.node_key, 1.32)
+    assert isinstance(dest, Direct) and dest.socket in still_open
+
+
+def test_pong_on_a_probe_socket_being_closed_is_dropped_and_counted():
+    a, b, _ = pair(birthday_sockets=4, birthday_spray=10)
+    a.ms.set_local_endpoints(a.endpoints, True, 0.0)
+    a.ms.probe_sockets_opened(b.node_key, [1, 2, 3, 4], 1.0)
+    a.ms.datagrams_to_send()
+    tx3 = _birthday_hit(a, b, 3, 1.0)
+    tx2 = _birthday_hit(a, b, 2, 1.25)
+    a.ms.receive_disco(b.disco.seal(disco.Pong(tx3, a.public), a.disco.public_key), Direct(b.public, 3), 1.3)
+    a.ms.receive_disco(b.disco.seal(disco.Pong(tx2, a.public), a.disco.public_key), Direct(b.public, 2), 1.31)
+    assert a.ms.drops["disco_pong_closed_probe_socket"] == 1

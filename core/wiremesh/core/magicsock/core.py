@@ -346,7 +346,7 @@ class MagicSock:
         self.counters["ping_received"] += 1
         observed = source.address if isinstance(source, Direct) else ("0.0.0.0", 0)
         self._send(path, Pong(ping.tx_id, observed), source)
-        if isinstance(source, Direct):
+        if isinstance(source, Direct) and self._socket_open(path, source):
             cand = self._add_candidate(path, source, EndpointKind.UNKNOWN, now)
             # The peer found a way to us; make sure the way back is proven too.
             if cand is not None and path.trusted(now) != source and now - cand.last_ping >= MIN_PING_SPACING:
@@ -367,6 +367,11 @@ class MagicSock:
             self._events.append(PingResult(path.node_key, pong.tx_id, source, latency))
         if not isinstance(source, Direct):
             return
+        if not self._socket_open(path, source):
+            # A probe socket we already asked the adapter to close (a second birthday hit right
+            # behind the first): the path must not move onto it, or it dies with the socket.
+            self.drops["disco_pong_closed_probe_socket"] += 1
+            return
         cand = path.candidates.get(source) or self._add_candidate(path, source, EndpointKind.UNKNOWN, now)
         if cand is None:
             return
@@ -381,6 +386,12 @@ class MagicSock:
             self._set_best(path, cand, now)
         if path.best is cand:
             path.trust_until = now + TRUST_DURATION
+
+    @staticmethod
+    def _socket_open(path: PeerPath, direct: Direct) -> bool:
+        """Whether `direct` leaves from a socket that stays open: the primary one, or a probe
+        socket not yet closed (our CloseProbeSockets events, in order, are what the adapter does)."""
+        return direct.socket == PRIMARY_SOCKET or direct.socket in path.probe_sockets
 
     def _check_mapping(self, cand: Candidate, observed: Address) -> None:
         """A Pong over a public path tells us our public address; if our NAT maps independently
