@@ -16,7 +16,8 @@ import pytest
 
 from wiremesh.core.wireguard import Device, PeerConfig
 from wiremesh.lab import Lab
-from wiremesh.lab.demo import WIREMESH, keypair, metric_sum, scrape, start_side, wait_for
+from wiremesh.lab.demo import WIREMESH, keypair, metric_sum, scrape, start_side
+from wiremesh.lab.support import wait_until as wait_for
 
 pytestmark = pytest.mark.netns
 

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from wiremesh.lab import Lab
-from wiremesh.lab.demo import WIREMESH, interface_up, static_tunnel, wait_for
+from wiremesh.lab.demo import WIREMESH, interface_up, static_tunnel
+from wiremesh.lab.support import wait_until as wait_for
 
 pytestmark = pytest.mark.netns
 

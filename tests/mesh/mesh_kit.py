@@ -19,13 +19,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
-
-from fixtures_services import nats_server_binary
 
 from wiremesh.agent.cli.local import call as local_call
 from wiremesh.lab import Host, Lab, NatKind, Router
+from wiremesh.lab.support import nats_server_binary, wait_until
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 COORD_PORT = 8080
@@ -34,17 +33,6 @@ NATS_PORT = 4222
 AGENT_PORT = 41641
 METRICS_PORT = 9586
 COORD_ARGS = ["--heartbeat-interval", "1", "--ephemeral-grace", "1"]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclasses.dataclass

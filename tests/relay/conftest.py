@@ -12,9 +12,10 @@ from pathlib import Path
 
 import nats
 import pytest
-from relay_helpers import RegistryStandIn, StartRelay, free_port, nats_server_binary
+from relay_helpers import RegistryStandIn, StartRelay, free_port
 
 from wiremesh.derp.server import DerpService, build_parser
+from wiremesh.lab.support import nats_server_binary
 
 
 @pytest.fixture

