@@ -412,3 +412,120 @@ def test_pong_on_a_probe_socket_being_closed_is_dropped_and_counted():
     a.ms.receive_disco(b.disco.seal(disco.Pong(tx3, a.public), a.disco.public_key), Direct(b.public, 3), 1.3)
     a.ms.receive_disco(b.disco.seal(disco.Pong(tx2, a.public), a.disco.public_key), Direct(b.public, 2), 1.31)
     assert a.ms.drops["disco_pong_closed_probe_socket"] == 1
+
+
+OFFICE = "198.18.1.6"
+CARRIER = "198.18.1.8"
+CLASH_PORT = 5000  # office2's random port towards cgnat: office1 holds 41641 there
+PROBE_BASE = {"office1": 20000, "office2": 30000, "cgnat": 40000}  # probe socket n: base + n
+
+
+class SharedNatNet(Net):
+    """office1 and office2 behind one port-keeping NAT (EIM, address-dependent filtering, as the
+    lab's: inbound from an address goes to whoever last sent to it from that port), both bound
+    to 41641; cgnat behind an address-and-port-dependent one. office1 reached cgnat first, so
+    towards cgnat's 41641 office1 holds public 41641 and office2 got CLASH_PORT, while towards
+    everything else office2 holds 41641 and office1 got 1369 (what each publishes)."""
+
+    def __init__(self, office1: Node, office2: Node, cgnat: Node):
+        super().__init__(office1, office2, cgnat)
+        self.office1, self.office2, self.cgnat = office1, office2, cgnat
+        self.adf: dict[tuple[int, str], tuple[Node, int]] = {}  # (port, remote host) -> inside
+        self.carrier_out: set[tuple[int, tuple[str, int]]] = set()
+        self.probe_open: dict[str, set[int]] = {"office1": set(), "office2": set(), "cgnat": set()}
+
+    def office_port(self, node: Node, dest: tuple[str, int], sock: int) -> int:
+        if sock:
+            return PROBE_BASE[node.name] + sock
+        if node is self.office1:
+            return 41641 if dest == self.cgnat.public else 1369
+        return CLASH_PORT if dest == self.cgnat.public else 41641
+
+    def pump(self, now: float, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            moved = False
+            for node in self.nodes:
+                while (ev := node.ms.next_event()) is not None:
+                    node.events.append(ev)
+                    if isinstance(ev, OpenProbeSockets):
+                        ids = list(range(1, ev.count + 1))
+                        self.probe_open[node.name] = set(ids)
+                        node.ms.probe_sockets_opened(ev.node_key, ids, now)
+                    elif isinstance(ev, CloseProbeSockets):
+                        self.probe_open[node.name] &= set(ev.keep)
+                for data, dest in node.ms.datagrams_to_send():
+                    moved = True
+                    self._deliver(node, data, dest, now)
+            if not moved:
+                return
+
+    def _deliver(self, src: Node, data: bytes, dest, now: float) -> None:
+        if isinstance(dest, Relay):
+            super()._deliver(src, data, dest, now)
+            return
+        addr, sock = dest.address, dest.socket
+        if sock and sock not in self.probe_open[src.name]:
+            return
+        if src is self.cgnat:
+            port = 41641 if sock == 0 else PROBE_BASE["cgnat"] + sock
+            self.carrier_out.add((port, addr))
+            seen = (CARRIER, port)
+        else:
+            other = self.office2 if src is self.office1 else self.office1
+            if addr == other.lan:
+                other.ms.receive_disco(data, Direct(src.lan), now)
+                return
+            port = self.office_port(src, addr, sock)
+            self.adf[(port, addr[0])] = (src, sock)
+            seen = (OFFICE, port)
+        if addr[0] == OFFICE and (addr[1], seen[0]) in self.adf:
+            host, host_sock = self.adf[(addr[1], seen[0])]
+            if host_sock == 0 or host_sock in self.probe_open[host.name]:
+                host.ms.receive_disco(data, Direct(seen, host_sock), now)
+        elif addr[0] == CARRIER and (addr[1], seen) in self.carrier_out:
+            cg_sock = 0 if addr[1] == 41641 else addr[1] - PROBE_BASE["cgnat"]
+            if cg_sock == 0 or cg_sock in self.probe_open["cgnat"]:
+                self.cgnat.ms.receive_disco(data, Direct(seen, cg_sock), now)
+
+
+def shared_nat() -> SharedNatNet:
+    kw = {"birthday_sockets": 192, "birthday_spray": 1400}
+    office1 = Node("office1", (OFFICE, 1369), ("192.168.1.2", 41641), **kw)
+    office2 = Node("office2", (OFFICE, 41641), ("192.168.1.3", 41641), **kw)
+    cgnat = Node("cgnat", (CARRIER, 41641), **kw)
+    for node in (office1, office2, cgnat):
+        node.ms.set_peers([n.info() for n in (office1, office2, cgnat) if n is not node], 0.0)
+    return SharedNatNet(office1, office2, cgnat)
+
+
+def test_peer_whose_port_another_host_behind_its_nat_holds_still_goes_direct():
+    # Regression (issue 4 follow-up, 1 in 5 `make demo` runs): office2 publishes 41641, but
+    # towards cgnat office1 holds that port, so cgnat's pings to it reach office1, and office2's
+    # pings come from a port cgnat's NAT never opened: the pair stayed on the relay for good.
+    net = shared_nat()
+    net.run(0.0, 30.0, step=0.1)
+    office2, cgnat = net.office2, net.cgnat
+    assert isinstance(cgnat.ms.route(office2.node_key, 30.0), Direct)
+    assert isinstance(office2.ms.route(cgnat.node_key, 30.0), Direct)
+
+
+def test_peer_alone_behind_its_nat_gets_no_birthday_round():
+    a, b, net = pair()
+    c = Node("c", ("198.18.3.2", 41641))
+    for node in (a, b):
+        node.ms.set_peers([n.info() for n in (a, b, c) if n is not node], 0.0)
+    net.blocked |= {("a", "b"), ("b", "a")}
+    net.run(0.0, 20.0, step=0.1)
+    assert not any(isinstance(e, OpenProbeSockets) for e in a.events + b.events)
+
+
+def test_netcheck_confirming_our_endpoints_does_not_rearm_the_mapping_report():
+    # office1 is seen at 41641 by cgnat only (a port clash, not a rebinding): one report, not
+    # one per heartbeat, each of which made the agent re-run netcheck.
+    net = shared_nat()
+    t = net.run(0.0, 10.0, step=0.1)
+    office1 = net.office1
+    assert sum(isinstance(e, MappingChanged) for e in office1.events) == 1
+    office1.ms.set_local_endpoints(office1.endpoints, False, t)
+    net.run(t, t + 10.0, step=0.1)
+    assert sum(isinstance(e, MappingChanged) for e in office1.events) == 1

@@ -73,6 +73,7 @@ MAX_PENDING = 8192  # disco pings in flight, all peers together (oldest forgotte
 DISCOVERY_PING_TIMEOUT = 5.0
 
 BIRTHDAY_AFTER_ROUNDS = 3  # plain hole punching gets rounds 1 and 2 (0 s and 1 s)
+SHARED_NAT_BIRTHDAY_AFTER_ROUNDS = 4  # we share our NAT with another peer: from 7 s
 BIRTHDAY_SOCKETS = 192
 BIRTHDAY_SPRAY = 1400
 BIRTHDAY_PORTS = (1024, 65535)  # Linux picks random NAT ports here
@@ -258,9 +259,12 @@ class MagicSock:
         A change starts a discovery round for every active peer: our old endpoints may be gone.
         """
         eps = tuple(endpoints)[: disco.MAX_ENDPOINTS]
-        self._mapping_reported = None
         if eps == self.local_endpoints and mapping_varies == self.mapping_varies:
+            # A netcheck that confirmed what we publish: a peer that still sees us elsewhere
+            # does so because another host behind our NAT holds our port towards it, not
+            # because the NAT rebound. Reporting that again would only re-run netcheck forever.
             return
+        self._mapping_reported = None
         self.local_endpoints, self.mapping_varies = eps, mapping_varies
         for path in self.peers.values():
             if path.active(now):
@@ -513,13 +517,36 @@ class MagicSock:
             self._events.append(OpenProbeSockets(path.node_key, self.birthday_sockets))
 
     def _birthday_wanted(self, path: PeerPath, now: float) -> bool:
-        if not self.mapping_varies or path.mapping_varies or path.wants_birthday:
+        if path.mapping_varies or path.wants_birthday:
+            return False
+        if not self.mapping_varies and not self._behind_shared_nat():
             return False
         # Only after plain hole punching had one round to work, and only towards an address
         # a STUN server or a port mapping vouched for.
-        if path.trusted(now) is not None or path.rounds < BIRTHDAY_AFTER_ROUNDS or not path.active(now):
+        after = BIRTHDAY_AFTER_ROUNDS if self.mapping_varies else SHARED_NAT_BIRTHDAY_AFTER_ROUNDS
+        if path.trusted(now) is not None or path.rounds < after or not path.active(now):
             return False
         return any(c.kind in (EndpointKind.STUN, EndpointKind.PORTMAP) for c in path.candidates.values())
+
+    def _behind_shared_nat(self) -> bool:
+        """Whether another peer has an endpoint on our public (STUN) address's host: we share a NAT.
+
+        Such a NAT keeps a host's source port only while the resulting tuple is free, so when
+        two hosts behind it bind the same port, one of them gets a random port towards some
+        destination, and the endpoint it published (its mapping towards the STUN servers) leads
+        that peer to the other host. Plain hole punching then never meets, but a birthday round
+        from our side does: the peer's spray finds one of our probe sockets' fresh mappings.
+        """
+        ours = {ep.address[0] for ep in self.local_endpoints if ep.kind is EndpointKind.STUN}
+        if not ours:
+            return False  # no UDP out of here: probe sockets would reach nobody
+        # Any kind: the netmap's endpoints carry none, and peers that went direct over their
+        # LAN at once never sent us a CallMeMaybe saying which one is their STUN address.
+        return any(
+            cand.direct.address[0] in ours
+            for other in self.peers.values()
+            for cand in other.candidates.values()
+        )
 
     def _call_me_maybe(self, path: PeerPath, now: float, birthday: bool) -> None:
         if path.disco_key is None:
