@@ -89,13 +89,19 @@ class Schedule:
 class AgentSpec:
     name: str
     place: str
+    # The second device behind the office NAT listens on another port: when both bind 41641, the
+    # NAT hands out public port 41641 to whichever reaches a destination first, and a symmetric-NAT
+    # peer's probes to the other one's published 41641 then land on the wrong host. Getting
+    # direct through that clash is not reliable yet (tests/nat/test_nat_shared_port_clash.py
+    # covers the case that is; the symmetric-NAT case is open work).
+    listen_port: int = AGENT_PORT
 
 
 FULL_AGENTS: tuple[AgentSpec, ...] = (
     AgentSpec("pub", PUBLIC),
     AgentSpec("home", EIM_APDF),
     AgentSpec("office1", SAME_NAT),
-    AgentSpec("office2", SAME_NAT),
+    AgentSpec("office2", SAME_NAT, listen_port=AGENT_PORT + 1),
     AgentSpec("sym", EDM),
     AgentSpec("cgnat", DOUBLE),
     AgentSpec("blocked", UDP_BLOCKED),
@@ -442,7 +448,14 @@ class MeshDemo:
                 f"http://{self.control.address}:{COORD_PORT}",
             ]
             argv += ["--auth-key", f"file:{key_file}", "--state-dir", str(agent.state_dir)]
-            argv += ["--tun", agent.ifname, "--hostname", agent.name, "--listen-port", str(AGENT_PORT)]
+            argv += [
+                "--tun",
+                agent.ifname,
+                "--hostname",
+                agent.name,
+                "--listen-port",
+                str(agent.spec.listen_port),
+            ]
             argv += ["--socket", agent.socket_path]
             with agent.log_path.open("ab") as log:
                 agent.proc = self.lab.popen(
@@ -776,7 +789,7 @@ SMALL_AGENTS: tuple[AgentSpec, ...] = (
     AgentSpec("pub", PUBLIC),
     AgentSpec("home", EIM_APDF),
     AgentSpec("office1", SAME_NAT),
-    AgentSpec("office2", SAME_NAT),
+    AgentSpec("office2", SAME_NAT, listen_port=AGENT_PORT + 1),
     AgentSpec("sym", EDM),
     AgentSpec("blocked", UDP_BLOCKED),
 )
