@@ -10,11 +10,11 @@ each namespace, and keep it all until Ctrl-C / SIGTERM (for poking around by han
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from wiremesh.lab import Host, Lab, NatKind, Router
@@ -116,9 +116,14 @@ def up(ipv6: bool) -> int:
                     f"host   {node.name:16} {node.kind.value:12} addr {node.address:15} public {node.public_address}"
                 )
             print(f"       ip netns exec {node.ns} bash")
+        # The handler goes in before "ready" is printed: a Ctrl-C that arrives while the line is
+        # still being written must tear the lab down too, not raise in the middle of print.
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
         print("ready; Ctrl-C tears it down", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+        while not stop.wait(1):
+            pass
     return 0
 
 
