@@ -824,6 +824,7 @@ class MagicSock:
         for dest, data in backlog:
             self._derp_send(dest, data)
         self._region_down.pop(region_id, None)
+        self.counters["relay_connects"] += 1
         log.info("relay_connected region=%s", region_id)
         self._tasks.append(asyncio.create_task(self._derp_reader(region_id, client)))
         return client
@@ -848,6 +849,7 @@ class MagicSock:
         except Exception as exc:
             if self._stopping:
                 return
+            self.counters["relay_lost"] += 1
             log.warning("relay_lost region=%s error=%s", region, exc)
         finally:
             if self._derp.get(region) is client:

@@ -350,6 +350,7 @@ class MagicSock:
         self.counters["ping_received"] += 1
         observed = source.address if isinstance(source, Direct) else ("0.0.0.0", 0)
         self._send(path, Pong(ping.tx_id, observed), source)
+        self.counters["pong_sent"] += 1
         if isinstance(source, Direct) and self._socket_open(path, source):
             cand = self._add_candidate(path, source, EndpointKind.UNKNOWN, now)
             # The peer found a way to us; make sure the way back is proven too.
@@ -700,6 +701,7 @@ class MagicSock:
         while len(self._pending) > MAX_PENDING:
             self._pending.popitem(last=False)
         self._send(path, Ping(tx, self.node_key), dest)
+        self.counters["ping_sent"] += 1
         return tx
 
     def _ping(self, path: PeerPath, cand: Candidate, now: float, purpose: str) -> bytes:
