@@ -1,10 +1,16 @@
-"""Replicas of one region over NATS: shared presence and cross-replica forwarding.
+"""Replicas of one region over NATS: shared presence with leases and cross-replica forwarding.
 
-Each replica announces the node keys connected to it on DERP_PRESENCE; the others keep a
-map key -> replica. Packets for a key connected elsewhere are published on that replica's
+Presence (the logic is the sans-I/O `PresenceTable` in presence.py; this is its adapter):
+each replica publishes numbered deltas when a client connects or leaves, a beat every
+`interval` seconds, and its full set when any replica asks on DERP_PRESENCE_SYNC, all on
+`wiremesh.derp.{region}.lease.{beat,delta,full}`. One wildcard subscription receives them, so
+a replica's messages are applied in the order it sent them. A replica silent for `lease`
+seconds is expired: the keys it held are gone, clients here that talked to them get PeerGone,
+and later sends to them are dropped and counted as `peer_lease_expired`.
+
+Forwarding: packets for a key connected elsewhere are published on that replica's
 DERP_FORWARD subject, several per NATS message: records of `u32 BE length | src key | dst
-key | packet` (length counts keys and packet). A replica that starts (or restarts) asks the
-others to re-announce on DERP_PRESENCE_SYNC.
+key | packet` (length counts keys and packet).
 
 The hot path never awaits: forward() and announce() append to an outbox that one task
 drains; packets queued for the same replica meanwhile travel in one NATS message, because
@@ -17,41 +23,73 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from typing import Any
 
 from wiremesh.core import bus
-from wiremesh.derp.keyauth import KeyAuthority, decode_key, encode_key
+from wiremesh.core.derp import frames
+from wiremesh.core.derp.frames import PeerGoneReason
+from wiremesh.derp import presence
+from wiremesh.derp.keyauth import KeyAuthority, encode_key
+from wiremesh.derp.presence import KeyGone, LocalReplaced, PresenceTable, ReplicaExpired, SyncNeeded
 from wiremesh.derp.relay import Relay
 
 log = logging.getLogger("wiremesh.derp.mesh")
 
 MAX_OUTBOX = 65536  # messages waiting for NATS; beyond this, forwards are dropped and counted
 MAX_BATCH_BYTES = 512 << 10  # well under NATS's default 1 MiB max payload
+MAX_TALKERS = 4096  # clients here remembered per remote key, to tell them it is gone
+LEASE_SUBJECT = "wiremesh.derp.{region}.lease.{kind}"  # kind: beat | delta | full
+_KINDS: dict[str, type[presence.Message]] = {
+    "beat": presence.PresenceBeat,
+    "delta": presence.PresenceDelta,
+    "full": presence.PresenceFull,
+}
 _RECORD = struct.Struct("!I")
 
 
 class Mesh:
-    def __init__(self, nc: Any, relay: Relay, region: str, replica: str) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        relay: Relay,
+        region: str,
+        replica: str,
+        *,
+        interval: float = presence.DEFAULT_INTERVAL,
+        lease: float = presence.DEFAULT_LEASE,
+    ) -> None:
+        if interval <= 0 or lease <= interval:
+            raise ValueError("the presence lease must be longer than the beat interval")
         self.nc = nc
         self.relay = relay
         self.region = region
         self.replica = replica
-        self.remote: dict[bytes, str] = {}  # node key -> replica that has it
-        self._presence_subject = bus.DERP_PRESENCE.format(region=region)
+        self.interval = interval
+        self.table = PresenceTable(region, replica, lease=lease)
+        self.remote = self.table.remote  # node key -> replica that has it (the same dict)
+        self.peer_gone_sent = 0
+        self.malformed = 0
+        # remote key -> clients here that sent to it or received from it
+        self._talkers: dict[bytes, set[bytes]] = {}
+        self._lease_subjects = {kind: LEASE_SUBJECT.format(region=region, kind=kind) for kind in _KINDS}
         self._sync_subject = bus.DERP_PRESENCE_SYNC.format(region=region)
         self._outbox: list[tuple[str, bytes]] = []
+        self._full_queued = False
         self._forwards: dict[str, list[bytes]] = {}  # replica -> flat records (4 parts each)
         self._forward_count = 0
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
 
     async def start(self) -> None:
-        self._subs.append(await self.nc.subscribe(self._presence_subject, cb=self._on_presence))
+        lease_all = LEASE_SUBJECT.format(region=self.region, kind="*")
+        self._subs.append(await self.nc.subscribe(lease_all, cb=self._on_lease))
         self._subs.append(await self.nc.subscribe(self._sync_subject, cb=self._on_sync))
         fwd = bus.DERP_FORWARD.format(region=self.region, replica=self.replica)
         self._subs.append(await self.nc.subscribe(fwd, cb=self._on_forward))
-        self._task = asyncio.create_task(self._drain(), name="derp-mesh-outbox")
+        self._tasks.append(asyncio.create_task(self._drain(), name="derp-mesh-outbox"))
+        self._tasks.append(asyncio.create_task(self._tick(), name="derp-mesh-lease"))
         await self.nc.publish(self._sync_subject, self.replica.encode())
         await self.nc.flush()
 
@@ -62,22 +100,31 @@ class Mesh:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     # --- outgoing ---------------------------------------------------------------------
 
     def announce(self, key: bytes, present: bool) -> None:
-        message = bus.DerpPresence(self.region, self.replica, encode_key(key), present)
-        self._enqueue(self._presence_subject, bus.encode(message))
+        if present:
+            delta = self.table.connect(key, time.time())
+            self._talkers.pop(key, None)  # it lives here now; local unregister tells its peers
+        else:
+            delta = self.table.disconnect(key, time.time())
+        self._enqueue(self._lease_subjects["delta"], bus.encode(delta))
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Send to the replica that has `dst`; False if no replica has it."""
         replica = self.remote.get(dst)
         if replica is None:
             return False
+        talkers = self._talkers.get(dst)
+        if talkers is None:
+            talkers = self._talkers[dst] = set()
+        if len(talkers) < MAX_TALKERS:
+            talkers.add(src)
         if self._forward_count >= MAX_OUTBOX:
             self.relay.stats.drops["mesh_backlog"] += 1
             return True
@@ -126,6 +173,7 @@ class Mesh:
         while self._outbox or self._forwards:
             # Presence first, so a peer learns where a key is before packets for it arrive.
             batch, self._outbox = self._outbox, []
+            self._full_queued = False
             batch += self._take_forwards()
             try:
                 for subject, payload in batch:
@@ -134,33 +182,97 @@ class Mesh:
                 self.relay.stats.drops["mesh_publish_failed"] += len(batch)
                 log.warning("NATS publish failed: %s", exc)
 
+    # --- leases -----------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        clock = self.relay.clock
+        next_beat = clock()
+        while True:
+            now = clock()
+            if now >= next_beat:
+                self._enqueue(self._lease_subjects["beat"], bus.encode(self.table.beat()))
+                next_beat = now + self.interval
+            self._handle(self.table.expire(now))
+            wake = next_beat
+            deadline = self.table.next_deadline()
+            if deadline is not None:
+                wake = min(wake, deadline)
+            await asyncio.sleep(max(0.01, wake - clock()))
+
+    def _handle(self, events: list[presence.Event]) -> None:
+        relay = self.relay
+        for event in events:
+            if isinstance(event, KeyGone):
+                self._tell_gone(event.key)
+            elif isinstance(event, ReplicaExpired):
+                log.warning(
+                    "replica %s silent for %.1f s: its lease expired with %d node keys",
+                    event.replica,
+                    self.table.lease,
+                    event.keys,
+                )
+            elif isinstance(event, SyncNeeded):
+                log.info("presence of replica %s out of step; asking for its full set", event.replica)
+                self._enqueue(self._sync_subject, self.replica.encode())
+            elif isinstance(event, LocalReplaced):
+                proto = relay.clients.pop(event.key, None)
+                if proto is not None:
+                    log.info(
+                        "node key %s connected to replica %s more recently; closing ours",
+                        encode_key(event.key),
+                        event.replica,
+                    )
+                    self.announce(event.key, False)
+                    # Out of the table already, so closing it tells no peer that the key left.
+                    proto.close("replaced_elsewhere")
+        relay.flush()
+
+    def _tell_gone(self, key: bytes) -> None:
+        talkers = self._talkers.pop(key, None)
+        if not talkers:
+            return
+        gone = frames.encode(frames.PeerGone(key, PeerGoneReason.DISCONNECTED))
+        clients = self.relay.clients
+        for talker in talkers:
+            proto = clients.get(talker)
+            if proto is None:
+                continue
+            proto.write_frame(gone)
+            self.peer_gone_sent += 1
+            if len(proto.told_gone) < 4096:
+                proto.told_gone.add(key)  # told once; no NOT_HERE again on its next send
+
     # --- incoming ---------------------------------------------------------------------
 
-    async def _on_presence(self, msg: Any) -> None:
+    async def _on_lease(self, msg: Any) -> None:
+        kind = msg.subject.rpartition(".")[2]
+        cls = _KINDS.get(kind)
+        if cls is None:
+            self.malformed += 1
+            return
         try:
-            presence = bus.decode(bus.DerpPresence, msg.data)
-            key = decode_key(presence.node_key)
+            message = bus.decode(cls, msg.data)
+            events = self.table.receive(message, self.relay.clock())
         except ValueError as exc:
-            log.warning("malformed presence message: %s", exc)
+            self.malformed += 1
+            log.warning("malformed presence %s message: %s", kind, exc)
             return
-        if presence.replica == self.replica or presence.region != self.region:
-            return
-        if presence.present:
-            self.remote[key] = presence.replica
-        elif self.remote.get(key) == presence.replica:
-            del self.remote[key]
+        self._handle(events)
 
     async def _on_sync(self, msg: Any) -> None:
-        if msg.data.decode(errors="replace") == self.replica:
+        if msg.data.decode(errors="replace") == self.replica or self._full_queued:
             return
-        for key in list(self.relay.clients):
-            self.announce(key, True)
+        # Queued behind any deltas not yet sent, so the snapshot arrives after them, in order.
+        self._full_queued = True
+        for full in self.table.full_set():
+            self._enqueue(self._lease_subjects["full"], bus.encode(full))
 
     async def _on_forward(self, msg: Any) -> None:
         data = msg.data
         view = memoryview(data)
         offset, end = 0, len(data)
         relay = self.relay
+        remote, talkers_of = self.remote, self._talkers
         while offset < end:
             if end - offset < 4 + 64:
                 relay.stats.drops["mesh_malformed"] += 1
@@ -171,11 +283,16 @@ class Mesh:
                 relay.stats.drops["mesh_malformed"] += 1
                 break
             start = offset + 4
-            relay.deliver_from_mesh(
-                bytes(view[start : start + 32]),
-                bytes(view[start + 32 : start + 64]),
-                bytes(view[start + 64 : stop]),
-            )
+            src = bytes(view[start : start + 32])
+            dst = bytes(view[start + 32 : start + 64])
+            if src in remote:
+                # The receiver learns the sender is gone if the sender's replica dies.
+                talkers = talkers_of.get(src)
+                if talkers is None:
+                    talkers = talkers_of[src] = set()
+                if len(talkers) < MAX_TALKERS:
+                    talkers.add(dst)
+            relay.deliver_from_mesh(src, dst, bytes(view[start + 64 : stop]))
             offset = stop
         relay.flush()
 

@@ -142,7 +142,10 @@ class Relay:
         if mesh is not None and mesh.forward(src, dst, packet):
             stats.cross_replica_sent += 1
             return
-        stats.drops["no_such_peer"] += 1
+        if mesh is not None and dst in mesh.table.lapsed:
+            stats.drops["peer_lease_expired"] += 1  # its replica died; the sender was told PeerGone
+        else:
+            stats.drops["no_such_peer"] += 1
         if dst not in src_proto.told_gone and len(src_proto.told_gone) < MAX_PEER_GONE_MEMORY:
             src_proto.told_gone.add(dst)
             src_proto.write_frame(frames.encode(frames.PeerGone(dst, PeerGoneReason.NOT_HERE)))

@@ -108,6 +108,39 @@ class RelayCollector:
         yield GaugeMetricFamily(
             "derp_registry_keys", "Node keys the relay currently accepts", value=len(self.relay.authority)
         )
+        mesh = self.relay.mesh
+        if mesh is not None:
+            table = mesh.table
+            yield GaugeMetricFamily(
+                "derp_mesh_remote_keys",
+                "Node keys other replicas of the region hold",
+                value=len(table.remote),
+            )
+            yield GaugeMetricFamily(
+                "derp_mesh_replicas_alive",
+                "Other replicas of the region whose presence lease is current",
+                value=len(table.peers),
+            )
+            yield CounterMetricFamily(
+                "derp_mesh_leases_expired",
+                "Replicas dropped after missing their presence beats",
+                value=table.replicas_expired,
+            )
+            yield CounterMetricFamily(
+                "derp_mesh_keys_expired",
+                "Node keys lost with an expired replica lease",
+                value=table.keys_expired,
+            )
+            yield CounterMetricFamily(
+                "derp_mesh_peer_gone_sent",
+                "PeerGone frames sent for keys that left another replica",
+                value=mesh.peer_gone_sent,
+            )
+            yield CounterMetricFamily(
+                "derp_mesh_presence_malformed",
+                "Presence messages from the bus that could not be applied",
+                value=mesh.malformed,
+            )
         home = sum(
             1 for proto in self.relay.clients.values() if proto.conn is not None and proto.conn.preferred
         )
@@ -179,7 +212,14 @@ class DerpService:
                 self._registry_task = asyncio.create_task(
                     follow_registry(self.nc, self.authority), name="derp-registry"
                 )
-            self.mesh = Mesh(self.nc, self.relay, args.region, args.replica_id)
+            self.mesh = Mesh(
+                self.nc,
+                self.relay,
+                args.region,
+                args.replica_id,
+                interval=args.presence_interval,
+                lease=args.presence_lease,
+            )
             self.relay.mesh = self.mesh
             await self.mesh.start()
         ssl_ctx = None
@@ -302,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="default", help="region name shared by this relay's replicas")
     p.add_argument("--replica-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique per replica")
     p.add_argument(
+        "--presence-interval",
+        type=float,
+        default=2.0,
+        help="seconds between this replica's presence beats to the others",
+    )
+    p.add_argument(
+        "--presence-lease",
+        type=float,
+        default=6.0,
+        help="a replica silent this long loses its clients on the others (3 missed beats by default)",
+    )
+    p.add_argument(
         "--allow-keys-file",
         help="DEVELOPMENT/BENCH ONLY: accept the base64 node keys in this file instead of the key registry",
     )
@@ -350,6 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wiremesh-derp: no source of allowed node keys: give --nats (key registry), or for development "
             "--allow-keys-file; refusing to relay for everyone",
             file=sys.stderr,
+        )
+        return 2
+    if not 0 < args.presence_interval < args.presence_lease:
+        print(
+            "wiremesh-derp: --presence-lease must be longer than --presence-interval (> 0)", file=sys.stderr
         )
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
