@@ -1,0 +1,423 @@
+"""kopf handlers: MeshNode and ACL resources turned into coord configuration through coord's
+admin API, and coord's view written back into their status.
+
+Status comes from polling coord (a kopf timer per resource, every `poll_interval` seconds):
+the admin API already has everything the status shows, it works against any coord replica
+without giving the operator NATS credentials, and a missed poll heals itself at the next one.
+
+Handlers are registered on a registry built per operator (`make_registry`), so tests and
+embedders can run several with different settings in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import datetime
+import logging
+from typing import Any
+
+import kopf
+
+from wiremesh.operator import acl as aclmod
+from wiremesh.operator import meshnode as mn
+from wiremesh.operator.coord import CoordAdmin, CoordError
+
+GROUP = "wiremesh.dev"
+VERSION = "v1alpha1"
+MESHNODES = "meshnodes"
+ACLS = "acls"
+FINALIZER = f"{GROUP}/operator"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "wiremesh-operator"}
+
+log = logging.getLogger("wiremesh.operator")
+
+
+@dataclasses.dataclass
+class OperatorConfig:
+    coord_url: str
+    admin_key: str
+    namespace: str = "wiremesh"  # where the auth-key Secrets live
+    login_server: str = ""  # the coord URL agents use (default: coord_url)
+    poll_interval: float = 10.0
+    auth_key_expiration: str = "24h"
+    manage_tags: bool = True
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _retry(exc: CoordError) -> kopf.TemporaryError:
+    return kopf.TemporaryError(str(exc), delay=5)
+
+
+class Secrets:
+    """The auth-key Secrets, through the official client (sync, so run in a thread)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._api: Any = None
+
+    def _core(self) -> Any:
+        if self._api is None:
+            import kubernetes
+
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            self._api = kubernetes.client.CoreV1Api()
+        return self._api
+
+    async def read(self, name: str) -> dict[str, str] | None:
+        def read() -> dict[str, str] | None:
+            from kubernetes.client.exceptions import ApiException
+
+            try:
+                secret = self._core().read_namespaced_secret(name, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+        return await asyncio.to_thread(read)
+
+    async def write(
+        self, name: str, data: dict[str, str], owner: dict[str, Any], labels: dict[str, str]
+    ) -> None:
+        """Create or replace the Secret (owned by the MeshNode, so a cluster with a garbage
+        collector removes it with the MeshNode even if the operator is gone)."""
+
+        def write() -> None:
+            from kubernetes.client.exceptions import ApiException
+
+            body = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {
+                    "name": name,
+                    "namespace": self.namespace,
+                    "labels": {**MANAGED_BY, **labels},
+                    "ownerReferences": [owner],
+                },
+                "stringData": data,
+            }
+            api = self._core()
+            try:
+                api.create_namespaced_secret(self.namespace, body)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                api.replace_namespaced_secret(name, self.namespace, body)
+
+        await asyncio.to_thread(write)
+
+    async def delete(self, name: str) -> None:
+        def delete() -> None:
+            from kubernetes.client.exceptions import ApiException
+
+            try:
+                self._core().delete_namespaced_secret(name, self.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+        await asyncio.to_thread(delete)
+
+
+class Operator:
+    """The reconcilers, with the clients they share."""
+
+    def __init__(
+        self, config: OperatorConfig, coord: CoordAdmin | None = None, secrets: Secrets | None = None
+    ) -> None:
+        self.config = config
+        self.coord = coord or CoordAdmin(config.coord_url, config.admin_key)
+        self.secrets = secrets or Secrets(config.namespace)
+        # coord node id -> MeshNode name, so two MeshNodes never claim one node.
+        self.claims: dict[int, str] = {}
+
+    # ---- ACL ----
+
+    async def reconcile_acl(self, body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch) -> None:
+        generation = body.metadata.get("generation")
+        checked = aclmod.check_spec(dict(spec))
+        if not checked.valid:
+            self._acl_invalid(body, patch, status, checked.problems, generation, checked.warnings)
+            return
+        try:
+            reply = await self.coord.set_policy(checked.text)
+        except CoordError as exc:
+            if exc.retryable:
+                raise _retry(exc) from None
+            problems = aclmod.parse_coord_errors(exc.errors, exc.detail)
+            self._acl_invalid(body, patch, status, problems, generation, checked.warnings)
+            return
+        version = int(reply.get("version") or 0)
+        patch.status.update(aclmod.applied_status(checked, generation, version))
+        patch.status["conditions"] = aclmod.merge_conditions(
+            status.get("conditions"),
+            aclmod.condition("Applied", True, "PolicyApplied", f"coord policy version {version}", _now()),
+        )
+        kopf.event(body, type="Normal", reason="PolicyApplied", message=f"coord policy version {version}")
+        log.info(
+            "acl_applied name=%s generation=%s coord_version=%d", body.metadata.name, generation, version
+        )
+
+    def _acl_invalid(
+        self,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        status: Any,
+        problems: tuple[aclmod.PolicyProblem, ...],
+        generation: int | None,
+        warnings: tuple[str, ...],
+    ) -> None:
+        patch.status.update(aclmod.invalid_status(problems, generation, warnings))
+        first = str(problems[0])
+        patch.status["conditions"] = aclmod.merge_conditions(
+            status.get("conditions"),
+            aclmod.condition(
+                "Applied", False, "PolicyInvalid", f"previous policy stays in force: {first}", _now()
+            ),
+        )
+        kopf.event(body, type="Warning", reason="PolicyInvalid", message=first[: aclmod.MAX_MESSAGE])
+        log.warning("acl_invalid name=%s generation=%s error=%r", body.metadata.name, generation, first)
+
+    async def acl_drift(self, body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch) -> None:
+        """Put the ACL's policy back if someone changed coord's policy behind its back."""
+        if not status.get("valid") or status.get("appliedGeneration") != body.metadata.get("generation"):
+            return
+        checked = aclmod.check_spec(dict(spec))
+        try:
+            current = await self.coord.get_policy()
+        except CoordError as exc:
+            log.warning("acl_poll_failed error=%r", str(exc))
+            return
+        if current.get("policy") != checked.text and checked.valid:
+            log.warning(
+                "acl_drift name=%s coord_version=%s: re-applying", body.metadata.name, current.get("version")
+            )
+            await self.reconcile_acl(body, spec, status, patch)
+
+    async def delete_acl(self, body: kopf.Body) -> None:
+        """No ACL resource means no policy: coord goes back to its default (every node may reach
+        every other), as a mesh with no policy file does."""
+        try:
+            await self.coord.clear_policy()
+        except CoordError as exc:
+            raise _retry(exc) from None
+        log.info("acl_deleted name=%s: coord policy cleared", body.metadata.name)
+
+    # ---- MeshNode ----
+
+    def _owner(self, body: kopf.Body) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "MeshNode",
+            "name": body.metadata.name,
+            "uid": body.metadata.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    async def ensure_auth_key(
+        self, body: kopf.Body, desired: mn.Desired, status: Any, patch: kopf.Patch
+    ) -> None:
+        """A one-off pre-auth key for the node, in a Secret the agent reads; created once, and
+        again only when it expired unused (the node never registered)."""
+        name = mn.secret_name(desired.name)
+        existing = await self.secrets.read(name)
+        key_id = status.get("authKeyId")
+        if existing and existing.get(mn.SECRET_KEY) and not await self._key_expired_unused(key_id, status):
+            if existing.get("advertise-routes") != ",".join(desired.advertise_routes) or existing.get(
+                "hostname"
+            ) != (desired.hostname):
+                data = {**existing, **mn.secret_data(desired, existing[mn.SECRET_KEY], self._login_server())}
+                await self.secrets.write(name, data, self._owner(body), {f"{GROUP}/meshnode": desired.name})
+            return
+        try:
+            key = await self.coord.create_auth_key(
+                desired.user,
+                tags=list(desired.tags),
+                ephemeral=desired.ephemeral,
+                expiration=self.config.auth_key_expiration,
+            )
+        except CoordError as exc:
+            if exc.retryable:
+                raise _retry(exc) from None
+            raise kopf.PermanentError(f"coord refused the auth key: {exc.detail}") from None
+        data = mn.secret_data(desired, str(key["key"]), self._login_server())
+        await self.secrets.write(name, data, self._owner(body), {f"{GROUP}/meshnode": desired.name})
+        patch.status["authKeySecret"] = f"{self.config.namespace}/{name}"
+        patch.status["authKeyId"] = key.get("id")
+        patch.status["conditions"] = aclmod.merge_conditions(
+            status.get("conditions"),
+            aclmod.condition("Registered", False, "AwaitingLogin", f"agent joins with Secret {name}", _now()),
+        )
+        kopf.event(body, type="Normal", reason="AuthKeyCreated", message=f"pre-auth key in Secret {name}")
+        log.info("meshnode_authkey name=%s secret=%s/%s", desired.name, self.config.namespace, name)
+
+    async def _key_expired_unused(self, key_id: Any, status: Any) -> bool:
+        if key_id is None or status.get("nodeId") is not None:
+            return False
+        try:
+            keys = await self.coord.list_auth_keys()
+        except CoordError:
+            return False
+        for key in keys:
+            if key.get("id") == key_id:
+                return bool(key.get("expired")) and not key.get("used_count")
+        return True  # coord no longer knows it (a fresh coord database): issue a new one
+
+    def _login_server(self) -> str:
+        return self.config.login_server or self.config.coord_url
+
+    async def reconcile_meshnode(self, body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch) -> None:
+        desired = mn.Desired.from_resource(body.metadata.name, dict(spec))
+        await self.ensure_auth_key(body, desired, status, patch)
+        await self.sync_meshnode(body, desired, status, patch)
+        patch.status["observedGeneration"] = body.metadata.get("generation")
+
+    async def sync_meshnode(
+        self, body: kopf.Body, desired: mn.Desired, status: Any, patch: kopf.Patch
+    ) -> None:
+        """Find the node in coord, push tags and route approvals, write its state to status."""
+        known = status.get("nodeId")
+        try:
+            nodes = await self.coord.list_nodes()
+        except CoordError as exc:
+            log.warning("meshnode_poll_failed name=%s error=%r", desired.name, str(exc))
+            return
+        claimed = {nid for nid, owner in self.claims.items() if owner != desired.name}
+        node = mn.find_node(desired, nodes, known if isinstance(known, int) else None, claimed)
+        if node is None:
+            if known is not None:
+                self.claims.pop(known, None)
+                patch.status.update(mn.gone_status())
+                patch.status["conditions"] = aclmod.merge_conditions(
+                    status.get("conditions"),
+                    aclmod.condition(
+                        "Registered", False, "NodeGone", "the node is no longer in coord", _now()
+                    ),
+                )
+                kopf.event(body, type="Warning", reason="NodeGone", message=f"coord node {known} is gone")
+            return
+        node_id = int(node["id"])
+        self.claims[node_id] = desired.name
+        wanted = mn.changes(desired, node, self.config.manage_tags)
+        try:
+            if wanted.tags is not None:
+                node = await self.coord.set_tags(node_id, list(wanted.tags))
+            if wanted.approve:
+                node = await self.coord.approve_routes(node_id, list(wanted.approve))
+                kopf.event(body, type="Normal", reason="RoutesApproved", message=", ".join(wanted.approve))
+        except CoordError as exc:
+            if exc.retryable:
+                raise _retry(exc) from None
+            kopf.event(body, type="Warning", reason="CoordRefused", message=exc.detail[:500])
+            log.warning("meshnode_sync_refused name=%s error=%r", desired.name, exc.detail)
+        patch.status.update(mn.node_status(node))
+        message = f"node {node.get('name')} ({node.get('ipv4')})"
+        if wanted.waiting_routes:
+            message += f"; waiting for it to advertise {', '.join(wanted.waiting_routes)}"
+        patch.status["conditions"] = aclmod.merge_conditions(
+            status.get("conditions"), aclmod.condition("Registered", True, "NodeRegistered", message, _now())
+        )
+        if known != node_id:
+            kopf.event(body, type="Normal", reason="NodeRegistered", message=message)
+            log.info("meshnode_registered name=%s node_id=%d", desired.name, node_id)
+
+    async def poll_meshnode(self, body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch) -> None:
+        desired = mn.Desired.from_resource(body.metadata.name, dict(spec))
+        if status.get("nodeId") is None and status.get("authKeyId") is not None:
+            await self.ensure_auth_key(body, desired, status, patch)  # re-issue an expired, unused key
+        await self.sync_meshnode(body, desired, status, patch)
+
+    async def delete_meshnode(self, body: kopf.Body, spec: Any, status: Any) -> None:
+        """The device leaves the mesh: its coord node, its unused key and its Secret go."""
+        desired = mn.Desired.from_resource(body.metadata.name, dict(spec))
+        known = status.get("nodeId")
+        try:
+            if known is None:
+                # It may have registered since the last poll.
+                claimed = {nid for nid, owner in self.claims.items() if owner != desired.name}
+                node = mn.find_node(desired, await self.coord.list_nodes(), None, claimed)
+                known = node.get("id") if node else None
+            if known is not None:
+                await self.coord.delete_node(int(known))
+                self.claims.pop(int(known), None)
+            key_id = status.get("authKeyId")
+            if key_id is not None:
+                try:
+                    await self.coord.expire_auth_key(int(key_id))
+                except CoordError as exc:
+                    if exc.retryable:
+                        raise
+        except CoordError as exc:
+            raise _retry(exc) from None
+        await self.secrets.delete(mn.secret_name(desired.name))
+        log.info("meshnode_deleted name=%s node_id=%s", desired.name, known)
+
+
+def make_registry(op: Operator) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    interval = op.config.poll_interval
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        # Keep kopf's bookkeeping in annotations: the status schema is ours.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        settings.posting.level = logging.WARNING  # our own events, not one per handler run
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 30
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await op.coord.aclose()
+
+    @kopf.on.resume(GROUP, VERSION, ACLS, registry=registry)
+    @kopf.on.create(GROUP, VERSION, ACLS, registry=registry)
+    @kopf.on.update(GROUP, VERSION, ACLS, field="spec", registry=registry)
+    async def acl_changed(
+        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, **_: Any
+    ) -> None:
+        await op.reconcile_acl(body, spec, status, patch)
+
+    @kopf.timer(GROUP, VERSION, ACLS, interval=interval, initial_delay=interval, registry=registry)
+    async def acl_poll(
+        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, **_: Any
+    ) -> None:
+        await op.acl_drift(body, spec, status, patch)
+
+    @kopf.on.delete(GROUP, VERSION, ACLS, registry=registry)
+    async def acl_deleted(body: kopf.Body, **_: Any) -> None:
+        await op.delete_acl(body)
+
+    @kopf.on.resume(GROUP, VERSION, MESHNODES, registry=registry)
+    @kopf.on.create(GROUP, VERSION, MESHNODES, registry=registry)
+    @kopf.on.update(GROUP, VERSION, MESHNODES, field="spec", registry=registry)
+    async def meshnode_changed(
+        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, **_: Any
+    ) -> None:
+        await op.reconcile_meshnode(body, spec, status, patch)
+
+    @kopf.timer(GROUP, VERSION, MESHNODES, interval=interval, registry=registry)
+    async def meshnode_poll(
+        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, **_: Any
+    ) -> None:
+        await op.poll_meshnode(body, spec, status, patch)
+
+    @kopf.on.delete(GROUP, VERSION, MESHNODES, registry=registry)
+    async def meshnode_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
+        await op.delete_meshnode(body, spec, status)
+
+    return registry

@@ -1,0 +1,153 @@
+"""The MeshNode resource's pure side: which coord node it is, what must change in coord to match
+its spec, and the status that describes the node. No Kubernetes or HTTP calls here."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable
+from typing import Any
+
+SECRET_PREFIX = "meshnode-"
+SECRET_KEY = "authkey"  # the Secret key the agent reads its pre-auth key from
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Desired:
+    """A MeshNode spec, normalised."""
+
+    name: str
+    hostname: str
+    user: str
+    tags: tuple[str, ...]
+    ephemeral: bool
+    advertise_routes: tuple[str, ...]
+    approved_routes: tuple[str, ...]
+
+    @classmethod
+    def from_resource(cls, name: str, spec: dict[str, Any]) -> Desired:
+        def strings(key: str) -> tuple[str, ...]:
+            value = spec.get(key) or []
+            return tuple(dict.fromkeys(str(v) for v in value)) if isinstance(value, list) else ()
+
+        return cls(
+            name=name,
+            hostname=str(spec.get("hostname") or name),
+            user=str(spec.get("user") or "default"),
+            tags=tuple(sorted(strings("tags"))),
+            ephemeral=bool(spec.get("ephemeral", False)),
+            advertise_routes=strings("advertiseRoutes"),
+            approved_routes=strings("approvedRoutes"),
+        )
+
+
+def secret_name(meshnode: str) -> str:
+    # MeshNode names are DNS subdomains (<= 253); the prefix and suffix keep within that.
+    return f"{SECRET_PREFIX}{meshnode}-authkey"[:253]
+
+
+def secret_data(desired: Desired, auth_key: str, login_server: str) -> dict[str, str]:
+    """What the agent consumes (as files or environment): the key and how to join with it."""
+    return {
+        SECRET_KEY: auth_key,
+        "hostname": desired.hostname,
+        "advertise-routes": ",".join(desired.advertise_routes),
+        "login-server": login_server,
+    }
+
+
+def find_node(
+    desired: Desired, nodes: Iterable[dict[str, Any]], known_id: int | None, claimed: set[int]
+) -> dict[str, Any] | None:
+    """The coord node that is this MeshNode: the one recorded in status, else the newest node
+    that registered with the MeshNode's hostname and user and that no other MeshNode claims.
+    (coord does not list which auth key a node used, so the hostname is the link.)"""
+    nodes = list(nodes)
+    if known_id is not None:
+        for node in nodes:
+            if node.get("id") == known_id:
+                return node
+        return None
+    candidates = [
+        n
+        for n in nodes
+        if n.get("hostname") == desired.hostname
+        and n.get("user") == desired.user
+        and n.get("id") not in claimed
+        and not n.get("expired")
+    ]
+    return max(candidates, key=lambda n: int(n.get("id") or 0), default=None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Changes:
+    """What coord must be told so the node matches the spec."""
+
+    tags: tuple[str, ...] | None = None  # new tag set, or None for no change
+    approve: tuple[str, ...] = ()  # prefixes to approve (the node advertises them already)
+    waiting_routes: tuple[str, ...] = ()  # approved in spec but not (yet) advertised by the node
+
+    @property
+    def empty(self) -> bool:
+        return self.tags is None and not self.approve
+
+
+def changes(desired: Desired, node: dict[str, Any], manage_tags: bool = True) -> Changes:
+    current_tags = tuple(sorted(str(t) for t in node.get("tags") or []))
+    tags = desired.tags if manage_tags and desired.tags != current_tags else None
+    advertised = set(node.get("advertised_routes") or [])
+    approved = set(node.get("approved_routes") or [])
+    approve = tuple(p for p in desired.approved_routes if p in advertised and p not in approved)
+    waiting = tuple(p for p in desired.approved_routes if p not in advertised)
+    return Changes(tags=tags, approve=approve, waiting_routes=waiting)
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(float(ts), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def path_summary(node: dict[str, Any]) -> str:
+    """How peers reach the node, as far as coord knows (the chosen path per peer lives on the
+    agents): its home relay and how many direct endpoints it published."""
+    if node.get("expired"):
+        return "expired"
+    if not node.get("online"):
+        return "offline"
+    relay = node.get("home_relay")
+    endpoints = node.get("endpoints") or []
+    parts = [f"relay {relay}" if relay is not None else "no relay"]
+    parts.append(f"{len(endpoints)} endpoint{'s' if len(endpoints) != 1 else ''}")
+    return ", ".join(parts)
+
+
+def node_status(node: dict[str, Any]) -> dict[str, Any]:
+    """Status fields from coord's admin view of a node."""
+    return {
+        "nodeId": node.get("id"),
+        "hostname": node.get("hostname"),
+        "name": node.get("name"),
+        "addresses": {"ipv4": node.get("ipv4") or "", "ipv6": node.get("ipv6") or ""},
+        "nodeKey": node.get("node_key"),
+        "online": bool(node.get("online")),
+        "lastSeen": rfc3339(node.get("last_seen")),
+        "expired": bool(node.get("expired")),
+        "path": path_summary(node),
+        "homeRelay": node.get("home_relay"),
+        "endpoints": [str(e) for e in (node.get("endpoints") or [])][:32],
+        "advertisedRoutes": list(node.get("advertised_routes") or []),
+        "approvedRoutes": list(node.get("approved_routes") or []),
+    }
+
+
+def gone_status() -> dict[str, Any]:
+    """The node left coord (deleted by an admin, or an ephemeral node that went away)."""
+    return {
+        "nodeId": None,
+        "online": False,
+        "path": "not registered",
+        "addresses": None,
+        "nodeKey": None,
+        "endpoints": None,
+    }
