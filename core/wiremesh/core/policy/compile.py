@@ -43,6 +43,7 @@ from wiremesh.core.policy.model import (
     UserSel,
     allow_all_policy,
 )
+from wiremesh.core.policy.prefixes import Span, compress_spans, span_of
 
 ANY_PREFIXES = (str(ANY_V4), str(ANY_V6))
 DENY_ALL = FilterRule(src=(), dst=(), protos=(), ports=())  # matches no packet
@@ -91,13 +92,14 @@ class CompiledNode:
 class _Node:
     """A PolicyNode with its addresses parsed once."""
 
-    __slots__ = ("addr_prefixes", "addr_strs", "addrs", "node", "own", "routes")
+    __slots__ = ("addr_prefixes", "addr_spans", "addr_strs", "addrs", "node", "own", "routes")
 
     def __init__(self, node: PolicyNode) -> None:
         self.node = node
         self.addrs = tuple(ipaddress.ip_address(a) for a in node.addresses)
         self.addr_prefixes: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(a) for a in self.addrs)
         self.addr_strs = tuple(str(p) for p in self.addr_prefixes)
+        self.addr_spans: tuple[Span, ...] = tuple((a.version, int(a), int(a)) for a in self.addrs)
         self.routes: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(r, strict=False) for r in node.routes)
         # Everything this node can be reached at.
         self.own = self.addr_prefixes + self.routes
@@ -131,6 +133,7 @@ class _RuleState:
         "dst",
         "dst_nodes",
         "is_self",
+        "literal_spans",
         "literal_src",
         "rule",
         "self_src",
@@ -153,6 +156,7 @@ class _RuleState:
                 if isinstance(s, PrefixSel):
                     literal.extend(str(p) for p in s.prefixes)
         self.literal_src = tuple(dict.fromkeys(literal))
+        self.literal_spans = tuple(span_of(p) for p in self.literal_src)
         self.templates = tuple((tuple(sorted(pp.protos)), pp.ports) for pp in dict.fromkeys(rule.allow))
         self.src_ident: set[int] = set()  # nodes named by identity: their addresses are sources
         self.src_nodes: set[int] = set()  # every node counted as a source (for visibility)
@@ -177,8 +181,12 @@ class _RuleState:
             if self.src_any:
                 self._src_prefixes = self.literal_src
             else:
-                idents = sorted({s for nid in self.src_ident for s in nodes[nid].addr_strs})
-                self._src_prefixes = self.literal_src + tuple(idents)
+                # Compressed: sequentially allocated node addresses collapse into a few prefixes,
+                # so a rule naming every node stays small (the filter matches the same sources).
+                spans = list(self.literal_spans)
+                for nid in self.src_ident:
+                    spans.extend(nodes[nid].addr_spans)
+                self._src_prefixes = compress_spans(spans)
         return self._src_prefixes
 
     def invalidate(self) -> None:
@@ -450,7 +458,7 @@ class PolicyCompiler:
                     continue
                 fs = frozenset(same_user if nid in sources else sources)
                 peer_sets[id(fs)] = fs
-                src = tuple(sorted({s for sid in sources for s in self._nodes[sid].addr_strs}))
+                src = compress_spans(s for sid in sources for s in self._nodes[sid].addr_spans)
                 if src and n.addr_strs:
                     for protos, ports in st.templates:
                         rules.append(FilterRule(src, n.addr_strs, protos, ports))
