@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from natlab import NatWorld
 
-from wiremesh.agent.cli.net import format_netcheck, format_reply
+from wiremesh.agent.cli.net import best_reply, format_netcheck, format_reply
 from wiremesh.lab import Lab, NatKind
 
 pytestmark = [pytest.mark.netns]
@@ -64,13 +64,39 @@ def test_netcheck_prints_a_readable_report(world):
     assert "Preferred relay: region" in out.stdout
 
 
-def test_ping_shows_each_reply_and_its_path_until_direct(world):
+def _reply_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.strip().splitlines() if line.startswith(("pong from", "timeout"))]
+
+
+def test_ping_prints_one_line_per_round_until_a_direct_answer(world):
     e, p = world.agents["e"], world.agents["p"]
     out = wiremesh("ping", "p", "--socket", e.socket_path, "-c", "15")
     assert out.returncode == 0, out.stderr
+    lines = _reply_lines(out.stdout)
+    assert 1 <= len(lines) <= 15, out.stdout
+    assert lines[-1].startswith(f"pong from p via {p.host.public_address}:"), out.stdout
+    assert all("via relay region" in line or line.startswith("timeout") for line in lines[:-1]), out.stdout
+
+
+def test_ping_round_answered_by_both_paths_prints_only_the_direct_one(world):
+    e, p = world.agents["e"], world.agents["p"]
+    assert world.wait_direct(e, p), (world.path(e, p), world.path(p, e))
+    # With a direct path each round pings the relay too; both answer, one line is printed.
+    out = wiremesh("ping", "p", "--socket", e.socket_path, "-c", "1", "--no-until-direct")
+    assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert any("via relay region" in line for line in lines), out.stdout
-    assert any(f"via {p.host.public_address}:" in line for line in lines), out.stdout
+    assert len(lines) == 1, out.stdout
+    assert lines[0].startswith(f"pong from p via {p.host.public_address}:"), out.stdout
+
+
+def test_ping_json_keeps_every_reply_of_the_round(world):
+    e, p = world.agents["e"], world.agents["p"]
+    assert world.wait_direct(e, p)
+    out = wiremesh("ping", "p", "--socket", e.socket_path, "-c", "1", "--json", "--no-until-direct")
+    rounds = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rounds) == 1
+    assert {r["via"] for r in rounds[0]["replies"]} <= {"direct", "relay"}
+    assert any(r["via"] == "direct" for r in rounds[0]["replies"]), rounds
 
 
 def test_ping_of_an_unknown_peer_is_a_clear_error(world):
@@ -97,3 +123,24 @@ def test_formatters_render_relay_and_direct_replies():
         == "pong from b via 1.2.3.4:5 in 1.0 ms"
     )
     assert "Preferred relay: none" in format_netcheck({})
+
+
+def test_formatter_names_the_peers_mesh_address_when_known():
+    reply = {"via": "relay", "region": 1, "latency_ms": 2}
+    assert format_reply("b", reply, "100.64.0.2") == "pong from b (100.64.0.2) via relay region 1 in 2.0 ms"
+
+
+def test_best_reply_prefers_a_direct_answer_even_when_the_relay_was_faster():
+    relay = {"via": "relay", "region": 1, "latency_ms": 0.5}
+    direct = {"via": "direct", "address": "1.2.3.4:5", "latency_ms": 3.0}
+    assert best_reply([relay, direct]) is direct
+
+
+def test_best_reply_takes_the_fastest_of_the_same_kind():
+    slow = {"via": "relay", "region": 1, "latency_ms": 9.0}
+    fast = {"via": "relay", "region": 2, "latency_ms": 1.0}
+    assert best_reply([slow, fast]) is fast
+
+
+def test_best_reply_of_a_silent_round_is_none():
+    assert best_reply([]) is None

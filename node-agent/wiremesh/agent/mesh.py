@@ -814,6 +814,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
+    from wiremesh.agent import metrics
     from wiremesh.agent.localapi import LocalAPIServer
     from wiremesh.agent.magicsock import attach_to_mesh
 
@@ -822,6 +823,7 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
     agent = MeshAgent(config, state_dir, keys, engine, endpoints=magicsock.endpoint_strings)
     magicsock.bind(agent)
     registry.register(MeshCollector(agent))
+    registry.register(metrics.MagicsockCollector(magicsock.magicsock))
     api = LocalAPIServer(magicsock.local_api_backend(agent), config.socket_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -99,3 +99,105 @@ def serve(registry: CollectorRegistry, listen: str) -> Any:
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics_listening address=%s:%d", host, server.server_port)
     return server
+
+
+# magicsock's counters (core and adapter share one namespace in status()["counters"]), exported
+# under names that say what moved; anything not listed here still shows up, under its own name,
+# in wiremesh_magicsock_events_total, so a new counter is never silently missing.
+_DISCO_COUNTERS = {
+    "ping_sent": ("sent", "ping"),
+    "pong_sent": ("sent", "pong"),
+    "call_me_maybe_sent": ("sent", "call_me_maybe"),
+    "ping_received": ("received", "ping"),
+    "pong_received": ("received", "pong"),
+    "call_me_maybe_received": ("received", "call_me_maybe"),
+}
+_PATH_COUNTERS = {"path_direct": "direct", "path_lost": "relay"}
+_PLAIN_COUNTERS = {
+    "discovery_rounds": ("wiremesh_magicsock_discovery_rounds", "Discovery rounds (ping every candidate)"),
+    "birthday_rounds": ("wiremesh_magicsock_birthday_rounds", "Birthday rounds started (probe sockets)"),
+    "birthday_sprays": ("wiremesh_magicsock_birthday_sprays", "Birthday sprays answered for a peer"),
+    "relay_connects": ("wiremesh_magicsock_relay_connects", "DERP relay connections established"),
+    "relay_lost": ("wiremesh_magicsock_relay_disconnects", "DERP relay connections lost"),
+    "mapping_changed": ("wiremesh_magicsock_mapping_changes", "Times a Pong showed our NAT mapping moved"),
+    "initiations_resent": (
+        "wiremesh_magicsock_initiations_resent",
+        "WireGuard initiations resent when a direct path appeared",
+    ),
+}
+PEER_PATHS = ("direct", "relay", "none")
+
+
+def magicsock_families(status: dict[str, Any]) -> list[Any]:
+    """Metric families from `MagicSock.status()`: pure, so the mapping is testable on its own."""
+    counters: dict[str, int] = dict(status.get("counters") or {})
+    disco = CounterMetricFamily(
+        "wiremesh_magicsock_disco_messages",
+        "Disco messages sent and received, by direction and type",
+        labels=["direction", "type"],
+    )
+    for name, (direction, kind) in _DISCO_COUNTERS.items():
+        disco.add_metric([direction, kind], counters.pop(name, 0))
+    switches = CounterMetricFamily(
+        "wiremesh_magicsock_path_switches",
+        "Peer path changes: to a (new) direct path, or back to the relay",
+        labels=["to"],
+    )
+    for name, to in _PATH_COUNTERS.items():
+        switches.add_metric([to], counters.pop(name, 0))
+    families: list[Any] = [disco, switches]
+    for name, (metric, doc) in _PLAIN_COUNTERS.items():
+        families.append(CounterMetricFamily(metric, doc, value=counters.pop(name, 0)))
+    other = CounterMetricFamily(
+        "wiremesh_magicsock_events", "Other magicsock counters, by name", labels=["event"]
+    )
+    for name, n in sorted(counters.items()):
+        other.add_metric([name], n)
+    drops = CounterMetricFamily(
+        "wiremesh_magicsock_drops", "Disco and relay datagrams dropped, by reason", labels=["reason"]
+    )
+    for reason, n in sorted((status.get("drops") or {}).items()):
+        drops.add_metric([reason], n)
+    # One series per peer and path (1 for the current one): label values are node keys and
+    # three fixed words, never addresses, so cardinality follows the netmap's size.
+    path = GaugeMetricFamily(
+        "wiremesh_magicsock_peer_path",
+        "1 for the path traffic to the peer takes now",
+        labels=["peer", "path"],
+    )
+    latency = GaugeMetricFamily(
+        "wiremesh_magicsock_peer_direct_latency_seconds",
+        "Disco round-trip time of the peer's direct path (peers with one)",
+        labels=["peer"],
+    )
+    for peer, info in sorted((status.get("peers") or {}).items()):
+        current = info.get("path")
+        for word in PEER_PATHS:
+            path.add_metric([peer, word], 1.0 if current == word else 0.0)
+        if current == "direct" and info.get("latency_ms") is not None:
+            latency.add_metric([peer], float(info["latency_ms"]) / 1000)
+    relays = GaugeMetricFamily("wiremesh_magicsock_relays_connected", "DERP regions with an open connection")
+    relays.add_metric([], len(status.get("relays_connected") or ()))
+    home = GaugeMetricFamily(
+        "wiremesh_magicsock_home_region", "The home DERP region (absent while there is none)"
+    )
+    if status.get("home_region") is not None:
+        home.add_metric([], float(status["home_region"]))
+    probes = GaugeMetricFamily("wiremesh_magicsock_probe_sockets", "Birthday probe sockets open now")
+    probes.add_metric([], float(status.get("probe_sockets") or 0))
+    return [*families, other, drops, path, latency, relays, home, probes]
+
+
+class MagicsockCollector(Collector):
+    """Exports a MagicSock's counters and per-peer paths at scrape time (from its status())."""
+
+    def __init__(self, magicsock: Any) -> None:
+        self.magicsock = magicsock
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            status = self.magicsock.status()
+        except RuntimeError:
+            # A dict another thread resized while status() read it: one retry is enough.
+            status = self.magicsock.status()
+        yield from magicsock_families(status)

@@ -2,8 +2,9 @@
 
 netcheck: whether UDP works, our public address, whether the NAT maps per destination, port
 mapping, the preferred (home) relay and the latency to every relay region.
-ping: disco pings to PEER, printing each answer and the path it came over (relay region or
-direct address), until a direct path answers (or COUNT rounds).
+ping: rounds of disco pings to PEER (each round pings the relay and every direct candidate),
+one line per round with the best answer and its path (a direct address, else the relay
+region), until a direct path answers (or COUNT rounds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     netcheck.add_argument("--json", action="store_true", help="machine-readable output")
     netcheck.set_defaults(func=_netcheck)
-    ping = subparsers.add_parser("ping", help="disco-ping a peer and show the path of each answer")
+    ping = subparsers.add_parser(
+        "ping", help="disco-ping a peer: one line per round with the best answer and its path"
+    )
     ping.add_argument("peer", help="peer name or node key")
     ping.add_argument(
         "--socket", default=None, metavar="PATH", help=f"wiremeshd's socket (default {DEFAULT_SOCKET})"
@@ -90,17 +93,51 @@ def _netcheck(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_reply(peer: str, reply: dict[str, Any]) -> str:
+def format_reply(peer: str, reply: dict[str, Any], ip: str | None = None) -> str:
     via = (
         f"via {reply['address']}"
         if reply.get("via") == "direct"
         else f"via relay region {reply.get('region')}"
     )
-    return f"pong from {peer} {via} in {reply.get('latency_ms', 0):.1f} ms"
+    who = f"{peer} ({ip})" if ip else peer
+    return f"pong from {who} {via} in {reply.get('latency_ms', 0):.1f} ms"
+
+
+def best_reply(replies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The answer a round reports: the fastest direct one if any came back, else the fastest
+    relayed one (each round pings every path, so several may answer, as in Tailscale)."""
+
+    def rank(reply: dict[str, Any]) -> tuple[bool, float]:
+        latency = reply.get("latency_ms")
+        return reply.get("via") != "direct", float(latency) if isinstance(latency, int | float) else 1e9
+
+    return min(replies, key=rank, default=None)
+
+
+def _peer_ip(args: argparse.Namespace) -> str | None:
+    """The peer's first mesh address from `status` (mesh mode), for the reply lines; None if
+    the daemon does not say (static mode) or cannot be asked."""
+    try:
+        status, payload = call(args.socket or default_socket(), "GET", "status")
+    except LocalAPIUnavailable:
+        return None
+    peers = payload.get("peers") if status == 200 and isinstance(payload, dict) else None
+    for peer in peers if isinstance(peers, list) else ():
+        if not isinstance(peer, dict):
+            continue
+        if args.peer in (peer.get("name"), peer.get("hostname"), peer.get("node_key")) or args.peer in (
+            peer.get("addresses") or ()
+        ):
+            addresses = peer.get("addresses") or []
+            return str(addresses[0]) if addresses else None
+    return None
 
 
 def _ping(args: argparse.Namespace) -> int:
+    """One line per round, like `tailscale ping`: the best answer of the round (direct if one
+    came back); stop at the first direct answer unless --no-until-direct."""
     peer = urllib.parse.quote(args.peer, safe="")
+    ip = None if args.json else _peer_ip(args)
     answered = False
     for n in range(max(args.count, 1)):
         got = _request(args, f"ping/{peer}")
@@ -109,16 +146,16 @@ def _ping(args: argparse.Namespace) -> int:
         status, payload = got
         if status != 200:
             return _error(status, payload)
-        replies = payload.get("replies") or []
+        replies = [r for r in payload.get("replies") or [] if isinstance(r, dict)]
+        best = best_reply(replies)
         if args.json:
             print(json.dumps(payload), flush=True)
-        elif not replies:
+        elif best is None:
             print(f"timeout waiting for {args.peer}", flush=True)
-        for reply in replies:
-            answered = True
-            if not args.json:
-                print(format_reply(args.peer, reply), flush=True)
-        if args.until_direct and any(r.get("via") == "direct" for r in replies):
+        else:
+            print(format_reply(args.peer, best, ip), flush=True)
+        answered = answered or best is not None
+        if args.until_direct and best is not None and best.get("via") == "direct":
             return 0
         if n + 1 < args.count:
             time.sleep(1.0)
