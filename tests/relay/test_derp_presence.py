@@ -332,3 +332,14 @@ def test_every_replica_converges_on_who_holds_which_key_despite_lost_messages(
     for i, t in enumerate(tables):
         expected = {k: names[w] for k, w in holder.items() if w != i}
         assert t.remote == expected
+
+
+def test_a_replica_expired_while_alive_is_restored_from_its_full_set_at_its_next_beat() -> None:
+    r1, r2 = table("r1"), table("r2")
+    b = key()
+    deliver(r2.connect(b, 100.0), 0.0, r1)
+    r1.expire(LEASE)  # cut off, not dead
+    assert deliver(r2.beat(), LEASE + 1, r1) == [SyncNeeded("r2")]
+    for full in r2.full_set():
+        deliver(full, LEASE + 1.5, r1)
+    assert r1.lookup(b) == "r2" and b not in r1.lapsed

@@ -290,3 +290,22 @@ def test_relay_refuses_a_lease_not_longer_than_the_beat_interval(tmp_path: Path)
     )
     assert result.returncode == 2
     assert "--presence-lease must be longer" in result.stderr
+
+
+async def test_a_replica_that_was_cut_off_comes_back_with_its_full_set(
+    registry, start_relay, relay_process, nats_url
+) -> None:
+    a, b = registry.register(PrivateKey.generate()), registry.register(PrivateKey.generate())
+    r1, r2 = await two_replicas(registry, start_relay, relay_process, nats_url)
+    ca, cb = await a_talks_to_b_across(r1, r2, a, b)
+    r2.proc.send_signal(signal.SIGSTOP)  # silent past its lease, connections and all kept
+    try:
+        await next_matching(ca, peer_gone_for(b), LEASE + MARGIN)
+    finally:
+        r2.proc.send_signal(signal.SIGCONT)
+    await eventually(lambda: r1.mesh.remote.get(bytes(b.public_key)) == "eu-2", 2 * LEASE + MARGIN)
+    await ca.send(bytes(b.public_key), b"welcome back")
+    got = await next_matching(cb, lambda e: isinstance(e, PacketReceived), 10)
+    assert isinstance(got, PacketReceived) and got.packet == b"welcome back"
+    await ca.close()
+    await cb.close()
