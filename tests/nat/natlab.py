@@ -296,6 +296,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
+def send_from_port(lab: Lab, host: Host, port: int, dest: tuple[str, int]) -> None:
+    """One datagram from `host`'s UDP `port` to `dest` (inside the lab), from a throwaway socket.
+
+    Forces a NAT mapping before an agent binds that port: an unanswered datagram leaves a
+    conntrack entry for 30 s, which decides which host behind a shared NAT holds which public
+    port towards `dest`, and which of a host's mappings its next new destinations reuse.
+    """
+    lab.ns_of(host)  # the namespace exists: never send outside the lab
+    code = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.bind(('0.0.0.0', {port})); s.sendto(b'seed', {dest!r}); s.close()"
+    )
+    subprocess.run([*lab.exec_prefix(host), sys.executable, "-c", code], check=True, timeout=10)
+
+
 def lab_socket_ok(lab: Lab, host: Host) -> bool:
     """The host's namespace still exists (checked before traffic is sent into the lab)."""
     try:
@@ -305,4 +320,4 @@ def lab_socket_ok(lab: Lab, host: Host) -> bool:
     return True
 
 
-__all__ = ["Agent", "NatWorld", "RelayRegion", "lab_socket_ok", "socket", "wait_for"]
+__all__ = ["Agent", "NatWorld", "RelayRegion", "lab_socket_ok", "send_from_port", "socket", "wait_for"]

@@ -529,3 +529,180 @@ def test_netcheck_confirming_our_endpoints_does_not_rearm_the_mapping_report():
     office1.ms.set_local_endpoints(office1.endpoints, False, t)
     net.run(t, t + 10.0, step=0.1)
     assert sum(isinstance(e, MappingChanged) for e in office1.events) == 1
+
+
+PUB = "198.18.1.4"
+SYM = "198.18.1.7"
+NEW_FLOW_PORT = 6000  # the office NAT's port for office2's new flows (its newest mapping's)
+
+
+class EdmPeerNet(Net):
+    """office2 publishes (OFFICE, 41641), what the STUN servers saw, but its NAT gives every new
+    flow from its primary socket NEW_FLOW_PORT (another host behind the NAT took 41641 towards
+    some destination first; Linux masquerade then reuses the host's newest mapping). pub is a
+    public host. sym is behind a symmetric NAT: a random port per (socket, destination), and
+    inbound only from the destination a port was opened towards. The office NAT filters by
+    address (`adf`, as the lab's) or by address and port (`apdf`)."""
+
+    def __init__(self, pub: Node, office2: Node, sym: Node, filtering: str):
+        super().__init__(pub, office2, sym)
+        self.pub, self.office2, self.sym = pub, office2, sym
+        self.filtering = filtering
+        self.office_out: set[tuple[int, tuple[str, int]]] = set()  # (office port, remote)
+        self.sym_ports: dict[tuple[int, tuple[str, int]], int] = {}  # (socket, dest) -> port
+        self.sym_owner: dict[int, tuple[int, tuple[str, int]]] = {}
+        self.probe_open: dict[str, set[int]] = {"office2": set(), "sym": set()}
+        self._ports = random.Random(7)
+
+    def pump(self, now: float, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            moved = False
+            for node in self.nodes:
+                while (ev := node.ms.next_event()) is not None:
+                    node.events.append(ev)
+                    if isinstance(ev, OpenProbeSockets):
+                        ids = list(range(1, ev.count + 1))
+                        self.probe_open[node.name] = set(ids)
+                        node.ms.probe_sockets_opened(ev.node_key, ids, now)
+                    elif isinstance(ev, CloseProbeSockets):
+                        self.probe_open[node.name] &= set(ev.keep)
+                for data, dest in node.ms.datagrams_to_send():
+                    moved = True
+                    self._deliver(node, data, dest, now)
+            if not moved:
+                return
+
+    def _seen_from(self, src: Node, sock: int, addr: tuple[str, int]) -> tuple[str, int] | None:
+        if sock and sock not in self.probe_open.get(src.name, set()):
+            return None
+        if src is self.pub:
+            return self.pub.public
+        if src is self.office2:
+            port = NEW_FLOW_PORT if sock == 0 else 30000 + sock
+            self.office_out.add((port, addr))
+            return (OFFICE, port)
+        key = (sock, addr)
+        if key not in self.sym_ports:
+            port = self._ports.randrange(1024, 65536)
+            while port in self.sym_owner:
+                port = self._ports.randrange(1024, 65536)
+            self.sym_ports[key], self.sym_owner[port] = port, key
+        return (SYM, self.sym_ports[key])
+
+    def _deliver(self, src: Node, data: bytes, dest, now: float) -> None:
+        if isinstance(dest, Relay):
+            super()._deliver(src, data, dest, now)
+            return
+        addr = dest.address
+        seen = self._seen_from(src, dest.socket, addr)
+        if seen is None:
+            return
+        if addr == self.pub.public:
+            self.pub.ms.receive_disco(data, Direct(seen), now)
+        elif addr[0] == OFFICE:
+            opened = {(p, r) for p, r in self.office_out if p == addr[1]}
+            if self.filtering == "adf":
+                ok = any(r[0] == seen[0] for _, r in opened)
+            else:
+                ok = (addr[1], seen) in opened
+            if ok:
+                sock = 0 if addr[1] == NEW_FLOW_PORT else addr[1] - 30000
+                if sock == 0 or sock in self.probe_open["office2"]:
+                    self.office2.ms.receive_disco(data, Direct(seen, sock), now)
+        elif addr[0] == SYM and addr[1] in self.sym_owner:
+            sock, allowed = self.sym_owner[addr[1]]
+            if allowed == seen and (sock == 0 or sock in self.probe_open["sym"]):
+                self.sym.ms.receive_disco(data, Direct(seen, sock), now)
+
+
+def edm_peer(filtering: str) -> EdmPeerNet:
+    kw = {"birthday_sockets": 192, "birthday_spray": 1400}
+    pub = Node("pub", (PUB, 41641), **kw)
+    office2 = Node("office2", (OFFICE, 41641), ("192.168.1.3", 41641), **kw)
+    sym = Node("sym", (SYM, 30001), **kw)
+    sym.ms.set_local_endpoints(sym.endpoints, True, 0.0)
+    for node in (pub, office2, sym):
+        node.ms.set_peers([n.info() for n in (pub, office2, sym) if n is not node], 0.0)
+    return EdmPeerNet(pub, office2, sym, filtering)
+
+
+@pytest.mark.parametrize("filtering", ["adf", "apdf"])
+def test_peer_whose_new_flows_leave_from_another_port_than_it_publishes_goes_direct_with_a_symmetric_nat_peer(
+    filtering,
+):
+    # Regression (issue 4 follow-up, `make demo`: office1 <-> sym relayed in 1 of ~5 runs):
+    # sym's pings and birthday probes all went to the published port, where nobody answers,
+    # and office2's own pings left from a port sym's NAT never opened towards.
+    net = edm_peer(filtering)
+    net.run(0.0, 30.0, step=0.1)
+    office2, sym = net.office2, net.sym
+    assert isinstance(sym.ms.route(office2.node_key, 30.0), Direct)
+    assert isinstance(office2.ms.route(sym.node_key, 30.0), Direct)
+
+
+def _pong_from(a: Node, b: Node, observed: tuple[str, int], now: float, lan: bool = False) -> None:
+    """a pings b's public (or LAN) address; b's Pong says it saw a at `observed`."""
+    a.ms.ping(b.node_key, now)
+    target = Direct(b.lan if lan else b.public)
+    data = next(d for d, dest in a.ms.datagrams_to_send() if dest == target)
+    _, ping = b.disco.open(data)
+    a.ms.receive_disco(b.disco.seal(disco.Pong(ping.tx_id, observed), a.disco.public_key), target, now)
+
+
+def _call_me_maybe_endpoints(a: Node, b: Node, now: float) -> tuple[Endpoint, ...]:
+    a.ms.handle_timer(now)
+    for data, dest in a.ms.datagrams_to_send():
+        if isinstance(dest, Relay) and dest.node_key == b.node_key:
+            message = b.disco.open(data)[1]
+            if isinstance(message, disco.CallMeMaybe):
+                return message.endpoints
+    raise AssertionError("no CallMeMaybe to b")
+
+
+def test_public_port_a_pong_showed_us_at_is_advertised_beside_the_published_one():
+    a, b, _ = pair()
+    c = Node("c", ("198.18.3.2", 41641))
+    a.ms.set_peers([b.info(), c.info()], 0.0)
+    seen = (a.public[0], NEW_FLOW_PORT)
+    _pong_from(a, b, seen, 0.0)
+    a.ms.route(c.node_key, 0.5)  # c is active and relayed: it hears where a is seen at once
+    assert Endpoint(seen, EndpointKind.STUN) in _call_me_maybe_endpoints(a, c, 0.5)
+    assert Endpoint(a.public, EndpointKind.STUN) in _call_me_maybe_endpoints(a, c, 2.0)
+
+
+def test_pong_over_a_lan_path_teaches_no_public_address():
+    a = Node("a", (OFFICE, 41641), ("192.168.1.2", 41641))
+    b = Node("b", (OFFICE, 1369), ("192.168.1.3", 41641))
+    a.ms.set_peers([b.info()], 0.0)
+    _pong_from(a, b, ("192.168.1.2", 41641), 0.0, lan=True)
+    assert not a.ms.observed
+
+
+def test_symmetric_nat_side_advertises_no_observed_ports():
+    a, b, _ = pair()
+    a.ms.set_local_endpoints(a.endpoints, True, 0.0)
+    _pong_from(a, b, (a.public[0], NEW_FLOW_PORT), 0.0)
+    assert not a.ms.observed
+
+
+def test_observed_public_ports_are_bounded():
+    a, b, _ = pair()
+    for i in range(mscore.MAX_OBSERVED + 5):
+        _pong_from(a, b, (a.public[0], 2000 + i), 2.0 * i)
+    assert len(a.ms.observed) == mscore.MAX_OBSERVED
+
+
+def test_observed_port_we_now_publish_is_not_advertised_twice():
+    a, b, _ = pair()
+    seen = (a.public[0], NEW_FLOW_PORT)
+    _pong_from(a, b, seen, 0.0)
+    a.ms.set_local_endpoints((Endpoint(seen, EndpointKind.STUN),), False, 1.0)
+    assert a.ms.advertised_endpoints(1.0) == (Endpoint(seen, EndpointKind.STUN),)
+
+
+def test_observed_port_no_pong_showed_again_is_no_longer_advertised():
+    a, b, _ = pair()
+    seen = (a.public[0], NEW_FLOW_PORT)
+    _pong_from(a, b, seen, 0.0)
+    later = mscore.OBSERVED_TTL + 1.0
+    assert Endpoint(seen, EndpointKind.STUN) not in a.ms.advertised_endpoints(later)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import io
 import pathlib
-import subprocess
-import sys
 
-from wiremesh.lab import Host, Lab, meshdemo
+from natlab import send_from_port
+
+from wiremesh.lab import Lab, meshdemo
 from wiremesh.lab.meshdemo import DOUBLE, PUBLIC, SAME_NAT, AgentSpec, MeshDemo, Schedule
 
 AGENTS = (
@@ -24,14 +24,6 @@ AGENTS = (
     AgentSpec("office2", SAME_NAT),
     AgentSpec("cgnat", DOUBLE),
 )
-
-
-def _send_from_41641(lab: Lab, host: Host, dest: tuple[str, int]) -> None:
-    code = (
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        f"s.bind(('0.0.0.0', {meshdemo.AGENT_PORT})); s.sendto(b'seed', {dest!r}); s.close()"
-    )
-    subprocess.run([*lab.exec_prefix(host), sys.executable, "-c", code], check=True, timeout=10)
 
 
 def test_agent_whose_port_its_office_neighbour_holds_towards_a_peer_still_goes_direct(
@@ -49,9 +41,10 @@ def test_agent_whose_port_its_office_neighbour_holds_towards_a_peer_still_goes_d
             demo.build()
             demo.start_services()
             office1, office2, cgnat = (demo.agents[n] for n in ("office1", "office2", "cgnat"))
-            _send_from_41641(lab, office1.host, (cgnat.host.public_address, meshdemo.AGENT_PORT))
+            port = meshdemo.AGENT_PORT
+            send_from_port(lab, office1.host, port, (cgnat.host.public_address, port))
             for relay in demo.relays:
-                _send_from_41641(lab, office2.host, (relay.address, meshdemo.STUN_PORT))
+                send_from_port(lab, office2.host, port, (relay.address, meshdemo.STUN_PORT))
             demo.start_agents()
             results = demo.probe()
         finally:

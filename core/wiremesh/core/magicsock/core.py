@@ -20,6 +20,11 @@ Behaviour (DESIGN.md, "Paths a packet can take"):
   every HEARTBEAT_INTERVAL while traffic flows renew it. A heartbeat unanswered within
   PING_TIMEOUT drops the path at once (traffic falls back to the relay within
   HEARTBEAT_INTERVAL + PING_TIMEOUT of a failure).
+- Where peers see us: a Pong over a public path says from which address the peer saw us. When
+  that is our public IP but not the port we published (STUN), our NAT gives new flows another
+  port than the STUN servers saw, typically because another host behind it holds our port
+  towards them; we then also advertise the observed address (kind STUN) in our CallMeMaybes, so
+  a peer's pings and birthday probes reach the mapping our new flows really use.
 - Birthday probe, when our NAT maps per destination and the peer's does not: we ask the adapter
   for many probe sockets, ping the peer's public endpoints from each (opening as many mappings),
   and send a CallMeMaybe flagged `birthday`; the peer then sprays pings at many random ports of
@@ -71,6 +76,8 @@ LEARNED_CANDIDATE_TTL = 120.0  # candidates learned from inbound pings expire wi
 MAX_CANDIDATES = 64
 MAX_PENDING = 8192  # disco pings in flight, all peers together (oldest forgotten first)
 DISCOVERY_PING_TIMEOUT = 5.0
+MAX_OBSERVED = 4  # our own public addresses learned from Pongs, advertised beside the published
+OBSERVED_TTL = 120.0  # one not seen again in any Pong for this long is no longer advertised
 
 BIRTHDAY_AFTER_ROUNDS = 3  # plain hole punching gets rounds 1 and 2 (0 s and 1 s)
 SHARED_NAT_BIRTHDAY_AFTER_ROUNDS = 4  # we share our NAT with another peer: from 7 s
@@ -222,6 +229,9 @@ class MagicSock:
         self.birthday_spray = birthday_spray
         self._now = now
         self._mapping_reported: Address | None = None
+        # Our public address as peers' Pongs showed it, where it is not what we publish: our
+        # address -> when a Pong last showed it (most recent last).
+        self.observed: OrderedDict[Address, float] = OrderedDict()
 
     # ------------------------------------------------------------------- configuration
 
@@ -266,6 +276,12 @@ class MagicSock:
             return
         self._mapping_reported = None
         self.local_endpoints, self.mapping_varies = eps, mapping_varies
+        published = {ep.address for ep in eps}
+        hosts = {ep.address[0] for ep in eps if ep.kind is EndpointKind.STUN}
+        for addr in list(self.observed):
+            # Published now, or left behind by a public address we no longer have.
+            if mapping_varies or addr in published or addr[0] not in hosts:
+                del self.observed[addr]
         for path in self.peers.values():
             if path.active(now):
                 path.next_discovery = now
@@ -380,7 +396,7 @@ class MagicSock:
         cand = path.candidates.get(source) or self._add_candidate(path, source, EndpointKind.UNKNOWN, now)
         if cand is None:
             return
-        self._check_mapping(cand, pong.source)
+        self._check_mapping(cand, pong.source, now)
         first = cand.last_pong is None
         cand.last_pong = now
         cand.latency = latency if cand.latency is None else 0.5 * cand.latency + 0.5 * latency
@@ -398,18 +414,50 @@ class MagicSock:
         socket not yet closed (our CloseProbeSockets events, in order, are what the adapter does)."""
         return direct.socket == PRIMARY_SOCKET or direct.socket in path.probe_sockets
 
-    def _check_mapping(self, cand: Candidate, observed: Address) -> None:
+    def _check_mapping(self, cand: Candidate, observed: Address, now: float) -> None:
         """A Pong over a public path tells us our public address; if our NAT maps independently
-        of the destination, it must equal our published STUN endpoint."""
+        of the destination, it should equal our published STUN endpoint. When it does not, the
+        NAT rebound (the adapter re-runs STUN), or it gives our new flows another port than the
+        one the STUN servers saw (advertised from now on, see `advertised_endpoints`)."""
         if self.mapping_varies or cand.direct.socket != PRIMARY_SOCKET or cand.lan:
             return
         published = next((ep.address for ep in self.local_endpoints if ep.kind is EndpointKind.STUN), None)
         if published is None or observed == published or observed[0] != published[0]:
             return
+        self._note_observed(observed, now)
         if self._mapping_reported != observed:
             self._mapping_reported = observed
             self.counters["mapping_changed"] += 1
             self._events.append(MappingChanged(published, observed))
+
+    def _note_observed(self, observed: Address, now: float) -> None:
+        new = observed not in self.observed
+        self.observed[observed] = now
+        self.observed.move_to_end(observed)
+        while len(self.observed) > MAX_OBSERVED:
+            self.observed.popitem(last=False)
+        if not new:
+            return
+        self.counters["observed_endpoint_learned"] += 1
+        log.info("observed_endpoint address=%s", Direct(observed))
+        # Peers still on the relay may be pinging a port of ours that leads nowhere (or to
+        # another host): tell them at once where we are seen.
+        for path in self.peers.values():
+            if path.active(now) and path.trusted(now) is None:
+                path.next_discovery = now
+                path.discovery_backoff = DISCOVERY_FIRST_BACKOFF
+                path.last_call_me_maybe = -1e9
+
+    def advertised_endpoints(self, now: float) -> tuple[Endpoint, ...]:
+        """What our CallMeMaybes carry: the endpoints we publish, then the public addresses
+        peers saw us at lately (kind STUN, so a symmetric-NAT peer's birthday probes aim at
+        them too)."""
+        eps = list(self.local_endpoints)
+        known = {ep.address for ep in eps}
+        for addr, seen in reversed(self.observed.items()):
+            if now - seen < OBSERVED_TTL and addr not in known:
+                eps.append(Endpoint(addr, EndpointKind.STUN))
+        return tuple(eps[: disco.MAX_ENDPOINTS])
 
     def _better(self, cand: Candidate, best: Candidate) -> bool:
         if cand.lan != best.lan:
@@ -559,7 +607,7 @@ class MagicSock:
             return
         path.last_call_me_maybe = now
         self.counters["call_me_maybe_sent"] += 1
-        cmm = CallMeMaybe(self.local_endpoints, self.mapping_varies, birthday)
+        cmm = CallMeMaybe(self.advertised_endpoints(now), self.mapping_varies, birthday)
         self._send(path, cmm, Relay(region, path.node_key))
 
     def probe_sockets_opened(self, node_key: bytes, sockets: Sequence[int], now: float) -> None:
