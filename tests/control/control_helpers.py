@@ -25,9 +25,16 @@ class SimAgent:
     def disco_key(self) -> str:
         return crypto.encode_key(crypto.public_key(self.disco_key_private))
 
-    async def login(self, auth_key: str = "", routes: tuple[str, ...] = ()) -> LoginResult:
+    async def login(
+        self, auth_key: str = "", routes: tuple[str, ...] = (), tags: tuple[str, ...] = ()
+    ) -> LoginResult:
         self.login_result = await self.client.login(
-            self.node_key, self.disco_key, self.hostname, auth_key=auth_key, advertised_routes=routes
+            self.node_key,
+            self.disco_key,
+            self.hostname,
+            auth_key=auth_key,
+            advertised_routes=routes,
+            request_tags=tags,
         )
         return self.login_result
 

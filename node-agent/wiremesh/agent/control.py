@@ -62,6 +62,8 @@ class LoginResult:
     addresses: tuple[str, ...]
     key_expiry: float | None
     ephemeral: bool
+    refused_tags: tuple[str, ...] = ()  # requested tags coord did not grant
+    tags_error: str = ""  # coord's reason, for `wiremesh status`
 
 
 def _refusal(status: int, message: str) -> ControlRefused:
@@ -157,6 +159,7 @@ class ControlClient:
         auth_key: str = "",
         advertised_routes: tuple[str, ...] = (),
         endpoints: tuple[str, ...] = (),
+        request_tags: tuple[str, ...] = (),
     ) -> LoginResult:
         request = cm.LoginRequest(
             node_key=node_key,
@@ -165,6 +168,7 @@ class ControlClient:
             auth_key=auth_key,
             advertised_routes=tuple(advertised_routes),
             endpoints=tuple(endpoints),
+            request_tags=tuple(request_tags),
         )
         status, payload = await self._unary("/machine/login", request)
         reply = _decode(cm.LoginResponse, payload)
@@ -178,6 +182,8 @@ class ControlClient:
             addresses=reply.addresses,
             key_expiry=reply.key_expiry,
             ephemeral=reply.ephemeral,
+            refused_tags=reply.refused_tags,
+            tags_error=reply.tags_error,
         )
 
     async def update(

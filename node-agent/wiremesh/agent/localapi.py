@@ -3,7 +3,8 @@
     GET  /v0/status   self, peers (name, addresses, online, endpoint, rx/tx, last handshake)
     GET  /v0/ip       {"addresses": [...]}
     POST /v0/up       resume forwarding (and retry login if coord had cut us off);
-                      body {"auth_key": "..."} (optional) re-authenticates an expired node
+                      body {"auth_key": "..."} (optional) re-authenticates an expired node;
+                      {"advertise_tags": ["tag:x"]} (optional) asks coord for these tags now
     POST /v0/down     stop forwarding, stay logged in
     POST /v0/logout   deregister from coord and remove the state
     POST /v0/netcheck     probe UDP, public address, NAT mapping, relays (backends with netcheck())
@@ -185,6 +186,15 @@ class LocalAPIServer:
             auth_key = options.get("auth_key", "")
             if not isinstance(auth_key, str):
                 raise _BadRequest(400, "auth_key must be a string")
+            tags = options.get("advertise_tags")
+            if tags is not None:
+                if not isinstance(tags, list) or len(tags) > 64 or not all(isinstance(t, str) for t in tags):
+                    raise _BadRequest(400, "advertise_tags must be a list of tags like tag:name")
+                # Optional capability, like the auth key: only a daemon that logs in to coord has tags.
+                with_tags = getattr(backend, "up_with_tags", None)
+                if with_tags is None:
+                    raise _BadRequest(400, "this daemon does not log in to a coordination server")
+                return await with_tags(auth_key, tuple(tags))
             if not auth_key:
                 return await backend.up()
             # Optional capability: only a daemon that logs in to coord takes an auth key.

@@ -44,6 +44,8 @@ from wiremesh.agent.control import (
 )
 from wiremesh.agent.state import Keys, Persisted, StateDir, StateError
 from wiremesh.core import crypto
+from wiremesh.core.control.channel import ControlError
+from wiremesh.core.control.messages import check_tags
 from wiremesh.core.netmap import NetworkMap, Node
 from wiremesh.core.packetfilter import Filter
 from wiremesh.core.policy.model import FilterRule
@@ -237,6 +239,7 @@ class MeshConfig:
     auth_key: str = ""
     hostname: str = ""
     advertise_routes: tuple[str, ...] = ()
+    advertise_tags: tuple[str, ...] = ()  # asked of coord at login; granted per tagOwners
     listen_port: int = 0
     socket_path: str = ""
     mtu: int = DEFAULT_MESH_MTU
@@ -279,6 +282,9 @@ class MeshAgent:
         )
         self._auth_key = config.auth_key
         self._auth_key_usable = bool(config.auth_key)
+        self.advertise_tags = config.advertise_tags
+        self.refused_tags: tuple[str, ...] = ()  # what coord did not grant at the last login, and why
+        self.tags_error = ""
         self._logged_in = False
         self._apply_failed = False
         self._kick = asyncio.Event()
@@ -327,6 +333,9 @@ class MeshAgent:
         self._auth_key_usable = False
         self._logged_in = True
         self.last_error = ""
+        self.refused_tags, self.tags_error = result.refused_tags, result.tags_error
+        if result.refused_tags:
+            log.warning("tags_refused tags=%s reason=%r", ",".join(result.refused_tags), result.tags_error)
         self.persisted = dataclasses.replace(
             self.persisted,
             login_server=self.config.login_server,
@@ -352,6 +361,7 @@ class MeshAgent:
             auth_key=auth_key,
             advertised_routes=self.config.advertise_routes,
             endpoints=self.endpoints,
+            request_tags=self.advertise_tags,
         )
 
     async def _rotate_node_key(self) -> None:
@@ -573,6 +583,9 @@ class MeshAgent:
                 "hostname": me.hostname if me else (self.config.hostname or _default_hostname()),
                 "user": me.user if me else "",
                 "tags": list(me.tags) if me else [],
+                "advertised_tags": list(self.advertise_tags),
+                "refused_tags": list(self.refused_tags),
+                "tags_error": self.tags_error,
                 "node_key": self.keys.node_public,
                 "addresses": [a.split("/")[0] for a in self.persisted.addresses],
                 "online": self._logged_in and netmap is not None,
@@ -599,16 +612,30 @@ class MeshAgent:
             raise MeshError(503, "no addresses yet: not logged in (see `wiremesh status`)")
         return addresses
 
-    async def up(self, auth_key: str = "") -> dict[str, Any]:
-        """Resume forwarding; with `auth_key`, re-authenticate a node coord cut off (expired)."""
+    async def up(self, auth_key: str = "", advertise_tags: Sequence[str] | None = None) -> dict[str, Any]:
+        """Resume forwarding; with `auth_key`, re-authenticate a node coord cut off (expired);
+        with `advertise_tags`, ask coord for these tags (at once when logged in)."""
         if self.backend_state is BackendState.LOGGED_OUT:
             raise MeshError(409, "logged out: start wiremeshd again with an auth key")
         if len(auth_key) > MAX_AUTH_KEY_BYTES:
             raise MeshError(400, f"auth key longer than {MAX_AUTH_KEY_BYTES} bytes")
+        if advertise_tags is not None:
+            try:
+                self.advertise_tags = check_tags(list(advertise_tags))
+            except ControlError as exc:
+                raise MeshError(400, str(exc)) from None
         if auth_key:
             self._auth_key, self._auth_key_usable = auth_key, True
         self.persisted = dataclasses.replace(self.persisted, want_running=True)
         self._save()
+        if self._logged_in and advertise_tags is not None:
+            # A login under the same node key is idempotent; coord answers with the tags granted.
+            try:
+                await self._login()
+            except ControlUnavailable as exc:
+                raise MeshError(503, f"coord unreachable: {exc}") from exc
+            except ControlRefused as exc:
+                raise MeshError(502, f"coord refused the login: {exc}") from exc
         if self._logged_in:
             self.backend_state = BackendState.RUNNING
         else:
@@ -619,6 +646,9 @@ class MeshAgent:
 
     async def up_with_auth_key(self, auth_key: str) -> dict[str, Any]:
         return await self.up(auth_key)
+
+    async def up_with_tags(self, auth_key: str, advertise_tags: Sequence[str]) -> dict[str, Any]:
+        return await self.up(auth_key, advertise_tags)
 
     async def down(self) -> dict[str, Any]:
         if self.backend_state is BackendState.LOGGED_OUT:
@@ -723,6 +753,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--advertise-routes", metavar="P1,P2", default="", help="subnets to offer the mesh (need approval)"
     )
+    group.add_argument(
+        "--advertise-tags",
+        metavar="TAG1,TAG2",
+        default="",
+        help="tags to ask coord for (tag:name); granted when this node's user owns them in the"
+        " policy's tagOwners, refused ones show in `wiremesh status`",
+    )
     group.add_argument("--listen-port", metavar="N", type=int, default=0, help="UDP port (default: any)")
     group.add_argument(
         "--socket", metavar="PATH", default="", help=f"local API socket (default DIR/{SOCKET_NAME})"
@@ -760,6 +797,10 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
     routes = tuple(r.strip() for r in str(args.advertise_routes).split(",") if r.strip())
     for route in routes:
         netconf.parse_prefix(route)
+    try:
+        tags = check_tags([t.strip() for t in str(args.advertise_tags).split(",") if t.strip()])
+    except ControlError as exc:
+        raise ValueError(f"--advertise-tags: {exc}") from None
     if not 0 <= args.listen_port < 65536:
         raise ValueError(f"--listen-port must be 0..65535, got {args.listen_port}")
     if not 1280 <= args.mtu <= 65535:
@@ -772,6 +813,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         auth_key=read_auth_key(args.auth_key),
         hostname=args.hostname,
         advertise_routes=tuple(str(netconf.parse_prefix(r)) for r in routes),
+        advertise_tags=tags,
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=args.mtu,

@@ -17,6 +17,8 @@ from wiremesh.core.control.channel import ControlError
 MAX_ENDPOINTS = 32
 MAX_ROUTES = 64
 MAX_HOSTNAME = 63
+MAX_TAGS = 32
+MAX_TAG_LEN = 64
 T = TypeVar("T")
 
 
@@ -28,6 +30,9 @@ class LoginRequest:
     auth_key: str = ""  # needed for a new machine, or when the node key expired
     advertised_routes: tuple[str, ...] = ()
     endpoints: tuple[str, ...] = ()
+    # Tags the node asks for (`wiremeshd --advertise-tags`); coord grants those its user owns
+    # per the policy's tagOwners and names the others in LoginResponse.refused_tags.
+    request_tags: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +45,8 @@ class LoginResponse:
     addresses: tuple[str, ...] = ()
     key_expiry: float | None = None
     ephemeral: bool = False
+    refused_tags: tuple[str, ...] = ()  # requested tags coord did not grant
+    tags_error: str = ""  # why, for the user ("tag:x: not owned by alice in tagOwners")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,3 +140,21 @@ def check_routes(routes: tuple[str, ...]) -> tuple[str, ...]:
         except ValueError:
             raise ControlError(f"invalid route {route[:64]!r}: expected a prefix like 10.0.0.0/24") from None
     return tuple(dict.fromkeys(out))
+
+
+def check_tags(tags: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Tags as `tag:name` (letters, digits, - and _), at most MAX_TAGS; duplicates dropped."""
+    if len(tags) > MAX_TAGS:
+        raise ControlError(f"too many tags (at most {MAX_TAGS})")
+    for tag in tags:
+        name = tag.removeprefix("tag:")
+        if (
+            not tag.startswith("tag:")
+            or not name
+            or len(tag) > MAX_TAG_LEN
+            or not all((c.isascii() and c.isalnum()) or c in "-_" for c in name)
+        ):
+            raise ControlError(
+                f"invalid tag {tag[:64]!r}: tags look like tag:name (letters, digits, - and _)"
+            )
+    return tuple(dict.fromkeys(tags))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from wiremesh.core.policy.hujson import Pos
@@ -213,15 +214,32 @@ class Policy:
     warnings: tuple[Diagnostic, ...] = ()
     source: str = ""  # the text it was parsed from, kept so coord can hand it back verbatim
 
-    def tag_owner_allows(self, user: str, tag: str) -> bool:
-        """May `user` apply `tag` to a node (directly or through a group in tagOwners)?"""
+    def tag_owner_allows(self, user: str, tag: str, node_tags: Iterable[str] = ()) -> bool:
+        """May a node of `user`, carrying `node_tags`, take `tag` for itself?
+
+        Owners are users, groups containing the user, `autogroup:member` (any user) and other
+        tags (a node already carrying that tag may add this one). `autogroup:admin` and
+        `autogroup:owner` are not modelled (coord has no admin users): such tags are applied
+        through the admin API only.
+        """
+        carried = frozenset(node_tags)
         for owner in self.tag_owners.get(tag, ()):
             if owner.startswith("group:"):
                 if any(user_matches(u, user) for u in self.groups.get(owner, ())):
                     return True
-            elif user_matches(owner, user):
+            elif owner.startswith("tag:"):
+                if owner in carried:
+                    return True
+            elif owner == "autogroup:member":
+                if user:
+                    return True
+            elif not owner.startswith("autogroup:") and user_matches(owner, user):
                 return True
         return False
+
+    def undefined_tags(self, tags: Iterable[str]) -> list[str]:
+        """The tags this policy does not define in tagOwners (none may be applied to a node)."""
+        return [t for t in dict.fromkeys(tags) if t not in self.tag_owners]
 
 
 def allow_all_policy() -> Policy:

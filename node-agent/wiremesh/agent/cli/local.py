@@ -59,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="KEY",
         help="re-authenticate a node coord cut off (expired); 'file:PATH' reads it from a file",
     )
+    up.add_argument(
+        "--advertise-tags",
+        default=None,
+        metavar="TAG1,TAG2",
+        help="ask coord for these tags (tag:name); granted when this node's user owns them in the"
+        " policy's tagOwners; exit status 1 when any is refused",
+    )
     up.set_defaults(func=_action, action="up")
     add("down", "stop forwarding; stay logged in").set_defaults(func=_action, action="down")
     add("logout", "deregister this node and remove its keys").set_defaults(func=_action, action="logout")
@@ -117,13 +124,16 @@ def _read_auth_key(value: str) -> str:
 
 
 def _action(args: argparse.Namespace) -> int:
-    body = None
+    body: dict[str, Any] | None = None
     if getattr(args, "auth_key", None):
         try:
             body = {"auth_key": _read_auth_key(args.auth_key)}
         except OSError as exc:
             print(f"wiremesh: cannot read the auth key: {exc}", file=sys.stderr)
             return 1
+    tags = getattr(args, "advertise_tags", None)
+    if tags is not None:
+        body = {**(body or {}), "advertise_tags": [t.strip() for t in tags.split(",") if t.strip()]}
     got = _request(args, "POST", args.action, body)
     if got is None:
         return 1
@@ -131,7 +141,20 @@ def _action(args: argparse.Namespace) -> int:
     if _failed(status, payload):
         return 1
     print(f"{args.action}: {payload.get('backend_state', 'ok')}")
+    refused = _refused_tags(payload)
+    if tags is not None and refused:
+        print(f"wiremesh: {refused}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _refused_tags(status: dict[str, Any]) -> str:
+    """ "tags refused: tag:x (why)" when coord did not grant some requested tags, else ""."""
+    me = status.get("self") if isinstance(status, dict) else None
+    if not isinstance(me, dict) or not me.get("refused_tags"):
+        return ""
+    why = f" ({me['tags_error']})" if me.get("tags_error") else ""
+    return f"tags refused: {', '.join(str(t) for t in me['refused_tags'])}{why}"
 
 
 def _bytes(n: Any) -> str:
@@ -156,6 +179,9 @@ def format_status(status: dict[str, Any]) -> str:
     state = status.get("backend_state", "?")
     if state != "Running":
         lines.append(f"# state: {state}" + (f" ({status['error']})" if status.get("error") else ""))
+    refused = _refused_tags(status)
+    if refused:
+        lines.append(f"# {refused}")
     v4 = next((a for a in me.get("addresses", []) if ":" not in a), "-")
     lines.append(f"{v4:<16}{me.get('name') or '-':<20}{me.get('user') or '-':<12}self")
     for peer in status.get("peers", []):

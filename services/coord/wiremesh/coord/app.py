@@ -275,6 +275,26 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     api = "/api/v1"
     guarded = [Depends(admin)]
+
+    def admin_tags(tags: list[str]) -> tuple[str, ...]:
+        """Tags an admin applies (to a node or an auth key): well-formed and, when a policy is
+        set, defined in its tagOwners (which user owns a tag does not matter: the admin may
+        apply any defined tag). Refused with 400 before anything is stored."""
+        try:
+            checked = cm.check_tags(tags)
+        except ControlError as exc:
+            raise HTTPException(400, str(exc)) from None
+        undefined = coord.policy.undefined_tags(checked)
+        if undefined:
+            names = ", ".join(undefined)
+            raise HTTPException(
+                400,
+                f"tag {names} is not defined in the policy's tagOwners: add it there first"
+                if len(undefined) == 1
+                else f"tags {names} are not defined in the policy's tagOwners: add them there first",
+            )
+        return checked
+
     policy_store.add_routes(app, coord, guarded, api)  # GET/PUT/DELETE /api/v1/policy
 
     @app.get(f"{api}/nodes", dependencies=guarded)
@@ -309,11 +329,8 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     @app.post(f"{api}/nodes/{{node_id}}/tags", dependencies=guarded)
     async def tag_node(node_id: int, body: TagsBody) -> dict[str, Any]:
-        for tag in body.tags:
-            name = tag.removeprefix("tag:")
-            if not tag.startswith("tag:") or not name or not all(c.isalnum() or c in "-_" for c in name):
-                raise HTTPException(400, f"invalid tag {tag[:64]!r}: tags look like tag:name")
-        return (await coord.admin_update(node_id, tags=tuple(dict.fromkeys(body.tags)))).to_admin_json()
+        tags = admin_tags(body.tags)
+        return (await coord.admin_update(node_id, tags=tags)).to_admin_json()
 
     @app.get(f"{api}/routes", dependencies=guarded)
     async def list_routes() -> list[dict[str, Any]]:
@@ -360,7 +377,7 @@ def create_app(coord: Coordinator) -> FastAPI:
             user=body.user,
             reusable=body.reusable,
             ephemeral=body.ephemeral,
-            tags=tuple(body.tags),
+            tags=admin_tags(body.tags),
             expires_in=parse_duration(body.expiration),
         )
         reply = await coord.keys_request(bus.AUTH_KEY_CREATE, req, bus.AuthKeyReply)

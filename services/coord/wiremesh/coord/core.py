@@ -319,12 +319,18 @@ class Coordinator:
             endpoints = cm.check_endpoints(req.endpoints)
             if len(req.auth_key) > 256:
                 raise ControlError("auth key too long")
-            record = await self._login(call, req, node_key, disco_key, hostname, routes, endpoints)
+            requested = cm.check_tags(req.request_tags)
+            record, refused, why = await self._login(
+                call, req, node_key, disco_key, hostname, routes, endpoints, requested
+            )
         except (ControlError, store.StoreError) as exc:
             status = exc.status
             self.logins.labels(f"refused_{status}").inc()
             return status, cm.LoginResponse(error=str(exc))
         self.logins.labels("ok").inc()
+        if refused:
+            self.refused.labels("tags").inc()
+            log.info("requested tags refused", extra={"node_id": record.id, "tags": list(refused)})
         return 200, cm.LoginResponse(
             node_id=record.id,
             name=record.name,
@@ -333,6 +339,8 @@ class Coordinator:
             addresses=(f"{record.ipv4}/32", f"{record.ipv6}/128"),
             key_expiry=record.key_expiry,
             ephemeral=record.ephemeral,
+            refused_tags=refused,
+            tags_error=why,
         )
 
     async def _login(
@@ -344,25 +352,33 @@ class Coordinator:
         hostname: str,
         routes: tuple[str, ...],
         endpoints: tuple[str, ...],
-    ) -> store.NodeRecord:
+        requested: tuple[str, ...],
+    ) -> tuple[store.NodeRecord, tuple[str, ...], str]:
+        """The node's record, and the requested tags refused with why."""
         machine_key = crypto.encode_key(call.machine_key)
         existing = await self._db(lambda s: store.node_by_machine_key(s, machine_key))
         now = self.clock()
         if existing is not None and not existing.expired and existing.node_key == node_key:
-            if existing.disco_key == disco_key and existing.advertised_routes == routes:
-                return existing
-            updated = await self._db(
-                lambda s: store.update_node(
-                    s,
-                    existing.id,
-                    disco_key=disco_key,
-                    advertised_routes=routes,
-                    approved_routes=tuple(r for r in existing.approved_routes if r in routes),
-                )
-            )
+            tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
+            if (
+                existing.disco_key == disco_key
+                and existing.advertised_routes == routes
+                and existing.tags == tags
+            ):
+                return existing, refused, why
+            same_key: dict[str, Any] = {
+                "disco_key": disco_key,
+                "advertised_routes": routes,
+                "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
+            }
+            if tags != existing.tags:
+                same_key["tags"] = tags
+                if not existing.tags:  # newly tagged: tagged nodes' keys do not expire
+                    same_key["key_expiry"] = self._expiry_for(tags, now)
+            updated = await self._db(lambda s: store.update_node(s, existing.id, **same_key))
             await self._register_key(updated, now)
             await self.changed(updated, updated.id, "updated")
-            return updated
+            return updated, refused, why
         grant: bus.AuthKeyGrant | None = None
         if existing is None or existing.expired:
             if existing is not None and existing.node_key == node_key:
@@ -382,7 +398,7 @@ class Coordinator:
                 raise ControlError(grant.error, 401)
         if existing is None:
             assert grant is not None
-            tags = grant.tags
+            tags, refused, why = self._with_requested_tags(grant.user, grant.tags, requested)
             new = store.NewNode(
                 machine_key=machine_key,
                 node_key=node_key,
@@ -406,7 +422,7 @@ class Coordinator:
             log.info(
                 "node registered", extra={"node_id": record.id, "node": record.name, "user": record.user}
             )
-            return record
+            return record, refused, why
         # Same machine, new node key (rotation) or a re-authentication after expiry.
         values: dict[str, Any] = {
             "node_key": node_key,
@@ -415,8 +431,11 @@ class Coordinator:
             "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
             "expired": False,
         }
-        if grant is not None or existing.expired:
-            values["key_expiry"] = self._expiry_for(existing.tags, now)
+        tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
+        if tags != existing.tags:
+            values["tags"] = tags
+        if grant is not None or existing.expired or tags != existing.tags:
+            values["key_expiry"] = self._expiry_for(tags, now)
         clash = await self._db(lambda s: store.node_by_key(s, node_key))
         if clash is not None and clash.id != existing.id:
             raise ControlError("node key already in use by another node", 409)
@@ -424,7 +443,15 @@ class Coordinator:
         await self._register_key(updated, now)
         await self.changed(updated, updated.id, "updated")
         log.info("node key rotated", extra={"node_id": updated.id, "node": updated.name})
-        return updated
+        return updated, refused, why
+
+    def _with_requested_tags(
+        self, user: str, carried: tuple[str, ...], requested: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        """(the node's tags with the requests granted, refused requests, why). Requests only
+        add: tags the node carries stay (an admin removes them with `nodes tag`)."""
+        granted, refused, why = self.policy.grant_requested_tags(user, carried, requested)
+        return tuple(dict.fromkeys(carried + granted)), refused, why
 
     def _expiry_for(self, tags: tuple[str, ...], now: float) -> float | None:
         if tags or self.config.node_key_expiry is None:

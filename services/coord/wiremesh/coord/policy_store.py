@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -195,6 +195,7 @@ class PolicyService:
         self.version = 0
         self.warnings: list[str] = []
         self.rules = 0
+        self.current: Policy | None = None  # None: no policy set (allow all)
         self._updates: Counter | None = None
 
     @property
@@ -285,7 +286,47 @@ class PolicyService:
     def describe(self) -> dict[str, Any]:
         return {"policy": self.text, "version": self.version, "warnings": self.warnings}
 
+    # ---- tags: who may apply which (the policy's tagOwners)
+
+    def undefined_tags(self, tags: Iterable[str]) -> list[str]:
+        """Tags an admin may not apply: those the policy in force does not define in tagOwners.
+
+        With no policy set every tag is allowed (nothing says which tags exist yet)."""
+        if self.current is None:
+            return []
+        return self.current.undefined_tags(tags)
+
+    def grant_requested_tags(
+        self, user: str, carried: tuple[str, ...], requested: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        """(granted, refused, why) for the tags a node asks for itself.
+
+        A tag is granted when the node already carries it (tags stay when the policy changes,
+        as in Tailscale) or the node's user owns it per tagOwners (the user, a group with the
+        user, autogroup:member, or a tag the node carries). With no policy set nobody owns a
+        tag, so every new request is refused: a node may not leave its user's identity (and
+        key expiry, which tagged nodes skip) on its own say-so."""
+        granted: list[str] = []
+        refused: list[str] = []
+        reasons: list[str] = []
+        for tag in requested:
+            if tag in carried:
+                granted.append(tag)
+            elif self.current is None:
+                refused.append(tag)
+                reasons.append(f"{tag}: no policy is set, so no tag has owners")
+            elif tag not in self.current.tag_owners:
+                refused.append(tag)
+                reasons.append(f"{tag}: not defined in the policy's tagOwners")
+            elif self.current.tag_owner_allows(user, tag, (*carried, *granted)):
+                granted.append(tag)
+            else:
+                refused.append(tag)
+                reasons.append(f"{tag}: user {user or '-'} does not own it in the policy's tagOwners")
+        return tuple(granted), tuple(refused), "; ".join(reasons)
+
     def _apply(self, policy: Policy | None) -> set[int]:
+        self.current = policy
         self.rules = len(policy.rules) if policy is not None else 0
         changed = self.mesh.set_policy(policy)
         self.mesh.take_filter_changed()
