@@ -5,6 +5,7 @@ A pytest plugin (registered in tests/conftest.py) so any test directory can use:
   postgres_server  a throwaway PostgreSQL cluster (session-wide; initdb as the postgres user)
   postgres_url     a fresh empty database on it, per test
   control_plane    NATS + wiremesh-keys + wiremesh-coord subprocesses with a temp state dir
+and, for tests of coord's in-memory state, `node_record()` (a coord NodeRecord with defaults).
 Every process is started by us and stopped by PID at teardown, even on failure.
 """
 
@@ -26,11 +27,14 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from wiremesh.lab.support import nats_server_binary, wait_until
+
+if TYPE_CHECKING:
+    from wiremesh.coord.store import NodeRecord
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 
@@ -392,3 +396,33 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     """One NATS + keys + coord shared by a test module (tests use fresh machines, not fresh servers)."""
     with _planes(tmp_path_factory.mktemp("plane")) as make:
         yield make(coord_args=FAST_COORD_ARGS)
+
+
+def node_record(node_id: int, user: str = "alice", tags: tuple[str, ...] = (), **fields: Any) -> NodeRecord:
+    """A coord NodeRecord for node `node_id` (address 100.64.0.<id>); `fields` override any field."""
+    from wiremesh.coord.store import NodeRecord
+
+    values: dict[str, Any] = {
+        "id": node_id,
+        "machine_key": f"m{node_id}",
+        "node_key": f"k{node_id}",
+        "disco_key": f"d{node_id}",
+        "hostname": f"h{node_id}",
+        "name": f"h{node_id}",
+        "user": user,
+        "tags": tags,
+        "ipv4": f"100.64.0.{node_id}",
+        "ipv6": f"fd7a:115c:a1e0::{node_id:x}",
+        "ephemeral": False,
+        "created_at": 0.0,
+        "last_seen": None,
+        "online": False,
+        "key_expiry": None,
+        "expired": False,
+        "endpoints": (),
+        "advertised_routes": (),
+        "approved_routes": (),
+        "home_relay": None,
+    }
+    values.update(fields)
+    return NodeRecord(**values)

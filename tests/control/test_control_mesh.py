@@ -5,35 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from fixtures_services import node_record as record
+
 from wiremesh.coord.mesh import Mesh
-from wiremesh.coord.store import NodeRecord
-
-
-def record(node_id: int, user: str = "alice", tags: tuple[str, ...] = (), **kw) -> NodeRecord:
-    base = dict(
-        id=node_id,
-        machine_key=f"m{node_id}",
-        node_key=f"k{node_id}",
-        disco_key=f"d{node_id}",
-        hostname=f"h{node_id}",
-        name=f"h{node_id}",
-        user=user,
-        tags=tags,
-        ipv4=f"100.64.0.{node_id}",
-        ipv6=f"fd7a:115c:a1e0::{node_id:x}",
-        ephemeral=False,
-        created_at=0.0,
-        last_seen=None,
-        online=False,
-        key_expiry=None,
-        expired=False,
-        endpoints=(),
-        advertised_routes=(),
-        approved_routes=(),
-        home_relay=None,
-    )
-    base.update(kw)
-    return NodeRecord(**base)
 
 
 def test_new_node_affects_every_node_in_allow_all_mode():

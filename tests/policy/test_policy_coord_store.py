@@ -8,11 +8,12 @@ import json
 import pathlib
 
 import pytest
+from fixtures_services import node_record as record
 from policy_packets import TCP, packet
 from sqlalchemy.orm import Session
 
 from wiremesh.coord import policy_store
-from wiremesh.coord.store import Base, NodeRecord
+from wiremesh.coord.store import Base
 from wiremesh.core.control import service
 from wiremesh.core.packetfilter import Filter
 from wiremesh.core.policy import parse_policy
@@ -24,31 +25,6 @@ SSH_ONLY = """
   "tests": [{"src": "a@example.com", "accept": ["b@example.com:22"], "deny": ["b@example.com:80"]}],
 }
 """
-
-
-def record(node_id: int, user: str, tags: tuple[str, ...] = ()) -> NodeRecord:
-    return NodeRecord(
-        id=node_id,
-        machine_key=f"m{node_id}",
-        node_key=f"n{node_id}",
-        disco_key=f"d{node_id}",
-        hostname=f"h{node_id}",
-        name=f"h{node_id}",
-        user=user,
-        tags=tags,
-        ipv4=f"100.64.0.{node_id}",
-        ipv6=f"fd7a:115c:a1e0::{node_id}",
-        ephemeral=False,
-        created_at=0.0,
-        last_seen=None,
-        online=False,
-        key_expiry=None,
-        expired=False,
-        endpoints=(),
-        advertised_routes=(),
-        approved_routes=(),
-        home_relay=None,
-    )
 
 
 A, B, C = record(1, "a@example.com"), record(2, "b@example.com"), record(3, "c@example.com")
