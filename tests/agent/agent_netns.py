@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import secrets
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -54,3 +55,31 @@ def call_in(ns: str, fn: Callable[[], T]) -> T:
     if err:
         raise err[0]
     return out[0]
+
+
+def send_tcp_stream(
+    client_ns: str, server_ns: str, server_ip: str, data: bytes, timeout: float = 20
+) -> bytes:
+    """Send `data` over one TCP connection from client_ns to a listener on server_ip in server_ns;
+    return what the listener received (compare it with `data`)."""
+    server = call_in(server_ns, lambda: socket.create_server((server_ip, 0)))
+    port = server.getsockname()[1]
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(timeout)
+            while chunk := conn.recv(1 << 16):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        client = call_in(client_ns, lambda: socket.create_connection((server_ip, port), timeout=timeout))
+        with client:
+            client.sendall(data)
+    finally:
+        thread.join(timeout + 10)
+        server.close()
+    return bytes(received)

@@ -11,12 +11,11 @@ import hashlib
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from agent_netns import call_in, namespace, unique
+from agent_netns import call_in, namespace, send_tcp_stream, unique
 
 from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.core import crypto
@@ -102,26 +101,7 @@ def test_a_tcp_stream_arrives_intact_through_a_receive_worker() -> None:
     data = os.urandom(4 << 20)
     with two_engines() as (ns_a, ns_b, _a, b):
         assert ping(ns_a, "10.212.0.2", count=1).returncode == 0
-        server = call_in(ns_b, lambda: socket.create_server(("10.212.0.2", 0)))
-        port = server.getsockname()[1]
-        received = bytearray()
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(20)
-                while chunk := conn.recv(1 << 16):
-                    received.extend(chunk)
-
-        thread = threading.Thread(target=serve)
-        thread.start()
-        try:
-            client = call_in(ns_a, lambda: socket.create_connection(("10.212.0.2", port), timeout=20))
-            with client:
-                client.sendall(data)
-        finally:
-            thread.join(30)
-            server.close()
+        received = send_tcp_stream(ns_a, ns_b, "10.212.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
         assert wait_until(lambda: b.io["tun_writes"] < b.io["tun_packets_written"]), "GRO in the worker"
 
