@@ -12,13 +12,12 @@ import hashlib
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterator
 
 import pytest
-from agent_netns import call_in, namespace, unique
+from agent_netns import call_in, namespace, send_tcp_stream, unique
 
 from wiremesh.agent import netconf
 from wiremesh.agent.engine import Engine
@@ -93,7 +92,11 @@ class Cfg:
 
 
 @contextlib.contextmanager
-def two_engines(tso: bool = False) -> Iterator[tuple[str, str, Engine, Engine]]:
+def two_engines(
+    tso: bool = False, endpoint_a: Hashable | None = None
+) -> Iterator[tuple[str, str, Engine, Engine]]:
+    """Engines a (10.202.0.1) and b (10.202.0.2) over a veth pair; `endpoint_a` replaces a's
+    (host, port) endpoint for b, as magicsock's endpoint objects do."""
     with namespace("wmea") as ns_a, namespace("wmeb") as ns_b:
         subprocess.run(
             ["ip", "-n", ns_a, "link", "add", "v0", "type", "veth", "peer", "name", "v0", "netns", ns_b],
@@ -120,7 +123,8 @@ def two_engines(tso: bool = False) -> Iterator[tuple[str, str, Engine, Engine]]:
                 call_in(ns, eng.start)
                 engines.append(eng)
                 call_in(ns, lambda eng=eng, me=me: eng.set_addresses([me]))
-                eng.set_peers([Cfg(b"\x01" * 32, (peer_ip, 40000))])
+                endpoint = endpoint_a if endpoint_a is not None and ns == ns_a else (peer_ip, 40000)
+                eng.set_peers([Cfg(b"\x01" * 32, endpoint)])
             yield ns_a, ns_b, engines[0], engines[1]
         finally:
             for eng, ns in zip(engines, (ns_a, ns_b), strict=False):
@@ -197,29 +201,61 @@ def test_a_tcp_stream_arrives_intact(tso: bool) -> None:
     """Exercises TUN offloads end to end: TSO segmentation (if on), checksums and GRO writes."""
     data = os.urandom(4 << 20)
     with two_engines(tso=tso) as (ns_a, ns_b, a, b):
-        server = call_in(ns_b, lambda: socket.create_server(("10.202.0.2", 0)))
-        port = server.getsockname()[1]
-        received = bytearray()
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            with conn:
-                conn.settimeout(20)
-                while chunk := conn.recv(1 << 16):
-                    received.extend(chunk)
-
-        thread = threading.Thread(target=serve)
-        thread.start()
-        try:
-            client = call_in(ns_a, lambda: socket.create_connection(("10.202.0.2", port), timeout=20))
-            with client:
-                client.sendall(data)
-        finally:
-            thread.join(30)
-            server.close()
+        received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
         assert b.io["tun_writes"] < b.io["tun_packets_written"], "segments were coalesced on write"
         if tso:
             assert a.io["tun_reads"] * 2 < b.io["udp_datagrams_received"], (
                 "the kernel handed over super-packets"
             )
+
+
+class PathEndpoint:
+    """Stands in for magicsock's PeerEndpoint: hashable by identity, no address of its own."""
+
+
+def test_runs_to_a_resolved_endpoint_leave_in_udp_segment_batches() -> None:
+    ep = PathEndpoint()
+    with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
+        # Lone datagrams still go through the transport (as magicsock's do): it sends them direct.
+        a.transport = lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
+        a.direct_resolver = lambda endpoint: ("10.201.0.2", 40000) if endpoint is ep else None
+        data = os.urandom(2 << 20)
+        received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        assert a.io["udp_gso_resolved_runs"] > 0
+        assert a.io["udp_gso_datagrams"] > 2 * a.io["udp_gso_sends"] > 0
+
+
+def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None:
+    ep = PathEndpoint()
+    with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
+        relayed = Counter[int]()
+        sock_b = ("10.201.0.2", 40000)
+
+        def relay(data: bytes, endpoint: Hashable) -> None:
+            relayed[len(data)] += 1
+            a.send_datagram(data, sock_b)  # a relay that happens to reach b's socket
+
+        a.transport = relay
+        a.direct_resolver = lambda endpoint: None
+        data = os.urandom(1 << 20)
+        received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        assert sum(relayed.values()) > len(data) // 1500
+        assert a.io["udp_gso_sends"] == 0
+
+
+def test_a_raising_resolver_costs_batching_not_datagrams() -> None:
+    ep = PathEndpoint()
+    with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
+        a.transport = lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
+
+        def broken(endpoint: Hashable) -> tuple[str, int] | None:
+            raise RuntimeError("resolver bug")
+
+        a.direct_resolver = broken
+        data = os.urandom(1 << 20)
+        received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        assert a.drops["direct_resolver_error"] > 0

@@ -5,7 +5,9 @@ adapter that owns the file descriptors and threads and serialises every Device c
 (taken once per batch, not per packet):
 
 - a TUN reader thread: drains up to TUN_READ_BATCH packets -> (outbound hook) -> Device.send ->
-  runs of equal-size datagrams to one endpoint leave in one sendmsg with UDP_SEGMENT (GSO)
+  runs of equal-size datagrams to one endpoint leave in one sendmsg with UDP_SEGMENT (GSO); in
+  mesh mode the endpoint is a magicsock object, which `direct_resolver` turns into the peer's
+  current direct address for the run (a relayed peer's datagrams go to `transport` one by one)
 - one UDP reader thread per socket (IPv4, IPv6): with UDP_GRO one recvmsg returns many datagrams
   -> Device.receive -> (inbound filter) -> consecutive TCP segments merged into one TUN write
   with a virtio_net_hdr (software GRO, see gro.py)
@@ -79,6 +81,7 @@ MAX_TIMER_SLEEP = 1.0
 InboundFilter = Callable[[bytes], bool]
 OutboundHook = Callable[[bytes], bool]
 Transport = Callable[[bytes, Hashable], None]
+DirectResolver = Callable[[Hashable], tuple[str, int] | None]
 OtherDatagramHandler = Callable[[bytes, tuple[str, int]], None]
 
 
@@ -138,6 +141,10 @@ class Engine:
         self.other_datagram_handler: OtherDatagramHandler | None = None
         # Sends to endpoints that are not (host, port) tuples, e.g. a DERP relay, go here.
         self.transport: Transport | None = None
+        # For such an endpoint, the (host, port) this socket reaches it at right now, or None
+        # (magicsock: a trusted direct path). A run of datagrams to a resolved endpoint leaves in
+        # one UDP_SEGMENT send like a static peer's; unresolved ones go to `transport` one by one.
+        self.direct_resolver: DirectResolver | None = None
         self.event_handlers: list[Callable[[object], None]] = []
         # Drops the Engine itself counts (the Device counts its own in device.drops).
         self.drops: Counter[str] = Counter()
@@ -707,17 +714,24 @@ class Engine:
                 j += 1
                 if len(d2) != size:
                     break  # a shorter datagram may end a run, never continue one
-            if j - i == 1 or type(endpoint) is not tuple:
+            if j - i == 1:
                 self._send(data, endpoint)
                 i += 1
                 continue
-            sock = self._sock6 if ":" in endpoint[0] else self._sock4
+            address = endpoint if type(endpoint) is tuple else self._resolve_direct(endpoint)
+            if address is None:
+                # A relayed (or not yet trusted) path: the transport decides per datagram.
+                for data2, endpoint2 in results[i:j]:
+                    self._send(data2, endpoint2)
+                i = j
+                continue
+            sock = self._sock6 if ":" in address[0] else self._sock4
             if sock is None:
                 self.drops["no_socket_for_family"] += j - i
             else:
                 chunk = b"".join([r[0] for r in results[i:j]])
                 try:
-                    sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, endpoint)
+                    sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
                     self.io["udp_gso_sends"] += 1
                     self.io["udp_gso_datagrams"] += j - i
                 except OSError as exc:
@@ -732,6 +746,21 @@ class Engine:
                             j - i
                         )
             i = j
+
+    def _resolve_direct(self, endpoint: Hashable) -> tuple[str, int] | None:
+        resolve = self.direct_resolver
+        if resolve is None:
+            return None
+        try:
+            address = resolve(endpoint)
+        except Exception:  # a resolver bug costs batching, never the datagrams
+            self.drops["direct_resolver_error"] += 1
+            log.exception("direct_resolver_failed endpoint=%r", endpoint)
+            return None
+        if type(address) is not tuple:
+            return None
+        self.io["udp_gso_resolved_runs"] += 1
+        return address
 
     def _udp_loop(self, sock: socket.socket) -> None:
         v6 = sock.family == socket.AF_INET6

@@ -196,6 +196,7 @@ class MagicSock:
         engine = self.engine
         engine.other_datagram_handler = self._on_other_datagram
         engine.transport = self._transport
+        engine.direct_resolver = self.direct_address
         if not isinstance(engine.device, _AliasingDevice):
             engine.device = _AliasingDevice(engine.device, self._aliases)
         engine.event_handlers.append(self._on_wireguard_event)
@@ -227,6 +228,20 @@ class MagicSock:
             self.drops["no_route"] += 1
         else:
             self._send_to(data, dest)
+
+    def direct_address(self, endpoint: Hashable) -> tuple[str, int] | None:
+        """Where `_transport` would send to `endpoint` from the Engine's own socket right now (a
+        trusted direct path), else None. The Engine asks once per run of datagrams and sends
+        the run in one UDP_SEGMENT batch; relayed and probe-socket paths stay with `_transport`."""
+        if type(endpoint) is not PeerEndpoint:
+            return None
+        now = time.monotonic()
+        path = endpoint.path
+        direct = path.trusted(now)
+        if direct is None or direct.socket != PRIMARY_SOCKET:
+            return None
+        path.last_send = now
+        return direct.address
 
     def _on_other_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         """A datagram on the Engine's socket that is not WireGuard: disco or STUN."""
