@@ -343,3 +343,20 @@ def test_a_replica_expired_while_alive_is_restored_from_its_full_set_at_its_next
     for full in r2.full_set():
         deliver(full, LEASE + 1.5, r1)
     assert r1.lookup(b) == "r2" and b not in r1.lapsed
+
+
+def test_a_clean_goodbye_forgets_the_replica_at_once_without_counting_an_expiry() -> None:
+    r1, r2 = table("r1"), table("r2")
+    b = key()
+    deliver(r2.connect(b, 100.0), 0.0, r1)
+    assert gone(deliver(r2.goodbye(), 1.0, r1)) == [(b, "left")]
+    assert r1.alive() == [] and r1.expire(100.0) == [] and r1.replicas_expired == 0
+
+
+def test_an_older_processs_goodbye_does_not_forget_the_current_one() -> None:
+    r1, r2_old = table("r1"), table("r2")
+    r2_new = table("r2")
+    b = key()
+    deliver(r2_new.connect(b, 100.0), 0.0, r1)
+    assert deliver(r2_old.goodbye(), 1.0, r1) == []
+    assert r1.alive() == ["r2"] and r1.lookup(b) == "r2"

@@ -309,3 +309,12 @@ async def test_a_replica_that_was_cut_off_comes_back_with_its_full_set(
     assert isinstance(got, PacketReceived) and got.packet == b"welcome back"
     await ca.close()
     await cb.close()
+
+
+async def test_a_replica_that_stops_cleanly_is_forgotten_without_waiting_for_its_lease(
+    registry, start_relay, nats_url
+) -> None:
+    r1, r2 = await in_process_pair(start_relay, nats_url)
+    await r2.stop()
+    await eventually(lambda: "eu-2" not in r1.mesh.table.peers)
+    assert r1.mesh.table.replicas_expired == 0

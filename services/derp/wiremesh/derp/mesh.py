@@ -81,6 +81,7 @@ class Mesh:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
+        self._stopped = False
 
     async def start(self) -> None:
         lease_all = LEASE_SUBJECT.format(region=self.region, kind="*")
@@ -88,19 +89,29 @@ class Mesh:
         self._subs.append(await self.nc.subscribe(self._sync_subject, cb=self._on_sync))
         fwd = bus.DERP_FORWARD.format(region=self.region, replica=self.replica)
         self._subs.append(await self.nc.subscribe(fwd, cb=self._on_forward))
+        # The outbox drain first: stop() ends the lease ticker before it and the drain after it.
         self._tasks.append(asyncio.create_task(self._drain(), name="derp-mesh-outbox"))
         self._tasks.append(asyncio.create_task(self._tick(), name="derp-mesh-lease"))
         await self.nc.publish(self._sync_subject, self.replica.encode())
         await self.nc.flush()
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        # No beat may follow the goodbye, or the others would take us for alive again.
+        for task in self._tasks[1:]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for key in list(self.relay.clients):
             self.announce(key, False)
+        self._enqueue(self._lease_subjects["beat"], bus.encode(self.table.goodbye()))
         await self._drain_once()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for task in self._tasks:
+        for task in self._tasks[:1]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

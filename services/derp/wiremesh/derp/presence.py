@@ -49,6 +49,7 @@ class PresenceBeat:
     incarnation: str
     generation: int  # deltas sent by this incarnation so far
     count: int  # keys held now (for logs and a cheap sanity check)
+    leaving: bool = False  # a clean shutdown: forget this replica now, not at its lease's end
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,6 +172,12 @@ class PresenceTable:
     def beat(self) -> PresenceBeat:
         return PresenceBeat(self.region, self.replica, self.incarnation, self.generation, len(self.local))
 
+    def goodbye(self) -> PresenceBeat:
+        """The last beat of a clean shutdown (after the deltas for every client leaving)."""
+        return PresenceBeat(
+            self.region, self.replica, self.incarnation, self.generation, len(self.local), leaving=True
+        )
+
     def full_set(self) -> list[PresenceFull]:
         keys = [encode_key(k) for k in self.local]
         chunks = [keys[i : i + FULL_SET_CHUNK] for i in range(0, len(keys), FULL_SET_CHUNK)] or [[]]
@@ -230,6 +237,14 @@ class PresenceTable:
 
     def _on_beat(self, beat: PresenceBeat, now: float) -> list[Event]:
         events: list[Event] = []
+        if beat.leaving:
+            peer = self.peers.pop(beat.replica, None)
+            if peer is not None and peer.incarnation == beat.incarnation:
+                for key in peer.keys:
+                    self._release(key, beat.replica, "left", events)
+            elif peer is not None:
+                self.peers[beat.replica] = peer  # an older process's goodbye: not about the current one
+            return events
         peer = self._peer(beat.replica, beat.incarnation, now, events)
         if peer.generation is None:
             events.append(SyncNeeded(beat.replica))  # still waiting: ask again, once per beat
