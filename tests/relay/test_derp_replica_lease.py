@@ -163,6 +163,9 @@ async def test_sends_to_a_key_lost_with_a_killed_replica_are_dropped_and_counted
     a, b = registry.register(PrivateKey.generate()), registry.register(PrivateKey.generate())
     r1, r2 = await two_replicas(registry, start_relay, relay_process, nats_url)
     ca, cb = await a_talks_to_b_across(r1, r2, a, b)
+    before = await metrics(r1)
+    assert before[("derp_mesh_replicas_alive", ())] == 1
+    assert before[("derp_mesh_remote_keys", ())] == 1
     r2.kill()
     await next_matching(ca, peer_gone_for(b), LEASE + MARGIN)
     await ca.send(bytes(b.public_key), b"into the void")
