@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wiremesh.core.policy import PolicyCompiler, PolicyNode, policy_from_obj
-from wiremesh.core.policy.prefixes import compress_prefixes
+from wiremesh.core.policy.prefixes import compress_hosts, compress_prefixes
 
 V4_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
 V6_BASE = int(ipaddress.IPv6Address("fd7a:115c:a1e0::"))
@@ -91,3 +91,11 @@ def test_shared_server_filter_names_few_prefixes_for_many_sources() -> None:
     nets = [ipaddress.ip_network(p) for p in rules[0].src]
     covered = {i for i in range(0, 2100) if any(ipaddress.IPv4Address(V4_BASE + i) in n for n in nets)}
     assert covered == set(range(2, 2001))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.integers(0, UNIVERSE - 1)), st.sets(st.integers(0, UNIVERSE - 1)))
+def test_host_compression_matches_the_general_one(v4: set[int], v6: set[int]) -> None:
+    hosts = [str(ipaddress.IPv4Address(V4_BASE + i)) for i in v4]
+    hosts += [str(ipaddress.IPv6Address(V6_BASE + i)) for i in v6]
+    assert compress_hosts([V4_BASE + i for i in v4], [V6_BASE + i for i in v6]) == compress_prefixes(hosts)

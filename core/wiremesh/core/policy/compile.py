@@ -43,7 +43,7 @@ from wiremesh.core.policy.model import (
     UserSel,
     allow_all_policy,
 )
-from wiremesh.core.policy.prefixes import Span, compress_spans, span_of
+from wiremesh.core.policy.prefixes import Span, compress_hosts, compress_spans, span_of
 
 ANY_PREFIXES = (str(ANY_V4), str(ANY_V6))
 DENY_ALL = FilterRule(src=(), dst=(), protos=(), ports=())  # matches no packet
@@ -92,7 +92,7 @@ class CompiledNode:
 class _Node:
     """A PolicyNode with its addresses parsed once."""
 
-    __slots__ = ("addr_prefixes", "addr_spans", "addr_strs", "addrs", "node", "own", "routes")
+    __slots__ = ("addr_prefixes", "addr_spans", "addr_strs", "addrs", "node", "own", "routes", "v4", "v6")
 
     def __init__(self, node: PolicyNode) -> None:
         self.node = node
@@ -100,6 +100,8 @@ class _Node:
         self.addr_prefixes: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(a) for a in self.addrs)
         self.addr_strs = tuple(str(p) for p in self.addr_prefixes)
         self.addr_spans: tuple[Span, ...] = tuple((a.version, int(a), int(a)) for a in self.addrs)
+        self.v4 = tuple(lo for v, lo, _ in self.addr_spans if v == 4)
+        self.v6 = tuple(lo for v, lo, _ in self.addr_spans if v == 6)
         self.routes: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(r, strict=False) for r in node.routes)
         # Everything this node can be reached at.
         self.own = self.addr_prefixes + self.routes
@@ -183,10 +185,16 @@ class _RuleState:
             else:
                 # Compressed: sequentially allocated node addresses collapse into a few prefixes,
                 # so a rule naming every node stays small (the filter matches the same sources).
-                spans = list(self.literal_spans)
-                for nid in self.src_ident:
-                    spans.extend(nodes[nid].addr_spans)
-                self._src_prefixes = compress_spans(spans)
+                if self.literal_spans:
+                    spans = list(self.literal_spans)
+                    for nid in self.src_ident:
+                        spans.extend(nodes[nid].addr_spans)
+                    self._src_prefixes = compress_spans(spans)
+                else:
+                    members = [nodes[nid] for nid in self.src_ident]
+                    self._src_prefixes = compress_hosts(
+                        [a for n in members for a in n.v4], [a for n in members for a in n.v6]
+                    )
         return self._src_prefixes
 
     def invalidate(self) -> None:
@@ -458,7 +466,8 @@ class PolicyCompiler:
                     continue
                 fs = frozenset(same_user if nid in sources else sources)
                 peer_sets[id(fs)] = fs
-                src = compress_spans(s for sid in sources for s in self._nodes[sid].addr_spans)
+                members = [self._nodes[sid] for sid in sources]
+                src = compress_hosts([a for m in members for a in m.v4], [a for m in members for a in m.v6])
                 if src and n.addr_strs:
                     for protos, ports in st.templates:
                         rules.append(FilterRule(src, n.addr_strs, protos, ports))

@@ -12,6 +12,7 @@ times more on the thousands of addresses a large tailnet's rule holds.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -54,7 +55,10 @@ def span_cidrs(version: int, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _format(version: int, network: int, prefixlen: int) -> str:
+    # Cached: the same node addresses are formatted for many rules, and an IPv6 address's
+    # text costs microseconds (more than the whole compression of it).
     address = ipaddress.IPv4Address(network) if version == 4 else ipaddress.IPv6Address(network)
     return f"{address}/{prefixlen}"
 
@@ -64,6 +68,31 @@ def compress_spans(spans: Iterable[Span]) -> tuple[str, ...]:
     out: list[str] = []
     for version, lo, hi in merge_spans(spans):
         out.extend(_format(version, net, plen) for net, plen in span_cidrs(version, lo, hi))
+    return tuple(out)
+
+
+def compress_hosts(v4: Iterable[int], v6: Iterable[int]) -> tuple[str, ...]:
+    """compress_spans for single addresses (a rule's identity sources), the common case: a
+    sort of plain integers and one pass over the runs, each lone address's text cached."""
+    out: list[str] = []
+    for version, values in ((4, v4), (6, v6)):
+        ordered = sorted(set(values))
+        if not ordered:
+            continue
+        bits = BITS[version]
+        start = prev = ordered[0]
+        for value in ordered[1:]:
+            if value != prev + 1:
+                if start == prev:
+                    out.append(_format(version, start, bits))
+                else:
+                    out.extend(_format(version, n, p) for n, p in span_cidrs(version, start, prev))
+                start = value
+            prev = value
+        if start == prev:
+            out.append(_format(version, start, bits))
+        else:
+            out.extend(_format(version, n, p) for n, p in span_cidrs(version, start, prev))
     return tuple(out)
 
 
