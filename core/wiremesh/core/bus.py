@@ -41,7 +41,8 @@ POLICY_CHANGED = "wiremesh.coord.policy.changed"  # PolicyChanged
 HANDSHAKE_SEEN = "wiremesh.coord.handshake.seen"
 
 # Relay presence and cross-replica forwarding (published by derp replicas).
-DERP_PRESENCE = "wiremesh.derp.{region}.presence"  # DerpPresence
+# kind: beat | delta | full; the messages are wiremesh.derp.presence's (a lease protocol owned by derp)
+DERP_LEASE = "wiremesh.derp.{region}.lease.{kind}"
 DERP_FORWARD = "wiremesh.derp.{region}.fwd.{replica}"  # records: u32 BE len | src key | dst key | packet
 DERP_PRESENCE_SYNC = "wiremesh.derp.{region}.presence.sync"  # raw bytes: replica id; others re-announce
 
@@ -182,14 +183,6 @@ class NodePresence:
 class PolicyChanged:
     version: int
     origin: str = ""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DerpPresence:
-    region: str
-    replica: str
-    node_key: str
-    present: bool
 
 
 T = TypeVar("T")

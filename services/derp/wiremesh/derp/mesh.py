@@ -39,7 +39,7 @@ log = logging.getLogger("wiremesh.derp.mesh")
 MAX_OUTBOX = 65536  # messages waiting for NATS; beyond this, forwards are dropped and counted
 MAX_BATCH_BYTES = 512 << 10  # well under NATS's default 1 MiB max payload
 MAX_TALKERS = 4096  # clients here remembered per remote key, to tell them it is gone
-LEASE_SUBJECT = "wiremesh.derp.{region}.lease.{kind}"  # kind: beat | delta | full
+LEASE_SUBJECT = bus.DERP_LEASE
 _KINDS: dict[str, type[presence.Message]] = {
     "beat": presence.PresenceBeat,
     "delta": presence.PresenceDelta,
