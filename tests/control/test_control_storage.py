@@ -141,6 +141,12 @@ def test_addresses_survive_reload_and_are_not_reused_after_a_delete(database):
     assert c.ipv4 not in (b.ipv4,)
 
 
+def test_addresses_run_on_through_dot_255_and_dot_0(database):
+    # Unbroken runs keep a rule naming many nodes a few CIDR prefixes.
+    nodes = database.call(lambda s: [cstore.create_node(s, new_node(f"m{i}"), 100.0) for i in range(257)])
+    assert [n.ipv4 for n in nodes[253:]] == ["100.64.0.254", "100.64.0.255", "100.64.1.0", "100.64.1.1"]
+
+
 def test_same_machine_cannot_register_twice(database):
     database.call(lambda s: cstore.create_node(s, new_node("m1"), 100.0))
     with pytest.raises(cstore.StoreError, match="already registered"):

@@ -178,10 +178,12 @@ def address_for(index: int) -> tuple[str, str]:
 
 
 def _usable_index(index: int) -> bool:
+    # Addresses ending in .0 or .255 are ordinary hosts inside the /10 and are handed out too:
+    # unbroken runs of addresses keep every packet-filter source set a few CIDR prefixes (a gap
+    # every 256 nodes would cost ~14 prefixes per 256 sources, IPv4 and IPv6 alike).
     if not 0 < index < IPV4_BASE.num_addresses - 1:
         return False
-    v4 = IPV4_BASE.network_address + index
-    return v4 not in _RESERVED_V4 and int(v4) & 0xFF not in (0, 255)
+    return IPV4_BASE.network_address + index not in _RESERVED_V4
 
 
 def _next_index(session: Session) -> int:
