@@ -21,7 +21,7 @@ CHART = ROOT / "charts" / "wiremesh"
 COMPONENTS = ("coord", "keys", "stun", "derp", "operator")
 SOURCE_ROOTS = ("core", "services", "node-agent", "operator")
 # The cluster version rendered against (a helm built with `go install` has no ldflags and would
-# assume Kubernetes 1.20, older than the chart's kubeVersion).
+# assume Kubernetes 1.20).
 KUBE = ("--kube-version", "1.31.0")
 
 # The first build of helm may take minutes; every later step is quick.

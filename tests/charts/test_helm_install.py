@@ -1,0 +1,132 @@
+"""`helm install` of charts/wiremesh into a real kube-apiserver (etcd + kube-apiserver on loopback,
+built from their Go modules by wiremesh.lab.kube): the API server validates every object the
+chart renders, installs the CRDs, and evaluates the operator's RBAC with SubjectAccessReviews.
+No controllers or nodes run, so no pod starts: this is about the objects, not the workloads."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helm_tool import helm_binary
+
+from wiremesh.lab.kube import KubeAPIServer
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "wiremesh"
+NAMESPACE = "mesh"
+OPERATOR_SA = f"system:serviceaccount:{NAMESPACE}:wm-wiremesh-operator"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+
+@dataclass
+class Cluster:
+    kube: KubeAPIServer
+    helm: Path
+    installed: subprocess.CompletedProcess[str]
+
+    def run_helm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.helm), "--kubeconfig", str(self.kube.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        request = urllib.request.Request(
+            self.kube.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.kube.token}", "Content-Type": "application/json"},
+        )
+        context = ssl.create_default_context(cafile=str(self.kube.ca_path))
+        with urllib.request.urlopen(request, timeout=20, context=context) as response:
+            return json.loads(response.read())
+
+    def can(self, verb: str, group: str, resource: str, namespace: str = "", subresource: str = "") -> bool:
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": OPERATOR_SA,
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}"],
+                "resourceAttributes": {
+                    "verb": verb,
+                    "group": group,
+                    "resource": resource,
+                    "subresource": subresource,
+                    "namespace": namespace,
+                },
+            },
+        }
+        answer = self.api("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+        return bool(answer["status"].get("allowed"))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    helm = helm_binary()
+    with KubeAPIServer() as kube:
+        argv = [str(helm), "--kubeconfig", str(kube.kubeconfig), "install", "wm", str(CHART)]
+        argv += ["--namespace", NAMESPACE, "--create-namespace"]
+        installed = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        yield Cluster(kube, helm, installed)
+
+
+def test_install_is_accepted_by_the_api_server(cluster):
+    assert cluster.installed.returncode == 0, cluster.installed.stderr
+
+
+def test_install_uses_no_field_the_api_server_does_not_know(cluster):
+    # kube-apiserver warns (rather than fails) on unknown fields; helm prints the warnings.
+    assert "unknown field" not in cluster.installed.stderr, cluster.installed.stderr
+
+
+def test_every_workload_is_stored(cluster):
+    base = f"/apis/apps/v1/namespaces/{NAMESPACE}"
+    deployments = {d["metadata"]["name"] for d in cluster.api("GET", f"{base}/deployments")["items"]}
+    assert deployments == {f"wm-wiremesh-{c}" for c in ("coord", "keys", "stun", "derp", "operator")}
+    daemonsets = {d["metadata"]["name"] for d in cluster.api("GET", f"{base}/daemonsets")["items"]}
+    assert daemonsets == {"wm-wiremesh-agent"}
+
+
+def test_the_crds_are_installed_with_the_chart(cluster):
+    crds = cluster.api("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")["items"]
+    assert {c["spec"]["group"] for c in crds} >= {"wiremesh.dev"}
+
+
+def test_operator_may_manage_meshnodes_and_their_status(cluster):
+    assert cluster.can("create", "wiremesh.dev", "meshnodes")
+    assert cluster.can("patch", "wiremesh.dev", "meshnodes", subresource="status")
+    assert cluster.can("watch", "wiremesh.dev", "acls")
+
+
+def test_operator_may_watch_nodes_and_record_events(cluster):
+    assert cluster.can("watch", "", "nodes")
+    assert cluster.can("create", "", "events", namespace="default")
+
+
+def test_operator_may_write_secrets_only_in_its_own_namespace(cluster):
+    assert cluster.can("create", "", "secrets", namespace=NAMESPACE)
+    assert not cluster.can("get", "", "secrets", namespace="kube-system")
+
+
+def test_operator_may_not_change_nodes(cluster):
+    assert not cluster.can("patch", "", "nodes")
+
+
+def test_upgrade_keeps_the_generated_admin_key(cluster):
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/wm-wiremesh-admin-key"
+    before = cluster.api("GET", path)["data"]
+    upgraded = cluster.run_helm("upgrade", "wm", str(CHART), "--namespace", NAMESPACE)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert cluster.api("GET", path)["data"] == before
