@@ -143,3 +143,11 @@ def test_crd_files_declare_cluster_scoped_v1alpha1_with_status_subresource():
         version = crd["spec"]["versions"][0]
         assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
         assert version["additionalPrinterColumns"]
+
+
+def test_cluster_node_mirror_advertises_and_approves_its_pod_cidrs():
+    spec = meshnode.mirror_spec("Worker.eu-1", {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]}, ("tag:k8s",))
+    assert spec["hostname"] == "worker-eu-1"
+    assert spec["advertiseRoutes"] == spec["approvedRoutes"] == ["10.244.1.0/24", "fd00:1::/64"]
+    assert meshnode.pod_cidrs({"podCIDR": "10.0.0.0/24"}) == ("10.0.0.0/24",)
+    assert meshnode.pod_cidrs({}) == ()

@@ -43,6 +43,8 @@ class OperatorConfig:
     poll_interval: float = 10.0
     auth_key_expiration: str = "24h"
     manage_tags: bool = True
+    mirror_nodes: bool = True  # a MeshNode per cluster Node, advertising its pod CIDR
+    node_tags: tuple[str, ...] = ("tag:k8s-node",)
 
 
 def _now() -> str:
@@ -53,8 +55,9 @@ def _retry(exc: CoordError) -> kopf.TemporaryError:
     return kopf.TemporaryError(str(exc), delay=5)
 
 
-class Secrets:
-    """The auth-key Secrets, through the official client (sync, so run in a thread)."""
+class KubeObjects:
+    """The auth-key Secrets and mirrored MeshNodes, through the official client (sync, so run
+    in a thread)."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
@@ -128,18 +131,55 @@ class Secrets:
 
         await asyncio.to_thread(delete)
 
+    # MeshNodes the operator itself owns (mirrors of cluster Nodes); sync, run in a thread.
+    def upsert_meshnode(self, body: dict[str, Any]) -> None:
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        self._core()  # loads the configuration
+        api = CustomObjectsApi()
+        name = body["metadata"]["name"]
+        try:
+            current: Any = api.get_cluster_custom_object(GROUP, VERSION, MESHNODES, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            api.create_cluster_custom_object(GROUP, VERSION, MESHNODES, body)
+            return
+        labels = (current.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY["app.kubernetes.io/managed-by"]:
+            log.warning("node_mirror_skipped name=%s: a MeshNode of that name is not ours", name)
+            return
+        if current.get("spec") != body["spec"]:
+            api.patch_cluster_custom_object(GROUP, VERSION, MESHNODES, name, {"spec": body["spec"]})
+
+    def delete_meshnode(self, name: str) -> None:
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        self._core()
+        try:
+            current: Any = CustomObjectsApi().get_cluster_custom_object(GROUP, VERSION, MESHNODES, name)
+            labels = (current.get("metadata") or {}).get("labels") or {}
+            if mn.NODE_LABEL in labels:
+                CustomObjectsApi().delete_cluster_custom_object(GROUP, VERSION, MESHNODES, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
 
 class Operator:
     """The reconcilers, with the clients they share."""
 
     def __init__(
-        self, config: OperatorConfig, coord: CoordAdmin | None = None, secrets: Secrets | None = None
+        self, config: OperatorConfig, coord: CoordAdmin | None = None, secrets: KubeObjects | None = None
     ) -> None:
         self.config = config
         self.coord = coord or CoordAdmin(config.coord_url, config.admin_key)
-        self.secrets = secrets or Secrets(config.namespace)
+        self.secrets = secrets or KubeObjects(config.namespace)
         # coord node id -> MeshNode name, so two MeshNodes never claim one node.
         self.claims: dict[int, str] = {}
+        self.mirrored: dict[str, dict[str, Any]] = {}  # Node name -> the MeshNode spec last written
 
     # ---- ACL ----
 
@@ -363,6 +403,33 @@ class Operator:
         await self.secrets.delete(mn.secret_name(desired.name))
         log.info("meshnode_deleted name=%s node_id=%s", desired.name, known)
 
+    # ---- cluster Nodes -> MeshNodes ----
+
+    async def mirror_node(self, name: str, uid: str, spec: dict[str, Any]) -> None:
+        """Create or update the MeshNode that mirrors cluster Node `name`."""
+        wanted = mn.mirror_spec(name, spec, self.config.node_tags)
+        if self.mirrored.get(name) == wanted:
+            return  # most Node updates are status heartbeats
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "MeshNode",
+            "metadata": {
+                "name": mn.mirror_name(name),
+                "labels": {**MANAGED_BY, mn.NODE_LABEL: mn.node_hostname(name)},
+                # Owned by the Node: a cluster's garbage collector removes it with the Node.
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}],
+            },
+            "spec": wanted,
+        }
+        await asyncio.to_thread(self.secrets.upsert_meshnode, body)
+        self.mirrored[name] = wanted
+        log.info("node_mirrored node=%s routes=%s", name, body["spec"]["advertiseRoutes"])
+
+    async def unmirror_node(self, name: str) -> None:
+        self.mirrored.pop(name, None)
+        await asyncio.to_thread(self.secrets.delete_meshnode, mn.mirror_name(name))
+        log.info("node_unmirrored node=%s", name)
+
 
 def make_registry(op: Operator) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
@@ -379,6 +446,12 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
         settings.posting.level = logging.WARNING  # our own events, not one per handler run
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 30
+
+    # A registry of our own starts with no login handlers: use the official client's
+    # configuration (in-cluster service account, else $KUBECONFIG / ~/.kube/config).
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
@@ -419,5 +492,14 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
     @kopf.on.delete(GROUP, VERSION, MESHNODES, registry=registry)
     async def meshnode_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
         await op.delete_meshnode(body, spec, status)
+
+    if op.config.mirror_nodes:
+        # Raw watch events: kopf then keeps no bookkeeping (annotations, finalizers) on Nodes.
+        @kopf.on.event("", "v1", "nodes", registry=registry)
+        async def node_event(event: kopf.RawEvent, name: str, uid: str, spec: kopf.Spec, **_: Any) -> None:
+            if event.get("type") == "DELETED":
+                await op.unmirror_node(name)
+            else:
+                await op.mirror_node(name, uid, dict(spec))
 
     return registry

@@ -45,6 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll-interval", type=float, default=float(env("WIREMESH_POLL_INTERVAL", "10")))
     p.add_argument("--auth-key-expiration", default=env("WIREMESH_AUTH_KEY_EXPIRATION", "24h"))
     p.add_argument(
+        "--mirror-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=env("WIREMESH_MIRROR_NODES", "true").lower() not in ("0", "false", "no"),
+        help="keep a MeshNode per cluster Node, advertising (and approving) its pod CIDR",
+    )
+    p.add_argument(
+        "--node-tags",
+        default=env("WIREMESH_NODE_TAGS", "tag:k8s-node"),
+        help="comma-separated tags for mirrored cluster Nodes",
+    )
+    p.add_argument(
         "--health-listen",
         default=env("WIREMESH_HEALTH_LISTEN", "0.0.0.0:8080"),
         help="HOST:PORT for the liveness probe (/healthz); empty to disable",
@@ -76,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         login_server=args.login_server,
         poll_interval=args.poll_interval,
         auth_key_expiration=args.auth_key_expiration,
+        mirror_nodes=args.mirror_nodes,
+        node_tags=tuple(t.strip() for t in args.node_tags.split(",") if t.strip()),
     )
     liveness = f"http://{args.health_listen}/healthz" if args.health_listen else None
 

@@ -151,3 +151,33 @@ def gone_status() -> dict[str, Any]:
         "nodeKey": None,
         "endpoints": None,
     }
+
+
+NODE_LABEL = "wiremesh.dev/cluster-node"  # on MeshNodes that mirror a cluster Node
+
+
+def mirror_name(node_name: str) -> str:
+    return node_name[:253]
+
+
+def node_hostname(node_name: str) -> str:
+    """A mesh hostname from a Node name (a DNS subdomain: dots and up to 253 characters)."""
+    label = "".join(c if c.isalnum() or c == "-" else "-" for c in node_name.lower())[:63].strip("-")
+    return label or "node"
+
+
+def pod_cidrs(node_spec: dict[str, Any]) -> tuple[str, ...]:
+    cidrs = node_spec.get("podCIDRs") or ([node_spec["podCIDR"]] if node_spec.get("podCIDR") else [])
+    return tuple(dict.fromkeys(str(c) for c in cidrs))
+
+
+def mirror_spec(node_name: str, node_spec: dict[str, Any], tags: tuple[str, ...]) -> dict[str, Any]:
+    """The MeshNode for a cluster Node: it advertises the Node's pod CIDRs, approved at once
+    (the cluster vouches for its own nodes), which is what lets laptops reach pods."""
+    routes = list(pod_cidrs(node_spec))
+    return {
+        "hostname": node_hostname(node_name),
+        "tags": list(tags),
+        "advertiseRoutes": routes,
+        "approvedRoutes": routes,
+    }

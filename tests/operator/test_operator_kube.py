@@ -1,0 +1,301 @@
+"""The operator against a real kube-apiserver and a real control plane: ACL and MeshNode
+resources become coord configuration, and coord's state comes back into their status.
+
+The first run on a machine builds kube-apiserver and etcd from their Go modules (cached under
+~/.cache/wiremesh/kube), hence the long timeout then; later runs start in a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import urllib.error
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from wiremesh.agent.control import ControlClient, ControlRefused
+from wiremesh.core import crypto
+from wiremesh.lab import kube
+from wiremesh.lab.support import wait_until
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300 if kube.is_built() else kube.BUILD_TIMEOUT + 300),
+]
+
+DEADLINE = 30.0  # the operator polls coord every second; this is for a loaded 2-core machine
+
+POLICY = """{
+  // everyone may reach tag:web on 443
+  "tagOwners": {"tag:web": ["alice@example.com"]},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["tag:web:443"]},
+  ],
+  "tests": [{"src": "alice@example.com", "accept": ["tag:web:443"]}],
+}
+"""
+
+BROKEN = """{
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["*:22"]},
+    {"action": "accept", "src": ["nobody-knows-this"], "dst": ["*:*"]},
+  ],
+}
+"""
+
+
+def eventually(predicate: Any, what: str, operator: Any, timeout: float = DEADLINE) -> Any:
+    try:
+        return wait_until(predicate, timeout, what=what, interval=0.2)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n--- operator log\n{operator.logs()}") from None
+
+
+def coord_policy(control_plane: Any) -> Any:
+    return control_plane.admin("GET", "/policy")
+
+
+def coord_node(control_plane: Any, node_id: int) -> dict[str, Any] | None:
+    try:
+        node: dict[str, Any] = control_plane.admin("GET", f"/nodes/{node_id}")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    return node
+
+
+@pytest.fixture
+def acl(k8s, operator, control_plane):
+    """Deletes the ACL after the test and waits until the operator has cleared coord's policy."""
+    yield "default"
+    k8s.delete("acls", "default")
+    eventually(lambda: k8s.get("acls", "default") is None, "ACL deleted (finalizer released)", operator)
+
+
+def login(url: str, hostname: str, auth_key: str, routes: tuple[str, ...] = ()) -> Any:
+    async def go() -> Any:
+        client = ControlClient(url, crypto.generate_private_key(), timeout=10)
+        try:
+            return await client.login(
+                crypto.encode_key(crypto.public_key(crypto.generate_private_key())),
+                crypto.encode_key(crypto.public_key(crypto.generate_private_key())),
+                hostname,
+                auth_key=auth_key,
+                advertised_routes=routes,
+            )
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def secret_data(k8s, namespace: str, name: str) -> dict[str, str] | None:
+    try:
+        secret = k8s.core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+# ---- CRD validation by the real API server ----
+
+
+def test_meshnode_with_a_route_that_is_not_a_cidr_is_refused_by_the_api_server(k8s):
+    with pytest.raises(ApiException) as refused:
+        k8s.create("meshnodes", "MeshNode", "bad-route", {"advertiseRoutes": ["10.0.0.0/33"]})
+    assert refused.value.status == 422
+    assert "must be a CIDR" in refused.value.body
+
+
+def test_meshnode_approving_a_route_it_does_not_advertise_is_refused(k8s):
+    spec = {"advertiseRoutes": ["10.1.0.0/24"], "approvedRoutes": ["10.2.0.0/24"]}
+    with pytest.raises(ApiException) as refused:
+        k8s.create("meshnodes", "MeshNode", "bad-approval", spec)
+    assert refused.value.status == 422
+    assert "must also be in advertiseRoutes" in refused.value.body
+
+
+def test_meshnode_with_a_malformed_tag_is_refused(k8s):
+    with pytest.raises(ApiException) as refused:
+        k8s.create("meshnodes", "MeshNode", "bad-tag", {"tags": ["web"]})
+    assert refused.value.status == 422
+    assert "spec.tags" in refused.value.body
+
+
+def test_acl_not_named_default_is_refused(k8s):
+    with pytest.raises(ApiException) as refused:
+        k8s.create("acls", "ACL", "second", {"policy": POLICY})
+    assert refused.value.status == 422
+    assert "one ACL per mesh" in refused.value.body
+
+
+# ---- ACL -> coord policy ----
+
+
+def test_applied_acl_becomes_coords_policy(k8s, operator, control_plane, acl):
+    k8s.create("acls", "ACL", acl, {"policy": POLICY})
+    eventually(
+        lambda: coord_policy(control_plane)["policy"] == POLICY, "coord has the ACL's policy", operator
+    )
+    status = eventually(
+        lambda: (
+            (k8s.get("acls", acl) or {}).get("status", {}).get("appliedGeneration") == 1
+            and k8s.get("acls", acl)["status"]
+        ),
+        "ACL status applied",
+        operator,
+    )
+    assert status["valid"] is True
+    assert (status["rules"], status["testsSummary"]) == (1, "1/1")
+
+
+def test_invalid_acl_reports_the_error_line_and_coord_keeps_its_policy(k8s, operator, control_plane, acl):
+    k8s.create("acls", "ACL", acl, {"policy": POLICY})
+    eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "first policy applied", operator)
+    before = coord_policy(control_plane)
+
+    k8s.patch_spec("acls", acl, {"policy": BROKEN})
+    status = eventually(
+        lambda: (
+            (k8s.get("acls", acl) or {}).get("status", {}).get("observedGeneration") == 2
+            and k8s.get("acls", acl)["status"]
+        ),
+        "ACL status for generation 2",
+        operator,
+    )
+    assert status["valid"] is False
+    error = status["errors"][0]
+    assert (error["line"], error["col"]) == (4, 34)  # the unknown source in the second rule
+    assert "nobody-knows-this" in status["errors"][0]["message"]
+    assert status["appliedGeneration"] == 1  # what is in force is still generation 1
+    assert coord_policy(control_plane) == before
+
+
+def test_invalid_acl_is_announced_by_a_warning_event(k8s, operator, control_plane, acl):
+    k8s.create("acls", "ACL", acl, {"policy": BROKEN})
+
+    def warned() -> bool:
+        return any(e.reason == "PolicyInvalid" and e.type == "Warning" for e in k8s.events_for(acl))
+
+    eventually(warned, "a PolicyInvalid event", operator)
+
+
+def test_structured_acl_is_applied_as_json(k8s, operator, control_plane, acl):
+    spec = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}
+    k8s.create("acls", "ACL", acl, spec)
+
+    def applied() -> bool:
+        text = coord_policy(control_plane)["policy"]
+        return text is not None and json.loads(text)["acls"] == spec["acls"]
+
+    eventually(applied, "coord has the structured policy", operator)
+
+
+def test_deleting_the_acl_clears_coords_policy(k8s, operator, control_plane):
+    k8s.create("acls", "ACL", "default", {"policy": POLICY})
+    eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "policy applied", operator)
+    k8s.delete("acls", "default")
+    eventually(lambda: coord_policy(control_plane)["policy"] is None, "coord policy cleared", operator)
+    eventually(lambda: k8s.get("acls", "default") is None, "ACL gone", operator)
+
+
+# ---- MeshNode -> pre-auth key, node, status ----
+
+
+@pytest.fixture
+def meshnode_name(k8s):
+    """A fresh MeshNode name; the MeshNode is deleted after the test whatever happened."""
+    name = "mn-" + secrets.token_hex(3)
+    yield name
+    k8s.delete("meshnodes", name)
+
+
+def wait_secret(k8s, operator, name: str) -> dict[str, str]:
+    secret_name = f"meshnode-{name}-authkey"
+    return eventually(
+        lambda: secret_data(k8s, operator.namespace, secret_name), f"Secret {secret_name}", operator
+    )
+
+
+def test_meshnode_gets_a_secret_with_an_auth_key_that_registers_the_node(
+    k8s, operator, control_plane, meshnode_name
+):
+    name = meshnode_name
+    k8s.create("meshnodes", "MeshNode", name, {"user": "alice", "advertiseRoutes": ["10.44.0.0/24"]})
+    data = wait_secret(k8s, operator, name)
+    assert data["hostname"] == name and data["advertise-routes"] == "10.44.0.0/24"
+
+    result = login(control_plane.url, data["hostname"], data["authkey"], ("10.44.0.0/24",))
+    assert result.user == "alice"
+    status = eventually(
+        lambda: (
+            (k8s.get("meshnodes", name) or {}).get("status", {}).get("nodeId") == result.node_id
+            and k8s.get("meshnodes", name)["status"]
+        ),
+        "MeshNode status names the registered node",
+        operator,
+    )
+    assert f"{status['addresses']['ipv4']}/32" in result.addresses
+    assert status["nodeKey"] and status["advertisedRoutes"] == ["10.44.0.0/24"]
+
+
+def test_meshnode_auth_key_is_one_off(k8s, operator, control_plane, meshnode_name):
+    name = meshnode_name
+    k8s.create("meshnodes", "MeshNode", name, {})
+    data = wait_secret(k8s, operator, name)
+    login(control_plane.url, name, data["authkey"])
+    with pytest.raises(ControlRefused, match="auth key already used"):
+        login(control_plane.url, name + "-again", data["authkey"])
+
+
+def test_meshnode_approved_routes_and_tags_are_pushed_to_coord(k8s, operator, control_plane, meshnode_name):
+    name = meshnode_name
+    spec = {"tags": ["tag:router"], "advertiseRoutes": ["10.45.0.0/24"], "approvedRoutes": ["10.45.0.0/24"]}
+    k8s.create("meshnodes", "MeshNode", name, spec)
+    data = wait_secret(k8s, operator, name)
+    result = login(control_plane.url, name, data["authkey"], ("10.45.0.0/24",))
+
+    def pushed() -> bool:
+        node = coord_node(control_plane, result.node_id) or {}
+        return node.get("approved_routes") == ["10.45.0.0/24"] and node.get("tags") == ["tag:router"]
+
+    eventually(pushed, "route approved and tag set in coord", operator)
+
+
+def test_deleting_a_meshnode_removes_its_node_from_coord(k8s, operator, control_plane, meshnode_name):
+    name = meshnode_name
+    k8s.create("meshnodes", "MeshNode", name, {})
+    data = wait_secret(k8s, operator, name)
+    result = login(control_plane.url, name, data["authkey"])
+    eventually(
+        lambda: (k8s.get("meshnodes", name) or {}).get("status", {}).get("nodeId") == result.node_id,
+        "node registered in status",
+        operator,
+    )
+    k8s.delete("meshnodes", name)
+    eventually(lambda: coord_node(control_plane, result.node_id) is None, "node gone from coord", operator)
+    eventually(lambda: k8s.get("meshnodes", name) is None, "MeshNode gone (finalizer released)", operator)
+    assert secret_data(k8s, operator.namespace, f"meshnode-{name}-authkey") is None
+
+
+# ---- cluster Nodes -> MeshNodes ----
+
+
+def test_cluster_node_is_mirrored_as_a_meshnode_advertising_its_pod_cidr(k8s, operator):
+    name = "worker-" + secrets.token_hex(3)
+    k8s.core.create_node({"metadata": {"name": name}, "spec": {"podCIDR": "10.244.7.0/24"}})
+    try:
+        mirrored = eventually(lambda: k8s.get("meshnodes", name), "mirrored MeshNode", operator)
+        assert mirrored["spec"]["advertiseRoutes"] == ["10.244.7.0/24"]
+        assert mirrored["spec"]["approvedRoutes"] == ["10.244.7.0/24"]
+        assert mirrored["metadata"]["ownerReferences"][0]["kind"] == "Node"
+    finally:
+        k8s.core.delete_node(name)
+    eventually(lambda: k8s.get("meshnodes", name) is None, "mirror removed with the Node", operator)
