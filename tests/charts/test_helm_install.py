@@ -130,3 +130,16 @@ def test_upgrade_keeps_the_generated_admin_key(cluster):
     upgraded = cluster.run_helm("upgrade", "wm", str(CHART), "--namespace", NAMESPACE)
     assert upgraded.returncode == 0, upgraded.stderr
     assert cluster.api("GET", path)["data"] == before
+
+
+def test_install_with_external_nats_and_a_database_secret_is_accepted(cluster):
+    out = cluster.run_helm(
+        "install", "wm2", str(CHART), "--namespace", "mesh2", "--create-namespace",
+        "--set", "nats.enabled=false", "--set", "nats.url=nats://nats.example:4222",
+        "--set", "database.existingSecret=wiremesh-db", "--set", "coord.replicas=2",
+        "--set", "adminKey.existingSecret=wiremesh-admin",
+        "--set-json", 'coord.derpMap={"regions": {"1": {"name": "r1", "relay": "relay.example:3340"}}}',
+        "--set", "derp.tls.existingSecret=relay-tls", "--set", "derp.service.type=LoadBalancer",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "unknown field" not in out.stderr, out.stderr
