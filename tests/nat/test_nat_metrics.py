@@ -9,6 +9,7 @@ direct; agent a serves /metrics on loopback inside its namespace. The pure mappi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from wiremesh.lab import Lab, NatKind
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "mesh"))
 from mesh_kit import COORD_ARGS, COORD_PORT, VENV_BIN, Agent, MeshLab, pings
 
+ROOT = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -202,6 +204,19 @@ def test_ping_names_the_peers_mesh_address_on_its_one_line_per_round(mesh):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     lines = out.stdout.strip().splitlines()
     assert lines and lines[0].startswith(f"pong from b ({mesh.b_ip}) via "), out.stdout + out.stderr
+
+
+@pytest.mark.netns
+def test_every_agent_metric_the_grafana_dashboard_queries_is_served(mesh):
+    dashboard = json.loads((ROOT / "charts" / "wiremesh" / "files" / "grafana-dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    wanted = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for name in re.findall(r"\bwiremesh_[a-z0-9_]+", queries)
+        if not name.startswith(("wiremesh_coord_", "wiremesh_keys_"))
+    }
+    served = {family.name for family in text_string_to_metric_families(mesh.m.scrape(mesh.a))}
+    assert wanted and wanted <= served, sorted(wanted - served)
 
 
 # ---------------------------------------------------------------------- the pure mapping
