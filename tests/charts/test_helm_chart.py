@@ -154,7 +154,8 @@ def test_agent_daemonset_runs_on_the_host_network_with_net_admin_and_tun(helm):
     pod = ds["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     (agent,) = pod["containers"]
-    assert "NET_ADMIN" in agent["securityContext"]["capabilities"]["add"]
+    assert agent["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert agent["securityContext"]["privileged"] is False
     mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     tun = next(name for name, path in mounts.items() if path == "/dev/net/tun")
