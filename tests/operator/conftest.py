@@ -22,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRDS = sorted((ROOT / "charts/wiremesh/crds").glob("*.yaml"))
 
 
-@pytest.fixture(scope="session")
+# Per module: the API server does not idle on through the rest of the suite.
+@pytest.fixture(scope="module")
 def kube_apiserver() -> Iterator[kube.KubeAPIServer]:
     with kube.KubeAPIServer() as server:
         yield server
@@ -80,7 +81,7 @@ class Kube:
         return list(events.items)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def k8s(kube_apiserver: kube.KubeAPIServer) -> Kube:
     api = Kube(kube_apiserver)
     for path in CRDS:

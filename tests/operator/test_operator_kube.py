@@ -299,3 +299,10 @@ def test_cluster_node_is_mirrored_as_a_meshnode_advertising_its_pod_cidr(k8s, op
     finally:
         k8s.core.delete_node(name)
     eventually(lambda: k8s.get("meshnodes", name) is None, "mirror removed with the Node", operator)
+
+
+def test_policy_changed_behind_the_operators_back_is_put_back(k8s, operator, control_plane, acl):
+    k8s.create("acls", "ACL", acl, {"policy": POLICY})
+    eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "policy applied", operator)
+    control_plane.admin("DELETE", "/policy")  # an admin clears it with the CLI
+    eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "policy put back", operator)
