@@ -44,7 +44,7 @@ def test_agent_whose_new_flows_leave_from_another_port_than_it_publishes_goes_di
             lab,
             tmp_path,
             AGENTS,
-            Schedule(reach_timeout=10.0, direct_timeout=12.0, iperf_seconds=0),
+            Schedule(reach_timeout=8.0, direct_timeout=10.0, iperf_seconds=0),
             io.StringIO(),
         )
         try:
