@@ -20,7 +20,7 @@ import pytest
 from natlab import NatWorld, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from wiremesh.agent.metrics import magicsock_families
+from wiremesh.agent.metrics import MagicsockCollector, magicsock_families
 from wiremesh.agent.state import StateDir
 from wiremesh.core import crypto
 from wiremesh.lab import Lab, NatKind
@@ -280,3 +280,26 @@ def test_families_of_an_idle_magicsock_have_no_home_region_sample():
     samples = _families_samples({})
     assert not [key for key in samples if key[0] == "wiremesh_magicsock_home_region"]
     assert _value(samples, "wiremesh_magicsock_relays_connected") == 0
+
+
+class _ResizedOnce:
+    """Stands in for a MagicSock whose status() hits a dict another thread is resizing (a race
+    a real one cannot be made to lose on demand)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def status(self) -> dict[str, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("dictionary changed size during iteration")
+        return STATUS
+
+
+def test_collector_retries_a_status_read_that_raced_the_magicsock_thread():
+    names = {family.name for family in MagicsockCollector(_ResizedOnce(1)).collect()}
+    assert "wiremesh_magicsock_peer_path" in names
+
+
+def test_collector_skips_its_families_rather_than_failing_the_scrape():
+    assert list(MagicsockCollector(_ResizedOnce(10)).collect()) == []

@@ -195,9 +195,15 @@ class MagicsockCollector(Collector):
         self.magicsock = magicsock
 
     def collect(self) -> Iterator[Any]:
-        try:
-            status = self.magicsock.status()
-        except RuntimeError:
-            # A dict another thread resized while status() read it: one retry is enough.
-            status = self.magicsock.status()
+        # status() reads dicts the magicsock thread may resize meanwhile ("changed size during
+        # iteration"): retry, and rather skip one scrape of these families than fail /metrics.
+        for _ in range(3):
+            try:
+                status = self.magicsock.status()
+                break
+            except RuntimeError:
+                continue
+        else:
+            log.warning("magicsock_metrics_skipped reason=status_changed_during_scrape")
+            return
         yield from magicsock_families(status)
