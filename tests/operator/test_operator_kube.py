@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from wiremesh.agent.control import ControlClient, ControlRefused
+from wiremesh.agent.control import ControlClient, ControlRefused, NetmapWatcher
 from wiremesh.core import crypto
 from wiremesh.lab import kube
 from wiremesh.lab.support import wait_until
@@ -77,16 +77,16 @@ def acl(k8s, operator, control_plane):
     eventually(lambda: k8s.get("acls", "default") is None, "ACL deleted (finalizer released)", operator)
 
 
+def new_key() -> str:
+    return crypto.encode_key(crypto.public_key(crypto.generate_private_key()))
+
+
 def login(url: str, hostname: str, auth_key: str, routes: tuple[str, ...] = ()) -> Any:
     async def go() -> Any:
         client = ControlClient(url, crypto.generate_private_key(), timeout=10)
         try:
             return await client.login(
-                crypto.encode_key(crypto.public_key(crypto.generate_private_key())),
-                crypto.encode_key(crypto.public_key(crypto.generate_private_key())),
-                hostname,
-                auth_key=auth_key,
-                advertised_routes=routes,
+                new_key(), new_key(), hostname, auth_key=auth_key, advertised_routes=routes
             )
         finally:
             await client.aclose()
@@ -283,6 +283,54 @@ def test_deleting_a_meshnode_removes_its_node_from_coord(k8s, operator, control_
     eventually(lambda: coord_node(control_plane, result.node_id) is None, "node gone from coord", operator)
     eventually(lambda: k8s.get("meshnodes", name) is None, "MeshNode gone (finalizer released)", operator)
     assert secret_data(k8s, operator.namespace, f"meshnode-{name}-authkey") is None
+
+
+async def test_meshnode_status_shows_the_node_online_while_its_agent_is_connected(
+    k8s, operator, control_plane, meshnode_name
+):
+    name = meshnode_name
+    k8s.create("meshnodes", "MeshNode", name, {})
+    data = await asyncio.to_thread(wait_secret, k8s, operator, name)
+    client = ControlClient(control_plane.url, crypto.generate_private_key(), timeout=10)
+    node_key = new_key()
+    await client.login(node_key, new_key(), name, auth_key=data["authkey"])
+    watcher = NetmapWatcher(client, node_key, keepalive=2).start()  # the agent's netmap stream
+    try:
+        await watcher.wait_for(lambda netmap: True)
+
+        def online() -> Any:
+            status = (k8s.get("meshnodes", name) or {}).get("status", {})
+            return status.get("online") is True and status
+
+        status = await asyncio.to_thread(eventually, online, "MeshNode online", operator)
+        assert status["nodeKey"] == node_key
+        assert status["path"] != "offline" and status["lastSeen"]
+    finally:
+        await watcher.stop()
+        await client.aclose()
+
+
+def test_ephemeral_meshnode_registers_an_ephemeral_node(k8s, operator, control_plane, meshnode_name):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {"ephemeral": True})
+    data = wait_secret(k8s, operator, meshnode_name)
+    assert login(control_plane.url, meshnode_name, data["authkey"]).ephemeral is True
+
+
+def test_tags_edited_on_a_registered_meshnode_reach_coord(k8s, operator, control_plane, meshnode_name):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {})
+    data = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, data["authkey"])
+    eventually(
+        lambda: (k8s.get("meshnodes", meshnode_name) or {}).get("status", {}).get("nodeId") == result.node_id,
+        "node registered in status",
+        operator,
+    )
+    k8s.patch_spec("meshnodes", meshnode_name, {"tags": ["tag:db"]})
+    eventually(
+        lambda: (coord_node(control_plane, result.node_id) or {}).get("tags") == ["tag:db"],
+        "coord node tagged",
+        operator,
+    )
 
 
 # ---- cluster Nodes -> MeshNodes ----
