@@ -443,3 +443,30 @@ def test_dashboard_covers_every_component():
         "stun_",
     ):
         assert prefix in text, prefix
+
+
+# ---------------------------------------------------------------------- values schema
+
+
+def _template_error(helm: Path, *args: str) -> str:
+    out = subprocess.run(
+        [str(helm), "template", "wm", str(CHART), *KUBE, *args], capture_output=True, text=True
+    )
+    assert out.returncode != 0, "rendered although the values are wrong"
+    return out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        (("--set", "coord.replicass=2"), "/coord"),
+        (("--set", "agent.tunName=an-interface-name-too-long"), "/agent/tunName"),
+        (("--set", "nats.enabled=false", "--set", "nats.url=http://nats:4222"), "/nats/url"),
+        (("--set", "derp.service.type=Ingress"), "/derp/service/type"),
+        (("--set", "agent.metrics.port=70000"), "/agent/metrics/port"),
+        (("--set", "operator.nodeTags={k8s-node}"), "/operator/nodeTags"),
+    ],
+    ids=["misspelt-key", "long-ifname", "nats-url-scheme", "service-type", "port-range", "tag-prefix"],
+)
+def test_values_schema_refuses_wrong_values_and_names_them(helm, args, where):
+    assert where in _template_error(helm, *args)
