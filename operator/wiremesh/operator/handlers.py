@@ -290,7 +290,15 @@ class Operator:
         except CoordError as exc:
             if exc.retryable:
                 raise _retry(exc) from None
-            raise kopf.PermanentError(f"coord refused the auth key: {exc.detail}") from None
+            # Refused for good (a spec coord will not take): say so; a spec change retries.
+            message = f"coord refused the pre-auth key: {exc.detail}"
+            patch.status["conditions"] = aclmod.merge_conditions(
+                status.get("conditions"),
+                aclmod.condition("Registered", False, "AuthKeyRefused", message, _now()),
+            )
+            kopf.event(body, type="Warning", reason="AuthKeyRefused", message=message[: aclmod.MAX_MESSAGE])
+            log.warning("meshnode_authkey_refused name=%s error=%r", desired.name, exc.detail)
+            return
         data = mn.secret_data(desired, str(key["key"]), self._login_server())
         await self.secrets.write(name, data, self._owner(body), {f"{GROUP}/meshnode": desired.name})
         patch.status["authKeySecret"] = f"{self.config.namespace}/{name}"
