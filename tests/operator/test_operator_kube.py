@@ -206,6 +206,18 @@ def test_deleting_the_acl_clears_coords_policy(k8s, operator, control_plane):
     eventually(lambda: k8s.get("acls", "default") is None, "ACL gone", operator)
 
 
+def test_acl_applied_while_coord_is_down_reaches_coord_once_it_is_back(k8s, operator, control_plane, acl):
+    control_plane.coord.stop()
+    try:
+        k8s.create("acls", "ACL", acl, {"policy": POLICY})
+        eventually(lambda: "unreachable" in operator.logs(), "the operator meeting coord down", operator)
+    finally:
+        control_plane.coord.start()
+    eventually(
+        lambda: coord_policy(control_plane)["policy"] == POLICY, "policy applied after restart", operator
+    )
+
+
 # ---- MeshNode -> pre-auth key, node, status ----
 
 
