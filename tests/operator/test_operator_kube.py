@@ -328,6 +328,20 @@ def test_ephemeral_meshnode_registers_an_ephemeral_node(k8s, operator, control_p
     assert login(control_plane.url, meshnode_name, data["authkey"]).ephemeral is True
 
 
+def test_routes_edited_on_a_meshnode_are_rewritten_into_its_secret_with_the_same_key(
+    k8s, operator, meshnode_name
+):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {"advertiseRoutes": ["10.46.0.0/24"]})
+    first = wait_secret(k8s, operator, meshnode_name)
+    k8s.patch_spec("meshnodes", meshnode_name, {"advertiseRoutes": ["10.46.0.0/24", "10.47.0.0/24"]})
+
+    def rewritten() -> Any:
+        data = secret_data(k8s, operator.namespace, f"meshnode-{meshnode_name}-authkey") or {}
+        return data.get("advertise-routes") == "10.46.0.0/24,10.47.0.0/24" and data
+
+    assert eventually(rewritten, "Secret rewritten", operator)["authkey"] == first["authkey"]
+
+
 def test_tags_edited_on_a_registered_meshnode_reach_coord(k8s, operator, control_plane, meshnode_name):
     k8s.create("meshnodes", "MeshNode", meshnode_name, {})
     data = wait_secret(k8s, operator, meshnode_name)

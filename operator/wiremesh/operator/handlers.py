@@ -274,11 +274,11 @@ class Operator:
         existing = await self.secrets.read(name)
         key_id = status.get("authKeyId")
         if existing and existing.get(mn.SECRET_KEY) and not await self._key_expired_unused(key_id, status):
-            if existing.get("advertise-routes") != ",".join(desired.advertise_routes) or existing.get(
-                "hostname"
-            ) != (desired.hostname):
-                data = {**existing, **mn.secret_data(desired, existing[mn.SECRET_KEY], self._login_server())}
-                await self.secrets.write(name, data, self._owner(body), {f"{GROUP}/meshnode": desired.name})
+            wanted = mn.secret_data(desired, existing[mn.SECRET_KEY], self._login_server())
+            if any(existing.get(k) != v for k, v in wanted.items()):  # routes or hostname edited
+                await self.secrets.write(
+                    name, {**existing, **wanted}, self._owner(body), {f"{GROUP}/meshnode": desired.name}
+                )
             return
         try:
             key = await self.coord.create_auth_key(
