@@ -92,7 +92,9 @@ def test_mesh_mode_direct_traffic_leaves_in_udp_segment_batches():
             wait_until(
                 lambda: ":5201 " in lab.run(b.node, ["ss", "-Hltn"], check=False).stdout, 10, "iperf3 -s"
             )
-            sent = lab.run(a.node, ["iperf3", "-c", b.address(), "-n", TRANSFER, "-J"], check=False, timeout=60)
+            sent = lab.run(
+                a.node, ["iperf3", "-c", b.address(), "-n", TRANSFER, "-J"], check=False, timeout=60
+            )
             assert sent.returncode == 0, sent.stdout[-2000:] + sent.stderr[-2000:]
         finally:
             lab.stop(server)
