@@ -60,9 +60,9 @@ def add_static_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["0", "1", "auto"],
         help="receive worker processes: 1 decrypts in a second process (a second core works on the"
         " tunnel), 0 keeps everything in this one; auto (the default, or $WIREMESH_WORKERS) is 1 with 2+ CPUs;"
-        " static mode only (mesh mode's packet filter runs in this process). Measured (bench/throughput,"
-        " 2 CPUs busy with other work, 8 paired rounds): 0 and 1 carried the same within noise and 1 spent"
-        " ~6%% more CPU per byte; 1 is the default because it can use a free second core, which 0 cannot",
+        " static mode only (mesh mode's packet filter runs in this process). Measured with bench/throughput"
+        " on 2 CPUs: 1 carried ~5%% more when the machine was quiet and the same within noise when it was"
+        " busy with other work",
     )
 
 
