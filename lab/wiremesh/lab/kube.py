@@ -229,6 +229,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the process that started us dies, so a killed
+    test run leaves no API server or etcd behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -335,7 +344,13 @@ class KubeAPIServer:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         assert self.dir is not None
         with open(self.dir / f"{name}.log", "ab") as out:
-            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
 
     def log_tail(self, name: str, size: int = 3000) -> str:
         if self.dir is None or not (self.dir / f"{name}.log").exists():
@@ -402,6 +417,13 @@ class KubeAPIServer:
 def main() -> None:
     """`python -m wiremesh.lab.kube`: build (timed) and start once, print the kubeconfig path."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the context manager, which stops both servers
+
+    # SIGTERM too (and SIGINT even when started in the background, where it is ignored).
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     started = time.monotonic()
     build()
     log.info("build ready after %.0f s (cache %s)", time.monotonic() - started, cache_dir())
