@@ -753,9 +753,10 @@ class Engine:
             return None
         try:
             address = resolve(endpoint)
-        except Exception:  # a resolver bug costs batching, never the datagrams
+        except Exception:  # a resolver bug costs batching, never the datagrams (they go one by one)
             self.drops["direct_resolver_error"] += 1
-            log.exception("direct_resolver_failed endpoint=%r", endpoint)
+            if self.drops["direct_resolver_error"] == 1:  # once: it would repeat for every run
+                log.exception("direct_resolver_failed endpoint=%r", endpoint)
             return None
         if type(address) is not tuple:
             return None
