@@ -12,6 +12,7 @@ import base64
 import json
 import secrets
 import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -320,6 +321,33 @@ async def test_meshnode_status_shows_the_node_online_while_its_agent_is_connecte
     finally:
         await watcher.stop()
         await client.aclose()
+
+
+def test_kubectl_get_meshnodes_shows_hostname_address_and_online(k8s, operator, control_plane, meshnode_name):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {})
+    data = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, data["authkey"])
+    eventually(
+        lambda: (k8s.get("meshnodes", meshnode_name) or {}).get("status", {}).get("nodeId") == result.node_id,
+        "node registered in status",
+        operator,
+    )
+    # What kubectl asks for: the server-side table built from the CRD's printer columns.
+    server = k8s.server
+    request = urllib.request.Request(
+        f"{server.url}/apis/wiremesh.dev/v1alpha1/meshnodes/{meshnode_name}",
+        headers={
+            "Authorization": f"Bearer {server.token}",
+            "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10, context=server.ssl_context()) as response:
+        table = json.loads(response.read())
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
+    assert row["Hostname"] == meshnode_name
+    assert f"{row['IPv4']}/32" in result.addresses
+    assert row["Online"] is False and row["Path"] == "offline"  # logged in, no netmap stream yet
 
 
 def test_ephemeral_meshnode_registers_an_ephemeral_node(k8s, operator, control_plane, meshnode_name):
