@@ -387,6 +387,29 @@ def test_tags_edited_on_a_registered_meshnode_reach_coord(k8s, operator, control
     )
 
 
+def test_node_deleted_in_coord_by_an_admin_shows_as_gone_in_status(
+    k8s, operator, control_plane, meshnode_name
+):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {})
+    data = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, data["authkey"])
+    eventually(
+        lambda: (k8s.get("meshnodes", meshnode_name) or {}).get("status", {}).get("nodeId") == result.node_id,
+        "node registered in status",
+        operator,
+    )
+    control_plane.admin("DELETE", f"/nodes/{result.node_id}")  # `wiremesh admin nodes delete`
+
+    def gone() -> Any:
+        status = (k8s.get("meshnodes", meshnode_name) or {}).get("status", {})
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        registered = conditions.get("Registered", {})
+        return status.get("nodeId") is None and registered.get("reason") == "NodeGone" and status
+
+    status = eventually(gone, "status says the node is gone", operator)
+    assert status["online"] is False and status["path"] == "not registered"
+
+
 # ---- cluster Nodes -> MeshNodes ----
 
 
