@@ -271,6 +271,32 @@ class MeshLab:
             agent.proc = None
 
 
+class RelayMapMeshLab(MeshLab):
+    """A MeshLab whose coord serves a relay map (the NAT tests' regions), so agents run magicsock."""
+
+    def __init__(self, lab: Lab, derp_map_file: str) -> None:
+        super().__init__(lab)
+        self.derp_map_file = derp_map_file
+
+    def start_coord(self) -> None:
+        self.coord = self._service(
+            "wiremesh.coord.app",
+            "coord",
+            f"{self.ctl.address}:{COORD_PORT}",
+            ["--replica-id", "coord-0", *COORD_ARGS, "--derp-map", self.derp_map_file],
+        )
+
+
+def peer_status(agent: Agent, name: str) -> dict[str, Any]:
+    """The agent's `wiremesh status` entry for the peer called `name` ({} if it has none)."""
+    return next((p for p in agent.status()["peers"] if p["name"] == name), {})
+
+
+def peer_endpoint(agent: Agent, name: str) -> str:
+    """The endpoint the agent uses for the peer called `name` ("" if it has none)."""
+    return str(peer_status(agent, name).get("endpoint") or "")
+
+
 @contextlib.contextmanager
 def mesh_lab() -> Iterator[MeshLab]:
     with Lab() as lab:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mesh_kit import COORD_ARGS, COORD_PORT, MeshLab, pings, wait_until
+from mesh_kit import MeshLab, RelayMapMeshLab, peer_endpoint, pings, wait_until
 
 from wiremesh.agent.state import StateDir
 from wiremesh.core import crypto
@@ -26,27 +26,6 @@ from natlab import NatWorld
 pytestmark = [pytest.mark.netns]
 
 TRANSFER = "16M"  # iperf3 -n: a fixed amount, so the test asserts volume, never speed
-
-
-class RelayMapMeshLab(MeshLab):
-    def __init__(self, lab: Lab, derp_map_file: str) -> None:
-        super().__init__(lab)
-        self.derp_map_file = derp_map_file
-
-    def start_coord(self) -> None:
-        self.coord = self._service(
-            "wiremesh.coord.app",
-            "coord",
-            f"{self.ctl.address}:{COORD_PORT}",
-            ["--replica-id", "coord-0", *COORD_ARGS, "--derp-map", self.derp_map_file],
-        )
-
-
-def peer_endpoint(agent, name: str) -> str:
-    for peer in agent.status()["peers"]:
-        if peer["name"] == name:
-            return str(peer.get("endpoint"))
-    return ""
 
 
 def io_counters(m: MeshLab, agent) -> dict[str, float]:

@@ -16,30 +16,9 @@ from wiremesh.core import crypto
 from wiremesh.lab import Lab, NatKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "mesh"))
-from mesh_kit import COORD_ARGS, COORD_PORT, MeshLab, pings
+from mesh_kit import RelayMapMeshLab, peer_endpoint, pings
 
 pytestmark = [pytest.mark.netns]
-
-
-class RelayMapMeshLab(MeshLab):
-    def __init__(self, lab: Lab, derp_map_file: str) -> None:
-        super().__init__(lab)
-        self.derp_map_file = derp_map_file
-
-    def start_coord(self) -> None:
-        self.coord = self._service(
-            "wiremesh.coord.app",
-            "coord",
-            f"{self.ctl.address}:{COORD_PORT}",
-            ["--replica-id", "coord-0", *COORD_ARGS, "--derp-map", self.derp_map_file],
-        )
-
-
-def peer_endpoint(agent, name: str) -> str:
-    for peer in agent.status()["peers"]:
-        if peer["name"] == name:
-            return str(peer.get("endpoint"))
-    return ""
 
 
 def test_mesh_mode_agents_behind_nats_go_direct_using_coords_relay_map():

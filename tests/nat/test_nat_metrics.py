@@ -26,28 +26,10 @@ from wiremesh.core import crypto
 from wiremesh.lab import Lab, NatKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "mesh"))
-from mesh_kit import COORD_ARGS, COORD_PORT, VENV_BIN, Agent, MeshLab, pings
+from mesh_kit import VENV_BIN, Agent, RelayMapMeshLab, peer_status, pings
 
 ROOT = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-class _RelayMapMeshLab(MeshLab):
-    def __init__(self, lab: Lab, derp_map_file: str) -> None:
-        super().__init__(lab)
-        self.derp_map_file = derp_map_file
-
-    def start_coord(self) -> None:
-        self.coord = self._service(
-            "wiremesh.coord.app",
-            "coord",
-            f"{self.ctl.address}:{COORD_PORT}",
-            ["--replica-id", "coord-0", *COORD_ARGS, "--derp-map", self.derp_map_file],
-        )
-
-
-def _peer(agent: Agent, name: str) -> dict[str, Any]:
-    return next((p for p in agent.status()["peers"] if p["name"] == name), {})
 
 
 def _samples(text: str) -> Samples:
@@ -63,9 +45,9 @@ def _value(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 class Mesh:
-    def __init__(self, m: _RelayMapMeshLab, a: Agent, b: Agent) -> None:
+    def __init__(self, m: RelayMapMeshLab, a: Agent, b: Agent) -> None:
         self.m, self.a, self.b = m, a, b
-        self.b_key = str(_peer(a, "b")["node_key"])
+        self.b_key = str(peer_status(a, "b")["node_key"])
         self.b_ip = b.address()
 
     def scrape(self) -> Samples:
@@ -94,7 +76,7 @@ def mesh() -> Iterator[Mesh]:
         world = NatWorld(lab)
         derp_map = Path(lab.tmpdir) / "derp-map.json"
         derp_map.write_text(json.dumps(world.derp_map()))
-        m = _RelayMapMeshLab(lab, str(derp_map))
+        m = RelayMapMeshLab(lab, str(derp_map))
         try:
             hosts = {"a": lab.device("a", NatKind.EIM_APDF), "b": lab.device("b", NatKind.EIM_ADF)}
             for name in hosts:
@@ -116,7 +98,7 @@ def mesh() -> Iterator[Mesh]:
                 lambda s: _value(s, "wiremesh_magicsock_peer_path", peer=mesh.b_key, path="direct") == 1.0,
                 45.0,
             )
-            assert direct, (_peer(a, "b"), a.log_text()[-3000:])
+            assert direct, (peer_status(a, "b"), a.log_text()[-3000:])
             yield mesh
         except BaseException:
             sys.stderr.write(m.logs()[-20000:])
