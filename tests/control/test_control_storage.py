@@ -53,6 +53,16 @@ def test_reusable_auth_key_counts_uses(database):
     assert info.used_count == 3 and not info.expired
 
 
+@pytest.mark.parametrize("tag", ["tag:caf\u00e9", "tag:\u0661\u0662", "web", "tag:"])
+def test_auth_key_with_a_tag_coord_would_refuse_is_not_created(database, tag):
+    # Same rule as coord's (ASCII letters and digits, - and _): a key the registry accepted
+    # must not carry a tag that coord then refuses at every login.
+    req = bus.AuthKeyCreate(user="alice", tags=(tag,))
+    with pytest.raises(kstore.RegistryError, match="invalid tag"):
+        database.call(lambda s: kstore.create_auth_key(s, req, 100.0))
+    assert len(database.call(lambda s: kstore.list_auth_keys(s, 100.0))) == 0
+
+
 def test_auth_key_past_expiry_is_refused(database):
     req = bus.AuthKeyCreate(user="alice", expires_in=10)
     _info, secret = database.call(lambda s: kstore.create_auth_key(s, req, 100.0))

@@ -142,18 +142,24 @@ def check_routes(routes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def tag_syntax_ok(tag: str) -> bool:
+    """`tag:name`, name of ASCII letters, digits, - and _, at most MAX_TAG_LEN in all: the one
+    rule coord and the key registry both apply."""
+    name = tag.removeprefix("tag:")
+    return (
+        tag.startswith("tag:")
+        and bool(name)
+        and len(tag) <= MAX_TAG_LEN
+        and all((c.isascii() and c.isalnum()) or c in "-_" for c in name)
+    )
+
+
 def check_tags(tags: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Tags as `tag:name` (letters, digits, - and _), at most MAX_TAGS; duplicates dropped."""
     if len(tags) > MAX_TAGS:
         raise ControlError(f"too many tags (at most {MAX_TAGS})")
     for tag in tags:
-        name = tag.removeprefix("tag:")
-        if (
-            not tag.startswith("tag:")
-            or not name
-            or len(tag) > MAX_TAG_LEN
-            or not all((c.isascii() and c.isalnum()) or c in "-_" for c in name)
-        ):
+        if not tag_syntax_ok(tag):
             raise ControlError(
                 f"invalid tag {tag[:64]!r}: tags look like tag:name (letters, digits, - and _)"
             )

@@ -17,10 +17,9 @@ from sqlalchemy import JSON, Float, Integer, String, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from wiremesh.core import bus
+from wiremesh.core.control.messages import MAX_TAGS, tag_syntax_ok
 
 AUTH_KEY_PREFIX = "wmauth"
-MAX_TAGS = 32
-MAX_TAG_LEN = 64
 MAX_USER_LEN = 64
 
 
@@ -92,13 +91,7 @@ def validate_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     if len(tags) > MAX_TAGS:
         raise RegistryError(f"at most {MAX_TAGS} tags")
     for tag in tags:
-        name = tag.removeprefix("tag:")
-        if (
-            not tag.startswith("tag:")
-            or not name
-            or len(tag) > MAX_TAG_LEN
-            or not all(c.isalnum() or c in "-_" for c in name)
-        ):
+        if not tag_syntax_ok(tag):
             raise RegistryError(f"invalid tag {tag!r}: tags look like tag:name (letters, digits, - and _)")
     return tuple(dict.fromkeys(tags))
 
