@@ -2,7 +2,7 @@
 
     wiremesh admin [--server URL] [--admin-key KEY] [--json] authkeys create|list|expire
     wiremesh admin nodes list|expire ID|delete ID|rename ID NAME|tag ID tag:a,tag:b
-    wiremesh admin routes list|approve NODE PREFIX
+    wiremesh admin routes list|approve NODE PREFIX|unapprove NODE PREFIX
     wiremesh admin policy get|set FILE|clear
 
 The admin key comes from --admin-key, WIREMESH_ADMIN_KEY, or --admin-key-file.
@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     approve.add_argument("node", help="node id or name")
     approve.add_argument("prefix")
     approve.set_defaults(func=_routes_approve)
+    unapprove = routes.add_parser("unapprove", help="withdraw a route's approval (peers drop it)")
+    unapprove.add_argument("node", help="node id or name")
+    unapprove.add_argument("prefix")
+    unapprove.set_defaults(func=_routes_unapprove)
 
     admin_policy.register(groups)  # policy get|set FILE|clear
 
@@ -268,3 +272,10 @@ def _routes_approve(args: argparse.Namespace) -> int:
     node_id = _resolve(args, args.node)
     data = _call(args, "POST", f"/nodes/{node_id}/routes/approve", {"prefixes": [args.prefix]})
     return _emit(args, data, f"approved {args.prefix} via {data['name']}")
+
+
+@_guard
+def _routes_unapprove(args: argparse.Namespace) -> int:
+    node_id = _resolve(args, args.node)
+    data = _call(args, "POST", f"/nodes/{node_id}/routes/unapprove", {"prefixes": [args.prefix]})
+    return _emit(args, data, f"withdrew approval of {args.prefix} via {data['name']}")

@@ -6,7 +6,8 @@ Agent API (Noise IK inside HTTP, see wiremesh.core.control.channel):
   POST /machine/map          MapRequest -> a stream of netmap frames
   POST /machine/update       UpdateRequest -> Reply (endpoints, routes, hostname, home relay)
   POST /machine/logout       LogoutRequest -> Reply
-Admin API (JSON, `Authorization: Bearer <admin key>`), under /api/v1: nodes, routes, authkeys.
+Admin API (JSON, `Authorization: Bearer <admin key>`), under /api/v1: nodes, routes (approve and
+unapprove), authkeys.
 Probes and metrics: /healthz, /readyz, /metrics.
 """
 
@@ -364,6 +365,23 @@ def create_app(coord: Coordinator) -> FastAPI:
         if missing:
             raise HTTPException(400, f"node {record.name} does not advertise {', '.join(missing)}")
         approved = tuple(dict.fromkeys(record.approved_routes + tuple(prefixes)))
+        return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
+
+    @app.post(f"{api}/nodes/{{node_id}}/routes/unapprove", dependencies=guarded)
+    async def unapprove_routes(node_id: int, body: ApproveBody) -> dict[str, Any]:
+        """Withdraw approvals: the prefixes leave the node's allowed IPs in every peer's netmap
+        (the same change path as approve). Withdrawing one that is not approved is a no-op, so
+        callers (the operator) may repeat it; the node keeps advertising it."""
+        record = await coord._db(lambda s: store.load_node(s, node_id))
+        if record is None:
+            raise HTTPException(404, f"no node with id {node_id}")
+        withdrawn: set[str] = set()
+        for prefix in body.prefixes:
+            try:
+                withdrawn.add(str(ipaddress.ip_network(prefix, strict=True)))
+            except ValueError:
+                raise HTTPException(400, f"invalid prefix {prefix[:64]!r}") from None
+        approved = tuple(p for p in record.approved_routes if p not in withdrawn)
         return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
 
     def key_json(info: bus.AuthKeyInfo) -> dict[str, Any]:
