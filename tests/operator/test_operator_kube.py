@@ -410,6 +410,109 @@ def test_node_deleted_in_coord_by_an_admin_shows_as_gone_in_status(
     assert status["online"] is False and status["path"] == "not registered"
 
 
+def registered(k8s, operator, name: str, node_id: int) -> None:
+    eventually(
+        lambda: (k8s.get("meshnodes", name) or {}).get("status", {}).get("nodeId") == node_id,
+        "node registered in status",
+        operator,
+    )
+
+
+def registered_reason(k8s, name: str) -> str | None:
+    status = (k8s.get("meshnodes", name) or {}).get("status", {})
+    found = [c["reason"] for c in status.get("conditions", []) if c["type"] == "Registered"]
+    return found[0] if found else None
+
+
+def test_route_dropped_from_approved_routes_is_withdrawn_in_coord(
+    k8s, operator, control_plane, meshnode_name
+):
+    routes = ["10.48.0.0/24", "10.49.0.0/24"]
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {"advertiseRoutes": routes, "approvedRoutes": routes})
+    data = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, data["authkey"], tuple(routes))
+    eventually(
+        lambda: (coord_node(control_plane, result.node_id) or {}).get("approved_routes") == routes,
+        "both routes approved in coord",
+        operator,
+    )
+    k8s.patch_spec("meshnodes", meshnode_name, {"approvedRoutes": ["10.48.0.0/24"]})
+    node = eventually(
+        lambda: (
+            (n := coord_node(control_plane, result.node_id) or {}).get("approved_routes") == ["10.48.0.0/24"]
+            and n
+        ),
+        "10.49.0.0/24 withdrawn in coord",
+        operator,
+    )
+    assert node["advertised_routes"] == routes  # still offered, no longer approved
+
+
+def test_route_approved_by_hand_in_coord_is_withdrawn_when_the_spec_does_not_list_it(
+    k8s, operator, control_plane, meshnode_name
+):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {"advertiseRoutes": ["10.50.0.0/24"]})
+    data = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, data["authkey"], ("10.50.0.0/24",))
+    registered(k8s, operator, meshnode_name, result.node_id)
+    control_plane.admin("POST", f"/nodes/{result.node_id}/routes/approve", {"prefixes": ["10.50.0.0/24"]})
+    eventually(
+        lambda: (coord_node(control_plane, result.node_id) or {}).get("approved_routes") == [],
+        "hand-made approval withdrawn",
+        operator,
+    )
+
+
+def test_node_deleted_in_coord_gets_a_new_one_off_key_that_rejoins(
+    k8s, operator, control_plane, meshnode_name
+):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {})
+    first = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, first["authkey"])
+    registered(k8s, operator, meshnode_name, result.node_id)
+    control_plane.admin("DELETE", f"/nodes/{result.node_id}")
+
+    def reissued() -> Any:
+        data = secret_data(k8s, operator.namespace, f"meshnode-{meshnode_name}-authkey") or {}
+        return data.get("authkey") not in (None, first["authkey"]) and data
+
+    second = eventually(reissued, "a new key in the Secret", operator)
+    eventually(lambda: registered_reason(k8s, meshnode_name) == "NodeGone", "status shows it gone", operator)
+    again = login(control_plane.url, meshnode_name, second["authkey"])  # what a restarted agent does
+    eventually(
+        lambda: (
+            registered_reason(k8s, meshnode_name) == "NodeRegistered"
+            and k8s.get("meshnodes", meshnode_name)["status"]["nodeId"] == again.node_id
+        ),
+        "registered again",
+        operator,
+    )
+
+
+def test_node_deleted_in_coord_says_how_to_rejoin_in_its_condition_and_event(
+    k8s, operator, control_plane, meshnode_name
+):
+    k8s.create("meshnodes", "MeshNode", meshnode_name, {})
+    data = wait_secret(k8s, operator, meshnode_name)
+    result = login(control_plane.url, meshnode_name, data["authkey"])
+    registered(k8s, operator, meshnode_name, result.node_id)
+    control_plane.admin("DELETE", f"/nodes/{result.node_id}")
+
+    def gone_condition() -> Any:
+        status = (k8s.get("meshnodes", meshnode_name) or {}).get("status", {})
+        found = [c for c in status.get("conditions", []) if c["type"] == "Registered"]
+        return found and found[0]["reason"] == "NodeGone" and found[0]
+
+    condition = eventually(gone_condition, "NodeGone condition", operator)
+    assert condition["status"] == "False"
+    assert f"meshnode-{meshnode_name}-authkey" in condition["message"] and "rejoin" in condition["message"]
+    eventually(
+        lambda: any(e.reason == "NodeGone" and e.type == "Warning" for e in k8s.events_for(meshnode_name)),
+        "a NodeGone Warning event",
+        operator,
+    )
+
+
 # ---- cluster Nodes -> MeshNodes ----
 
 

@@ -123,6 +123,18 @@ def test_changes_approve_only_advertised_routes_and_retag_on_difference():
     assert settled.empty
 
 
+def test_changes_withdraw_approvals_the_spec_no_longer_lists():
+    desired = meshnode.Desired.from_resource(
+        "web-1", {"advertiseRoutes": ["10.1.0.0/24", "10.2.0.0/24"], "approvedRoutes": ["10.1.0.0/24"]}
+    )
+    current = node(
+        advertised_routes=["10.1.0.0/24", "10.2.0.0/24"], approved_routes=["10.1.0.0/24", "10.2.0.0/24"]
+    )
+    wanted = meshnode.changes(desired, current)
+    assert (wanted.approve, wanted.unapprove) == ((), ("10.2.0.0/24",))
+    assert not wanted.empty
+
+
 def test_node_status_carries_addresses_key_and_a_path_summary():
     status = meshnode.node_status(
         node(ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1", node_key="nk", home_relay=2,

@@ -94,6 +94,13 @@ class CoordAdmin:
         )
         return node
 
+    async def unapprove_routes(self, node_id: int, prefixes: list[str]) -> dict[str, Any]:
+        """Withdraw approvals (a prefix that is not approved is ignored by coord)."""
+        node: dict[str, Any] = await self._call(
+            "POST", f"/nodes/{int(node_id)}/routes/unapprove", json={"prefixes": prefixes}
+        )
+        return node
+
     # pre-auth keys
     async def create_auth_key(
         self, user: str, *, tags: list[str], ephemeral: bool, reusable: bool = False, expiration: str = "24h"

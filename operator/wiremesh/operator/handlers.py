@@ -39,6 +39,9 @@ class OperatorConfig:
     coord_url: str
     admin_key: str
     namespace: str = "wiremesh"  # where the auth-key Secrets live
+    # Where the Secrets of mirrored cluster Nodes go instead (empty: `namespace`): a namespace
+    # holding nothing else, so the node agents may be allowed to read Secrets there.
+    node_keys_namespace: str = ""
     login_server: str = ""  # the coord URL agents use (default: coord_url)
     poll_interval: float = 10.0
     auth_key_expiration: str = "24h"
@@ -74,12 +77,14 @@ class KubeObjects:
             self._api = kubernetes.client.CoreV1Api()
         return self._api
 
-    async def read(self, name: str) -> dict[str, str] | None:
+    async def read(self, name: str, namespace: str | None = None) -> dict[str, str] | None:
+        ns = namespace or self.namespace
+
         def read() -> dict[str, str] | None:
             from kubernetes.client.exceptions import ApiException
 
             try:
-                secret = self._core().read_namespaced_secret(name, self.namespace)
+                secret = self._core().read_namespaced_secret(name, ns)
             except ApiException as exc:
                 if exc.status == 404:
                     return None
@@ -89,10 +94,16 @@ class KubeObjects:
         return await asyncio.to_thread(read)
 
     async def write(
-        self, name: str, data: dict[str, str], owner: dict[str, Any], labels: dict[str, str]
+        self,
+        name: str,
+        data: dict[str, str],
+        owner: dict[str, Any],
+        labels: dict[str, str],
+        namespace: str | None = None,
     ) -> None:
         """Create or replace the Secret (owned by the MeshNode, so a cluster with a garbage
         collector removes it with the MeshNode even if the operator is gone)."""
+        ns = namespace or self.namespace
 
         def write() -> None:
             from kubernetes.client.exceptions import ApiException
@@ -103,7 +114,7 @@ class KubeObjects:
                 "type": "Opaque",
                 "metadata": {
                     "name": name,
-                    "namespace": self.namespace,
+                    "namespace": ns,
                     "labels": {**MANAGED_BY, **labels},
                     "ownerReferences": [owner],
                 },
@@ -111,20 +122,22 @@ class KubeObjects:
             }
             api = self._core()
             try:
-                api.create_namespaced_secret(self.namespace, body)
+                api.create_namespaced_secret(ns, body)
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-                api.replace_namespaced_secret(name, self.namespace, body)
+                api.replace_namespaced_secret(name, ns, body)
 
         await asyncio.to_thread(write)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, namespace: str | None = None) -> None:
+        ns = namespace or self.namespace
+
         def delete() -> None:
             from kubernetes.client.exceptions import ApiException
 
             try:
-                self._core().delete_namespaced_secret(name, self.namespace)
+                self._core().delete_namespaced_secret(name, ns)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -271,15 +284,42 @@ class Operator:
         """A one-off pre-auth key for the node, in a Secret the agent reads; created once, and
         again only when it expired unused (the node never registered)."""
         name = mn.secret_name(desired.name)
-        existing = await self.secrets.read(name)
+        namespace = self._secret_namespace(body)
+        existing = await self.secrets.read(name, namespace)
         key_id = status.get("authKeyId")
         if existing and existing.get(mn.SECRET_KEY) and not await self._key_expired_unused(key_id, status):
             wanted = mn.secret_data(desired, existing[mn.SECRET_KEY], self._login_server())
             if any(existing.get(k) != v for k, v in wanted.items()):  # routes or hostname edited
                 await self.secrets.write(
-                    name, {**existing, **wanted}, self._owner(body), {f"{GROUP}/meshnode": desired.name}
+                    name,
+                    {**existing, **wanted},
+                    self._owner(body),
+                    {f"{GROUP}/meshnode": desired.name},
+                    namespace,
                 )
             return
+        if await self.issue_auth_key(body, desired, status, patch):
+            patch.status["conditions"] = aclmod.merge_conditions(
+                status.get("conditions"),
+                aclmod.condition(
+                    "Registered", False, "AwaitingLogin", f"agent joins with Secret {name}", _now()
+                ),
+            )
+
+    def _secret_namespace(self, body: kopf.Body) -> str:
+        """Mirrored cluster Nodes keep their Secrets apart (see OperatorConfig.node_keys_namespace)."""
+        labels = body.metadata.get("labels") or {}
+        if mn.NODE_LABEL in labels and self.config.node_keys_namespace:
+            return self.config.node_keys_namespace
+        return self.config.namespace
+
+    async def issue_auth_key(
+        self, body: kopf.Body, desired: mn.Desired, status: Any, patch: kopf.Patch
+    ) -> bool:
+        """Create a fresh one-off pre-auth key and (re)write the Secret with it; False when coord
+        refused it (said in a condition and an event) or the operator must retry."""
+        name = mn.secret_name(desired.name)
+        namespace = self._secret_namespace(body)
         try:
             key = await self.coord.create_auth_key(
                 desired.user,
@@ -298,17 +338,15 @@ class Operator:
             )
             kopf.event(body, type="Warning", reason="AuthKeyRefused", message=message[: aclmod.MAX_MESSAGE])
             log.warning("meshnode_authkey_refused name=%s error=%r", desired.name, exc.detail)
-            return
+            return False
         data = mn.secret_data(desired, str(key["key"]), self._login_server())
-        await self.secrets.write(name, data, self._owner(body), {f"{GROUP}/meshnode": desired.name})
-        patch.status["authKeySecret"] = f"{self.config.namespace}/{name}"
+        labels = {f"{GROUP}/meshnode": desired.name}
+        await self.secrets.write(name, data, self._owner(body), labels, namespace)
+        patch.status["authKeySecret"] = f"{namespace}/{name}"
         patch.status["authKeyId"] = key.get("id")
-        patch.status["conditions"] = aclmod.merge_conditions(
-            status.get("conditions"),
-            aclmod.condition("Registered", False, "AwaitingLogin", f"agent joins with Secret {name}", _now()),
-        )
         kopf.event(body, type="Normal", reason="AuthKeyCreated", message=f"pre-auth key in Secret {name}")
-        log.info("meshnode_authkey name=%s secret=%s/%s", desired.name, self.config.namespace, name)
+        log.info("meshnode_authkey name=%s secret=%s/%s", desired.name, namespace, name)
+        return True
 
     async def _key_expired_unused(self, key_id: Any, status: Any) -> bool:
         if key_id is None or status.get("nodeId") is not None:
@@ -344,16 +382,8 @@ class Operator:
         claimed = {nid for nid, owner in self.claims.items() if owner != desired.name}
         node = mn.find_node(desired, nodes, known if isinstance(known, int) else None, claimed)
         if node is None:
-            if known is not None:
-                self.claims.pop(known, None)
-                patch.status.update(mn.gone_status())
-                patch.status["conditions"] = aclmod.merge_conditions(
-                    status.get("conditions"),
-                    aclmod.condition(
-                        "Registered", False, "NodeGone", "the node is no longer in coord", _now()
-                    ),
-                )
-                kopf.event(body, type="Warning", reason="NodeGone", message=f"coord node {known} is gone")
+            if known is not None and not body.metadata.get("deletionTimestamp"):
+                await self._node_gone(body, desired, status, patch, known)
             return
         node_id = int(node["id"])
         self.claims[node_id] = desired.name
@@ -364,6 +394,10 @@ class Operator:
             if wanted.approve:
                 node = await self.coord.approve_routes(node_id, list(wanted.approve))
                 kopf.event(body, type="Normal", reason="RoutesApproved", message=", ".join(wanted.approve))
+            if wanted.unapprove:
+                node = await self.coord.unapprove_routes(node_id, list(wanted.unapprove))
+                kopf.event(body, type="Normal", reason="RoutesWithdrawn", message=", ".join(wanted.unapprove))
+                log.info("meshnode_routes_withdrawn name=%s routes=%s", desired.name, wanted.unapprove)
         except CoordError as exc:
             if exc.retryable:
                 raise _retry(exc) from None
@@ -380,7 +414,33 @@ class Operator:
             kopf.event(body, type="Normal", reason="NodeRegistered", message=message)
             log.info("meshnode_registered name=%s node_id=%d", desired.name, node_id)
 
+    async def _node_gone(
+        self, body: kopf.Body, desired: mn.Desired, status: Any, patch: kopf.Patch, known: Any
+    ) -> None:
+        """The registered node left coord behind the operator's back (an admin deleted it, or
+        coord lost its database) while the MeshNode still declares the device. Its private keys
+        are on the device, so the operator cannot put it back itself: it issues a fresh one-off
+        key into the Secret, and the agent rejoins with it once restarted (a deleted agent
+        stays logged out until then, so the deletion still cuts the device off at once)."""
+        if isinstance(known, int):
+            self.claims.pop(known, None)
+        patch.status.update(mn.gone_status())
+        message = f"coord node {known} is gone"
+        if await self.issue_auth_key(body, desired, status, patch):
+            secret = f"{self._secret_namespace(body)}/{mn.secret_name(desired.name)}"
+            message += (
+                f"; a new one-off pre-auth key is in Secret {secret}:"
+                " restart the agent (or run `wiremesh up --auth-key`) to rejoin"
+            )
+        patch.status["conditions"] = aclmod.merge_conditions(
+            status.get("conditions"), aclmod.condition("Registered", False, "NodeGone", message, _now())
+        )
+        kopf.event(body, type="Warning", reason="NodeGone", message=message[: aclmod.MAX_MESSAGE])
+        log.warning("meshnode_node_gone name=%s node_id=%s: new auth key issued", desired.name, known)
+
     async def poll_meshnode(self, body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch) -> None:
+        if body.metadata.get("deletionTimestamp"):
+            return  # the delete handler owns the node and the Secret now
         desired = mn.Desired.from_resource(body.metadata.name, dict(spec))
         if status.get("nodeId") is None and status.get("authKeyId") is not None:
             await self.ensure_auth_key(body, desired, status, patch)  # re-issue an expired, unused key
@@ -408,7 +468,7 @@ class Operator:
                         raise
         except CoordError as exc:
             raise _retry(exc) from None
-        await self.secrets.delete(mn.secret_name(desired.name))
+        await self.secrets.delete(mn.secret_name(desired.name), self._secret_namespace(body))
         log.info("meshnode_deleted name=%s node_id=%s", desired.name, known)
 
     # ---- cluster Nodes -> MeshNodes ----

@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("WIREMESH_OPERATOR_NAMESPACE", "") or _default_namespace(),
         help="namespace of the auth-key Secrets (default: the pod's own namespace)",
     )
+    p.add_argument(
+        "--node-keys-namespace",
+        default=env("WIREMESH_NODE_KEYS_NAMESPACE", ""),
+        help="namespace for the auth-key Secrets of mirrored cluster Nodes, which the node agents"
+        " may read (default: --namespace)",
+    )
     p.add_argument("--poll-interval", type=float, default=float(env("WIREMESH_POLL_INTERVAL", "10")))
     p.add_argument("--auth-key-expiration", default=env("WIREMESH_AUTH_KEY_EXPIRATION", "24h"))
     p.add_argument(
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         coord_url=args.coord_url,
         admin_key=args.admin_key,
         namespace=args.namespace,
+        node_keys_namespace=args.node_keys_namespace,
         login_server=args.login_server,
         poll_interval=args.poll_interval,
         auth_key_expiration=args.auth_key_expiration,

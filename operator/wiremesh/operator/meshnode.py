@@ -85,11 +85,12 @@ class Changes:
 
     tags: tuple[str, ...] | None = None  # new tag set, or None for no change
     approve: tuple[str, ...] = ()  # prefixes to approve (the node advertises them already)
+    unapprove: tuple[str, ...] = ()  # approved in coord but no longer in the spec: withdrawn
     waiting_routes: tuple[str, ...] = ()  # approved in spec but not (yet) advertised by the node
 
     @property
     def empty(self) -> bool:
-        return self.tags is None and not self.approve
+        return self.tags is None and not self.approve and not self.unapprove
 
 
 def changes(desired: Desired, node: dict[str, Any], manage_tags: bool = True) -> Changes:
@@ -99,7 +100,10 @@ def changes(desired: Desired, node: dict[str, Any], manage_tags: bool = True) ->
     approved = set(node.get("approved_routes") or [])
     approve = tuple(p for p in desired.approved_routes if p in advertised and p not in approved)
     waiting = tuple(p for p in desired.approved_routes if p not in advertised)
-    return Changes(tags=tags, approve=approve, waiting_routes=waiting)
+    # The spec is the whole truth about approvals, as it is about tags: an approval it does not
+    # list (dropped from approvedRoutes, or given by hand in coord) is withdrawn.
+    unapprove = tuple(sorted(p for p in approved if p not in desired.approved_routes))
+    return Changes(tags=tags, approve=approve, unapprove=unapprove, waiting_routes=waiting)
 
 
 def rfc3339(ts: float | None) -> str | None:
