@@ -128,7 +128,8 @@ class ServerCall:
             raise HandshakeRefused("malformed handshake payload")
         (sent_ns,) = _TIMESTAMP.unpack_from(plaintext)
         self.ephemeral = message[:32]
-        guard.check_and_remember(self.ephemeral, sent_ns / 1e9, now)
+        self.sent_at = sent_ns / 1e9  # the agent's clock; within the freshness window of `now`
+        guard.check_and_remember(self.ephemeral, self.sent_at, now)
         self.machine_key: bytes = self._hs.remote_static
         self.payload = plaintext[_TIMESTAMP.size :]
         self._send: CipherState | None = None

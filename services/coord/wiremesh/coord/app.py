@@ -142,7 +142,7 @@ class MapStreams:
         response: Response
         try:
             body = await service.read_body(Request(scope, receive), MAX_REQUEST_BYTES)
-            call = self.coord.open_call(body)
+            call = await self.coord.open_call(body)
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         except ControlError as exc:
@@ -242,7 +242,7 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     async def open_call(request: Request) -> ServerCall:
         body = await service.read_body(request, MAX_REQUEST_BYTES)
-        return coord.open_call(body)
+        return await coord.open_call(body)
 
     async def unary(
         request: Request, handler: Callable[[ServerCall], Awaitable[tuple[int, Any]]]
@@ -462,6 +462,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("WIREMESH_DERP_MAP", ""),
         help="JSON file with the DERP map sent in every netmap",
     )
+    parser.add_argument(
+        "--no-handshake-sharing",
+        action="store_true",
+        help="do not announce accepted agent handshakes on NATS (the shared database still refuses "
+        "every replay; announcements only let other replicas refuse one from memory)",
+    )
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "coord")
     logs.setup_logging(settings.log_level, settings.log_json)
@@ -476,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval=args.heartbeat_interval,
         control_key_file=args.control_key_file,
         derp_map_file=args.derp_map,
+        share_handshakes=not args.no_handshake_sharing,
     )
     coord = Coordinator(config)
     service.serve(create_app(coord), settings, on_exit=coord.begin_shutdown)

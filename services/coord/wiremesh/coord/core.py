@@ -30,9 +30,12 @@ from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control import service
-from wiremesh.core.control.channel import ControlError, ReplayGuard, ServerCall
+from wiremesh.core.control.channel import ControlError, HandshakeRefused, ReplayGuard, ServerCall
 
 log = logging.getLogger("wiremesh.coord")
+# How long past its own freshness window a handshake's row is kept: replicas' clocks may disagree
+# by this much, and one whose clock runs behind still finds the handshake fresh.
+HANDSHAKE_CLOCK_MARGIN = 60.0
 MIGRATIONS = str(pathlib.Path(__file__).parent / "migrations")
 VERSION_TABLE = "coord_alembic_version"
 T = TypeVar("T")
@@ -51,6 +54,9 @@ class CoordConfig:
     heartbeat_interval: float = 10.0
     control_key_file: str = ""
     derp_map_file: str = ""
+    # Announce accepted handshakes on NATS so other replicas refuse a replay from memory; the
+    # database refuses it either way (off only to test exactly that).
+    share_handshakes: bool = True
 
 
 class Stream:
@@ -122,6 +128,11 @@ class Coordinator:
         self.shared_handshakes = Counter(
             "wiremesh_coord_handshakes_shared", "handshakes announced by replicas (replay cache)", registry=r
         )
+        self.handshakes_forgotten = Counter(
+            "wiremesh_coord_handshakes_forgotten",
+            "stale handshakes deleted from the shared replay table",
+            registry=r,
+        )
         self.fanout = Histogram(
             "wiremesh_coord_change_fanout",
             "nodes affected by one change",
@@ -145,7 +156,8 @@ class Coordinator:
         self.nc = await service.wait_for_nats(self.config.nats_url, self.config.replica_id)
         await self.nc.subscribe(bus.NODE_CHANGED, cb=self._on_node_changed)
         await self.nc.subscribe(bus.NODE_KEY_REMOVED, cb=self._on_node_key_removed)
-        await self.nc.subscribe(bus.HANDSHAKE_SEEN, cb=self._on_handshake_seen)
+        if self.config.share_handshakes:
+            await self.nc.subscribe(bus.HANDSHAKE_SEEN, cb=self._on_handshake_seen)
         await self.policy.subscribe(self.nc)
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         log.info("coord started", extra={"replica": self.config.replica_id, "nodes": len(self.mesh)})
@@ -291,11 +303,18 @@ class Coordinator:
 
     # agent requests ----------------------------------------------------------------------
 
-    def open_call(self, body: bytes) -> ServerCall:
+    async def open_call(self, body: bytes) -> ServerCall:
+        """The request's handshake, accepted by exactly one replica, or ControlError (403 and why).
+
+        This replica's memory refuses a stale handshake or one it saw already (or heard of over
+        NATS) without a database write; the shared database then decides races between replicas.
+        """
         try:
             call = ServerCall(self.private_key, body, self.clock(), self.guard)
-            if self.nc is not None and self.nc.is_connected:
-                # Other replicas learn this handshake too, so a replay sent to them is refused.
+            await self._record_handshake(call)
+            if self.config.share_handshakes and self.nc is not None and self.nc.is_connected:
+                # Other replicas learn this handshake too, so a replay sent to them is refused
+                # from memory, before it costs them a database write.
                 task = asyncio.get_running_loop().create_task(
                     self.nc.publish(bus.HANDSHAKE_SEEN, call.ephemeral)
                 )
@@ -305,9 +324,25 @@ class Coordinator:
         except ControlError as exc:
             reason = str(exc).split(":")[0].split(" ")[0]
             self.refused.labels(
-                reason if reason in ("stale", "replayed", "handshake", "malformed") else "other"
+                reason if reason in ("stale", "replayed", "handshake", "malformed", "database") else "other"
             ).inc()
             raise
+
+    async def _record_handshake(self, call: ServerCall) -> None:
+        """Claim the handshake in the shared database before acting on it: a replay that reached
+        another replica first (faster than NATS could tell us) loses on the primary key."""
+        # A replay is refused as stale on every replica once its timestamp leaves the window.
+        expires_at = call.sent_at + self.guard.window + HANDSHAKE_CLOCK_MARGIN
+        try:
+            fresh = await self._db(lambda s: store.record_handshake(s, call.ephemeral, expires_at))
+        except Exception as exc:
+            # Without the record a replay could not be refused everywhere: refuse this one instead.
+            log.warning("could not record a handshake", extra={"error": str(exc)})
+            raise ControlError(
+                "database unavailable: coord could not accept the request; try again", 503
+            ) from None
+        if not fresh:
+            raise HandshakeRefused("replayed handshake refused")
 
     async def login(self, call: ServerCall) -> tuple[int, cm.LoginResponse]:
         try:
@@ -690,6 +725,7 @@ class Coordinator:
                 if now - last_heartbeat >= self.config.heartbeat_interval:
                     last_heartbeat = now
                     await self._heartbeat(now)
+                    await self._forget_handshakes(now)
                 gone = await self._db(
                     functools.partial(store.ephemeral_gone, before=now - self.config.ephemeral_grace)
                 )
@@ -701,6 +737,12 @@ class Coordinator:
                         log.info("ephemeral node removed after going offline", extra={"node_id": node_id})
             except Exception:
                 log.exception("housekeeping failed")
+
+    async def _forget_handshakes(self, now: float) -> None:
+        """Keep the shared handshake table bounded: rows of handshakes stale on every replica go."""
+        forgotten = await self._db(functools.partial(store.forget_handshakes, now=now))
+        if forgotten:
+            self.handshakes_forgotten.inc(forgotten)
 
     async def _heartbeat(self, now: float) -> None:
         """Refresh last_seen of our streaming nodes; take nodes of a crashed replica offline."""

@@ -11,7 +11,20 @@ import dataclasses
 import ipaddress
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, func, select, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -62,6 +75,18 @@ class NodeRow(Base):
     advertised_routes: Mapped[list[str]] = mapped_column(JSON)
     approved_routes: Mapped[list[str]] = mapped_column(JSON)
     home_relay: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class HandshakeRow(Base):
+    """An accepted agent handshake, by its ephemeral key: the replay guard every replica shares.
+
+    The primary key is the uniqueness constraint that makes a replay lose even when it races
+    the original to another replica. Rows go once the handshake is stale on every replica.
+    """
+
+    __tablename__ = "coord_handshakes"
+    ephemeral: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -342,3 +367,34 @@ def counts(session: Session) -> dict[str, int]:
         "nodes": session.scalar(select(func.count(NodeRow.id))) or 0,
         "users": session.scalar(select(func.count(User.id))) or 0,
     }
+
+
+def record_handshake(session: Session, ephemeral: bytes, expires_at: float) -> bool:
+    """Record an agent handshake's ephemeral key; False if some replica already recorded it.
+
+    One INSERT that does nothing on conflict: on PostgreSQL a concurrent insert of the same key
+    waits for the first to commit and then does nothing, so exactly one caller sees True.
+    """
+    dialect = session.get_bind().dialect.name
+    values = {"ephemeral": ephemeral, "expires_at": expires_at}
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert(HandshakeRow).values(**values).on_conflict_do_nothing().returning(HandshakeRow.expires_at)
+        )
+        # A returned row means this insert happened (psycopg reports no rowcount for it).
+        return session.execute(statement).first() is not None
+    try:  # any other database: let the primary key refuse the duplicate
+        with session.begin_nested():
+            session.add(HandshakeRow(**values))
+    except IntegrityError:
+        return False
+    return True
+
+
+def forget_handshakes(session: Session, now: float) -> int:
+    """Delete handshakes that are stale by now (a replay of them is refused as stale); how many."""
+    result: Any = session.execute(delete(HandshakeRow).where(HandshakeRow.expires_at < now))
+    return int(result.rowcount)
