@@ -369,6 +369,23 @@ def counts(session: Session) -> dict[str, int]:
     }
 
 
+_CLAIM_HANDSHAKE: dict[str, Any] = {}  # dialect name -> INSERT ... ON CONFLICT DO NOTHING RETURNING
+
+
+def _claim_statement(dialect: str) -> Any:
+    statement = _CLAIM_HANDSHAKE.get(dialect)
+    if statement is None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        table: Any = HandshakeRow.__table__
+        # Built once on the Table, run on the Core connection: the ORM insert path costs
+        # several times the database's own work, and this runs for every agent request.
+        statement = insert(table).on_conflict_do_nothing().returning(table.c.expires_at)
+        _CLAIM_HANDSHAKE[dialect] = statement
+    return statement
+
+
 def record_handshake(session: Session, ephemeral: bytes, expires_at: float) -> bool:
     """Record an agent handshake's ephemeral key; False if some replica already recorded it.
 
@@ -378,14 +395,8 @@ def record_handshake(session: Session, ephemeral: bytes, expires_at: float) -> b
     dialect = session.get_bind().dialect.name
     values = {"ephemeral": ephemeral, "expires_at": expires_at}
     if dialect in ("postgresql", "sqlite"):
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = (
-            insert(HandshakeRow).values(**values).on_conflict_do_nothing().returning(HandshakeRow.expires_at)
-        )
         # A returned row means this insert happened (psycopg reports no rowcount for it).
-        return session.execute(statement).first() is not None
+        return session.connection().execute(_claim_statement(dialect), values).first() is not None
     try:  # any other database: let the primary key refuse the duplicate
         with session.begin_nested():
             session.add(HandshakeRow(**values))
