@@ -172,8 +172,15 @@ def test_agent_keeps_its_keys_in_a_host_directory(helm):
     assert volume["hostPath"]["path"] == "/var/lib/wiremesh"
 
 
-def test_agent_takes_its_auth_key_from_a_secret_in_the_environment(helm):
-    ds = one(render(helm, "--set", "agent.authKey.existingSecret=join-key"), "DaemonSet", "wm-wiremesh-agent")
+SHARED_KEY = ("--set", "agent.authKey.fromOperator=false")
+
+
+def test_agent_takes_a_shared_auth_key_from_a_secret_in_the_environment_when_asked(helm):
+    ds = one(
+        render(helm, *SHARED_KEY, "--set", "agent.authKey.existingSecret=join-key"),
+        "DaemonSet",
+        "wm-wiremesh-agent",
+    )
     (agent,) = containers(ds)
     ref = env_of(agent)["WIREMESH_AUTH_KEY"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "join-key" and ref["key"] == "authkey"
@@ -204,7 +211,12 @@ def test_no_secret_value_is_inlined_in_a_pod(helm, args):
             for name, entry in env_of(c).items():
                 if SECRET_ENV.search(name):
                     assert "secretKeyRef" in entry.get("valueFrom", {}), (doc["metadata"]["name"], name)
-            assert not any("postgresql" in str(a) or "authkey" in str(a) for a in c.get("args", []))
+            for arg in map(str, [*c.get("command", []), *c.get("args", [])]):
+                assert "postgresql" not in arg and "wmauth-" not in arg, (doc["metadata"]["name"], arg)
+                # the only mention of a key: the file the init container writes it to
+                assert "authkey" not in arg.replace("file:/run/wiremesh/authkey", "").replace(
+                    "meshnode-$(NODE_NAME)-authkey", ""
+                ), (doc["metadata"]["name"], arg)
 
 
 def test_only_the_generated_admin_key_is_a_secret_the_chart_writes(helm):
@@ -315,8 +327,10 @@ def test_only_the_agent_runs_as_root(helm):
 # ---------------------------------------------------------------------- operator RBAC
 
 
-def _rules(docs: list[dict[str, Any]], kind: str) -> list[tuple[str, str, set[str]]]:
-    (role,) = objects(docs, kind).values()
+def _rules(
+    docs: list[dict[str, Any]], kind: str, name: str = "wm-wiremesh-operator"
+) -> list[tuple[str, str, set[str]]]:
+    role = one(docs, kind, name)
     return [
         (group, resource, set(rule["verbs"]))
         for rule in role["rules"]
@@ -355,6 +369,112 @@ def test_operator_writes_secrets_only_in_its_namespace(helm):
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "wm-wiremesh-operator", "namespace": "mesh"}
     ]
+
+
+# ---------------------------------------------------------------------- per-node agent keys
+
+
+def _agent_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = one(docs, "DaemonSet", "wm-wiremesh-agent")["spec"]["template"]["spec"]
+    return pod
+
+
+def test_each_agent_fetches_its_own_nodes_secret_in_an_init_container(helm):
+    pod = _agent_pod(render(helm))
+    (init,) = pod["initContainers"]
+    args = init["args"]
+    assert init["command"] == ["python", "-m", "wiremesh.operator.agentkey"]
+    assert args[args.index("--secret") + 1] == "meshnode-$(NODE_NAME)-authkey"
+    assert args[args.index("--namespace") + 1] == "mesh-node-keys"
+    assert env_of(init)["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_agent_reads_the_key_hostname_and_routes_the_init_container_wrote(helm):
+    pod = _agent_pod(render(helm))
+    (agent,) = pod["containers"]
+    script = agent["command"][2]
+    for piece in ("file:/run/wiremesh/authkey", "/run/wiremesh/hostname", "/run/wiremesh/advertise-routes"):
+        assert piece in script
+    assert "WIREMESH_AUTH_KEY" not in env_of(agent)
+    (init,) = pod["initContainers"]
+    shared = {m["name"] for m in agent["volumeMounts"]} & {m["name"] for m in init["volumeMounts"]}
+    (volume,) = [v for v in pod["volumes"] if v["name"] in shared]
+    assert volume["emptyDir"]["medium"] == "Memory"  # the key never touches the node's disk
+
+
+def test_only_the_init_container_holds_a_kubernetes_token(helm):
+    pod = _agent_pod(render(helm))
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "wm-wiremesh-agent"
+    token_volumes = {
+        v["name"]
+        for v in pod["volumes"]
+        if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+    }
+    (init,) = pod["initContainers"]
+    (agent,) = pod["containers"]
+    assert token_volumes & {m["name"] for m in init["volumeMounts"]}
+    assert not token_volumes & {m["name"] for m in agent["volumeMounts"]}
+
+
+def test_init_container_is_hardened_and_bounded(helm):
+    (init,) = _agent_pod(render(helm))["initContainers"]
+    sc = init["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert init["resources"]["limits"]["memory"]
+
+
+def test_agents_may_only_get_secrets_and_only_in_the_node_keys_namespace(helm):
+    docs = render(helm)
+    role = one(docs, "Role", "wm-wiremesh-agent-read-node-key")
+    assert role["metadata"]["namespace"] == "mesh-node-keys"
+    assert _rules(docs, "Role", "wm-wiremesh-agent-read-node-key") == [("", "secrets", {"get"})]
+    binding = one(docs, "RoleBinding", "wm-wiremesh-agent-read-node-key")
+    assert binding["metadata"]["namespace"] == "mesh-node-keys"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "wm-wiremesh-agent", "namespace": "mesh"}
+    ]
+    assert not any(
+        s.get("name") == "wm-wiremesh-agent"
+        for d in objects(docs, "ClusterRoleBinding").values()
+        for s in d["subjects"]
+    )
+
+
+def test_operator_writes_node_keys_into_the_node_keys_namespace(helm):
+    docs = render(helm)
+    (operator,) = containers(one(docs, "Deployment", "wm-wiremesh-operator"))
+    assert env_of(operator)["WIREMESH_NODE_KEYS_NAMESPACE"]["value"] == "mesh-node-keys"
+    assert one(docs, "Role", "wm-wiremesh-operator-node-keys")["metadata"]["namespace"] == "mesh-node-keys"
+    assert _allowed(_rules(docs, "Role", "wm-wiremesh-operator-node-keys"), "", "secrets", "create")
+    assert one(docs, "Namespace", "mesh-node-keys")
+
+
+def test_node_keys_namespace_can_be_named_and_left_to_the_user(helm):
+    docs = render(
+        helm,
+        "--set", "agent.authKey.nodeKeysNamespace=keys-only",
+        "--set", "agent.authKey.createNodeKeysNamespace=false",
+    )  # fmt: skip
+    assert objects(docs, "Namespace") == {}
+    assert one(docs, "Role", "wm-wiremesh-agent-read-node-key")["metadata"]["namespace"] == "keys-only"
+
+
+@pytest.mark.parametrize("off", ["operator.enabled=false", "operator.mirrorNodes=false"])
+def test_per_node_keys_without_the_operator_mirroring_nodes_is_a_clear_error(helm, off):
+    out = subprocess.run(
+        [str(helm), "template", "wm", str(CHART), *KUBE, "--set", off], capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert "agent.authKey.fromOperator needs operator.enabled and operator.mirrorNodes" in out.stderr
+
+
+def test_shared_key_mode_has_no_init_container_token_or_agent_rbac(helm):
+    docs = render(helm, *SHARED_KEY)
+    pod = _agent_pod(docs)
+    assert "initContainers" not in pod and "serviceAccountName" not in pod
+    assert "wm-wiremesh-agent-read-node-key" not in objects(docs, "Role")
 
 
 # ---------------------------------------------------------------------- monitoring

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "wiremesh"
 NAMESPACE = "mesh"
 OPERATOR_SA = f"system:serviceaccount:{NAMESPACE}:wm-wiremesh-operator"
+AGENT_SA = f"system:serviceaccount:{NAMESPACE}:wm-wiremesh-agent"
+NODE_KEYS = f"{NAMESPACE}-node-keys"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -52,12 +55,20 @@ class Cluster:
         with urllib.request.urlopen(request, timeout=20, context=context) as response:
             return json.loads(response.read())
 
-    def can(self, verb: str, group: str, resource: str, namespace: str = "", subresource: str = "") -> bool:
+    def can(
+        self,
+        verb: str,
+        group: str,
+        resource: str,
+        namespace: str = "",
+        subresource: str = "",
+        user: str = OPERATOR_SA,
+    ) -> bool:
         review = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SubjectAccessReview",
             "spec": {
-                "user": OPERATOR_SA,
+                "user": user,
                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}"],
                 "resourceAttributes": {
                     "verb": verb,
@@ -143,3 +154,98 @@ def test_install_with_external_nats_and_a_database_secret_is_accepted(cluster):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "unknown field" not in out.stderr, out.stderr
+
+
+# ---- per-node agent keys: RBAC as the API server evaluates it, and the init step for real
+
+
+def test_agents_may_get_secrets_in_the_node_keys_namespace(cluster):
+    assert cluster.can("get", "", "secrets", namespace=NODE_KEYS, user=AGENT_SA)
+
+
+@pytest.mark.parametrize("verb", ["list", "watch", "create", "update", "delete"])
+def test_agents_may_not_enumerate_or_change_node_key_secrets(cluster, verb):
+    assert not cluster.can(verb, "", "secrets", namespace=NODE_KEYS, user=AGENT_SA)
+
+
+def test_agents_may_not_read_the_release_namespaces_secrets(cluster):
+    # the admin key and the database URL live there
+    assert not cluster.can("get", "", "secrets", namespace=NAMESPACE, user=AGENT_SA)
+    assert not cluster.can("get", "", "secrets", namespace="kube-system", user=AGENT_SA)
+
+
+def test_agents_may_not_touch_meshnodes(cluster):
+    assert not cluster.can("get", "wiremesh.dev", "meshnodes", user=AGENT_SA)
+
+
+def test_operator_may_write_node_key_secrets(cluster):
+    for verb in ("get", "create", "update", "delete"):
+        assert cluster.can(verb, "", "secrets", namespace=NODE_KEYS), verb
+
+
+def _agent_token(cluster: Cluster) -> str:
+    """What the kubelet mounts into the init container: a short-lived token for the agent's SA."""
+    request = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 600},
+    }
+    answer = cluster.api(
+        "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/wm-wiremesh-agent/token", request
+    )
+    return str(answer["status"]["token"])
+
+
+def _fetch(cluster: Cluster, tmp_path: Path, namespace: str, secret: str) -> subprocess.CompletedProcess[str]:
+    token = tmp_path / "token"
+    token.write_text(_agent_token(cluster))
+    return subprocess.run(
+        [
+            sys.executable, "-m", "wiremesh.operator.agentkey",
+            "--api-url", cluster.kube.url, "--token-file", str(token), "--ca-file", str(cluster.kube.ca_path),
+            "--namespace", namespace, "--secret", secret, "--default-hostname", "worker-1",
+            "--out", str(tmp_path / "out"), "--wait", "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_agent_init_step_fetches_its_nodes_key_with_its_own_token(cluster, tmp_path):
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "meshnode-worker-7-authkey"},
+        "stringData": {
+            "authkey": "wmauth-test-key",
+            "hostname": "worker-7",
+            "advertise-routes": "10.244.7.0/24",
+        },
+    }
+    cluster.api("POST", f"/api/v1/namespaces/{NODE_KEYS}/secrets", secret)
+    out = _fetch(cluster, tmp_path, NODE_KEYS, "meshnode-worker-7-authkey")
+    assert out.returncode == 0, out.stderr
+    files = {
+        p.name: p.read_text().strip() for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")
+    }
+    assert files == {
+        "authkey": "wmauth-test-key",
+        "hostname": "worker-7",
+        "advertise-routes": "10.244.7.0/24",
+    }
+    assert (tmp_path / "out" / "authkey").stat().st_mode & 0o077 == 0
+
+
+def test_agent_init_step_is_refused_the_admin_key_secret(cluster, tmp_path):
+    out = _fetch(cluster, tmp_path, NAMESPACE, "wm-wiremesh-admin-key")
+    assert out.returncode == 1
+    assert "refused to show Secret" in out.stderr and "403" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_agent_init_step_starts_without_a_key_when_its_secret_never_comes(cluster, tmp_path):
+    out = _fetch(cluster, tmp_path, NODE_KEYS, "meshnode-not-mirrored-authkey")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "authkey").read_text().strip() == ""
+    assert (tmp_path / "out" / "hostname").read_text().strip() == "worker-1"

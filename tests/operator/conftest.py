@@ -101,10 +101,13 @@ def k8s(kube_apiserver: kube.KubeAPIServer) -> Kube:
 
 
 class OperatorProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], log: pathlib.Path, namespace: str) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], log: pathlib.Path, namespace: str, node_keys_namespace: str
+    ) -> None:
         self.proc = proc
         self.log = log
         self.namespace = namespace
+        self.node_keys_namespace = node_keys_namespace  # Secrets of mirrored cluster Nodes
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -116,6 +119,8 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     namespace = "wm-op-" + secrets.token_hex(3)
     k8s.core.create_namespace({"metadata": {"name": namespace}})
+    node_keys = namespace + "-node-keys"
+    k8s.core.create_namespace({"metadata": {"name": node_keys}})
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -123,6 +128,7 @@ def operator(
                 sys.executable, "-m", "wiremesh.operator.main",
                 "--coord-url", control_plane.url,
                 "--namespace", namespace,
+                "--node-keys-namespace", node_keys,
                 "--poll-interval", "1",
                 "--health-listen", "",
                 "--log-level", "debug",
@@ -136,7 +142,7 @@ def operator(
                 "WIREMESH_ADMIN_KEY": control_plane.admin_key,
             },
         )  # fmt: skip
-    handle = OperatorProcess(proc, log, namespace)
+    handle = OperatorProcess(proc, log, namespace, node_keys)
     try:
         yield handle
     finally:

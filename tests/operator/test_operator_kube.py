@@ -529,6 +529,35 @@ def test_cluster_node_is_mirrored_as_a_meshnode_advertising_its_pod_cidr(k8s, op
     eventually(lambda: k8s.get("meshnodes", name) is None, "mirror removed with the Node", operator)
 
 
+def test_mirrored_node_gets_its_one_off_key_in_the_node_keys_namespace_and_joins_with_it(
+    k8s, operator, control_plane
+):
+    name = "worker-" + secrets.token_hex(3)
+    k8s.core.create_node({"metadata": {"name": name}, "spec": {"podCIDR": "10.244.9.0/24"}})
+    try:
+        secret = f"meshnode-{name}-authkey"
+        data = eventually(
+            lambda: secret_data(k8s, operator.node_keys_namespace, secret), "node key Secret", operator
+        )
+        assert secret_data(k8s, operator.namespace, secret) is None  # not beside the operator's own
+        assert (data["hostname"], data["advertise-routes"]) == (name, "10.244.9.0/24")
+        result = login(control_plane.url, data["hostname"], data["authkey"], ("10.244.9.0/24",))
+        registered(k8s, operator, name, result.node_id)
+        status = k8s.get("meshnodes", name)["status"]
+        assert status["authKeySecret"] == f"{operator.node_keys_namespace}/{secret}"
+        eventually(
+            lambda: (
+                (coord_node(control_plane, result.node_id) or {}).get("approved_routes") == ["10.244.9.0/24"]
+            ),
+            "pod CIDR approved",
+            operator,
+        )
+    finally:
+        k8s.core.delete_node(name)
+    eventually(lambda: k8s.get("meshnodes", name) is None, "mirror removed with the Node", operator)
+    assert secret_data(k8s, operator.node_keys_namespace, f"meshnode-{name}-authkey") is None
+
+
 def test_policy_changed_behind_the_operators_back_is_put_back(k8s, operator, control_plane, acl):
     k8s.create("acls", "ACL", acl, {"policy": POLICY})
     eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "policy applied", operator)

@@ -65,6 +65,25 @@ app.kubernetes.io/part-of: wiremesh
 {{- default (include "wiremesh.componentName" (dict "root" . "component" "admin-key")) .Values.adminKey.existingSecret }}
 {{- end }}
 
+{{/* Per-node keys: the agents take their node's one-off key from the operator's Secret. */}}
+{{- define "wiremesh.agentKeysFromOperator" -}}
+{{- if and .Values.agent.enabled .Values.agent.authKey.fromOperator }}
+{{- if not (and .Values.operator.enabled .Values.operator.mirrorNodes) }}
+{{- fail "agent.authKey.fromOperator needs operator.enabled and operator.mirrorNodes (the operator writes each node's key); set it to false to use one shared key from agent.authKey.existingSecret" }}
+{{- end }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace holding only the per-node auth-key Secrets (which the agents may read). */}}
+{{- define "wiremesh.nodeKeysNamespace" -}}
+{{- default (printf "%s-node-keys" .Release.Namespace) .Values.agent.authKey.nodeKeysNamespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "wiremesh.agentServiceAccount" -}}
+{{- include "wiremesh.componentName" (dict "root" . "component" "agent") }}
+{{- end }}
+
 {{- define "wiremesh.agentAuthKeySecret" -}}
 {{- default (include "wiremesh.componentName" (dict "root" . "component" "agent-authkey")) .Values.agent.authKey.existingSecret }}
 {{- end }}
