@@ -151,6 +151,15 @@ def test_addresses_survive_reload_and_are_not_reused_after_a_delete(database):
     assert c.ipv4 not in (b.ipv4,)
 
 
+def test_a_deleted_nodes_id_is_not_given_to_the_next_node(database):
+    # The operator keeps a MeshNode's node id; a reused id would point it at another device.
+    database.call(lambda s: cstore.create_node(s, new_node("m1"), 100.0))
+    newest = database.call(lambda s: cstore.create_node(s, new_node("m2"), 100.0))
+    database.call(lambda s: cstore.delete_node(s, newest.id))
+    after = database.call(lambda s: cstore.create_node(s, new_node("m3"), 100.0))
+    assert after.id > newest.id
+
+
 def test_addresses_run_on_through_dot_255_and_dot_0(database):
     # Unbroken runs keep a rule naming many nodes a few CIDR prefixes.
     nodes = database.call(lambda s: [cstore.create_node(s, new_node(f"m{i}"), 100.0) for i in range(257)])

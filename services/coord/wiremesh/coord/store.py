@@ -53,6 +53,7 @@ class User(Base):
 
 class NodeRow(Base):
     __tablename__ = "coord_nodes"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids are never reused (migration c0003)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     machine_key: Mapped[str] = mapped_column(String(64), unique=True)
     node_key: Mapped[str] = mapped_column(String(64), index=True)
@@ -189,11 +190,17 @@ def node_by_machine_key(session: Session, machine_key: str) -> NodeRecord | None
 
 def _user_id(session: Session, name: str, now: float) -> int:
     user = session.scalars(select(User).where(User.name == name)).one_or_none()
-    if user is None:
-        user = User(name=name, created_at=now)
-        session.add(user)
-        session.flush()
-    return user.id
+    if user is not None:
+        return user.id
+    try:
+        with session.begin_nested():
+            user = User(name=name, created_at=now)
+            session.add(user)
+            session.flush()
+        return user.id
+    except IntegrityError:
+        # Another replica created the user meanwhile (two of its first nodes logging in at once).
+        return session.scalars(select(User.id).where(User.name == name)).one()
 
 
 def address_for(index: int) -> tuple[str, str]:
