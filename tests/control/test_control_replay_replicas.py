@@ -81,6 +81,22 @@ async def test_same_login_sent_to_two_replicas_at_once_is_accepted_by_exactly_on
     assert counts(replicas) == (nodes0 + ROUNDS, uses0 + ROUNDS)
 
 
+async def test_first_logins_of_a_new_user_on_two_replicas_at_once_both_succeed(replicas):
+    # Two different machines, not a replay: both create the user's row at once on their replica.
+    server = crypto.decode_key(httpx.get(f"{replicas.coords[0].url}/key").json()["public_key"])
+    statuses = []
+    async with httpx.AsyncClient(timeout=30) as first, httpx.AsyncClient(timeout=30) as second:
+        for i in range(10):
+            key = replicas.auth_key(user=f"newcomer{i}", reusable=True)
+            calls = [login_call(replicas, key, server_public=server) for _ in (0, 1)]
+            a, b = await asyncio.gather(
+                first.post(f"{replicas.coords[0].url}/machine/login", content=calls[0].request),
+                second.post(f"{replicas.coords[1].url}/machine/login", content=calls[1].request),
+            )
+            statuses.append((a.status_code, b.status_code))
+    assert statuses == [(200, 200)] * 10
+
+
 def test_login_replayed_to_a_replica_that_heard_no_announcement_is_refused(replicas):
     call = login_call(replicas, replicas.auth_key(reusable=True))
     accepted = httpx.post(f"{replicas.coords[0].url}/machine/login", content=call.request)

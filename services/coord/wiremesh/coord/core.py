@@ -740,7 +740,11 @@ class Coordinator:
 
     async def _forget_handshakes(self, now: float) -> None:
         """Keep the shared handshake table bounded: rows of handshakes stale on every replica go."""
-        forgotten = await self._db(functools.partial(store.forget_handshakes, now=now))
+        try:
+            forgotten = await self._db(functools.partial(store.forget_handshakes, now=now))
+        except Exception:
+            log.exception("could not delete stale handshakes")  # tried again next heartbeat
+            return
         if forgotten:
             self.handshakes_forgotten.inc(forgotten)
 
