@@ -83,3 +83,14 @@ def send_tcp_stream(
         thread.join(timeout + 10)
         server.close()
     return bytes(received)
+
+
+def ping(ns: str, addr: str, count: int = 3) -> subprocess.CompletedProcess[str]:
+    """ping from inside namespace `ns`; the completed process (returncode 0 when replies came)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )

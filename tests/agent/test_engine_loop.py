@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterator
 
 import pytest
-from agent_netns import call_in, namespace, send_tcp_stream, unique
+from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 
 from wiremesh.agent import netconf
 from wiremesh.agent.engine import Engine
@@ -129,16 +129,6 @@ def two_engines(
         finally:
             for eng, ns in zip(engines, (ns_a, ns_b), strict=False):
                 call_in(ns, eng.stop)
-
-
-def ping(ns: str, addr: str, count: int = 3) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_ping_crosses_two_engines_and_counts_bytes() -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from agent_netns import call_in, namespace, send_tcp_stream, unique
+from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 
 from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.core import crypto
@@ -64,16 +64,6 @@ def two_engines(workers: tuple[int, int] = (1, 1)) -> Iterator[tuple[str, str, E
         finally:
             for eng, ns in zip(engines, (ns_a, ns_b), strict=False):
                 call_in(ns, eng.stop)
-
-
-def ping(ns: str, addr: str, count: int = 3) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def only_peer(engine: Engine) -> dict[str, object]:

@@ -64,9 +64,9 @@ TUN_TXQUEUELEN = 4096
 TUN_READ_BATCH = 64
 TUN_READ_SIZE = 65536 + 64  # a 64 KiB TSO super-packet plus its virtio_net_hdr
 # UDP segmentation offload (linux/udp.h); Python has no constants for these.
-SOL_UDP = 17
+SOL_UDP = gro.SOL_UDP
 UDP_SEGMENT = 103
-UDP_GRO = 104
+UDP_GRO = gro.UDP_GRO
 UDP_MAX_SEGMENTS = 64
 UDP_MAX_GSO_BYTES = 65000
 SOCKET_BUFFER = 4 << 20
@@ -792,16 +792,7 @@ class Engine:
     def _inbound(self, data: bytes, ancdata: list[tuple[int, int, bytes]], addr: tuple[str, int]) -> None:
         """Datagrams from one receive -> Device.receive -> filter -> (coalesce) -> TUN."""
         io = self.io
-        # With UDP_GRO the kernel hands over several datagrams of one flow at once, split at the
-        # segment size it reports.
-        segment = 0
-        for level, kind, cdata in ancdata:
-            if level == SOL_UDP and kind == UDP_GRO:
-                segment = int.from_bytes(cdata[:4], sys.byteorder)
-        if segment and len(data) > segment:
-            datagrams = [data[k : k + segment] for k in range(0, len(data), segment)]
-        else:
-            datagrams = [data]
+        datagrams = gro.split_udp_gro(data, ancdata)
         other = self.other_datagram_handler
         if other is not None:
             kept = []

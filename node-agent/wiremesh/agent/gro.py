@@ -15,7 +15,11 @@ the kernel completes it if the packet is forwarded. Pure functions, no I/O.
 from __future__ import annotations
 
 import struct
+import sys
 
+# UDP receive offload (linux/udp.h); Python has no constants for these.
+SOL_UDP = 17
+UDP_GRO = 104
 VNET_HDR_LEN = 10
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_NONE = 0
@@ -165,3 +169,15 @@ def _merge(packets: list[bytes], i: int, j: int, hl: int, mss: int, total: int, 
     head[t + 16 : t + 18] = _u16.pack(pseudo)
     vnet = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hl, mss, t, 16)
     return b"".join([vnet, head, *[q[hl:] for q in packets[i:j]]])
+
+
+def split_udp_gro(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams of one recvmsg. With UDP_GRO the kernel hands over several datagrams of one
+    flow at once, split at the segment size it reports in the control message."""
+    segment = 0
+    for level, kind, cdata in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO:
+            segment = int.from_bytes(cdata[:4], sys.byteorder)
+    if segment and len(data) > segment:
+        return [data[k : k + segment] for k in range(0, len(data), segment)]
+    return [data]

@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
 CONTROL_MAX = MAX_DATAGRAM + 4096  # one forwarded datagram and its pickled envelope
-SOL_UDP = 17
-UDP_GRO = 104
 STATS_INTERVAL = 0.02
 POLL_IDLE_MS = 1000
 DRAIN_BURST = 32
@@ -253,14 +251,7 @@ class Worker:
             self.drops["udp_recv_error"] += 1
             log.debug("udp_recv_failed error=%s", exc)
             return True
-        segment = 0
-        for level, kind, cdata in ancdata:
-            if level == SOL_UDP and kind == UDP_GRO:
-                segment = int.from_bytes(cdata[:4], sys.byteorder)
-        if segment and len(data) > segment:
-            datagrams = [data[k : k + segment] for k in range(0, len(data), segment)]
-        else:
-            datagrams = [data]
+        datagrams = gro.split_udp_gro(data, ancdata)
         source = (addr[0], addr[1])
         self.io["udp_receives"] += 1
         self.io["udp_datagrams_received"] += len(datagrams)
