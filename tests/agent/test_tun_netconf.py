@@ -76,3 +76,69 @@ def test_interface_names_the_kernel_would_refuse_are_rejected() -> None:
     for bad in ["", "x" * 16, "a/b", "a b"]:
         with pytest.raises(ValueError):
             tun.validate_ifname(bad)
+
+
+def _ip(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_mesh_routes_live_in_their_own_table_and_never_displace_the_hosts_routes(ns: str) -> None:
+    """A CNI-style route in main for a prefix a peer also advertises keeps carrying its traffic."""
+
+    def work() -> dict[str, str]:
+        _ip("link", "add", "cni0", "type", "veth", "peer", "name", "cni0p")  # no dummy module here
+        _ip("link", "set", "cni0p", "up")
+        _ip("addr", "add", "10.244.1.1/24", "dev", "cni0")
+        _ip("link", "set", "cni0", "up")
+        _ip("route", "add", "10.244.2.0/24", "via", "10.244.1.2", "dev", "cni0")  # another node's pods
+        _ip("route", "add", "default", "via", "10.244.1.254", "dev", "cni0")
+        fd = tun.open_tun("wmtun4")
+        try:
+            netconf.set_link("wmtun4", mtu=1280, up=True)
+            netconf.set_addresses("wmtun4", ["100.64.0.9/32"])
+            netconf.install_rules()
+            netconf.set_routes("wmtun4", ["100.64.0.0/10", "10.244.2.0/24", "10.99.0.0/16"])
+            seen = {
+                "main": _ip("route", "show", "table", "main"),
+                "to_pod": _ip("route", "get", "10.244.2.7"),
+                "to_peer": _ip("route", "get", "100.64.0.20"),
+                "to_subnet": _ip("route", "get", "10.99.1.1"),
+                "to_internet": _ip("route", "get", "198.51.100.1"),
+                "rules": _ip("rule", "show"),
+            }
+            netconf.remove_rules()
+            seen["rules_after"] = _ip("rule", "show")
+            seen["main_after"] = _ip("route", "show", "table", "main")
+            return seen
+        finally:
+            os.close(fd)
+
+    seen = call_in(ns, work)
+    assert "10.244.2.0/24 via 10.244.1.2 dev cni0" in seen["main"]
+    assert "wmtun4" not in seen["main"]
+    assert "dev cni0" in seen["to_pod"]  # main's specific route wins over the mesh's
+    assert "dev wmtun4" in seen["to_peer"] and "dev wmtun4" in seen["to_subnet"]
+    assert "via 10.244.1.254 dev cni0" in seen["to_internet"]  # the default route stays the host's
+    assert "5230:\tfrom all lookup main suppress_prefixlength 0" in seen["rules"]
+    assert "5270:\tfrom all lookup 52" in seen["rules"]
+    assert "5230" not in seen["rules_after"] and "5270" not in seen["rules_after"]
+    assert seen["main_after"] == seen["main"]
+
+
+def test_installing_rules_twice_adds_them_once_and_a_second_table_keeps_the_shared_rule(ns: str) -> None:
+    def work() -> tuple[str, str, str]:
+        netconf.install_rules(52)
+        netconf.install_rules(52)
+        netconf.install_rules(53)
+        both = _ip("rule", "show")
+        netconf.remove_rules(53)
+        one = _ip("rule", "show")
+        netconf.remove_rules(52)
+        return both, one, _ip("rule", "show")
+
+    both, one, none = call_in(ns, work)
+    assert both.count("5270:") == 2 and both.count("5230:") == 1
+    assert "lookup 53" not in one and "5230:" in one and "lookup 52" in one
+    assert "5230:" not in none and "5270:" not in none

@@ -44,6 +44,7 @@ class Agent:
     socket_path: str
     log_path: pathlib.Path
     routes: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
     proc: subprocess.Popen[Any] | None = None
 
     def status(self) -> dict[str, Any]:
@@ -216,6 +217,7 @@ class MeshLab:
         routes: tuple[str, ...] = (),
         wait: bool = True,
         metrics: bool = False,
+        flags: tuple[str, ...] = (),
     ) -> Agent:
         if name in self.agents:
             agent = self.agents[name]
@@ -228,6 +230,7 @@ class MeshLab:
                 socket_path=str(self.dir / f"{name}.sock"),
                 log_path=self.dir / f"agent-{name}.log",
                 routes=routes,
+                flags=flags,
             )
             self.agents[name] = agent
         argv = [sys.executable, "-m", "wiremesh.agent.daemon", "--login-server", self.login_server]
@@ -235,6 +238,7 @@ class MeshLab:
         argv += ["--listen-port", str(AGENT_PORT), "--socket", agent.socket_path]
         if agent.routes:
             argv += ["--advertise-routes", ",".join(agent.routes)]
+        argv += agent.flags
         if metrics:
             argv += ["--metrics-listen", f"127.0.0.1:{METRICS_PORT}"]
         if auth_key is not None:

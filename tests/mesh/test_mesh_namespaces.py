@@ -1,7 +1,7 @@
 """wiremeshd in mesh mode against real NATS, keys and coord, every process in its own namespace.
 
-One lab for the module: services in "ctl", agents a and c on public hosts, agent b in a router
-namespace with a "pod" host behind it (its advertised subnet). Tests that cut a node off use
+One lab for the module: services in "ctl", agents a and c on public hosts (accepting routes), agent
+b in a router namespace with a "pod" host behind it (its advertised subnet). Tests that cut a node off use
 a fresh agent of their own, so the shared three stay intact.
 """
 
@@ -33,9 +33,9 @@ class Mesh:
         self.router, self.pod = router_with_pod(self.lab, "bgw")
         self.pod_subnet = self.router.lan_subnet
         agents = [
-            m.agent("a", self.a_host, key, wait=False),
+            m.agent("a", self.a_host, key, wait=False, flags=("--accept-routes",)),
             m.agent("b", self.router, key, routes=(self.pod_subnet,), wait=False),
-            m.agent("c", self.c_host, key, wait=False),
+            m.agent("c", self.c_host, key, wait=False, flags=("--accept-routes",)),
         ]
         for agent in agents:
             m.wait_running(agent)
@@ -79,9 +79,14 @@ def test_tun_carries_mesh_addresses_mtu_1280_and_mesh_routes(mesh):
     assert " mtu 1280 " in link
     addrs = mesh.lab.run(mesh.a.node, ["ip", "-o", "addr", "show", "dev", mesh.a.ifname]).stdout
     assert f"{mesh.a.address(4)}/32" in addrs and f"{mesh.a.address(6)}/128" in addrs
-    v4 = mesh.lab.run(mesh.a.node, ["ip", "route", "show", "dev", mesh.a.ifname]).stdout
-    v6 = mesh.lab.run(mesh.a.node, ["ip", "-6", "route", "show", "dev", mesh.a.ifname]).stdout
+    v4 = mesh.lab.run(mesh.a.node, ["ip", "route", "show", "table", "52", "dev", mesh.a.ifname]).stdout
+    v6 = mesh.lab.run(mesh.a.node, ["ip", "-6", "route", "show", "table", "52", "dev", mesh.a.ifname]).stdout
     assert "100.64.0.0/10" in v4 and "fd7a:115c:a1e0::/48" in v6
+    # The main table holds nothing of ours; two rules select table 52 after main's specific routes.
+    assert mesh.a.ifname not in mesh.lab.run(mesh.a.node, ["ip", "route", "show", "table", "main"]).stdout
+    rules = mesh.lab.run(mesh.a.node, ["ip", "rule", "show"]).stdout
+    assert "5230:\tfrom all lookup main suppress_prefixlength 0" in rules
+    assert "5270:\tfrom all lookup 52" in rules
 
 
 def test_agents_report_their_interface_addresses_as_endpoints(mesh):
@@ -137,15 +142,97 @@ def test_advertised_route_is_reachable_only_after_admin_approval(mesh):
     routes = mesh.m.admin_cli("routes", "list")
     assert any(r["prefix"] == mesh.pod_subnet and not r["approved"] for r in routes)
     mesh.m.admin_cli("routes", "approve", "b", mesh.pod_subnet)
-    wait_until(
-        lambda: (
-            mesh.pod_subnet in mesh.lab.run(mesh.a.node, ["ip", "route", "show", "dev", mesh.a.ifname]).stdout
-        ),
-        10,
-        "a to route the pod subnet into the mesh",
-    )
+    wait_until(lambda: mesh.pod_subnet in _mesh_routes(mesh, mesh.a), 10, "a to route the pod subnet")
     assert pings(mesh.lab, mesh.a.node, pod)
     assert pings(mesh.lab, mesh.c.node, pod)
+
+
+def _mesh_routes(mesh: Mesh, agent: Agent) -> str:
+    return mesh.lab.run(agent.node, ["ip", "route", "show", "table", "52", "dev", agent.ifname]).stdout
+
+
+def _approved(mesh: Mesh) -> None:
+    mesh.m.admin_cli("routes", "approve", "b", mesh.pod_subnet)
+    wait_until(lambda: mesh.pod_subnet in _mesh_routes(mesh, mesh.a), 10, "a to route the pod subnet")
+
+
+def test_a_subnet_router_masquerades_both_ways_and_clamps_tcp_mss_to_the_tunnel(mesh):
+    _approved(mesh)
+    # mesh -> subnet: the pod sees the router's LAN address, so it needs no route into the mesh.
+    assert _connect_and_see_peer(mesh, server=mesh.pod, client=mesh.a.node, address=mesh.pod.address) == (
+        mesh.router.lan_address
+    )
+    # subnet -> mesh: a sees b's mesh address. The pod's SYN offers 1460 (its LAN's MTU); the
+    # router clamps it to what fits the 1280-byte tunnel (1240) before it enters the tunnel.
+    table = "wmtest_mss"
+    syn = f"tcp dport {MSS_PORT} tcp flags & (syn | ack) == syn"
+    mesh.lab.run(
+        mesh.a.node,
+        ["nft", "-f", "-"],
+        input=(
+            f"table inet {table} {{ chain pre {{ type filter hook prerouting priority -300;\n"
+            f"  {syn} tcp option maxseg size > 1240 counter\n"
+            f"  {syn} tcp option maxseg size <= 1240 counter\n}}\n}}\n"
+        ),
+    )
+    try:
+        peer = _connect_and_see_peer(mesh, server=mesh.a.node, client=mesh.pod, address=mesh.a.address())
+        counters = re.findall(
+            r"packets (\d+)", mesh.lab.run(mesh.a.node, ["nft", "list", "table", "inet", table]).stdout
+        )
+    finally:
+        mesh.lab.run(mesh.a.node, ["nft", "delete", "table", "inet", table], check=False)
+    assert peer == mesh.b.address()
+    too_big, clamped = (int(c) for c in counters)
+    assert too_big == 0 and clamped >= 1
+
+
+MSS_PORT = 7413
+
+
+def _connect_and_see_peer(mesh: Mesh, *, server: object, client: object, address: str) -> str:
+    """One TCP connection from `client` to `address` (served in `server`): the source address the
+    server saw."""
+    proc = mesh.lab.popen(
+        server, [sys.executable, "-c", _ACCEPT_ONE, str(MSS_PORT)], stdout=subprocess.PIPE, text=True
+    )  # type: ignore[arg-type]
+    try:
+        wait_until(lambda: _listening(mesh, server, MSS_PORT), 10, "the server to listen")
+        connect = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 10).close()"
+        result = mesh.lab.run(client, [sys.executable, "-c", connect, address, str(MSS_PORT)], check=False)  # type: ignore[arg-type]
+        assert result.returncode == 0, result.stderr
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out.strip()
+
+
+def test_a_node_without_accept_routes_keeps_its_own_route_for_an_advertised_subnet(mesh):
+    _approved(mesh)
+    b_routes = _mesh_routes(mesh, mesh.b)
+    assert mesh.pod_subnet not in b_routes  # its own advertisement stays local
+    # The router itself still reaches the pod over its LAN, not the mesh.
+    route = mesh.lab.run(mesh.router, ["ip", "route", "get", mesh.pod.address]).stdout
+    assert mesh.b.ifname not in route
+
+
+def _listening(mesh: Mesh, node: object, port: int) -> bool:
+    out = mesh.lab.run(node, ["ss", "-Hltn", f"sport = :{port}"]).stdout  # type: ignore[arg-type]
+    return bool(out.strip())
+
+
+# Prints the source address of the first connection it accepts.
+_ACCEPT_ONE = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+c, addr = s.accept()
+print(addr[0], flush=True)
+"""
 
 
 def test_down_stops_forwarding_and_up_restores_it(mesh):

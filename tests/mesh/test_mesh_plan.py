@@ -58,19 +58,28 @@ def test_peer_whose_key_expiry_has_passed_is_left_out_and_the_next_expiry_is_rep
     assert plan(netmap(soon), NOW + 31).peers == ()
 
 
-def test_approved_routes_of_peers_are_routed_into_the_tunnel():
+def test_approved_routes_of_peers_are_routed_into_the_tunnel_with_accept_routes():
     router = node(2, approved_routes=("192.168.7.0/24",), allowed_ips=("100.64.0.2/32", "192.168.7.0/24"))
-    assert "192.168.7.0/24" in plan(netmap(router), NOW).routes
+    assert "192.168.7.0/24" in plan(netmap(router), NOW, accept_routes=True).routes
+
+
+def test_approved_routes_of_peers_are_not_routed_by_default_but_stay_allowed():
+    router = node(2, approved_routes=("192.168.7.0/24",), allowed_ips=("100.64.0.2/32", "192.168.7.0/24"))
+    result = plan(netmap(router), NOW)
+    assert result.routes == MESH_ROUTES
+    # Replies from the subnet (a router that keeps source addresses) are still accepted.
+    assert "192.168.7.0/24" in result.peers[0].allowed_ips
 
 
 def test_advertised_but_unapproved_routes_are_not_routed():
     router = node(2, advertised_routes=("192.168.7.0/24",))
-    assert "192.168.7.0/24" not in plan(netmap(router), NOW).routes
+    assert "192.168.7.0/24" not in plan(netmap(router), NOW, accept_routes=True).routes
 
 
 def test_a_route_this_node_advertises_itself_stays_local():
     other = node(2, approved_routes=("10.9.0.0/24",), allowed_ips=("100.64.0.2/32", "10.9.0.0/24"))
-    assert "10.9.0.0/24" not in plan(netmap(other), NOW, own_routes=("10.9.0.0/24",)).routes
+    result = plan(netmap(other), NOW, own_routes=("10.9.0.0/24",), accept_routes=True)
+    assert "10.9.0.0/24" not in result.routes
 
 
 def test_down_keeps_addresses_but_no_peers_or_routes():

@@ -119,6 +119,7 @@ class Engine:
         offload: bool = True,
         tso: bool = False,
         workers: int = 0,
+        route_table: int = netconf.MESH_TABLE,
     ) -> None:
         tun.validate_ifname(tun_name)
         if workers not in (0, 1):
@@ -132,6 +133,10 @@ class Engine:
         self.tun_name = tun_name
         self.listen_port = listen_port
         self.mtu = mtu
+        # Routes into the tunnel live in this table of ours, selected by netconf's policy rules
+        # (added with the first routes, removed at stop); None until then.
+        self.route_table = route_table
+        self._route_families: tuple[int, ...] | None = None
         # Everything the Device is asked goes through this lock (the Device is not thread-safe).
         self.lock = threading.Lock()
         # Hooks the control plane and the packet filter plug in; None means "pass everything".
@@ -264,6 +269,13 @@ class Engine:
             netconf.remove_interface(self.tun_name)
         except netconf.NetconfError as exc:
             log.warning("interface_remove_failed interface=%s error=%s", self.tun_name, exc)
+        if self._route_families is not None:
+            # The table's routes left with the interface; its rules are ours to take back.
+            try:
+                netconf.remove_rules(self.route_table)
+            except netconf.NetconfError as exc:
+                log.warning("routing_rules_remove_failed table=%d error=%s", self.route_table, exc)
+            self._route_families = None
         self._started = False
         log.info("engine_stopped interface=%s", self.tun_name)
 
@@ -539,7 +551,13 @@ class Engine:
         netconf.set_addresses(self.tun_name, list(addresses))
 
     def set_routes(self, prefixes: Iterable[str]) -> None:
-        netconf.set_routes(self.tun_name, list(prefixes))
+        """Route `prefixes` into the tunnel, in our own table (netconf's docstring says why)."""
+        if self._route_families is None:
+            self._route_families = netconf.install_rules(self.route_table)
+            if socket.AF_INET6 not in self._route_families:
+                log.warning("ipv6_unavailable interface=%s routes=ipv4_only", self.tun_name)
+        wanted = [p for p in prefixes if ":" not in p or socket.AF_INET6 in self._route_families]
+        netconf.set_routes(self.tun_name, wanted, table=self.route_table)
 
     def receive_datagram(self, data: bytes, endpoint: Hashable) -> None:
         """Feed a WireGuard datagram that arrived another way (a DERP relay, a magicsock probe

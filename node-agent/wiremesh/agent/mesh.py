@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from wiremesh.agent import netconf
+from wiremesh.agent import netconf, subnetrouter
 from wiremesh.agent.control import (
     ControlClient,
     ControlRefused,
@@ -141,9 +141,14 @@ def plan(
     *,
     running: bool = True,
     own_routes: Iterable[str] = (),
+    accept_routes: bool = False,
     endpoints: Mapping[str, Hashable] | None = None,
 ) -> Plan:
     """The Engine configuration for `netmap` at `now`; `running=False` is `wiremesh down`.
+
+    Peers' approved subnet routes are routed into the tunnel only with `accept_routes` (as
+    Tailscale's --accept-routes), and never our own (`own_routes`): we are their router. They stay
+    in the peer's allowed IPs either way, so replies from those subnets are accepted.
 
     `endpoints` (node key -> WireGuard endpoint) overrides the first-listed-endpoint guess, for
     a path selector such as magicsock that hands out its own endpoint objects.
@@ -178,10 +183,10 @@ def plan(
                 persistent_keepalive=PERSISTENT_KEEPALIVE,
             )
         )
-        for prefix in _valid_prefixes(node.approved_routes):
-            # A route we advertise ourselves stays local: we are its router.
-            if prefix in allowed and prefix not in own and prefix not in routes:
-                routes.append(prefix)
+        if accept_routes:
+            for prefix in _valid_prefixes(node.approved_routes):
+                if prefix in allowed and prefix not in own and prefix not in routes:
+                    routes.append(prefix)
         if node.key_expiry is not None:
             next_expiry = node.key_expiry if next_expiry is None else min(next_expiry, node.key_expiry)
     peers.sort(key=lambda p: p.public_key)
@@ -240,6 +245,8 @@ class MeshConfig:
     hostname: str = ""
     advertise_routes: tuple[str, ...] = ()
     advertise_tags: tuple[str, ...] = ()  # asked of coord at login; granted per tagOwners
+    accept_routes: bool = False  # route peers' approved subnets into the tunnel
+    snat_subnet_routes: bool = True  # a subnet router masquerades what it forwards (subnetrouter.py)
     listen_port: int = 0
     socket_path: str = ""
     mtu: int = DEFAULT_MESH_MTU
@@ -471,6 +478,7 @@ class MeshAgent:
             now,
             running=self.running,
             own_routes=self.config.advertise_routes,
+            accept_routes=self.config.accept_routes,
             endpoints=chosen,
         )
         await self._blocking(self._apply_plan, wanted)
@@ -592,6 +600,7 @@ class MeshAgent:
                 "endpoints": list(self.endpoints),
                 "advertised_routes": list(self.config.advertise_routes),
                 "approved_routes": list(me.approved_routes) if me else [],
+                "accept_routes": self.config.accept_routes,
                 "key_expiry": me.key_expiry if me else None,
             },
             "peers": peers,
@@ -754,6 +763,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--advertise-routes", metavar="P1,P2", default="", help="subnets to offer the mesh (need approval)"
     )
     group.add_argument(
+        "--accept-routes",
+        action="store_true",
+        help="route the subnets other nodes advertise (and an admin approved) into the mesh;"
+        " off by default, as in Tailscale: the host's own routes always win over them",
+    )
+    group.add_argument(
+        "--snat-subnet-routes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="as a subnet router, masquerade forwarded traffic: the subnet sees this node's"
+        " address on it and peers see its mesh address (default on; --no-snat-subnet-routes"
+        " keeps source addresses)",
+    )
+    group.add_argument(
         "--advertise-tags",
         metavar="TAG1,TAG2",
         default="",
@@ -814,6 +837,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         hostname=args.hostname,
         advertise_routes=tuple(str(netconf.parse_prefix(r)) for r in routes),
         advertise_tags=tags,
+        accept_routes=bool(args.accept_routes),
+        snat_subnet_routes=bool(args.snat_subnet_routes),
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=args.mtu,
@@ -841,8 +866,11 @@ def run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     engine = Engine(keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu, metrics=registry)
     server = None
+    routing_subnets = False
     try:
         engine.start()
+        if config.advertise_routes:
+            routing_subnets = _start_subnet_router(config)
         if config.metrics_listen:
             server = metrics.serve(registry, config.metrics_listen)
         return asyncio.run(_serve(config, state_dir, keys, engine, registry))
@@ -853,6 +881,23 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.shutdown()
         engine.stop()
+        if routing_subnets:
+            with contextlib.suppress(subnetrouter.SubnetRouterError):
+                subnetrouter.remove(config.tun)
+
+
+def _start_subnet_router(config: MeshConfig) -> bool:
+    """Masquerade and MSS clamping for the subnets we advertise; a failure is logged, not fatal
+    (the mesh itself still works, forwarding may not)."""
+    forwarding = subnetrouter.forwarding_enabled()
+    if not forwarding["ipv4"]:
+        log.warning("ip_forwarding_off family=ipv4 hint=sysctl -w net.ipv4.ip_forward=1 to route subnets")
+    try:
+        subnetrouter.install(config.tun, config.mtu, snat=config.snat_subnet_routes)
+    except subnetrouter.SubnetRouterError as exc:
+        log.error("subnet_router_rules_failed error=%r", str(exc))
+        return False
+    return True
 
 
 async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:

@@ -1,8 +1,20 @@
-"""Interface configuration through netlink (pyroute2): addresses, MTU, link state, routes.
+"""Interface configuration through netlink (pyroute2): addresses, MTU, link state, routes, rules.
 
 Everything acts on the calling process's current network namespace. Setters reconcile: they
 take the whole desired set and add what is missing and remove what is no longer wanted, so the
 control plane can call them again with a new network map.
+
+Routes through the tunnel live in a routing table of the agent's own (52 by default, as
+Tailscale's), selected by two policy rules:
+
+    5230: from all lookup main suppress_prefixlength 0
+    5270: from all lookup 52
+
+The first lets every route of the host's main table win except its default route, so a CNI's
+routes to other nodes' pod CIDRs, a LAN route or a host route keep working even when a peer
+advertises an overlapping prefix; the second sends everything else that the mesh routes into the
+tunnel. The agent never adds, replaces or deletes a route in any other table, and removing the
+table's two rules (``remove_rules``) leaves the host exactly as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +31,11 @@ log = logging.getLogger(__name__)
 
 RTPROT_STATIC = 4
 RTPROT_KERNEL = 2
+MAIN_TABLE = 254
+MESH_TABLE = 52
+RULE_PRIORITY_MAIN = 5230  # lookup main suppress_prefixlength 0
+RULE_PRIORITY_MESH = 5270  # lookup MESH_TABLE
+EAFNOSUPPORT = 97
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -109,14 +126,14 @@ def set_addresses(ifname: str, addresses: Iterable[str | Interface]) -> None:
                 raise NetconfError(f"cannot add {iface} to {ifname}: {exc}") from exc
 
 
-def get_routes(ifname: str) -> list[Network]:
-    """Routes through the interface that we (proto static) installed."""
+def get_routes(ifname: str, *, table: int = MESH_TABLE) -> list[Network]:
+    """Routes through the interface that we (proto static) installed in `table`."""
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         out: list[Network] = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in ipr.get_routes(family=family, oif=idx):
-                if msg["proto"] != RTPROT_STATIC:
+            for msg in ipr.get_routes(family=family, oif=idx, table=table):
+                if msg["proto"] != RTPROT_STATIC or _table_of(msg) != table:
                     continue
                 dst = msg.get("dst") or msg.get_attr("RTA_DST")
                 if dst is None:
@@ -125,22 +142,102 @@ def get_routes(ifname: str) -> list[Network]:
         return out
 
 
-def set_routes(ifname: str, prefixes: Iterable[str | Network]) -> None:
-    """Make the static routes through the interface exactly `prefixes`."""
+def set_routes(ifname: str, prefixes: Iterable[str | Network], *, table: int = MESH_TABLE) -> None:
+    """Make the static routes through the interface in `table` exactly `prefixes`.
+
+    `table` is the agent's own: "replace" there can only ever replace a route of ours.
+    """
     wanted = {p if not isinstance(p, str) else parse_prefix(p) for p in prefixes}
-    current = set(get_routes(ifname))
+    current = set(get_routes(ifname, table=table))
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         for net in current - wanted:
             try:
-                ipr.route("del", dst=str(net), oif=idx, proto=RTPROT_STATIC)
+                ipr.route("del", dst=str(net), oif=idx, proto=RTPROT_STATIC, table=table)
             except NetlinkError as exc:
                 raise NetconfError(f"cannot remove route {net} via {ifname}: {exc}") from exc
         for net in sorted(wanted - current, key=str):
             try:
-                ipr.route("replace", dst=str(net), oif=idx, proto=RTPROT_STATIC)
+                ipr.route("replace", dst=str(net), oif=idx, proto=RTPROT_STATIC, table=table)
             except NetlinkError as exc:
+                if exc.code == EAFNOSUPPORT:
+                    raise NetconfError(f"cannot add route {net} via {ifname}: IPv6 is disabled") from exc
                 raise NetconfError(f"cannot add route {net} via {ifname}: {exc}") from exc
+
+
+def _table_of(msg: object) -> int:
+    """The routing table of a route or rule message (the header byte caps at 255)."""
+    table = msg.get_attr("RTA_TABLE") or msg.get_attr("FRA_TABLE")  # type: ignore[attr-defined]
+    return int(table if table is not None else msg["table"])  # type: ignore[index]
+
+
+def _rules(ipr: IPRoute, family: int, table: int) -> list[tuple[int, int]]:
+    """(priority, table) of every rule at our two priorities that points at `table` or is
+    the main-table rule we add (lookup main with suppress_prefixlength 0)."""
+    found = []
+    for msg in ipr.get_rules(family=family):
+        priority = msg.get_attr("FRA_PRIORITY")
+        rule_table = _table_of(msg)
+        ours = (priority, rule_table) == (RULE_PRIORITY_MESH, table)
+        shared = (priority, rule_table) == (RULE_PRIORITY_MAIN, MAIN_TABLE)
+        if ours or (shared and msg.get_attr("FRA_SUPPRESS_PREFIXLEN") == 0):
+            found.append((priority, rule_table))
+    return found
+
+
+def install_rules(table: int = MESH_TABLE) -> tuple[int, ...]:
+    """Add the two policy rules (module docstring) for IPv4 and IPv6, unless present.
+
+    Returns the address families that have them: a host with IPv6 disabled gets IPv4 only.
+    """
+    if not 1 <= table <= 0xFFFFFFFF or table in (MAIN_TABLE, 253, 255):
+        raise ValueError(f"routing table must be 1..2^32-1 and not main/default/local, got {table}")
+    done = []
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                present = set(_rules(ipr, family, table))
+                if (RULE_PRIORITY_MAIN, MAIN_TABLE) not in present:
+                    ipr.rule(
+                        "add",
+                        family=family,
+                        table=MAIN_TABLE,
+                        priority=RULE_PRIORITY_MAIN,
+                        FRA_SUPPRESS_PREFIXLEN=0,
+                    )
+                if (RULE_PRIORITY_MESH, table) not in present:
+                    ipr.rule("add", family=family, table=table, priority=RULE_PRIORITY_MESH)
+            except NetlinkError as exc:
+                if family == socket.AF_INET6 and exc.code == EAFNOSUPPORT:
+                    continue  # IPv6 disabled on this host
+                raise NetconfError(f"cannot add routing rules for table {table}: {exc}") from exc
+            done.append(family)
+    return tuple(done)
+
+
+def remove_rules(table: int = MESH_TABLE) -> None:
+    """Remove our rule for `table`, and the shared main-table rule once no other mesh table
+    rule is left at our priority (another agent in this namespace may still use it)."""
+    with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                rules = ipr.get_rules(family=family)
+            except NetlinkError:
+                continue
+            others = [
+                r for r in rules if r.get_attr("FRA_PRIORITY") == RULE_PRIORITY_MESH and _table_of(r) != table
+            ]
+            for priority, rule_table in _rules(ipr, family, table):
+                if priority == RULE_PRIORITY_MAIN and others:
+                    continue
+                try:
+                    kwargs: dict[str, object] = {"family": family, "table": rule_table, "priority": priority}
+                    if priority == RULE_PRIORITY_MAIN:
+                        kwargs["FRA_SUPPRESS_PREFIXLEN"] = 0
+                    ipr.rule("del", **kwargs)
+                except NetlinkError as exc:
+                    if exc.code != 2:  # ENOENT: already gone
+                        raise NetconfError(f"cannot remove routing rule {priority}: {exc}") from exc
 
 
 def remove_interface(ifname: str) -> bool:
