@@ -1,47 +1,69 @@
 # One Dockerfile, one target per component: docker build --target coord -t wiremesh/coord .
-# The whole distribution is installed once in `base`; each target only differs in its
-# entry point, user and the system packages it needs at run time.
-FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY core core
-COPY services services
-COPY node-agent node-agent
-COPY operator operator
-COPY lab lab
-RUN pip install '.[postgres]' && rm -rf /src
-RUN useradd --system --uid 10001 --home-dir /var/lib/wiremesh --create-home wiremesh
+#
+# `builder` turns the source into a wheel with a throwaway build environment and installs it,
+# with its dependencies pinned by requirements.lock, into the virtualenv /opt/wiremesh. Each
+# component's image is `runtime` (the base image plus that virtualenv only: no compiler, no build
+# backend, no sources, no test lab) with its own entry point and user.
+#
+# BASE_IMAGE is any Debian-like image with python3 (3.11+) and its venv module. The default is the
+# public python image; the test suite builds on a Debian root file system of its own, made with
+# mmdebstrap (lab/wiremesh/lab/images.py). PIP_INDEX_URL and PIP_CERT pass a package index and
+# its CA through to pip in the builder stage only; they are not kept in any image.
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS builder
+ARG PIP_INDEX_URL
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python3 -m venv /opt/build && /opt/build/bin/pip install "hatchling==1.33.0" \
+    && python3 -m venv /opt/wiremesh
+# Dependencies first: this layer is reused for as long as the lock does not change.
+COPY requirements.lock /src/requirements.lock
+RUN /opt/wiremesh/bin/pip install -r /src/requirements.lock
+COPY pyproject.toml README.md /src/
+COPY core /src/core
+COPY services /src/services
+COPY node-agent /src/node-agent
+COPY operator /src/operator
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /src/dist /src \
+    && /opt/wiremesh/bin/pip install -c /src/requirements.lock /src/dist/wiremesh-*.whl \
+    && /opt/wiremesh/bin/pip uninstall -y pip setuptools >/dev/null 2>&1 || true
+
+FROM ${BASE_IMAGE} AS runtime
+ENV PATH=/opt/wiremesh/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY --from=builder /opt/wiremesh /opt/wiremesh
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/wiremesh --create-home wiremesh
 WORKDIR /var/lib/wiremesh
 
-FROM base AS coord
+FROM runtime AS coord
 USER 10001
 EXPOSE 8080
 ENTRYPOINT ["wiremesh-coord"]
 CMD ["--listen", "0.0.0.0:8080", "--state-dir", "/var/lib/wiremesh"]
 
-FROM base AS keys
+FROM runtime AS keys
 USER 10001
 EXPOSE 8081
 ENTRYPOINT ["wiremesh-keys"]
 CMD ["--listen", "0.0.0.0:8081", "--state-dir", "/var/lib/wiremesh"]
 
-FROM base AS stun
+FROM runtime AS stun
 USER 10001
 EXPOSE 3478/udp
 ENTRYPOINT ["wiremesh-stun"]
 
-FROM base AS derp
+FROM runtime AS derp
 USER 10001
 EXPOSE 3340
 ENTRYPOINT ["wiremesh-derp"]
 
-FROM base AS operator
+FROM runtime AS operator
 USER 10001
 ENTRYPOINT ["wiremesh-operator"]
 
-# The agent needs NET_ADMIN and /dev/net/tun; it runs as root inside its pod.
-FROM base AS agent
-RUN apt-get update && apt-get install -y --no-install-recommends iproute2 nftables \
-    && rm -rf /var/lib/apt/lists/*
+# The agent needs NET_ADMIN and /dev/net/tun; it runs as root inside its pod. nft programs a
+# subnet router's masquerade and MSS clamping (node-agent/wiremesh/agent/subnetrouter.py).
+FROM runtime AS agent
+RUN command -v nft >/dev/null || { apt-get update && apt-get install -y --no-install-recommends nftables \
+    && rm -rf /var/lib/apt/lists/*; }
 ENTRYPOINT ["wiremeshd"]

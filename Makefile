@@ -6,18 +6,25 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-static test lint unit sysdeps venv bench clean
+.PHONY: all demo demo-static demo-k8s test lint unit sysdeps venv bench clean lock
 
 all: test
 
 sysdeps:
 	@scripts/sysdeps.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -m pip install -q -c requirements.lock -e '.[dev]' -e ./lab
 	@touch $@
+
+# Re-pin the images' runtime dependencies (requirements.lock) from a clean virtualenv.
+lock:
+	@rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	@build/lock-venv/bin/pip install -q '.[postgres]'
+	@{ sed -n '1,2p' requirements.lock; build/lock-venv/bin/pip freeze --exclude wiremesh; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock && rm -rf build/lock-venv
 
 venv: $(STAMP)
 

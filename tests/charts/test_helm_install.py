@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helm_tool import helm_binary
 
+from wiremesh.lab.gobuild import helm as helm_binary
 from wiremesh.lab.kube import KubeAPIServer
 
 ROOT = Path(__file__).resolve().parents[2]
