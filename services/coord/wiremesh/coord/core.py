@@ -467,6 +467,8 @@ class Coordinator:
             "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
             "expired": False,
         }
+        if grant is not None:
+            values["auth_key_id"] = grant.auth_key_id  # the key that vouches for the node now
         tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
         if tags != existing.tags:
             values["tags"] = tags
