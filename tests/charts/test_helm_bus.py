@@ -143,6 +143,15 @@ def test_the_server_keeps_only_bcrypt_hashes_and_the_roles_permissions(helm: Pat
         assert password.partition(":")[2] not in conf
 
 
+def test_bus_tls_can_be_left_off_and_then_no_ca_is_generated_or_mounted(helm: Path) -> None:
+    docs = render(helm, "--set", "nats.tls.enabled=false")
+    assert "wm-wiremesh-nats-tls" not in objects(docs, "Secret")
+    conf = objects(docs, "Secret")["wm-wiremesh-nats-config"]["stringData"]["nats.conf"]
+    assert "tls:" not in conf and "authorization:" in conf
+    (c,) = pod_spec(docs, "Deployment", "wm-wiremesh-coord")["containers"]
+    assert env(c)["WIREMESH_NATS_URL"] == "nats://wm-wiremesh-nats:4222" and "WIREMESH_NATS_CA" not in env(c)
+
+
 def test_an_external_nats_needs_a_credential_secret_per_role(helm: Path) -> None:
     out = run_helm(helm, "--set", "nats.enabled=false", "--set", "nats.url=nats://nats.example:4222")
     assert out.returncode != 0 and "nats.auth.existingSecrets." in out.stderr
