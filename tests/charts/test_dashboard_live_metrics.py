@@ -39,7 +39,7 @@ def relay_admin_urls(control_plane, tmp_path_factory) -> Iterator[list[str]]:
     tmp = tmp_path_factory.mktemp("relays")
     derp_admin, stun_admin = free_port(), free_port()
     derp = ["-m", "wiremesh.derp.server", "--listen", f"127.0.0.1:{free_port()}", "--region", "r1"]
-    derp += ["--admin-listen", f"127.0.0.1:{derp_admin}", "--nats-url", control_plane.nats.url]
+    derp += ["--admin-listen", f"127.0.0.1:{derp_admin}", *control_plane.nats.args("derp")]
     derp += ["--key-file", str(tmp / "derp.key"), "--log-level", "warning"]
     stun = ["-m", "wiremesh.stun.server", "--listen", f"127.0.0.1:{free_port()}"]
     stun += ["--admin-listen", f"127.0.0.1:{stun_admin}", "--log-level", "warning"]

@@ -28,7 +28,10 @@ KUBE = ("--kube-version", "1.31.0")
 # The first build of helm may take minutes; every later step is quick.
 pytestmark = [pytest.mark.timeout(1800)]
 
-EXTERNAL_NATS = ("--set", "nats.enabled=false", "--set", "nats.url=nats://nats.example:4222")
+EXTERNAL_NATS = (
+    "--set", "nats.enabled=false", "--set", "nats.url=nats://nats.example:4222",
+    *[arg for role in ("coord", "keys", "derp") for arg in ("--set", f"nats.auth.existingSecrets.{role}=bus-{role}")],
+)  # fmt: skip
 SERVICE_MONITORS = ("--set", "metrics.serviceMonitor.enabled=true")
 POSTGRES = ("--set", "database.existingSecret=wiremesh-db", "--set", "coord.replicas=2")
 
@@ -221,9 +224,20 @@ def test_no_secret_value_is_inlined_in_a_pod(helm, args):
                 ), (doc["metadata"]["name"], arg)
 
 
-def test_only_the_generated_admin_key_is_a_secret_the_chart_writes(helm):
-    assert sorted(objects(render(helm), "Secret")) == ["wm-wiremesh-admin-key"]
-    assert objects(render(helm, "--set", "adminKey.existingSecret=adm"), "Secret") == {}
+def test_the_chart_writes_only_the_secrets_it_generates(helm):
+    bus = [
+        "wm-wiremesh-nats-config",
+        "wm-wiremesh-nats-coord",
+        "wm-wiremesh-nats-derp",
+        "wm-wiremesh-nats-keys",
+    ]
+    assert sorted(objects(render(helm), "Secret")) == sorted(
+        ["wm-wiremesh-admin-key", *bus, "wm-wiremesh-nats-tls"]
+    )
+    assert sorted(objects(render(helm, "--set", "adminKey.existingSecret=adm"), "Secret")) == sorted(
+        [*bus, "wm-wiremesh-nats-tls"]
+    )
+    assert objects(render(helm, "--set", "adminKey.existingSecret=adm", *EXTERNAL_NATS), "Secret") == {}
 
 
 def test_database_url_comes_from_its_secret_for_coord_and_keys(helm):
@@ -259,7 +273,7 @@ def test_external_nats_replaces_the_in_chart_server(helm):
 
 def test_in_chart_nats_is_what_the_services_use_by_default(helm):
     (c,) = containers(one(render(helm), "Deployment", "wm-wiremesh-coord"))
-    assert env_of(c)["WIREMESH_NATS_URL"]["value"] == "nats://wm-wiremesh-nats:4222"
+    assert env_of(c)["WIREMESH_NATS_URL"]["value"] == "tls://wm-wiremesh-nats:4222"
 
 
 def test_external_nats_without_a_url_is_a_clear_error(helm):

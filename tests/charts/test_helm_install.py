@@ -146,7 +146,10 @@ def test_upgrade_keeps_the_generated_admin_key(cluster):
 def test_install_with_external_nats_and_a_database_secret_is_accepted(cluster):
     out = cluster.run_helm(
         "install", "wm2", str(CHART), "--namespace", "mesh2", "--create-namespace",
-        "--set", "nats.enabled=false", "--set", "nats.url=nats://nats.example:4222",
+        "--set", "nats.enabled=false", "--set", "nats.url=tls://nats.example:4222",
+        "--set", "nats.auth.existingSecrets.coord=bus-coord", "--set", "nats.auth.existingSecrets.keys=bus-keys",
+        "--set", "nats.auth.existingSecrets.derp=bus-derp", "--set", "nats.tls.existingSecret=bus-ca",
+        "--set", "networkPolicy.database.podSelector.app=postgres", "--set", "acl.create=true",
         "--set", "database.existingSecret=wiremesh-db", "--set", "coord.replicas=2",
         "--set", "adminKey.existingSecret=wiremesh-admin",
         "--set-json", 'coord.derpMap={"regions": {"1": {"name": "r1", "relay": "relay.example:3340"}}}',
@@ -154,6 +157,27 @@ def test_install_with_external_nats_and_a_database_secret_is_accepted(cluster):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "unknown field" not in out.stderr, out.stderr
+    # The default ACL passed the CRD's schema and its name rule.
+    assert cluster.api("GET", "/apis/wiremesh.dev/v1alpha1/acls/default")["spec"]["acls"]
+
+
+def test_upgrade_keeps_the_bus_credentials_and_certificate(cluster):
+    paths = [
+        f"/api/v1/namespaces/{NAMESPACE}/secrets/wm-wiremesh-nats-{name}"
+        for name in ("coord", "keys", "derp", "tls")
+    ]
+    before = [cluster.api("GET", path)["data"] for path in paths]
+    upgraded = cluster.run_helm("upgrade", "wm", str(CHART), "--namespace", NAMESPACE)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert [cluster.api("GET", path)["data"] for path in paths] == before
+
+
+def test_only_the_bus_roles_may_reach_nats(cluster):
+    policy = cluster.api(
+        "GET", f"/apis/networking.k8s.io/v1/namespaces/{NAMESPACE}/networkpolicies/wm-wiremesh-nats"
+    )
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"][0]["podSelector"]["matchExpressions"][0]["values"] == ["coord", "keys", "derp"]
 
 
 # ---- per-node agent keys: RBAC as the API server evaluates it, and the init step for real

@@ -1,10 +1,10 @@
-"""The key registry's NATS contract that the relay relies on: added/removed events and the list."""
+"""The key registry's NATS contract that the relay relies on: added/removed events and the list
+(heard as the relay hears them, with the relay's credential; malformed requests as coord's)."""
 
 from __future__ import annotations
 
 import asyncio
 
-import nats
 from control_helpers import make_agent
 
 from wiremesh.core import bus
@@ -24,7 +24,7 @@ async def wait_for(predicate, timeout=5.0):
 
 
 async def test_login_publishes_node_key_added_and_lists_it(control_plane):
-    nc = await nats.connect(control_plane.nats.url)
+    nc = await control_plane.nats.connect("derp")
     added: list[bus.NodeKeyEvent] = []
     agent = make_agent(control_plane.url, "relayed")
     try:
@@ -40,7 +40,7 @@ async def test_login_publishes_node_key_added_and_lists_it(control_plane):
 
 
 async def test_delete_publishes_node_key_removed_and_unlists_it(control_plane):
-    nc = await nats.connect(control_plane.nats.url)
+    nc = await control_plane.nats.connect("derp")
     removed: list[bus.NodeKeyEvent] = []
     agent = make_agent(control_plane.url, "gone")
     try:
@@ -56,7 +56,7 @@ async def test_delete_publishes_node_key_removed_and_unlists_it(control_plane):
 
 
 async def test_rotation_removes_old_key_with_reason_rotated(control_plane):
-    nc = await nats.connect(control_plane.nats.url)
+    nc = await control_plane.nats.connect("derp")
     removed: list[bus.NodeKeyEvent] = []
     agent = make_agent(control_plane.url, "rot")
     try:
@@ -72,7 +72,7 @@ async def test_rotation_removes_old_key_with_reason_rotated(control_plane):
 
 
 async def test_malformed_request_to_keys_gets_error_reply(control_plane):
-    nc = await nats.connect(control_plane.nats.url)
+    nc = await control_plane.nats.connect("coord")
     try:
         reply = await nc.request(bus.AUTH_KEY_CONSUME, b"{not json", timeout=5)
         assert "malformed" in bus.decode(bus.AuthKeyGrant, reply.data).error

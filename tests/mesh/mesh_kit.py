@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from wiremesh.agent.cli.local import call as local_call
+from wiremesh.core import busauth
 from wiremesh.lab import Host, Lab, NatKind, Router
 from wiremesh.lab.support import nats_server_binary, wait_until
 
@@ -79,6 +80,8 @@ class MeshLab:
         self.lab = lab
         self.dir = pathlib.Path(lab.tmpdir)
         self.ctl = lab.host("ctl")
+        # The bus admits only the service roles, each with its own NKey (wiremesh.core.busauth).
+        self.bus = busauth.write_bus(self.dir / "bus", listen=f"127.0.0.1:{NATS_PORT}")
         self.admin_key = "adm-" + secrets.token_hex(16)
         self.nats: subprocess.Popen[Any] | None = None
         self.keys: subprocess.Popen[Any] | None = None
@@ -98,7 +101,7 @@ class MeshLab:
         with self._log("nats") as log:
             self.nats = self.lab.popen(
                 self.ctl,
-                [nats_server_binary(), "-a", "127.0.0.1", "-p", str(NATS_PORT)],
+                [nats_server_binary(), "-c", str(self.bus.config)],
                 stdout=log,
                 stderr=log,
             )
@@ -108,6 +111,7 @@ class MeshLab:
         code = f"import sys; from {module} import main; sys.exit(main())"
         argv = [sys.executable, "-c", code, "--listen", listen, "--log-format", "text"]
         argv += ["--nats-url", f"nats://127.0.0.1:{NATS_PORT}", "--state-dir", str(self.dir)]
+        argv += ["--nats-credentials", str(self.bus.credentials[name])]
         argv += ["--database-url", f"sqlite:///{self.dir / (name + '.db')}", *extra]
         env = {**os.environ, "WIREMESH_ADMIN_KEY": self.admin_key}
         with self._log(name) as log:

@@ -8,7 +8,6 @@ The first run on a machine builds kube-apiserver and etcd from their Go modules 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import secrets
 import urllib.error
@@ -17,18 +16,17 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+from operator_kit import coord_node, eventually, login, new_key, secret_data
 
 from wiremesh.agent.control import ControlClient, ControlRefused, NetmapWatcher
 from wiremesh.core import crypto
 from wiremesh.lab import kube
-from wiremesh.lab.support import wait_until
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(300 if kube.is_built() else kube.BUILD_TIMEOUT + 300),
 ]
 
-DEADLINE = 30.0  # the operator polls coord every second; this is for a loaded 2-core machine
 
 POLICY = """{
   // everyone may reach tag:web on 443
@@ -49,25 +47,8 @@ BROKEN = """{
 """
 
 
-def eventually(predicate: Any, what: str, operator: Any, timeout: float = DEADLINE) -> Any:
-    try:
-        return wait_until(predicate, timeout, what=what, interval=0.2)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n--- operator log\n{operator.logs()}") from None
-
-
 def coord_policy(control_plane: Any) -> Any:
     return control_plane.admin("GET", "/policy")
-
-
-def coord_node(control_plane: Any, node_id: int) -> dict[str, Any] | None:
-    try:
-        node: dict[str, Any] = control_plane.admin("GET", f"/nodes/{node_id}")
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
-    return node
 
 
 @pytest.fixture
@@ -76,33 +57,6 @@ def acl(k8s, operator, control_plane):
     yield "default"
     k8s.delete("acls", "default")
     eventually(lambda: k8s.get("acls", "default") is None, "ACL deleted (finalizer released)", operator)
-
-
-def new_key() -> str:
-    return crypto.encode_key(crypto.public_key(crypto.generate_private_key()))
-
-
-def login(url: str, hostname: str, auth_key: str, routes: tuple[str, ...] = ()) -> Any:
-    async def go() -> Any:
-        client = ControlClient(url, crypto.generate_private_key(), timeout=10)
-        try:
-            return await client.login(
-                new_key(), new_key(), hostname, auth_key=auth_key, advertised_routes=routes
-            )
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
-
-
-def secret_data(k8s, namespace: str, name: str) -> dict[str, str] | None:
-    try:
-        secret = k8s.core.read_namespaced_secret(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
 # ---- CRD validation by the real API server ----
@@ -563,3 +517,53 @@ def test_policy_changed_behind_the_operators_back_is_put_back(k8s, operator, con
     eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "policy applied", operator)
     control_plane.admin("DELETE", "/policy")  # an admin clears it with the CLI
     eventually(lambda: coord_policy(control_plane)["policy"] == POLICY, "policy put back", operator)
+
+
+# ---- binding: a MeshNode is the node that registered with its own pre-auth key ----
+
+
+async def test_a_node_renamed_to_a_workers_hostname_gets_neither_its_tag_nor_its_routes(
+    k8s, operator, control_plane, meshnode_name
+):
+    """The MeshNode declares a worker (tag, approved route). Another node of the same user, with
+    a pre-auth key of its own, registers advertising the same route and renames itself to the
+    worker's hostname before the worker joins. Bound by hostname, it got the worker's tag and
+    route; bound by the MeshNode's own pre-auth key, only the worker does."""
+    name, route = meshnode_name, "10.77.0.0/24"
+    spec = {"tags": ["tag:k8s-node"], "advertiseRoutes": [route], "approvedRoutes": [route]}
+    k8s.create("meshnodes", "MeshNode", name, spec)
+    data = await asyncio.to_thread(wait_secret, k8s, operator, name)
+
+    impostor_key = control_plane.admin("POST", "/authkeys", {"user": "default"})["key"]
+    impostor = ControlClient(control_plane.url, crypto.generate_private_key(), timeout=10)
+    impostor_node_key = new_key()
+    found = await impostor.login(
+        impostor_node_key, new_key(), "laptop", auth_key=impostor_key, advertised_routes=(route,)
+    )
+    await impostor.update(impostor_node_key, hostname=data["hostname"])
+    assert (coord_node(control_plane, found.node_id) or {})["hostname"] == data["hostname"]
+
+    # Two polls of this MeshNode that began after the rename, neither of which bound a node.
+    unbound = f"meshnode_unbound name={name} "
+
+    def polls() -> int:
+        return operator.log.read_text(errors="replace").count(unbound)
+
+    seen = polls()
+    await asyncio.to_thread(eventually, lambda: polls() >= seen + 2, "two polls after the rename", operator)
+    assert (k8s.get("meshnodes", name) or {}).get("status", {}).get("nodeId") is None
+
+    worker = await asyncio.to_thread(login, control_plane.url, data["hostname"], data["authkey"], (route,))
+
+    def worker_configured() -> bool:
+        node = coord_node(control_plane, worker.node_id) or {}
+        return node.get("tags") == ["tag:k8s-node"] and node.get("approved_routes") == [route]
+
+    await asyncio.to_thread(
+        eventually, worker_configured, "the worker tagged and its route approved", operator
+    )
+    status = (k8s.get("meshnodes", name) or {}).get("status", {})
+    assert status["nodeId"] == worker.node_id and status["nodeAuthKeyId"] == status["authKeyId"]
+    impostor_node = coord_node(control_plane, found.node_id) or {}
+    assert impostor_node["tags"] == [] and impostor_node["approved_routes"] == []
+    await impostor.aclose()

@@ -100,13 +100,32 @@ def test_meshnode_spec_defaults_hostname_to_its_name_and_normalises_lists():
     assert desired.tags == ("tag:a", "tag:b")
 
 
-def test_node_is_found_by_hostname_and_user_newest_first_skipping_claimed():
-    desired = meshnode.Desired.from_resource("web-1", {})
-    nodes = [node(id=1), node(id=2), node(id=3, user="bob"), node(id=4, hostname="db")]
-    assert meshnode.find_node(desired, nodes, None, set())["id"] == 2
-    assert meshnode.find_node(desired, nodes, None, {2})["id"] == 1
-    assert meshnode.find_node(desired, nodes, 4, set())["id"] == 4  # a recorded id wins
-    assert meshnode.find_node(desired, nodes, 9, set()) is None  # recorded node gone
+def test_node_is_found_by_the_meshnodes_own_pre_auth_key_never_by_hostname():
+    nodes = [
+        node(id=1, auth_key_id=7),
+        node(id=2, auth_key_id=8, hostname="web-1"),  # took the name; registered with another key
+        node(id=3, auth_key_id=7, hostname="renamed"),
+        node(id=4, auth_key_id=None),
+    ]
+    assert meshnode.find_node(nodes, None, {7}, set())["id"] == 3  # newest with the key
+    assert meshnode.find_node(nodes, None, {7}, {3})["id"] == 1  # claimed by another MeshNode
+    assert meshnode.find_node(nodes, None, {9}, set()) is None  # the key was never used
+    assert meshnode.find_node(nodes, None, set(), set()) is None  # no key issued yet
+
+
+def test_the_recorded_node_stays_bound_only_while_it_carries_a_key_of_the_meshnode():
+    nodes = [node(id=1, auth_key_id=7), node(id=2, auth_key_id=8), node(id=5, auth_key_id=7)]
+    assert meshnode.find_node(nodes, 1, {7}, set())["id"] == 1  # a recorded id wins
+    # Re-registered with a key this MeshNode did not issue: no longer its node.
+    assert meshnode.find_node(nodes, 2, {7}, set())["id"] == 5
+    assert meshnode.find_node([node(id=2, auth_key_id=8)], 2, {7}, set()) is None
+    assert meshnode.find_node(nodes, 9, {6}, set()) is None  # recorded node gone
+
+
+def test_the_keys_that_vouch_for_a_meshnode_come_from_its_status():
+    assert meshnode.key_ids({"authKeyId": 4, "nodeAuthKeyId": 3}) == {3, 4}
+    assert meshnode.key_ids({"authKeyId": None, "nodeAuthKeyId": True}) == set()
+    assert meshnode.key_ids({}) == set()
 
 
 def test_changes_approve_only_advertised_routes_and_retag_on_difference():
@@ -161,5 +180,10 @@ def test_cluster_node_mirror_advertises_and_approves_its_pod_cidrs():
     spec = meshnode.mirror_spec("Worker.eu-1", {"podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]}, ("tag:k8s",))
     assert spec["hostname"] == "worker-eu-1"
     assert spec["advertiseRoutes"] == spec["approvedRoutes"] == ["10.244.1.0/24", "fd00:1::/64"]
+
+
+def test_cluster_node_mirror_leaves_approval_to_an_admin_when_asked():
+    spec = meshnode.mirror_spec("w", {"podCIDR": "10.244.1.0/24"}, ("tag:k8s",), approve_routes=False)
+    assert spec["advertiseRoutes"] == ["10.244.1.0/24"] and "approvedRoutes" not in spec
     assert meshnode.pod_cidrs({"podCIDR": "10.0.0.0/24"}) == ("10.0.0.0/24",)
     assert meshnode.pod_cidrs({}) == ()

@@ -1,54 +1,30 @@
-"""Fixtures for the relay tests: a real nats-server, a key registry stand-in speaking the
-registry's NATS subjects, and in-process relay replicas on loopback."""
+"""Fixtures for the relay tests: a real nats-server (with the service roles' credentials), a key
+registry stand-in speaking the registry's NATS subjects with the registry's credential, and
+in-process relay replicas on loopback, each with the relay's credential."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
-from relay_helpers import RegistryStandIn, StartRelay, free_port
+from fixtures_services import NatsServer
+from relay_helpers import RegistryStandIn, StartRelay, with_bus_credential
 
 from wiremesh.derp.server import DerpService, build_parser
-from wiremesh.lab.support import nats_server_binary
 
 
 @pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-l", str(tmp_path / "nats.log")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nats-server did not start") from None
-                time.sleep(0.02)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def nats_url(nats_server: NatsServer) -> str:
+    """The URL of a real nats-server admitting only the service roles (fixtures_services)."""
+    return nats_server.url
 
 
 @pytest.fixture
-async def registry(nats_url: str) -> AsyncIterator[RegistryStandIn]:
-    nc = await nats.connect(nats_url)
+async def registry(nats_server: NatsServer) -> AsyncIterator[RegistryStandIn]:
+    nc = await nats_server.connect("keys")
     stand_in = RegistryStandIn(nc)
     await stand_in.start()
     try:
@@ -58,7 +34,7 @@ async def registry(nats_url: str) -> AsyncIterator[RegistryStandIn]:
 
 
 @pytest.fixture
-async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
+async def start_relay(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[StartRelay]:
     services: list[DerpService] = []
 
     async def start(*extra: str, key_file: Path | None = None, wait_synced: bool = True) -> DerpService:
@@ -70,7 +46,7 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
             "127.0.0.1:0",
             "--key-file",
             str(key_file or tmp_path / f"derp{n}.key"),
-            *extra,
+            *with_bus_credential(request, extra),
         ]
         args = build_parser().parse_args(argv)
         service = DerpService(args)

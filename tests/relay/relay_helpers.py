@@ -4,20 +4,14 @@ never depends on which conftest.py pytest loaded last)."""
 from __future__ import annotations
 
 import base64
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from nacl.public import PrivateKey
 
 from wiremesh.core import bus
 from wiremesh.derp.server import DerpService
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def key_text(key: PrivateKey | bytes) -> str:
@@ -59,3 +53,12 @@ class RegistryStandIn:
 
 
 StartRelay = Callable[..., Awaitable[DerpService]]
+
+
+def with_bus_credential(request: pytest.FixtureRequest, extra: tuple[str, ...]) -> list[str]:
+    """`extra` plus the relay's own NATS credential when it names a bus (looked up only then, so
+    relays without NATS start no nats-server)."""
+    if "--nats" not in extra or "--nats-credentials" in extra:
+        return list(extra)
+    server = request.getfixturevalue("nats_server")
+    return [*extra, "--nats-credentials", server.credentials("derp")]

@@ -349,9 +349,7 @@ async def test_server_key_persists_in_the_key_file(tmp_path, start_relay) -> Non
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
 
 
-async def test_clients_are_refused_until_the_registry_answers(nats_url, start_relay) -> None:
-    import nats
-
+async def test_clients_are_refused_until_the_registry_answers(nats_url, nats_server, start_relay) -> None:
     a = PrivateKey.generate()
     relay = await start_relay("--nats", nats_url, "--region", "r", "--replica-id", "r1", wait_synced=False)
     assert not relay.authority.synced
@@ -360,7 +358,7 @@ async def test_clients_are_refused_until_the_registry_answers(nats_url, start_re
     with pytest.raises(DerpError):
         await connect(relay, a)
     assert relay.relay.stats.refused["registry_not_synced"] == 1
-    nc = await nats.connect(nats_url)
+    nc = await nats_server.connect("keys")
     late_registry = RegistryStandIn(nc)
     late_registry.register(a)
     await late_registry.start()
@@ -387,14 +385,12 @@ async def test_a_burst_across_replicas_arrives_complete_and_in_order(registry, s
 
 
 async def test_malformed_cross_replica_message_is_counted_and_dropped(
-    registry, start_relay, nats_url
+    registry, start_relay, nats_url, nats_server
 ) -> None:
-    import nats
-
     from wiremesh.core import bus
 
     relay = await start_relay("--nats", nats_url, "--region", "eu", "--replica-id", "eu-1")
-    nc = await nats.connect(nats_url)
+    nc = await nats_server.connect("derp")  # a replica that sends garbage
     await nc.publish(bus.DERP_FORWARD.format(region="eu", replica="eu-1"), b"\x00\x00\xff\xff" + bytes(70))
     await nc.flush()
     await eventually(lambda: relay.relay.stats.drops["mesh_malformed"] == 1)

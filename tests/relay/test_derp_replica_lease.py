@@ -16,7 +16,7 @@ import httpx
 import pytest
 from nacl.public import PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
-from relay_helpers import RegistryStandIn, StartRelay
+from relay_helpers import RegistryStandIn, StartRelay, with_bus_credential
 
 from wiremesh.agent.derpclient import DerpClient
 from wiremesh.core.derp import frames
@@ -45,7 +45,7 @@ StartProcess = Callable[..., Awaitable[RelayProcess]]
 
 
 @pytest.fixture
-async def relay_process(tmp_path: Path) -> AsyncIterator[StartProcess]:
+async def relay_process(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[StartProcess]:
     procs: list[subprocess.Popen[str]] = []
 
     async def start(*extra: str) -> RelayProcess:
@@ -62,7 +62,7 @@ async def relay_process(tmp_path: Path) -> AsyncIterator[StartProcess]:
                 "127.0.0.1:0",
                 "--key-file",
                 str(tmp_path / f"process{n}.key"),
-                *extra,
+                *with_bus_credential(request, extra),
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -259,11 +259,11 @@ async def test_sender_gets_peer_gone_when_the_peer_leaves_another_replica(
     await ca.close()
 
 
-async def test_malformed_presence_message_is_counted_and_ignored(registry, start_relay, nats_url) -> None:
-    import nats
-
+async def test_malformed_presence_message_is_counted_and_ignored(
+    registry, start_relay, nats_url, nats_server
+) -> None:
     r1, _ = await in_process_pair(start_relay, nats_url)
-    nc = await nats.connect(nats_url)
+    nc = await nats_server.connect("derp")  # a replica that sends garbage
     try:
         await nc.publish("wiremesh.derp.eu.lease.delta", b'{"region": "eu", "replica": 7}')
         await nc.publish("wiremesh.derp.eu.lease.beat", b"\xff\x00garbage")

@@ -47,9 +47,67 @@ app.kubernetes.io/part-of: wiremesh
 
 {{- define "wiremesh.natsUrl" -}}
 {{- if .Values.nats.enabled }}
-{{- printf "nats://%s:%d" (include "wiremesh.componentName" (dict "root" . "component" "nats")) (int .Values.nats.port) }}
+{{- printf "%s://%s:%d" (ternary "tls" "nats" .Values.nats.tls.enabled) (include "wiremesh.componentName" (dict "root" . "component" "nats")) (int .Values.nats.port) }}
 {{- else }}
 {{- required "nats.url is required when nats.enabled is false" .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{/* The bus roles (wiremesh.core.busauth.ROLES; their permissions: files/nats-permissions.json). */}}
+{{- define "wiremesh.natsRoles" -}}
+{{- toJson (list "coord" "keys" "derp") }}
+{{- end }}
+
+{{/* The Secret holding one role's NATS credential: (dict "root" $ "role" "coord"). */}}
+{{- define "wiremesh.natsCredentialsSecret" -}}
+{{- $existing := index .root.Values.nats.auth.existingSecrets .role }}
+{{- if $existing }}
+{{- $existing }}
+{{- else if .root.Values.nats.enabled }}
+{{- include "wiremesh.componentName" (dict "root" .root "component" (printf "nats-%s" .role)) }}
+{{- else }}
+{{- fail (printf "with an external NATS (nats.enabled=false) each service needs its credential: set nats.auth.existingSecrets.%s (a Secret with key `credentials`: an NKey seed or USER:PASSWORD whose user has the %s role's permissions, files/nats-permissions.json)" .role .role) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with the bus's CA certificate (ca.crt), or nothing when the bus has no TLS. */}}
+{{- define "wiremesh.natsCaSecret" -}}
+{{- if .Values.nats.tls.existingSecret }}
+{{- .Values.nats.tls.existingSecret }}
+{{- else if and .Values.nats.enabled .Values.nats.tls.enabled }}
+{{- include "wiremesh.componentName" (dict "root" . "component" "nats-tls") }}
+{{- end }}
+{{- end }}
+
+{{/* A service's bus credential and CA as files (never values in its environment or argv):
+     env, volumeMounts and volumes, each called with (dict "root" $ "role" "coord"). */}}
+{{- define "wiremesh.natsEnv" -}}
+- name: WIREMESH_NATS_CREDENTIALS
+  value: /etc/wiremesh-nats/credentials
+{{- if include "wiremesh.natsCaSecret" .root }}
+- name: WIREMESH_NATS_CA
+  value: /etc/wiremesh-nats-ca/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "wiremesh.natsVolumeMounts" -}}
+- {name: nats-credentials, mountPath: /etc/wiremesh-nats, readOnly: true}
+{{- if include "wiremesh.natsCaSecret" .root }}
+- {name: nats-ca, mountPath: /etc/wiremesh-nats-ca, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{- define "wiremesh.natsVolumes" -}}
+- name: nats-credentials
+  secret:
+    secretName: {{ include "wiremesh.natsCredentialsSecret" . }}
+    defaultMode: 0440  # the pod's fsGroup reads it
+    items: [{key: credentials, path: credentials}]
+{{- with include "wiremesh.natsCaSecret" .root }}
+- name: nats-ca
+  secret:
+    secretName: {{ . }}
+    items: [{key: ca.crt, path: ca.crt}]
 {{- end }}
 {{- end }}
 
@@ -88,21 +146,24 @@ app.kubernetes.io/part-of: wiremesh
 {{- default (include "wiremesh.componentName" (dict "root" . "component" "agent-authkey")) .Values.agent.authKey.existingSecret }}
 {{- end }}
 
-{{/* Environment shared by coord and keys: NATS, the database (from its Secret) and the state dir. */}}
+{{/* Environment shared by coord and keys: NATS, the database (from its Secret) and the state dir;
+     called with (dict "root" $ "role" "coord"). */}}
 {{- define "wiremesh.serviceEnv" -}}
+{{- $root := .root }}
 - name: WIREMESH_NATS_URL
-  value: {{ include "wiremesh.natsUrl" . | quote }}
+  value: {{ include "wiremesh.natsUrl" $root | quote }}
+{{ include "wiremesh.natsEnv" . }}
 - name: WIREMESH_STATE_DIR
   value: /var/lib/wiremesh
 - name: WIREMESH_REPLICA_ID
   valueFrom:
     fieldRef: {fieldPath: metadata.name}
-{{- if .Values.database.existingSecret }}
+{{- if $root.Values.database.existingSecret }}
 - name: WIREMESH_DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.database.existingSecret }}
-      key: {{ .Values.database.secretKey }}
+      name: {{ $root.Values.database.existingSecret }}
+      key: {{ $root.Values.database.secretKey }}
 {{- end }}
 {{- end }}
 

@@ -5,6 +5,7 @@ base64 strings (the same text form `wiremesh genkey` prints). Agents never speak
 
 Request/reply subjects answer with a message that carries an `error` field: empty on
 success, otherwise a human-readable reason the caller may pass on to its own client.
+Which service may publish or subscribe to which subject is wiremesh.core.busauth's table.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ KEYS_QUEUE = "wiremesh-keys"
 
 # Coordination events (published by coord).
 NODE_CHANGED = "wiremesh.coord.node.changed"  # NodeChanged: netmaps that include this node are stale
-NODE_ONLINE = "wiremesh.coord.node.online"  # NodePresence
 POLICY_CHANGED = "wiremesh.coord.policy.changed"  # PolicyChanged
 # raw 32 bytes: the ephemeral key of an agent handshake a replica accepted (shared replay cache)
 HANDSHAKE_SEEN = "wiremesh.coord.handshake.seen"
 
-# Relay presence and cross-replica forwarding (published by derp replicas).
+# Relay presence and cross-replica forwarding (published by derp replicas), all under DERP_SUBJECTS.
+DERP_SUBJECTS = "wiremesh.derp.>"
 # kind: beat | delta | full; the messages are wiremesh.derp.presence's (a lease protocol owned by derp)
 DERP_LEASE = "wiremesh.derp.{region}.lease.{kind}"
 DERP_FORWARD = "wiremesh.derp.{region}.fwd.{replica}"  # records: u32 BE len | src key | dst key | packet
@@ -170,13 +171,6 @@ class NodeChanged:
     node_id: int
     change: str  # "added" | "updated" | "removed" | "endpoints" | "online" | "offline"
     origin: str = ""  # replica id that made the change, so it can skip its own echo
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NodePresence:
-    node_id: int
-    online: bool
-    at: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

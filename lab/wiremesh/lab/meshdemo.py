@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
+from wiremesh.core import busauth
 from wiremesh.lab import Host, Lab, LabError, NatKind, Router, support
 
 VENV_BIN = pathlib.Path(sys.executable).parent
@@ -350,7 +351,10 @@ class MeshDemo:
 
     def start_services(self) -> None:
         ctl = self.control
-        nats = self._popen(ctl, "nats", [nats_server_binary(), "-a", ctl.address, "-p", str(NATS_PORT)])
+        # The relays reach NATS across the lab network, so it admits only the service roles, each
+        # with its own NKey and only the subjects its role needs (wiremesh.core.busauth).
+        bus = busauth.write_bus(self.state / "bus", listen=f"{ctl.address}:{NATS_PORT}")
+        nats = self._popen(ctl, "nats", [nats_server_binary(), "-c", str(bus.config)])
         nats_url = f"nats://{ctl.address}:{NATS_PORT}"
         wait_until(lambda: self._tcp_open(ctl, ctl.address, NATS_PORT, nats), SERVICE_TIMEOUT, "nats-server")
 
@@ -358,6 +362,7 @@ class MeshDemo:
             state = self.state / name
             state.mkdir(exist_ok=True)
             argv = [str(VENV_BIN / f"wiremesh-{name}"), "--listen", listen, "--nats-url", nats_url]
+            argv += ["--nats-credentials", str(bus.credentials[name])]
             argv += ["--state-dir", str(state), "--admin-key-file", str(self.admin_key_file)]
             argv += ["--log-format", "text", *extra]
             return self._popen(ctl, name, argv)
@@ -385,6 +390,7 @@ class MeshDemo:
                     "--admin-listen", f"127.0.0.1:{ADMIN_PORT}",
                     "--key-file", str(self.state / f"derp{rid}.key"),
                     "--nats", nats_url,
+                    "--nats-credentials", str(bus.credentials["derp"]),
                     "--region", f"region{rid}",
                     "--replica-id", f"region{rid}-a",
                     "--log-level", "info",

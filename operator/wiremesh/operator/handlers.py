@@ -47,6 +47,7 @@ class OperatorConfig:
     auth_key_expiration: str = "24h"
     manage_tags: bool = True
     mirror_nodes: bool = True  # a MeshNode per cluster Node, advertising its pod CIDR
+    approve_pod_routes: bool = True  # and approving it (see mirror_spec)
     node_tags: tuple[str, ...] = ("tag:k8s-node",)
 
 
@@ -163,7 +164,10 @@ class KubeObjects:
         if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY["app.kubernetes.io/managed-by"]:
             log.warning("node_mirror_skipped name=%s: a MeshNode of that name is not ours", name)
             return
-        if current.get("spec") != body["spec"]:
+        spec = current.get("spec") or {}
+        # Only the fields the mirror manages (a merge patch leaves an admin's approvedRoutes be
+        # when pod routes are not approved automatically).
+        if {key: spec.get(key) for key in body["spec"]} != body["spec"]:
             api.patch_cluster_custom_object(GROUP, VERSION, MESHNODES, name, {"spec": body["spec"]})
 
     def delete_meshnode(self, name: str) -> None:
@@ -380,8 +384,10 @@ class Operator:
             log.warning("meshnode_poll_failed name=%s error=%r", desired.name, str(exc))
             return
         claimed = {nid for nid, owner in self.claims.items() if owner != desired.name}
-        node = mn.find_node(desired, nodes, known if isinstance(known, int) else None, claimed)
+        keys = mn.key_ids(status)
+        node = mn.find_node(nodes, known if isinstance(known, int) else None, keys, claimed)
         if node is None:
+            log.debug("meshnode_unbound name=%s auth_keys=%s", desired.name, sorted(keys))
             if known is not None and not body.metadata.get("deletionTimestamp"):
                 await self._node_gone(body, desired, status, patch, known)
             return
@@ -425,7 +431,7 @@ class Operator:
         if isinstance(known, int):
             self.claims.pop(known, None)
         patch.status.update(mn.gone_status())
-        message = f"coord node {known} is gone"
+        message = f"coord node {known} is gone (or re-registered with a key not issued for this MeshNode)"
         if await self.issue_auth_key(body, desired, status, patch):
             secret = f"{self._secret_namespace(body)}/{mn.secret_name(desired.name)}"
             message += (
@@ -454,7 +460,7 @@ class Operator:
             if known is None:
                 # It may have registered since the last poll.
                 claimed = {nid for nid, owner in self.claims.items() if owner != desired.name}
-                node = mn.find_node(desired, await self.coord.list_nodes(), None, claimed)
+                node = mn.find_node(await self.coord.list_nodes(), None, mn.key_ids(status), claimed)
                 known = node.get("id") if node else None
             if known is not None:
                 await self.coord.delete_node(int(known))
@@ -475,7 +481,7 @@ class Operator:
 
     async def mirror_node(self, name: str, uid: str, spec: dict[str, Any]) -> None:
         """Create or update the MeshNode that mirrors cluster Node `name`."""
-        wanted = mn.mirror_spec(name, spec, self.config.node_tags)
+        wanted = mn.mirror_spec(name, spec, self.config.node_tags, self.config.approve_pod_routes)
         if self.mirrored.get(name) == wanted:
             return  # most Node updates are status heartbeats
         body: dict[str, Any] = {

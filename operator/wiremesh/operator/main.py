@@ -54,7 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mirror-nodes",
         action=argparse.BooleanOptionalAction,
         default=env("WIREMESH_MIRROR_NODES", "true").lower() not in ("0", "false", "no"),
-        help="keep a MeshNode per cluster Node, advertising (and approving) its pod CIDR",
+        help="keep a MeshNode per cluster Node, advertising its pod CIDR",
+    )
+    p.add_argument(
+        "--approve-pod-routes",
+        action=argparse.BooleanOptionalAction,
+        default=env("WIREMESH_APPROVE_POD_ROUTES", "true").lower() not in ("0", "false", "no"),
+        help="approve mirrored Nodes' pod CIDRs in coord at once (every device the ACL lets reach a"
+        " node then reaches its pods); --no-approve-pod-routes leaves approval to an admin",
     )
     p.add_argument(
         "--node-tags",
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval=args.poll_interval,
         auth_key_expiration=args.auth_key_expiration,
         mirror_nodes=args.mirror_nodes,
+        approve_pod_routes=args.approve_pod_routes,
         node_tags=tuple(t.strip() for t in args.node_tags.split(",") if t.strip()),
     )
     liveness = f"http://{args.health_listen}/healthz" if args.health_listen else None

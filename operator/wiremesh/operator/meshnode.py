@@ -56,26 +56,31 @@ def secret_data(desired: Desired, auth_key: str, login_server: str) -> dict[str,
     }
 
 
+def key_ids(status: Any) -> set[int]:
+    """The pre-auth keys that vouch for this MeshNode's node: the one the operator issued last
+    (status.authKeyId) and the one the bound node registered with (status.nodeAuthKeyId)."""
+    out = set()
+    for field in ("authKeyId", "nodeAuthKeyId"):
+        value = status.get(field)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out.add(value)
+    return out
+
+
 def find_node(
-    desired: Desired, nodes: Iterable[dict[str, Any]], known_id: int | None, claimed: set[int]
+    nodes: Iterable[dict[str, Any]], known_id: int | None, keys: set[int], claimed: set[int]
 ) -> dict[str, Any] | None:
-    """The coord node that is this MeshNode: the one recorded in status, else the newest node
-    that registered with the MeshNode's hostname and user and that no other MeshNode claims.
-    (coord does not list which auth key a node used, so the hostname is the link.)"""
-    nodes = list(nodes)
+    """The coord node that is this MeshNode: one that registered with a pre-auth key issued for
+    this MeshNode (`keys`). The node recorded in status while it still carries such a key, else
+    the newest unexpired one no other MeshNode claims. Never by hostname: a node names itself,
+    so another node of the same user could take a worker's hostname (and with it the worker's
+    tags and routes); only the holder of the MeshNode's own key can register with it."""
+    nodes = [n for n in nodes if n.get("auth_key_id") in keys]
     if known_id is not None:
         for node in nodes:
             if node.get("id") == known_id:
                 return node
-        return None
-    candidates = [
-        n
-        for n in nodes
-        if n.get("hostname") == desired.hostname
-        and n.get("user") == desired.user
-        and n.get("id") not in claimed
-        and not n.get("expired")
-    ]
+    candidates = [n for n in nodes if n.get("id") not in claimed and not n.get("expired")]
     return max(candidates, key=lambda n: int(n.get("id") or 0), default=None)
 
 
@@ -142,11 +147,13 @@ def node_status(node: dict[str, Any]) -> dict[str, Any]:
         "endpoints": [str(e) for e in (node.get("endpoints") or [])][:32],
         "advertisedRoutes": list(node.get("advertised_routes") or []),
         "approvedRoutes": list(node.get("approved_routes") or []),
+        "nodeAuthKeyId": node.get("auth_key_id"),
     }
 
 
 def gone_status() -> dict[str, Any]:
-    """The node left coord (deleted by an admin, or an ephemeral node that went away)."""
+    """The node left coord (deleted by an admin, or an ephemeral node that went away), or no
+    longer carries a key of this MeshNode (it re-registered with another)."""
     return {
         "nodeId": None,
         "online": False,
@@ -154,6 +161,7 @@ def gone_status() -> dict[str, Any]:
         "addresses": None,
         "nodeKey": None,
         "endpoints": None,
+        "nodeAuthKeyId": None,
     }
 
 
@@ -175,13 +183,19 @@ def pod_cidrs(node_spec: dict[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(c) for c in cidrs))
 
 
-def mirror_spec(node_name: str, node_spec: dict[str, Any], tags: tuple[str, ...]) -> dict[str, Any]:
-    """The MeshNode for a cluster Node: it advertises the Node's pod CIDRs, approved at once
-    (the cluster vouches for its own nodes), which is what lets laptops reach pods."""
+def mirror_spec(
+    node_name: str, node_spec: dict[str, Any], tags: tuple[str, ...], approve_routes: bool = True
+) -> dict[str, Any]:
+    """The MeshNode for a cluster Node: it advertises the Node's pod CIDRs. With
+    `approve_routes` they are approved at once (the cluster vouches for its own nodes), which
+    is what lets laptops reach pods; without, the spec leaves `approvedRoutes` to an admin (the
+    operator then never writes that field, so an approval given by hand stays)."""
     routes = list(pod_cidrs(node_spec))
-    return {
+    spec: dict[str, Any] = {
         "hostname": node_hostname(node_name),
         "tags": list(tags),
         "advertiseRoutes": routes,
-        "approvedRoutes": routes,
     }
+    if approve_routes:
+        spec["approvedRoutes"] = routes
+    return spec

@@ -27,6 +27,8 @@ from nats.aio.client import Client as NATS
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from wiremesh.core.busauth import BusAccess
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -35,7 +37,7 @@ T = TypeVar("T")
 class ServiceSettings:
     listen_host: str
     listen_port: int
-    nats_url: str
+    bus: BusAccess
     database_url: str
     state_dir: pathlib.Path
     admin_key: str
@@ -49,6 +51,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, default_por
     env = os.environ.get
     parser.add_argument("--listen", default=env("WIREMESH_LISTEN", f"127.0.0.1:{default_port}"))
     parser.add_argument("--nats-url", default=env("WIREMESH_NATS_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument(
+        "--nats-credentials",
+        default=env("WIREMESH_NATS_CREDENTIALS", ""),
+        help=f"file with this service's NATS credential (an NKey seed or USER:PASSWORD; role {name!r})",
+    )
+    parser.add_argument(
+        "--nats-ca", default=env("WIREMESH_NATS_CA", ""), help="CA certificate of the NATS server (TLS)"
+    )
     parser.add_argument(
         "--database-url",
         default=env("WIREMESH_DATABASE_URL", ""),
@@ -72,10 +82,15 @@ def settings_from_args(args: argparse.Namespace, name: str) -> ServiceSettings:
     if args.admin_key_file:
         admin_key = pathlib.Path(args.admin_key_file).read_text().strip()
     replica_id = args.replica_id or f"{name}-{os.uname().nodename}-{os.getpid()}"
+    bus = BusAccess(args.nats_url, name, args.nats_credentials, args.nats_ca)
+    try:
+        bus.check()
+    except ValueError as exc:
+        raise SystemExit(f"wiremesh-{name}: {exc}") from None
     return ServiceSettings(
         listen_host=host.strip("[]"),
         listen_port=int(port),
-        nats_url=args.nats_url,
+        bus=bus,
         database_url=database_url,
         state_dir=state_dir,
         admin_key=admin_key,
@@ -157,8 +172,9 @@ class Database:
         self.engine.dispose()
 
 
-async def connect_nats(url: str, name: str) -> NATS:
-    """Connect and keep reconnecting forever: a NATS restart must not take a service down."""
+async def connect_nats(bus: BusAccess, name: str) -> NATS:
+    """Connect as the service's bus role and keep reconnecting forever: a NATS restart must not
+    take a service down."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", extra={"error": str(exc)})
@@ -169,8 +185,10 @@ async def connect_nats(url: str, name: str) -> NATS:
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
+    if not bus.authenticated:
+        log.warning("connecting to NATS without a credential", extra={"url": bus.url})
     return await nats.connect(
-        url,
+        bus.url,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -179,15 +197,16 @@ async def connect_nats(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **bus.connect_options(),
     )
 
 
-async def wait_for_nats(url: str, name: str, deadline_s: float = 30.0) -> NATS:
+async def wait_for_nats(bus: BusAccess, name: str, deadline_s: float = 30.0) -> NATS:
     """Connect once NATS is reachable (start-up order across services does not matter)."""
     end = time.monotonic() + deadline_s
     while True:
         try:
-            return await connect_nats(url, name)
+            return await connect_nats(bus, name)
         except Exception as exc:
             if time.monotonic() > end:
                 raise

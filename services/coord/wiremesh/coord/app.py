@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup_logging(settings.log_level, settings.log_json)
     config = CoordConfig(
         database_url=settings.database_url,
-        nats_url=settings.nats_url,
+        bus=settings.bus,
         replica_id=settings.replica_id,
         admin_key=settings.admin_key,
         ephemeral_grace=args.ephemeral_grace,

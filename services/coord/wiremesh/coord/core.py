@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from wiremesh.coord import store
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
+from wiremesh.core.busauth import BusAccess
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control import service
 from wiremesh.core.control.channel import ControlError, HandshakeRefused, ReplayGuard, ServerCall
@@ -44,7 +45,7 @@ T = TypeVar("T")
 @dataclasses.dataclass(frozen=True, slots=True)
 class CoordConfig:
     database_url: str
-    nats_url: str
+    bus: BusAccess
     replica_id: str = "coord"
     admin_key: str = ""
     visibility: str = "all"
@@ -153,7 +154,7 @@ class Coordinator:
         for record in await self.db.run(store.load_all):
             self.mesh.upsert(record)
         await self.policy.load()
-        self.nc = await service.wait_for_nats(self.config.nats_url, self.config.replica_id)
+        self.nc = await service.wait_for_nats(self.config.bus, self.config.replica_id)
         await self.nc.subscribe(bus.NODE_CHANGED, cb=self._on_node_changed)
         await self.nc.subscribe(bus.NODE_KEY_REMOVED, cb=self._on_node_key_removed)
         if self.config.share_handshakes:
@@ -466,6 +467,8 @@ class Coordinator:
             "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
             "expired": False,
         }
+        if grant is not None:
+            values["auth_key_id"] = grant.auth_key_id  # the key that vouches for the node now
         tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
         if tags != existing.tags:
             values["tags"] = tags

@@ -112,6 +112,9 @@ class NodeRecord:
     advertised_routes: tuple[str, ...]
     approved_routes: tuple[str, ...]
     home_relay: int | None
+    # The pre-auth key the node last registered with: what binds a MeshNode to its node (the
+    # hostname is the node's own say-so, so it never does).
+    auth_key_id: int | None = None
 
     def to_admin_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -153,6 +156,7 @@ def _record(row: NodeRow, user: str) -> NodeRecord:
         advertised_routes=tuple(row.advertised_routes),
         approved_routes=tuple(row.approved_routes),
         home_relay=row.home_relay,
+        auth_key_id=row.auth_key_id,
     )
 
 

@@ -32,6 +32,7 @@ from nacl.public import PrivateKey
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from wiremesh.core.busauth import BusAccess
 from wiremesh.core.derp import frames
 from wiremesh.core.logs import setup_logging
 from wiremesh.derp.keyauth import KeyAuthority
@@ -203,8 +204,14 @@ class DerpService:
 
             from wiremesh.derp.mesh import Mesh, follow_registry
 
+            bus_access = self.bus_access()
+            if not bus_access.authenticated:
+                log.warning("connecting to NATS %s without a credential", args.nats)
             self.nc = await nats.connect(
-                args.nats, name=f"wiremesh-derp-{args.replica_id}", max_reconnect_attempts=-1
+                args.nats,
+                name=f"wiremesh-derp-{args.replica_id}",
+                max_reconnect_attempts=-1,
+                **bus_access.connect_options(),
             )
             if not args.allow_keys_file and not args.insecure_allow_all:
                 # Listen at once; until the registry has answered, every key is refused
@@ -248,6 +255,9 @@ class DerpService:
             args.region,
             args.replica_id,
         )
+
+    def bus_access(self) -> BusAccess:
+        return BusAccess(self.args.nats, "derp", self.args.nats_credentials, self.args.nats_ca)
 
     async def _start_admin(self) -> None:
         import uvicorn
@@ -339,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("WIREMESH_NATS_URL"),
         help="NATS URL (key registry, replicas)",
     )
+    p.add_argument(
+        "--nats-credentials",
+        default=os.environ.get("WIREMESH_NATS_CREDENTIALS", ""),
+        help="file with the relay's NATS credential (an NKey seed or USER:PASSWORD; role 'derp')",
+    )
+    p.add_argument(
+        "--nats-ca", default=os.environ.get("WIREMESH_NATS_CA", ""), help="CA certificate of the NATS server"
+    )
     p.add_argument("--region", default="default", help="region name shared by this relay's replicas")
     p.add_argument("--replica-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique per replica")
     p.add_argument(
@@ -409,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wiremesh-derp: --presence-lease must be longer than --presence-interval (> 0)", file=sys.stderr
         )
         return 2
+    if args.nats:
+        try:
+            BusAccess(args.nats, "derp", args.nats_credentials, args.nats_ca).check()
+        except ValueError as exc:
+            print(f"wiremesh-derp: {exc}", file=sys.stderr)
+            return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("wiremesh-derp: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2

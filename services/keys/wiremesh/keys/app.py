@@ -25,7 +25,8 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from wiremesh.core import bus, logs
+from wiremesh.core import bus, busauth, logs
+from wiremesh.core.busauth import BusAccess
 from wiremesh.core.control import service
 from wiremesh.keys import store
 
@@ -38,13 +39,13 @@ class KeysService:
     def __init__(
         self,
         database_url: str,
-        nats_url: str,
+        bus_access: BusAccess,
         replica_id: str = "keys",
         sweep_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.database_url = database_url
-        self.nats_url = nats_url
+        self.bus_access = bus_access
         self.replica_id = replica_id
         self.sweep_interval = sweep_interval
         self.clock = clock
@@ -62,7 +63,7 @@ class KeysService:
         engine = service.make_engine(self.database_url)
         await asyncio.to_thread(service.run_migrations, engine, MIGRATIONS, VERSION_TABLE)
         self.db = service.Database(engine)
-        self.nc = await service.wait_for_nats(self.nats_url, self.replica_id)
+        self.nc = await service.wait_for_nats(self.bus_access, self.replica_id)
         handlers: dict[str, Callable[[Msg], Awaitable[None]]] = {
             bus.AUTH_KEY_CREATE: self._on_create,
             bus.AUTH_KEY_LIST: self._on_list,
@@ -109,8 +110,12 @@ class KeysService:
         return wrapped
 
     async def _reply(self, msg: Msg, reply: Any) -> None:
-        if msg.reply:
+        # Only to a requester's inbox: a request naming an event subject as its reply-to must not
+        # make the registry publish there (allow_responses would let it).
+        if msg.reply and busauth.is_reply_inbox(msg.reply):
             await msg.respond(bus.encode(reply))
+        elif msg.reply:
+            self.requests.labels(msg.subject, "bad_reply_subject").inc()
 
     async def _publish(self, subject: str, message: Any) -> None:
         assert self.nc is not None
@@ -260,5 +265,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "keys")
     logs.setup_logging(settings.log_level, settings.log_json)
-    keys = KeysService(settings.database_url, settings.nats_url, settings.replica_id)
+    keys = KeysService(settings.database_url, settings.bus, settings.replica_id)
     service.serve(create_app(keys), settings)
