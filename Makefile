@@ -40,6 +40,10 @@ test: sysdeps venv lint
 demo: sysdeps venv
 	$(PY) -m wiremesh.lab.meshdemo
 
+# wiremesh in a real two-node Kubernetes cluster built here (helm install), and a laptop outside.
+demo-k8s: sysdeps venv
+	$(PY) -m wiremesh.lab.k8sdemo
+
 # Two agents joined by a static (wg-quick style) tunnel through one NAT: ping and iperf3.
 demo-static: sysdeps venv
 	$(PY) -m wiremesh.lab.demo

@@ -2,7 +2,8 @@
 # Installs the Debian packages wiremesh's demo, tests and benchmarks use, only those missing.
 # wireguard-tools goes in without recommends: its recommends pull a kernel package.
 set -euo pipefail
-pkgs=(nftables iproute2 iperf3 iputils-ping conntrack wireguard-go postgresql stun-client miniupnpd procps psmisc)
+pkgs=(nftables iproute2 iperf3 iputils-ping conntrack wireguard-go postgresql stun-client miniupnpd procps psmisc
+      buildah mmdebstrap containerd runc containernetworking-plugins prometheus iptables dnsutils)
 norec=(wireguard-tools)
 missing() { for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done; }
 need=$(missing "${pkgs[@]}")

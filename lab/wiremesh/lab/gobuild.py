@@ -86,6 +86,10 @@ def go_program(name: str, module: str, version: str, timeout: float = BUILD_TIME
 
 HELM = ("helm", "helm.sh/helm/v3/cmd/helm", "v3.19.5")
 COREDNS = ("coredns", "github.com/coredns/coredns", "v1.14.7")
+# Prometheus 3.16 (its Go module numbers releases v0.3MM.P). Debian's prometheus package is built
+# without Kubernetes service discovery ("field kubernetes_sd_configs not found"), which the lab's
+# scrape configuration needs; promtool from Debian still checks rule files.
+PROMETHEUS = ("prometheus", "github.com/prometheus/prometheus/cmd/prometheus", "v0.316.0")
 
 
 def helm() -> Path:
@@ -96,3 +100,8 @@ def helm() -> Path:
 def coredns() -> Path:
     """CoreDNS, the lab cluster's DNS (its kubernetes plugin serves cluster.local)."""
     return go_program(*COREDNS)
+
+
+def prometheus() -> Path:
+    """Prometheus with Kubernetes service discovery, for scraping the lab cluster."""
+    return go_program(*PROMETHEUS)

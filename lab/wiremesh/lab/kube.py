@@ -1,6 +1,8 @@
 """A real Kubernetes API server on loopback for the operator's tests: etcd + kube-apiserver.
 
-Both are built from their published Go modules, once per machine, into a cache directory keyed
+The Kubernetes programs (kube-apiserver, etcd, and for the lab cluster in `wiremesh.lab.cluster`
+kubelet, kube-scheduler, kube-controller-manager, kube-proxy and kubectl) are built from their
+published Go modules, once per machine, in one `go build`, into a cache directory keyed
 by version (``~/.cache/wiremesh/kube/<version>``, or ``$WIREMESH_KUBE_CACHE``). k8s.io/kubernetes
 replaces its staging modules (k8s.io/api, k8s.io/apiserver, ...) with paths inside its own
 repository, so ``go install k8s.io/kubernetes/cmd/kube-apiserver@vX`` refuses; the usual way
@@ -61,6 +63,16 @@ STAGING_MODULES = (
 )  # fmt: skip
 APISERVER_PKG = "k8s.io/kubernetes/cmd/kube-apiserver"
 ETCD_PKG = "go.etcd.io/etcd/server/v3"
+# Every program of the lab cluster, built together (they share most of their packages).
+PROGRAMS = {
+    "kube-apiserver": APISERVER_PKG,
+    "etcd": ETCD_PKG,
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+    "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+    "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
+    "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+}
 BUILD_TIMEOUT = 1800.0  # a first build on 2 cores, module downloads included
 
 
@@ -75,12 +87,18 @@ def cache_dir() -> Path:
 
 def binaries(cache: Path | None = None) -> tuple[Path, Path]:
     """(kube-apiserver, etcd) paths in the cache (they may not exist yet)."""
-    bindir = (cache or cache_dir()) / "bin"
-    return bindir / "kube-apiserver", bindir / "etcd"
+    return program("kube-apiserver", cache), program("etcd", cache)
+
+
+def program(name: str, cache: Path | None = None) -> Path:
+    """The path of one of PROGRAMS in the cache (it may not exist yet)."""
+    if name not in PROGRAMS:
+        raise KeyError(f"not a lab Kubernetes program: {name}")
+    return (cache or cache_dir()) / "bin" / name
 
 
 def is_built(cache: Path | None = None) -> bool:
-    return all(p.is_file() and os.access(p, os.X_OK) for p in binaries(cache))
+    return all(program(n, cache).is_file() and os.access(program(n, cache), os.X_OK) for n in PROGRAMS)
 
 
 def go_binary() -> str:
@@ -96,7 +114,7 @@ def go_mod_text() -> str:
         "module wiremesh.lab/kube\n\n"
         "go 1.25.0\n\n"
         f"require k8s.io/kubernetes {KUBE_VERSION}\n\n"
-        f"tool (\n\t{APISERVER_PKG}\n\t{ETCD_PKG}\n)\n\n"
+        "tool (\n" + "".join(f"\t{pkg}\n" for pkg in PROGRAMS.values()) + ")\n\n"
         f"replace (\n{replaces}\n)\n"
     )
 
@@ -129,7 +147,7 @@ def build(cache: Path | None = None, timeout: float = BUILD_TIMEOUT) -> tuple[Pa
         staging.mkdir()
         steps = [
             [go, "mod", "tidy"],
-            [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(staging) + "/", APISERVER_PKG, ETCD_PKG],
+            [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(staging) + "/", *PROGRAMS.values()],
         ]
         for step in steps:
             remaining = timeout - (time.monotonic() - started)
@@ -155,7 +173,7 @@ def build(cache: Path | None = None, timeout: float = BUILD_TIMEOUT) -> tuple[Pa
 # ---- certificates and keys ----
 
 
-def _write_key(path: Path, key: Any) -> None:
+def write_key(path: Path, key: Any) -> None:
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -166,7 +184,7 @@ def _write_key(path: Path, key: Any) -> None:
     path.chmod(0o600)
 
 
-def _cert(
+def issue_cert(
     subject: str,
     key: Any,
     issuer: tuple[x509.Certificate, Any] | None,
@@ -194,14 +212,14 @@ def _cert(
 def write_pki(directory: Path) -> dict[str, Path]:
     """A CA, a serving certificate for 127.0.0.1/localhost and a service-account key pair."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("wiremesh-test-ca", ca_key, None, ca=True)
+    ca = issue_cert("wiremesh-test-ca", ca_key, None, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.DNSName("kubernetes.default.svc"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
     ]
-    server = _cert("kube-apiserver", server_key, (ca, ca_key), ca=False, sans=sans)
+    server = issue_cert("kube-apiserver", server_key, (ca, ca_key), ca=False, sans=sans)
     # Service-account tokens are signed with RS256 by default; RSA keeps every client happy.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     paths = {
@@ -213,8 +231,8 @@ def write_pki(directory: Path) -> dict[str, Path]:
     }
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["server_cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_key(paths["server_key"], server_key)
-    _write_key(paths["sa_key"], sa_key)
+    write_key(paths["server_key"], server_key)
+    write_key(paths["sa_key"], sa_key)
     paths["sa_pub"].write_bytes(
         sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -331,12 +331,23 @@ class Lab:
             )
         return result
 
-    def popen(self, node: Node | str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``argv`` inside ``node``; the lab stops it (its whole process group) at close."""
+    def popen(
+        self, node: Node | str, argv: Sequence[str], *, host_mounts: bool = False, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside ``node``; the lab stops it (its whole process group) at close.
+
+        ``host_mounts``: join only the network namespace and keep this process's mount namespace
+        (``ip netns exec`` gives every command a private one). Processes that must see each
+        other's mounts, such as a kubelet and its container runtime, need it.
+        """
         self._check_open()
         _check_argv(argv)
         kwargs.setdefault("start_new_session", True)
-        proc: subprocess.Popen[Any] = subprocess.Popen([*self.exec_prefix(node), *argv], **kwargs)
+        if host_mounts:
+            prefix = ["nsenter", f"--net={os.path.join(netns.NETNS_DIR, self.ns_of(node))}", "--"]
+        else:
+            prefix = self.exec_prefix(node)
+        proc: subprocess.Popen[Any] = subprocess.Popen([*prefix, *argv], **kwargs)
         self._processes.append(proc)
         return proc
 
@@ -382,6 +393,10 @@ class Lab:
 
     def _nft(self, ns: str, ruleset: str) -> None:
         self._ns_exec(ns, ["nft", "-f", "-"], input=ruleset)
+
+    def sysctl(self, node: Node | str, values: Mapping[str, int]) -> None:
+        """Set sysctls (dotted names, e.g. net.ipv4.ip_forward) inside ``node``'s namespace."""
+        self._sysctl(self.ns_of(node), values)
 
     def _sysctl(self, ns: str, values: Mapping[str, int]) -> None:
         """Set sysctls (dotted names) inside ``ns``; net.bridge.*/net.ipv6.* are skipped if absent."""

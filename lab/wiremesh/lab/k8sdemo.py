@@ -1,0 +1,104 @@
+"""`make demo-k8s`: wiremesh installed with Helm into a real two-node cluster, and a laptop outside.
+
+Builds what is missing (Kubernetes and CoreDNS from their Go modules, the images with buildah,
+each once per machine), starts the cluster, installs charts/wiremesh, joins a laptop behind a NAT
+router with a MeshNode's pre-auth key, and shows what a user would look at: `kubectl get
+meshnodes`, the laptop fetching a page from a pod on node2 and the path it took, a pod reaching the
+laptop, then tears everything down. Needs root. Ctrl-C stops it at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+
+from wiremesh.lab.cluster import KubeCluster
+from wiremesh.lab.k8smesh import MeshOnCluster
+from wiremesh.lab.lab import Lab
+
+STARTED = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", flush=True)
+
+
+def show(title: str, text: str) -> None:
+    print(f"\n$ {title}\n{text.rstrip()}\n", flush=True)
+
+
+def run() -> int:
+    say("building what is missing (first run on a machine: Kubernetes, CoreDNS, images; ~15 min)")
+    with Lab() as lab:
+        say("starting a control plane and two nodes (kubelet, containerd, runc, CNI bridge, kube-proxy)")
+        with KubeCluster(lab, nodes=2) as cluster:
+            show("kubectl get nodes -o wide", cluster.kubectl("get", "nodes", "-o", "wide"))
+            mesh = MeshOnCluster(cluster)
+            web = mesh.web_pod("web", cluster.nodes[1].name, {"index.html": 64})
+            say(f"a web pod on {cluster.nodes[1].name} at {web}:8080")
+            say("helm install wiremesh charts/wiremesh (coord, keys, relay, NATS, operator, agent DaemonSet)")
+            mesh.install()
+            show(
+                "kubectl get pods -n wiremesh -o wide",
+                cluster.kubectl("get", "pods", "-n", "wiremesh", "-o", "wide"),
+            )
+            say("a laptop behind a home NAT router joins with the pre-auth key of its MeshNode")
+            laptop = mesh.join_laptop()
+            show("kubectl get meshnodes", cluster.kubectl("get", "meshnodes"))
+            url = f"http://{web}:8080/index.html"
+            deadline = time.monotonic() + 60
+            fetched = None
+            while fetched is None and time.monotonic() < deadline:
+                result = lab.run(laptop, ["python3", "-c", _FETCH, url], check=False)
+                fetched = result.stdout if result.returncode == 0 else None
+            if fetched is None:
+                say("the laptop could not reach the pod")
+                return 1
+            show(f"laptop$ curl {url}", fetched)
+            status = json.loads(mesh.wiremesh_cli(laptop, "status", "--json"))
+            for peer in status["peers"]:
+                path = peer.get("endpoint") or "-"
+                show_line = f"{peer['name']:<8} {peer['addresses'][0]:<14} routes {','.join(peer['allowed_ips'][2:]) or '-':<16} path {path}"
+                print("  " + show_line)
+            show("laptop$ wiremesh ping -c 2 node2", mesh.wiremesh_cli(laptop, "ping", "-c", "2", "node2"))
+            address = mesh.wiremesh_cli(laptop, "ip", "-4").strip()
+            page = f"{lab.tmpdir}/laptop-www"
+            lab.run(laptop, ["mkdir", "-p", page])
+            lab.run(laptop, ["sh", "-c", f"echo hello from the laptop > {page}/hello.txt"])
+            lab.popen(laptop, ["python3", "-m", "http.server", "8081", "--bind", "0.0.0.0", "-d", page])
+            say(f"the web pod fetches a page from the laptop at its mesh address {address}")
+            answer = ""
+            deadline = time.monotonic() + 30
+            while not answer and time.monotonic() < deadline:
+                answer = mesh.pod_exec(
+                    "web", "python3", "-c", _FETCH, f"http://{address}:8081/hello.txt", check=False
+                )
+                time.sleep(0.5)
+            show(f"web$ curl http://{address}:8081/hello.txt", answer or "(no answer)")
+            say("tearing down")
+    return 0
+
+
+# The workload image has python3 but no curl.
+_FETCH = "import sys,urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        sys.exit(run())
+    except KeyboardInterrupt:
+        say("interrupted; everything was torn down")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
