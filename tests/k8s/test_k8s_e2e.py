@@ -21,7 +21,14 @@ import pytest
 import yaml
 
 from wiremesh.lab.cluster import KubeCluster
-from wiremesh.lab.k8smesh import CHART, NAMESPACE, MeshOnCluster, expected_content
+from wiremesh.lab.k8smesh import (
+    CHART,
+    COORD_NODE_PORT,
+    NAMESPACE,
+    STUN_NODE_PORT,
+    MeshOnCluster,
+    expected_content,
+)
 from wiremesh.lab.lab import Lab
 from wiremesh.lab.prometheus import Prometheus, check_rules, rule_groups, scrape_configs
 
@@ -332,12 +339,19 @@ def test_prometheus_finds_every_wiremesh_target_with_the_charts_selectors(
         jobs = {t["labels"]["job"] for t in targets if t["health"] == "up"}
         return {
             "wiremesh-coord",
-            "wiremesh-keys-metrics",
+            "wiremesh-keys",
             "wiremesh-derp-metrics",
             f"{NAMESPACE}/wiremesh-agent",
         } <= jobs
 
-    _until(all_up, 90, "every wiremesh target up", interval=2)
+    try:
+        _until(all_up, 90, "every wiremesh target up", interval=2)
+    except AssertionError:
+        seen = [
+            (t["labels"].get("job"), t["scrapeUrl"], t["health"], t.get("lastError"))
+            for t in prometheus.targets()
+        ]
+        raise AssertionError(f"targets: {seen}\n{prometheus.log_tail()}") from None
     agents = [t for t in prometheus.targets() if t["labels"]["job"] == f"{NAMESPACE}/wiremesh-agent"]
     assert len(agents) == 2 and all(t["health"] == "up" for t in agents)
 
@@ -348,7 +362,13 @@ def test_every_dashboard_query_returns_data_from_prometheus(world: World, promet
         t["expr"].replace("$__rate_interval", "1m") for p in _panels(dashboard) for t in p.get("targets", [])
     ]
     assert len(queries) > 20
-    # Relay traffic, handshakes and filter drops: the laptop's blocked and allowed fetches made them.
+    # Handshakes and filter drops come from the laptop's allowed and blocked fetches above; a stray
+    # datagram at the relay's STUN port and a garbage request at coord's agent endpoint, both from
+    # outside, make the counted drops and refusals the dashboard charts.
+    world.lab.run(
+        world.laptop,
+        [sys.executable, "-c", _STRAY, world.node1.address, str(STUN_NODE_PORT), str(COORD_NODE_PORT)],
+    )
     empty: list[str] = []
 
     def every_query_answers() -> bool:
@@ -359,6 +379,20 @@ def test_every_dashboard_query_returns_data_from_prometheus(world: World, promet
         _until(every_query_answers, 120, "every dashboard query to return data", interval=3)
     except AssertionError:
         raise AssertionError(f"queries without data: {empty}") from None
+
+
+_STRAY = """
+import socket, sys, urllib.request
+host, stun, coord = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    for _ in range(3):
+        s.sendto(b"not a stun message", (host, stun))
+for _ in range(3):
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"http://{host}:{coord}/machine/login", data=b"garbage"), timeout=5)
+    except Exception:
+        pass
+"""
 
 
 def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
