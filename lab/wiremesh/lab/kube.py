@@ -61,6 +61,12 @@ STAGING_MODULES = (
     "mount-utils", "pod-security-admission", "sample-apiserver", "sample-cli-plugin",
     "sample-controller",
 )  # fmt: skip
+# What `kubectl version` and the nodes report (a plain `go build` says v0.0.0-master).
+_VERSION_PKG = "k8s.io/component-base/version"
+LDFLAGS = (
+    f"-s -w -X {_VERSION_PKG}.gitVersion={KUBE_VERSION} -X {_VERSION_PKG}.gitMajor=1 "
+    f"-X {_VERSION_PKG}.gitMinor={KUBE_VERSION.split('.')[1]} -X {_VERSION_PKG}.gitTreeState=clean"
+)
 APISERVER_PKG = "k8s.io/kubernetes/cmd/kube-apiserver"
 ETCD_PKG = "go.etcd.io/etcd/server/v3"
 # Every program of the lab cluster, built together (they share most of their packages).
@@ -97,7 +103,16 @@ def program(name: str, cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / "bin" / name
 
 
+def build_id() -> str:
+    """What the cached binaries were built from and with; a different one means rebuild."""
+    return f"{KUBE_VERSION} {' '.join(PROGRAMS)} {LDFLAGS}\n"
+
+
 def is_built(cache: Path | None = None) -> bool:
+    cache = cache or cache_dir()
+    stamp = cache / "build-id"
+    if not stamp.exists() or stamp.read_text() != build_id():
+        return False
     return all(program(n, cache).is_file() and os.access(program(n, cache), os.X_OK) for n in PROGRAMS)
 
 
@@ -147,7 +162,7 @@ def build(cache: Path | None = None, timeout: float = BUILD_TIMEOUT) -> tuple[Pa
         staging.mkdir()
         steps = [
             [go, "mod", "tidy"],
-            [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(staging) + "/", *PROGRAMS.values()],
+            [go, "build", "-trimpath", f"-ldflags={LDFLAGS}", "-o", str(staging) + "/", *PROGRAMS.values()],
         ]
         for step in steps:
             remaining = timeout - (time.monotonic() - started)
@@ -164,6 +179,7 @@ def build(cache: Path | None = None, timeout: float = BUILD_TIMEOUT) -> tuple[Pa
         bindir = cache / "bin"
         shutil.rmtree(bindir, ignore_errors=True)
         staging.rename(bindir)
+        (cache / "build-id").write_text(build_id())
         elapsed = time.monotonic() - started
         (cache / "build-seconds").write_text(f"{elapsed:.0f}\n")
         log.info("kube_built version=%s seconds=%.0f dir=%s", KUBE_VERSION, elapsed, bindir)
