@@ -20,9 +20,9 @@ import nats
 import nats.errors
 import pytest
 import yaml
-from helm_tool import helm_binary
 
 from wiremesh.core import bus, busauth
+from wiremesh.lab.gobuild import helm as helm_binary
 from wiremesh.lab.support import nats_server_binary, wait_until
 from wiremesh.operator.acl import check_spec
 

@@ -182,23 +182,8 @@ class KubeCluster:
             lines.append(f'{token},system:node:{node.name},{node.name},"system:nodes"')
         (self.dir / "tokens.csv").write_text("\n".join(lines) + "\n")
         (self.dir / "tokens.csv").chmod(0o600)
-        for role in self.tokens:
-            path = self._kubeconfig_for(role)
-            config = {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "lab",
-                        "cluster": {"server": self.api_url, "certificate-authority": str(self.pki["ca"])},
-                    }
-                ],
-                "users": [{"name": role, "user": {"token": self.tokens[role]}}],
-                "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": role}}],
-                "current-context": "lab",
-            }
-            path.write_text(yaml.safe_dump(config))
-            path.chmod(0o600)
+        for role, token in self.tokens.items():
+            kube.write_kubeconfig(self._kubeconfig_for(role), self.api_url, self.pki["ca"], token, role)
 
     def _kubeconfig_for(self, role: str) -> Path:
         return self.kubeconfig if role == "admin" else self.dir / f"{role}.kubeconfig"
@@ -271,7 +256,7 @@ class KubeCluster:
         corefile.write_text(
             f".:53 {{\n  bind {self.ctl.address}\n  errors\n"
             f"  kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n"
-            f"    kubeconfig {self.kubeconfig} lab\n    pods insecure\n    fallthrough in-addr.arpa ip6.arpa\n  }}\n"
+            f"    kubeconfig {self.kubeconfig} wm\n    pods insecure\n    fallthrough in-addr.arpa ip6.arpa\n  }}\n"
             "  cache 5\n}\n"
         )
         self._spawn("coredns", [str(coredns), "-conf", str(corefile)])

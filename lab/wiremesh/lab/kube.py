@@ -257,6 +257,22 @@ def write_pki(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str, user: str) -> None:
+    """A kubeconfig (mode 0600) for `user` with a bearer `token` at `server`, trusting `ca`."""
+    import yaml
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "wm", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "wm", "context": {"cluster": "wm", "user": user}}],
+        "current-context": "wm",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -372,7 +388,7 @@ class KubeAPIServer:
             ],
         )  # fmt: skip
         self._wait(self._ready, "kube-apiserver /readyz", self.apiserver, "kube-apiserver")
-        self._write_kubeconfig()
+        write_kubeconfig(self.kubeconfig, self.url, self.ca_path, self.token, "wm-admin")
         log.info("kube_ready url=%s dir=%s", self.url, self.dir)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -420,22 +436,6 @@ class KubeAPIServer:
         return self._http_ok(
             f"{self.url}/readyz", self.ssl_context(), {"Authorization": f"Bearer {self.token}"}
         )
-
-    def _write_kubeconfig(self) -> None:
-        import yaml
-
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {"name": "wm", "cluster": {"server": self.url, "certificate-authority": str(self.ca_path)}}
-            ],
-            "users": [{"name": "wm-admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "wm", "context": {"cluster": "wm", "user": "wm-admin"}}],
-            "current-context": "wm",
-        }
-        self.kubeconfig.write_text(yaml.safe_dump(config))
-        self.kubeconfig.chmod(0o600)
 
     def stop(self) -> None:
         _stop(self.apiserver)
