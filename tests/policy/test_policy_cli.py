@@ -22,7 +22,7 @@ def write(tmp_path: pathlib.Path, text: str) -> str:
 
 def test_valid_policy_with_passing_tests_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "check", str(EXAMPLE)]) == 0
-    assert "8 tests passed" in capsys.readouterr().out
+    assert "9 tests passed" in capsys.readouterr().out
 
 
 def test_invalid_policy_exits_nonzero_with_file_line_col(
@@ -47,7 +47,7 @@ def test_failing_test_exits_nonzero_and_names_the_test(
     )
     assert main(["policy", "check", path]) == 1
     err = capsys.readouterr().err
-    assert "tests[0] a@x.com -> b@x.com:80 (tcp): expected accept, but it is denied" in err
+    assert "tests[0] a@x.com -> b@x.com:80 (tcp, udp or icmp): expected accept, but it is denied" in err
     assert f"{path}:2:" in err
     assert "1 of 1 tests failed" in err
 

@@ -107,7 +107,7 @@ def test_bad_port_range_points_at_its_line() -> None:
 
 def test_port_above_65535_is_rejected() -> None:
     err = only_error('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:70000"]}]}')
-    assert "ports are 0-65535" in err.message
+    assert "ports are 1-65535" in err.message
 
 
 def test_destination_without_ports_says_how_to_fix_it() -> None:

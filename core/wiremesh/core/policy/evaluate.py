@@ -69,6 +69,19 @@ class Evaluator:
         return node is not None and identity_matches(sel, node)
 
     def allowed(self, src: str | IPAddress, dst: str | IPAddress, proto: int, port: int = 0) -> bool:
+        """May this packet pass? (Ports only count for protocols that carry them.)"""
+        return self._allowed(src, dst, proto, port, ports_always=False)
+
+    def test_allows(self, src: str | IPAddress, dst: str | IPAddress, proto: int, port: int) -> bool:
+        """Does a rule open `dst:port` for `proto`, as a policy test asks it? A test names a
+        port, and it is compared with the rule's ports even for ICMP (which a packet filter
+        lets through on any rule naming the host): `deny: ["web:22"]` holds when the rules
+        open only web:443, whatever the protocol."""
+        return self._allowed(src, dst, proto, port, ports_always=True)
+
+    def _allowed(
+        self, src: str | IPAddress, dst: str | IPAddress, proto: int, port: int, *, ports_always: bool
+    ) -> bool:
         src_ip = ipaddress.ip_address(src) if isinstance(src, str) else src
         dst_ip = ipaddress.ip_address(dst) if isinstance(dst, str) else dst
         if src_ip.version != dst_ip.version:
@@ -76,7 +89,9 @@ class Evaluator:
         src_node = self.by_address.get(src_ip)
         dst_node = self.by_address.get(dst_ip)
         for rule in self.policy.rules:
-            if not any(pp.allows(proto, port) for pp in rule.allow):
+            if not any(
+                pp.covers(proto, port) if ports_always else pp.allows(proto, port) for pp in rule.allow
+            ):
                 continue
             if not any(self._matches(s, src_ip, src_node) for s in rule.src):
                 continue
@@ -119,8 +134,8 @@ class TestFailure:
 
 class _Universe:
     """The nodes a test talks about: real nodes if given, plus one synthetic node per
-    identity the tests name (a user's device, a tagged device), on addresses that no
-    specific prefix in the policy covers."""
+    identity the tests name (a user's device, a tagged device), each with an IPv4 and an
+    IPv6 address that no specific prefix in the policy covers."""
 
     def __init__(self, policy: Policy, nodes: Iterable[PolicyNode]) -> None:
         self.nodes = list(nodes)
@@ -128,22 +143,21 @@ class _Universe:
         named: list[Selector] = [sel for rule in policy.rules for sel in (*rule.src, *rule.dst)]
         for test in policy.tests:
             named += [test.src_sel, *(t.sel for t in test.accept), *(t.sel for t in test.deny)]
-        specific = [
-            p
-            for sel in named
-            if isinstance(sel, PrefixSel)
-            for p in sel.prefixes
-            if p.version == 4 and p.prefixlen >= 11
-        ]
+        prefixes = [p for sel in named if isinstance(sel, PrefixSel) for p in sel.prefixes]
+        # Prefixes narrower than the mesh ranges (100.64.0.0/10, fd7a:115c:a1e0::/48) would make
+        # a synthetic node look like a host the policy names.
+        self._specific = [p for p in prefixes if p.prefixlen > (10 if p.version == 4 else 48)]
         self._used = used
-        self._specific = specific
-        self._next = int(ipaddress.IPv4Address("100.127.255.254"))
+        self._next = {
+            4: int(ipaddress.IPv4Address("100.127.255.254")),
+            6: int(ipaddress.IPv6Address("fd7a:115c:a1e0:ffff:ffff:ffff:ffff:fffe")),
+        }
         self._synthetic: dict[tuple[str, str], PolicyNode] = {}
 
-    def _address(self) -> str:
+    def _address(self, version: int) -> str:
         while True:
-            ip = ipaddress.IPv4Address(self._next)
-            self._next -= 1
+            ip = ipaddress.ip_address(self._next[version])
+            self._next[version] -= 1
             if ip not in self._used and not any(ip in p for p in self._specific):
                 self._used.add(ip)
                 return str(ip)
@@ -154,23 +168,34 @@ class _Universe:
                 id=-1 - len(self._synthetic),
                 user=user,
                 tags=frozenset({tag}) if tag else frozenset(),
-                addresses=(self._address(),),
+                addresses=(self._address(4), self._address(6)),
             )
             self._synthetic[(role, key)] = node
             self.nodes.append(node)
         return self._synthetic[(role, key)]
 
-    def addresses(self, sel: Selector, role: str) -> list[str]:
-        """Addresses standing for the principal(s) a test names."""
+    def addresses(self, sel: Selector, role: str, version: int = 4) -> list[str]:
+        """Addresses standing for the principal(s) a test names; identities are given the
+        address of the IP version asked for (the other end's), literal addresses their own."""
         if isinstance(sel, UserSel):
-            return [self.node(role, sel.user, user=sel.user).addresses[0]]
-        if isinstance(sel, GroupSel):
-            return [self.node(role, u, user=u).addresses[0] for u in sel.users]
-        if isinstance(sel, TagSel):
-            return [self.node(role, sel.tag, tag=sel.tag).addresses[0]]
-        if isinstance(sel, PrefixSel):
+            nodes = [self.node(role, sel.user, user=sel.user)]
+        elif isinstance(sel, GroupSel):
+            nodes = [self.node(role, u, user=u) for u in sel.users]
+        elif isinstance(sel, TagSel):
+            nodes = [self.node(role, sel.tag, tag=sel.tag)]
+        elif isinstance(sel, PrefixSel):
             return [str(sel.prefixes[0].network_address)] if sel.prefixes else []
-        return []
+        else:
+            return []
+        return [next(a for a in n.addresses if ipaddress.ip_address(a).version == version) for n in nodes]
+
+
+def _version(sel: Selector) -> int:
+    """The IP version a test destination is asked about: a literal address's own, IPv4 for
+    identities (rules on identities cover both of a node's addresses alike)."""
+    if isinstance(sel, PrefixSel) and sel.prefixes:
+        return sel.prefixes[0].version
+    return 4
 
 
 def run_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[TestFailure]:
@@ -178,23 +203,27 @@ def run_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[TestFail
     universe = _Universe(policy, nodes)
     plan = []
     for test in policy.tests:
-        srcs = universe.addresses(test.src_sel, "src")
-        checks = [(t, True, universe.addresses(t.sel, "dst")) for t in test.accept]
-        checks += [(t, False, universe.addresses(t.sel, "dst")) for t in test.deny]
-        plan.append((test, srcs, checks))
+        checks = []
+        for targets, expect in ((test.accept, True), (test.deny, False)):
+            for t in targets:
+                version = _version(t.sel)
+                srcs = universe.addresses(test.src_sel, "src", version)
+                checks.append((t, expect, srcs, universe.addresses(t.sel, "dst", version)))
+        named = universe.addresses(test.src_sel, "src")
+        plan.append((test, named, checks))
     evaluator = Evaluator(policy, universe.nodes)
     failures = []
-    for test, srcs, checks in plan:
-        if not srcs:
+    for test, named, checks in plan:
+        if not named:
             failures.append(
                 TestFailure(test.index, f"tests[{test.index}]: src {test.src!r} names nobody", test.pos)
             )
             continue
-        for target, expect, dsts in checks:
+        for target, expect, srcs, dsts in checks:
             for src in srcs:
                 for dst in dsts:
-                    verdict = _verdict(evaluator, test, src, dst, target.port)
-                    if verdict is None:
+                    accepted = _accepted(evaluator, test, src, dst, target.port)
+                    if accepted is None:
                         failures.append(
                             TestFailure(
                                 test.index,
@@ -202,7 +231,7 @@ def run_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[TestFail
                                 target.pos,
                             )
                         )
-                    elif verdict != ("all" if expect else "none"):
+                    elif accepted != expect:
                         want, have = ("accept", "denied") if expect else ("deny", "accepted")
                         failures.append(
                             TestFailure(
@@ -214,20 +243,19 @@ def run_tests(policy: Policy, nodes: Iterable[PolicyNode] = ()) -> list[TestFail
     return failures
 
 
-def _verdict(evaluator: Evaluator, test: PolicyTest, src: str, dst: str, port: int) -> str | None:
-    """ "all", "none" or "some" of the test's protocols allowed (None: different IP versions)."""
+def _accepted(evaluator: Evaluator, test: PolicyTest, src: str, dst: str, port: int) -> bool | None:
+    """Is the flow accepted for any of the test's protocols (that exist for this IP version)?
+    Tailscale's rule: `accept` holds when one of them passes, `deny` when none does.
+    None: the two ends are of different IP versions."""
     version = ipaddress.ip_address(dst).version
     if ipaddress.ip_address(src).version != version:
         return None
     protos = [
         p for p in test.protos if not (p == ICMP and version == 6) and not (p == ICMPV6 and version == 4)
     ]
-    results = [evaluator.allowed(src, dst, p, port) for p in protos]
-    if all(results):
-        return "all"
-    return "some" if any(results) else "none"
+    return any(evaluator.test_allows(src, dst, p, port) for p in protos)
 
 
 def _describe(test: PolicyTest, target: object) -> str:
     text = getattr(target, "text", "?")
-    return f"tests[{test.index}] {test.src} -> {text} ({test.proto_name})"
+    return f"tests[{test.index}] {test.src} -> {text} ({test.proto_name or 'tcp, udp or icmp'})"

@@ -165,6 +165,13 @@ class ProtoPorts:
             return True
         return any(lo <= port <= hi for lo, hi in self.ports)
 
+    def covers(self, proto: int, port: int) -> bool:
+        """Like allows, but the port counts for every protocol (how a policy test reads a
+        rule: rules on portless protocols carry `*`, which covers every port)."""
+        if self.protos and proto not in self.protos:
+            return False
+        return any(lo <= port <= hi for lo, hi in self.ports)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rule:

@@ -10,6 +10,7 @@ is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable
@@ -18,11 +19,8 @@ from typing import Any
 from wiremesh.core.policy.hujson import Document, HujsonError, Path, Pos, parse
 from wiremesh.core.policy.model import (
     ALL_PORTS,
-    ANY_PROTO,
     DEFAULT_PROTOS,
     PORT_PROTOS,
-    PROTO_NAMES,
-    TCP,
     AnySel,
     Diagnostic,
     GroupSel,
@@ -40,6 +38,15 @@ from wiremesh.core.policy.model import (
     TagSel,
     TestTarget,
     UserSel,
+)
+from wiremesh.core.policy.syntax import (
+    MAX_ITEMS,
+    parse_ip_capability,
+    parse_ip_range,
+    parse_ports,
+    parse_proto,
+    split_target_ports,
+    subtract_prefixes,
 )
 
 SECTIONS = {"groups", "hosts", "tagOwners", "ipsets", "acls", "grants", "tests"}
@@ -62,68 +69,11 @@ UNSAFE_SECTIONS = {
     "devices that fail the posture check)",
 }
 SUPPORTED_AUTOGROUPS = {"autogroup:member", "autogroup:tagged", "autogroup:self"}
-MAX_ITEMS = 100_000  # entries in any one list; policies are written by people
 
 _TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _GROUP_RE = re.compile(r"^group:[^\s:]+$")
 _IPSET_RE = re.compile(r"^ipset:[^\s:]+$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def parse_ports(text: str) -> tuple[tuple[int, int], ...]:
-    """`*`, `22`, `22,80,443`, `1000-2000` or a comma list mixing them; raises ValueError."""
-    if text == "*":
-        return ALL_PORTS
-    out: list[tuple[int, int]] = []
-    for part in text.split(","):
-        part = part.strip()
-        lo_s, sep, hi_s = part.partition("-")
-        if not lo_s.isdigit() or (sep and not hi_s.isdigit()) or len(lo_s) > 5 or len(hi_s) > 5:
-            raise ValueError(f"bad port {part!r}: expected a number, a range like 1000-2000, or '*'")
-        lo = int(lo_s)
-        hi = int(hi_s) if sep else lo
-        if hi > 65535 or lo > 65535:
-            raise ValueError(f"bad port {part!r}: ports are 0-65535")
-        if lo > hi:
-            raise ValueError(f"bad port range {part!r}: first port is above last")
-        out.append((lo, hi))
-    return tuple(out)
-
-
-def parse_proto(value: Any) -> frozenset[int]:
-    """A protocol name (`tcp`, `icmp`, ...) or IANA number; raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError("proto must be a protocol name or number")
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        n = int(value)
-        if not 0 < n < 256:
-            raise ValueError(f"bad protocol number {value}: expected 1-255")
-        return frozenset({n})
-    if isinstance(value, str) and value.lower() in PROTO_NAMES:
-        return PROTO_NAMES[value.lower()]
-    raise ValueError(f"unknown protocol {value!r}: use a name ({', '.join(sorted(PROTO_NAMES))}) or a number")
-
-
-def split_target_ports(text: str) -> tuple[str, str]:
-    """Split `target:ports` at the last colon (`[v6]:22` also accepted)."""
-    if text.startswith("["):
-        end = text.find("]:")
-        if end > 0:
-            return text[1:end], text[end + 2 :]
-    target, sep, ports = text.rpartition(":")
-    if not sep or not target:
-        raise ValueError(f"destination {text!r} must be target:ports (for example 'tag:web:443' or '*:*')")
-    return target, ports
-
-
-def _parse_ip_range(text: str) -> tuple[IPNetwork, ...]:
-    if "-" in text and "/" not in text:
-        a, _, b = text.partition("-")
-        first, last = ipaddress.ip_address(a.strip()), ipaddress.ip_address(b.strip())
-        if first.version != last.version or int(first) > int(last):
-            raise ValueError(f"bad address range {text!r}")
-        return tuple(ipaddress.summarize_address_range(first, last))
-    return (ipaddress.ip_network(text, strict=False),)
 
 
 def _path_text(path: Path) -> str:
@@ -320,7 +270,7 @@ class _Builder:
                     bucket.extend(nets)
             resolving.discard(name)
             try:
-                result = _subtract(add, remove)
+                result = subtract_prefixes(add, remove)
             except ValueError as exc:
                 self.error(f"ipset {name!r}: {exc}", path, key=True)
                 result = ()
@@ -352,7 +302,7 @@ class _Builder:
             self.error(f"ipsets hold addresses only; {target!r} is not an address, host or ipset", path)
             return None
         try:
-            return _parse_ip_range(target)
+            return parse_ip_range(target)
         except ValueError:
             self.error(f"ipset entry {target!r} is not an IP, CIDR, host alias or ipset", path)
             return None
@@ -401,7 +351,7 @@ class _Builder:
         if host in self.hosts:
             return PrefixSel(self.hosts[host], host)
         try:
-            return PrefixSel(_parse_ip_range(text), text)
+            return PrefixSel(parse_ip_range(text), text)
         except ValueError:
             pass
         self.error(
@@ -568,14 +518,19 @@ class _Builder:
                     f"test src {src_text!r} must name one user, group, tag, host or IP", (*path, "src")
                 )
                 src_sel = None
-            proto_name = "tcp"
-            protos = frozenset({TCP})
+            # Without `proto` a test asks about the protocols a rule allows by default (TCP, UDP,
+            # ICMP), and passes `accept` when any of them gets through, as Tailscale does.
+            proto_name = ""
+            protos = DEFAULT_PROTOS
             if "proto" in entry:
                 try:
                     protos = parse_proto(entry["proto"])
                     proto_name = str(entry["proto"])
                 except ValueError as exc:
                     self.error(str(exc), (*path, "proto"))
+            if not entry.get("accept") and not entry.get("deny"):
+                self.error(f"tests[{i}] has neither 'accept' nor 'deny': it asserts nothing", path)
+                continue
             accept = self.test_targets(entry.get("accept", []), (*path, "accept"), protos)
             deny = self.test_targets(entry.get("deny", []), (*path, "deny"), protos)
             if src_sel is not None:
@@ -594,8 +549,11 @@ class _Builder:
                 continue
             if port_text == "*" and not (protos & PORT_PROTOS):
                 port = 0
-            elif port_text.isdigit() and len(port_text) <= 5 and int(port_text) <= 65535:
+            elif port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) <= 65535:
                 port = int(port_text)
+            elif port_text.isdigit() and int(port_text) == 0:
+                self.error(f"test destination {text!r}: port 0 is not a port; name one port (1-65535)", tpath)
+                continue
             else:
                 self.error(
                     f"test destination {text!r} must name a single port (for example 'tag:web:443')", tpath
@@ -605,64 +563,20 @@ class _Builder:
             if isinstance(sel, (AnySel, MemberSel, TaggedSel, SelfSel, GroupSel)):
                 self.error(f"test destination {target_text!r} must name one user, tag, host or IP", tpath)
                 continue
+            if isinstance(sel, PrefixSel) and ("/" in target_text or not _one_address(sel)):
+                # Tailscale refuses a CIDR here even when a rule opens all of it (even a /32):
+                # a test asks about one host.
+                self.error(
+                    f"test destination {target_text!r} must be a single host, not a CIDR or range", tpath
+                )
+                continue
             if sel is not None:
                 out.append(TestTarget(text, sel, port, self.pos(tpath)))
         return tuple(out)
 
 
-def parse_ip_capability(text: str) -> ProtoPorts:
-    """A grant's `ip` entry: `*`, `22`, `tcp:22`, `udp:1000-2000`, `icmp:*`, `6:443`."""
-    if text == "*":
-        return ProtoPorts(ANY_PROTO, ALL_PORTS)
-    proto_text, sep, ports_text = text.partition(":")
-    if not sep:
-        return ProtoPorts(DEFAULT_PROTOS, parse_ports(text))
-    protos = parse_proto(proto_text)
-    ports = parse_ports(ports_text)
-    if not (protos & PORT_PROTOS) and ports != ALL_PORTS:
-        raise ValueError(f"ip {text!r}: ports must be '*' for a protocol without ports")
-    return ProtoPorts(protos, ports)
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-def _subtract(add: list[IPNetwork], remove: list[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """add minus remove, as few CIDRs as possible. Works on integer ranges, so the cost is
-    linear in the entries; raises ValueError if the result needs more than MAX_ITEMS CIDRs."""
-    out: list[IPNetwork] = []
-    for version, cls in ((4, ipaddress.IPv4Address), (6, ipaddress.IPv6Address)):
-        keep = _merge(
-            [(int(n.network_address), int(n.broadcast_address)) for n in add if n.version == version]
-        )
-        cut = _merge(
-            [(int(n.network_address), int(n.broadcast_address)) for n in remove if n.version == version]
-        )
-        result: list[tuple[int, int]] = []
-        j = 0
-        for lo, hi in keep:
-            while j < len(cut) and cut[j][1] < lo:
-                j += 1
-            cur, k = lo, j
-            while k < len(cut) and cut[k][0] <= hi:
-                if cut[k][0] > cur:
-                    result.append((cur, cut[k][0] - 1))
-                cur = max(cur, cut[k][1] + 1)
-                k += 1
-            if cur <= hi:
-                result.append((cur, hi))
-        for lo, hi in result:
-            out.extend(ipaddress.summarize_address_range(cls(lo), cls(hi)))
-            if len(out) > MAX_ITEMS:
-                raise ValueError(f"its removals split it into more than {MAX_ITEMS} CIDRs")
-    return tuple(out)
+def _one_address(sel: PrefixSel) -> bool:
+    return len(sel.prefixes) == 1 and sel.prefixes[0].num_addresses == 1
 
 
 def check_policy(text: str | bytes) -> tuple[Policy | None, list[Diagnostic]]:
@@ -705,6 +619,4 @@ def policy_from_obj(value: Any) -> Policy:
 
 
 def _with_source(policy: Policy, source: str) -> Policy:
-    import dataclasses
-
     return dataclasses.replace(policy, source=source)
