@@ -5,6 +5,7 @@ are parsed and checked for what a cluster operator relies on."""
 from __future__ import annotations
 
 import ast
+import base64
 import functools
 import json
 import re
@@ -232,12 +233,40 @@ def test_the_chart_writes_only_the_secrets_it_generates(helm):
         "wm-wiremesh-nats-keys",
     ]
     assert sorted(objects(render(helm), "Secret")) == sorted(
-        ["wm-wiremesh-admin-key", *bus, "wm-wiremesh-nats-tls"]
+        ["wm-wiremesh-admin-key", "wm-wiremesh-operator-key", *bus, "wm-wiremesh-nats-tls"]
     )
     assert sorted(objects(render(helm, "--set", "adminKey.existingSecret=adm"), "Secret")) == sorted(
-        [*bus, "wm-wiremesh-nats-tls"]
+        ["wm-wiremesh-operator-key", *bus, "wm-wiremesh-nats-tls"]
     )
-    assert objects(render(helm, "--set", "adminKey.existingSecret=adm", *EXTERNAL_NATS), "Secret") == {}
+    own_keys = ("--set", "adminKey.existingSecret=adm", "--set", "operator.scopedAdminKey=false")
+    assert objects(render(helm, *own_keys, *EXTERNAL_NATS), "Secret") == {}
+
+
+def test_operator_uses_its_own_scoped_key_that_coord_provisions(helm):
+    docs = render(helm)
+    secret = one(docs, "Secret", "wm-wiremesh-operator-key")
+    key = base64.b64decode(secret["data"]["operator-key"]).decode()
+    assert re.fullmatch(r"wmadm-[a-z0-9]{12}-[A-Za-z0-9]{48}", key), key
+    (operator,) = containers(one(docs, "Deployment", "wm-wiremesh-operator"))
+    ref = env_of(operator)["WIREMESH_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "wm-wiremesh-operator-key", "key": "operator-key"}
+    coord = one(docs, "Deployment", "wm-wiremesh-coord")
+    (c,) = containers(coord)
+    grant = env_of(c)["WIREMESH_PROVISION_ADMIN_KEYS"]["value"]
+    assert grant == "nodes,authkeys,policy=/run/wiremesh/operator-key/operator-key"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "operator-key")
+    assert mount == {"name": "operator-key", "mountPath": "/run/wiremesh/operator-key", "readOnly": True}
+    volume = next(v for v in coord["spec"]["template"]["spec"]["volumes"] if v["name"] == "operator-key")
+    assert volume["secret"]["secretName"] == "wm-wiremesh-operator-key"
+
+
+def test_operator_falls_back_to_the_bootstrap_key_when_asked(helm):
+    docs = render(helm, "--set", "operator.scopedAdminKey=false")
+    (operator,) = containers(one(docs, "Deployment", "wm-wiremesh-operator"))
+    ref = env_of(operator)["WIREMESH_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "wm-wiremesh-admin-key", "key": "admin-key"}
+    (c,) = containers(one(docs, "Deployment", "wm-wiremesh-coord"))
+    assert "WIREMESH_PROVISION_ADMIN_KEYS" not in env_of(c)
 
 
 def test_database_url_comes_from_its_secret_for_coord_and_keys(helm):

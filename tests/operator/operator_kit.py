@@ -101,6 +101,10 @@ def run_operator(
     node_keys = namespace + "-node-keys"
     k8s.core.create_namespace({"metadata": {"name": node_keys}})
     log = workdir / "operator.log"
+    # The operator runs with the narrowest admin key that serves it, as the chart gives it.
+    scoped = control_plane.admin(
+        "POST", "/adminkeys", {"scopes": ["nodes", "authkeys", "policy"], "description": "operator"}
+    )
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [
@@ -119,7 +123,7 @@ def run_operator(
             env={
                 **os.environ,
                 "KUBECONFIG": str(k8s.server.kubeconfig),
-                "WIREMESH_ADMIN_KEY": control_plane.admin_key,
+                "WIREMESH_ADMIN_KEY": scoped["key"],
             },
         )  # fmt: skip
     handle = OperatorProcess(proc, log, namespace, node_keys)

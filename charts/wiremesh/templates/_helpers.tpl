@@ -197,3 +197,12 @@ affinity:
 {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* Non-empty when the operator runs with its own scoped admin key (coord provisions it). */}}
+{{- define "wiremesh.operatorScopedKey" -}}
+{{- if and .Values.operator.enabled .Values.coord.enabled .Values.operator.scopedAdminKey }}true{{ end }}
+{{- end }}
+
+{{- define "wiremesh.operatorKeySecret" -}}
+{{- include "wiremesh.componentName" (dict "root" . "component" "operator-key") }}
+{{- end }}

@@ -4,6 +4,7 @@
     wiremesh admin nodes list|expire ID|delete ID|rename ID NAME|tag ID tag:a,tag:b
     wiremesh admin routes list|approve NODE PREFIX|unapprove NODE PREFIX
     wiremesh admin policy get|set FILE|clear
+    wiremesh admin adminkeys create --scopes read|nodes|authkeys|policy|all,...|list|revoke ID
 
 The admin key comes from --admin-key, WIREMESH_ADMIN_KEY, or --admin-key-file.
 """
@@ -81,6 +82,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     unapprove.set_defaults(func=_routes_unapprove)
 
     admin_policy.register(groups)  # policy get|set FILE|clear
+
+    adminkeys = groups.add_parser("adminkeys", help="scoped admin API keys").add_subparsers(
+        dest="action", metavar="ACTION"
+    )
+    adminkeys.required = True
+    make = adminkeys.add_parser("create", help="create a scoped admin key (printed once)")
+    make.add_argument(
+        "--scopes",
+        required=True,
+        help="comma list of read (every GET), nodes, authkeys, policy, all (everything)",
+    )
+    make.add_argument("--expiration", default="90d", help="e.g. 1h, 30d, never")
+    make.add_argument("--description", default="")
+    make.set_defaults(func=_adminkeys_create)
+    adminkeys.add_parser("list", help="list admin keys (never their secrets)").set_defaults(
+        func=_adminkeys_list
+    )
+    revoke = adminkeys.add_parser("revoke", help="revoke an admin key now, on every replica")
+    revoke.add_argument("id", type=int)
+    revoke.set_defaults(func=_adminkeys_revoke)
 
 
 # plumbing ---------------------------------------------------------------------------------
@@ -279,3 +300,40 @@ def _routes_unapprove(args: argparse.Namespace) -> int:
     node_id = _resolve(args, args.node)
     data = _call(args, "POST", f"/nodes/{node_id}/routes/unapprove", {"prefixes": [args.prefix]})
     return _emit(args, data, f"withdrew approval of {args.prefix} via {data['name']}")
+
+
+@_guard
+def _adminkeys_create(args: argparse.Namespace) -> int:
+    body = {
+        "scopes": [s for s in args.scopes.split(",") if s],
+        "expiration": None if args.expiration == "never" else args.expiration,
+        "description": args.description,
+    }
+    data = _call(args, "POST", "/adminkeys", body)
+    return _emit(args, data, data["key"])
+
+
+@_guard
+def _adminkeys_list(args: argparse.Namespace) -> int:
+    keys = _call(args, "GET", "/adminkeys")
+    if args.json:
+        return _emit(args, keys)
+    rows = [
+        [
+            str(k["id"]),
+            k["prefix"],
+            ",".join(k["scopes"]),
+            _when(k["expires_at"]),
+            "revoked" if k["revoked_at"] is not None else ("active" if k["active"] else "expired"),
+            k["description"] or "-",
+        ]
+        for k in keys
+    ]
+    _table(rows, ["ID", "KEY", "SCOPES", "EXPIRES", "STATE", "DESCRIPTION"])
+    return 0
+
+
+@_guard
+def _adminkeys_revoke(args: argparse.Namespace) -> int:
+    data = _call(args, "POST", f"/adminkeys/{args.id}/revoke")
+    return _emit(args, data, f"admin key {args.id} revoked")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 import os
+import pathlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wiremesh.coord import policy_store, store
+from wiremesh.coord import admin_keys, policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
 from wiremesh.core import bus, crypto, logs
 from wiremesh.core.control import messages as cm
@@ -190,10 +190,15 @@ def parse_duration(value: str | float | None) -> float | None:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-def create_app(coord: Coordinator) -> FastAPI:
+def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> FastAPI:
+    """coord's FastAPI app. `provisioned_keys`: (key, scopes) pairs made sure of at start (a key
+    the chart hands the operator, say); see admin_keys."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await coord.start()
+        for token, scopes in provisioned_keys:
+            await keys.provision(token, scopes)
         try:
             yield
         finally:
@@ -265,17 +270,15 @@ def create_app(coord: Coordinator) -> FastAPI:
 
     # admin API ---------------------------------------------------------------------------
 
-    async def admin(request: Request) -> None:
-        expected = coord.config.admin_key
-        if not expected:
-            raise HTTPException(401, "admin API disabled: coord has no admin key configured")
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            raise HTTPException(401, "invalid admin key", headers={"WWW-Authenticate": "Bearer"})
-
     api = "/api/v1"
+    keys = admin_keys.AdminKeys(coord._db, coord.clock, coord.config.admin_key)
+
+    async def admin(request: Request) -> admin_keys.Principal:
+        """The bootstrap key or a scoped admin key holding the scope the route needs."""
+        return await keys.authorize(request, api)
+
     guarded = [Depends(admin)]
+    admin_keys.add_routes(app, keys, guarded, parse_duration, api)  # /api/v1/adminkeys
 
     def admin_tags(tags: list[str]) -> tuple[str, ...]:
         """Tags an admin applies (to a node or an auth key): well-formed and, when a policy is
@@ -468,7 +471,16 @@ def main(argv: list[str] | None = None) -> None:
         help="do not announce accepted agent handshakes on NATS (the shared database still refuses "
         "every replay; announcements only let other replicas refuse one from memory)",
     )
+    parser.add_argument(
+        "--provision-admin-key",
+        action="append",
+        default=[g for g in os.environ.get("WIREMESH_PROVISION_ADMIN_KEYS", "").split(";") if g],
+        metavar="SCOPES=FILE",
+        help="make sure the scoped admin key in FILE exists with SCOPES (e.g. nodes,authkeys,policy) "
+        "(repeatable); a key revoked through the API stays revoked",
+    )
     args = parser.parse_args(argv)
+    provisioned = _provisioned_keys(parser, args.provision_admin_key)
     settings = service.settings_from_args(args, "coord")
     logs.setup_logging(settings.log_level, settings.log_json)
     config = CoordConfig(
@@ -485,4 +497,24 @@ def main(argv: list[str] | None = None) -> None:
         share_handshakes=not args.no_handshake_sharing,
     )
     coord = Coordinator(config)
-    service.serve(create_app(coord), settings, on_exit=coord.begin_shutdown)
+    service.serve(create_app(coord, provisioned), settings, on_exit=coord.begin_shutdown)
+
+
+def _provisioned_keys(
+    parser: argparse.ArgumentParser, grants: list[str]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    out = []
+    for grant in grants:
+        scopes_text, sep, path = grant.partition("=")
+        try:
+            if not sep or not path:
+                raise ValueError("expected SCOPES=FILE, e.g. nodes,authkeys,policy=/run/secrets/operator-key")
+            token = pathlib.Path(path).read_text().strip()
+            if admin_keys.split_key(token) is None:
+                raise ValueError(
+                    f"{path} does not hold a key shaped like {admin_keys.KEY_PREFIX}<id>-<secret>"
+                )
+            out.append((token, admin_keys.check_scopes(scopes_text.split(","))))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--provision-admin-key {grant}: {exc}")
+    return tuple(out)
