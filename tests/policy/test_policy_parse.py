@@ -333,6 +333,7 @@ def test_decoded_structure_errors_name_their_place_in_the_structure() -> None:
     assert policy is None
     assert diags[0].format("acl/default") == (
         "acl/default: acls[0].src[0]: error: group 'group:x' is not defined in groups"
+        " (an identity provider's group is written group:NAME@DOMAIN)"
     )
 
 

@@ -22,6 +22,7 @@ SOURCES = [
     "a@example.com",
     "c@",
     "group:g",
+    "group:eng@example.com",  # an identity provider's group (PolicyNode.groups)
     "tag:t1",
     "tag:t2",
     "autogroup:member",
@@ -56,7 +57,10 @@ def nodes(draw: st.DrawFn) -> list[PolicyNode]:
         if draw(st.booleans()):
             addresses.append(f"fd7a:115c:a1e0::{i}")
         routes = tuple(draw(st.lists(st.sampled_from(ROUTES), max_size=1)))
-        out.append(PolicyNode(i, user=user, tags=tags, addresses=tuple(addresses), routes=routes))
+        groups = frozenset(draw(st.sets(st.sampled_from(["eng@example.com", "ops@example.com"]))))
+        out.append(
+            PolicyNode(i, user=user, tags=tags, addresses=tuple(addresses), routes=routes, groups=groups)
+        )
     return out
 
 

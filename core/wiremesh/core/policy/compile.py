@@ -30,6 +30,7 @@ from wiremesh.core.policy.model import (
     AnySel,
     FilterRule,
     GroupSel,
+    IdpGroupSel,
     IPNetwork,
     MemberSel,
     Policy,
@@ -360,6 +361,7 @@ class PolicyCompiler:
 
     def _index_nodes(self) -> None:
         self._by_user: dict[str, set[int]] = {}
+        self._by_idp_group: dict[str, set[int]] = {}
         self._by_tag: dict[str, set[int]] = {}
         self._members: set[int] = set()
         self._tagged: set[int] = set()
@@ -378,6 +380,8 @@ class PolicyCompiler:
         elif n.node.user:
             self._members.add(nid)
             self._by_user.setdefault(n.node.user, set()).add(nid)
+            for g in n.node.groups:
+                self._by_idp_group.setdefault(g, set()).add(nid)
         for a in n.addrs:
             if bulk:
                 self._addr_index.append((a.version, int(a), nid))
@@ -393,6 +397,8 @@ class PolicyCompiler:
         for t in n.node.tags:
             self._by_tag.get(t, set()).discard(nid)
         self._by_user.get(n.node.user, set()).discard(nid)
+        for g in n.node.groups:
+            self._by_idp_group.get(g, set()).discard(nid)
         for a in n.addrs:
             key = (a.version, int(a), nid)
             i = bisect.bisect_left(self._addr_index, key)
@@ -431,6 +437,8 @@ class PolicyCompiler:
                     ident |= self._by_user.get(u, set())
                     if u.endswith("@"):
                         ident |= self._by_user.get(u[:-1], set())
+            elif isinstance(s, IdpGroupSel):
+                ident |= self._by_idp_group.get(s.name, set())
             elif isinstance(s, TagSel):
                 ident |= self._by_tag.get(s.tag, set())
             elif isinstance(s, MemberSel):

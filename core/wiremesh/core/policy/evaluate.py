@@ -17,6 +17,7 @@ from wiremesh.core.policy.model import (
     ICMPV6,
     AnySel,
     GroupSel,
+    IdpGroupSel,
     IPAddress,
     MemberSel,
     Policy,
@@ -46,6 +47,8 @@ def identity_matches(sel: Selector, node: PolicyNode) -> bool:
         return user_matches(sel.user, node.user)
     if isinstance(sel, GroupSel):
         return any(user_matches(u, node.user) for u in sel.users)
+    if isinstance(sel, IdpGroupSel):
+        return sel.name in node.groups
     return isinstance(sel, MemberSel)
 
 
@@ -162,13 +165,14 @@ class _Universe:
                 self._used.add(ip)
                 return str(ip)
 
-    def node(self, role: str, key: str, user: str = "", tag: str = "") -> PolicyNode:
+    def node(self, role: str, key: str, user: str = "", tag: str = "", group: str = "") -> PolicyNode:
         if (role, key) not in self._synthetic:
             node = PolicyNode(
                 id=-1 - len(self._synthetic),
                 user=user,
                 tags=frozenset({tag}) if tag else frozenset(),
                 addresses=(self._address(4), self._address(6)),
+                groups=frozenset({group}) if group else frozenset(),
             )
             self._synthetic[(role, key)] = node
             self.nodes.append(node)
@@ -183,6 +187,9 @@ class _Universe:
             nodes = [self.node(role, u, user=u) for u in sel.users]
         elif isinstance(sel, TagSel):
             nodes = [self.node(role, sel.tag, tag=sel.tag)]
+        elif isinstance(sel, IdpGroupSel):
+            # A member of the group who is named nowhere else in the policy.
+            nodes = [self.node(role, f"group:{sel.name}", user=f"member of {sel.name}", group=sel.name)]
         elif isinstance(sel, PrefixSel):
             return [str(sel.prefixes[0].network_address)] if sel.prefixes else []
         else:

@@ -107,6 +107,16 @@ class GroupSel:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class IdpGroupSel:
+    """An identity provider's group, `group:NAME@DOMAIN` not defined in `groups` (Tailscale's
+    and Headscale's way of naming one): the untagged nodes of the users the IdP put in it at
+    their last login. `name` is folded to lower case (ASCII letters only, as the names coord
+    stores are)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TagSel:
     tag: str
 
@@ -134,8 +144,27 @@ class PrefixSel:
     label: str
 
 
-Selector = AnySel | UserSel | GroupSel | TagSel | MemberSel | TaggedSel | SelfSel | PrefixSel
-IdentitySel = UserSel | GroupSel | TagSel | MemberSel | TaggedSel
+Selector = AnySel | UserSel | GroupSel | IdpGroupSel | TagSel | MemberSel | TaggedSel | SelfSel | PrefixSel
+IdentitySel = UserSel | GroupSel | IdpGroupSel | TagSel | MemberSel | TaggedSel
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_group_name(name: str) -> str:
+    """An IdP group name as stored and compared: ASCII letters folded to lower case, nothing
+    else (full Unicode folding would let a look-alike, the Kelvin sign, name another group)."""
+    return name.translate(_ASCII_LOWER)
+
+
+def idp_group_name(ref: str) -> str | None:
+    """`group:NAME@DOMAIN` -> its folded `name@domain`; None if `ref` is not shaped like one."""
+    body = ref.removeprefix("group:")
+    local, at, domain = body.partition("@")
+    if not ref.startswith("group:") or not at or not local or not domain or "@" in domain:
+        return None
+    if any(c.isspace() or c == ":" for c in body):
+        return None
+    return fold_group_name(body)
 
 
 def user_matches(pattern: str, user: str) -> bool:
@@ -221,18 +250,23 @@ class Policy:
     warnings: tuple[Diagnostic, ...] = ()
     source: str = ""  # the text it was parsed from, kept so coord can hand it back verbatim
 
-    def tag_owner_allows(self, user: str, tag: str, node_tags: Iterable[str] = ()) -> bool:
-        """May a node of `user`, carrying `node_tags`, take `tag` for itself?
+    def tag_owner_allows(
+        self, user: str, tag: str, node_tags: Iterable[str] = (), user_groups: Iterable[str] = ()
+    ) -> bool:
+        """May a node of `user` (in IdP groups `user_groups`), carrying `node_tags`, take `tag`?
 
-        Owners are users, groups containing the user, `autogroup:member` (any user) and other
-        tags (a node already carrying that tag may add this one). `autogroup:admin` and
-        `autogroup:owner` are not modelled (coord has no admin users): such tags are applied
-        through the admin API only.
+        Owners are users, groups containing the user (policy groups, or IdP groups the user is
+        in), `autogroup:member` (any user) and other tags (a node already carrying that tag may
+        add this one). `autogroup:admin` and `autogroup:owner` are not modelled (coord has no
+        admin users): such tags are applied through the admin API only.
         """
         carried = frozenset(node_tags)
         for owner in self.tag_owners.get(tag, ()):
             if owner.startswith("group:"):
-                if any(user_matches(u, user) for u in self.groups.get(owner, ())):
+                if owner in self.groups:
+                    if any(user_matches(u, user) for u in self.groups[owner]):
+                        return True
+                elif user and idp_group_name(owner) in frozenset(user_groups):
                     return True
             elif owner.startswith("tag:"):
                 if owner in carried:
@@ -270,6 +304,7 @@ class PolicyNode:
     tags: frozenset[str] = frozenset()
     addresses: tuple[str, ...] = ()  # "100.64.0.1", "fd7a:115c:a1e0::1"
     routes: tuple[str, ...] = ()  # approved subnet routes, "192.168.1.0/24"
+    groups: frozenset[str] = frozenset()  # the user's IdP groups, folded ("eng@example.com")
 
     @property
     def is_tagged(self) -> bool:

@@ -24,6 +24,7 @@ from wiremesh.core.policy.model import (
     AnySel,
     Diagnostic,
     GroupSel,
+    IdpGroupSel,
     IPNetwork,
     MemberSel,
     Policy,
@@ -38,6 +39,7 @@ from wiremesh.core.policy.model import (
     TagSel,
     TestTarget,
     UserSel,
+    idp_group_name,
 )
 from wiremesh.core.policy.syntax import (
     MAX_ITEMS,
@@ -225,7 +227,7 @@ class _Builder:
             ok = []
             for owner, opath in self.str_list(owners, path, f"owners of {tag}"):
                 if owner.startswith("group:"):
-                    if owner not in self.groups:
+                    if owner not in self.groups and idp_group_name(owner) is None:
                         self.error(f"{tag}: owner group {owner!r} is not defined in groups", opath)
                         continue
                 elif owner.startswith("tag:"):
@@ -314,10 +316,17 @@ class _Builder:
         if text == "*":
             return AnySel()
         if text.startswith("group:"):
-            if text not in self.groups:
-                self.error(f"group {text!r} is not defined in groups", path)
+            if text in self.groups:
+                return GroupSel(text, self.groups[text])
+            idp = idp_group_name(text)
+            if idp is None:
+                self.error(
+                    f"group {text!r} is not defined in groups (an identity provider's group is "
+                    "written group:NAME@DOMAIN)",
+                    path,
+                )
                 return None
-            return GroupSel(text, self.groups[text])
+            return IdpGroupSel(idp)
         if text.startswith("tag:"):
             if text not in self.tag_owners:
                 self.error(f"tag {text!r} has no owner: define it in tagOwners", path)
@@ -560,7 +569,7 @@ class _Builder:
                 )
                 continue
             sel = self.target(target_text, tpath, "test dst")
-            if isinstance(sel, (AnySel, MemberSel, TaggedSel, SelfSel, GroupSel)):
+            if isinstance(sel, (AnySel, MemberSel, TaggedSel, SelfSel, GroupSel, IdpGroupSel)):
                 self.error(f"test destination {target_text!r} must name one user, tag, host or IP", tpath)
                 continue
             if isinstance(sel, PrefixSel) and ("/" in target_text or not _one_address(sel)):
