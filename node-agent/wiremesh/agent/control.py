@@ -160,20 +160,42 @@ class ControlClient:
         advertised_routes: tuple[str, ...] = (),
         endpoints: tuple[str, ...] = (),
         request_tags: tuple[str, ...] = (),
+        *,
+        force_reauth: bool = False,
+        on_auth_url: Callable[[str], None] | None = None,
+        poll_interval: float = 1.0,
     ) -> LoginResult:
-        request = cm.LoginRequest(
-            node_key=node_key,
-            disco_key=disco_key,
-            hostname=hostname,
-            auth_key=auth_key,
-            advertised_routes=tuple(advertised_routes),
-            endpoints=tuple(endpoints),
-            request_tags=tuple(request_tags),
-        )
-        status, payload = await self._unary("/machine/login", request)
-        reply = _decode(cm.LoginResponse, payload)
-        if reply.error or status != 200:
-            raise _refusal(status, reply.error or f"HTTP {status}")
+        """Log in. Without an auth key, a coord with OIDC answers with a login URL: it is handed
+        to `on_auth_url` (once per URL) and coord is asked again every `poll_interval` seconds
+        until the user has signed in there (or coord refuses). Without `on_auth_url` such an
+        answer raises LoginRequired naming the URL. `force_reauth` asks for a new sign-in even
+        when the node is logged in (its key expiry starts again)."""
+        followup = shown = ""
+        while True:
+            request = cm.LoginRequest(
+                node_key=node_key,
+                disco_key=disco_key,
+                hostname=hostname,
+                auth_key=auth_key,
+                advertised_routes=tuple(advertised_routes),
+                endpoints=tuple(endpoints),
+                request_tags=tuple(request_tags),
+                followup=followup,
+                force_reauth=force_reauth,
+            )
+            status, payload = await self._unary("/machine/login", request)
+            reply = _decode(cm.LoginResponse, payload)
+            if reply.error or status != 200:
+                raise _refusal(status, reply.error or f"HTTP {status}")
+            if not reply.auth_url:
+                break
+            if on_auth_url is None:
+                raise LoginRequired(401, f"sign in at {reply.auth_url} (interactive login)")
+            if reply.auth_url != shown:
+                shown = reply.auth_url
+                on_auth_url(reply.auth_url)
+            followup = reply.login_id
+            await asyncio.sleep(poll_interval)
         return LoginResult(
             node_id=reply.node_id,
             name=reply.name,

@@ -4,7 +4,8 @@
     GET  /v0/ip       {"addresses": [...]}
     POST /v0/up       resume forwarding (and retry login if coord had cut us off);
                       body {"auth_key": "..."} (optional) re-authenticates an expired node;
-                      {"advertise_tags": ["tag:x"]} (optional) asks coord for these tags now
+                      {"advertise_tags": ["tag:x"]} (optional) asks coord for these tags now;
+                      {"force_reauth": true} signs in again at coord's identity provider
     POST /v0/down     stop forwarding, stay logged in
     POST /v0/logout   deregister from coord and remove the state
     POST /v0/netcheck     probe UDP, public address, NAT mapping, relays (backends with netcheck())
@@ -183,6 +184,12 @@ class LocalAPIServer:
             return backend.status()
 
         async def up() -> Any:
+            if options.get("force_reauth") is True:
+                # Optional capability: only a daemon that logs in to coord can sign in again.
+                force = getattr(backend, "up_force_reauth", None)
+                if force is None:
+                    raise _BadRequest(400, "this daemon does not log in to a coordination server")
+                return await force()
             auth_key = options.get("auth_key", "")
             if not isinstance(auth_key, str):
                 raise _BadRequest(400, "auth_key must be a string")

@@ -292,6 +292,8 @@ class MeshAgent:
         self.advertise_tags = config.advertise_tags
         self.refused_tags: tuple[str, ...] = ()  # what coord did not grant at the last login, and why
         self.tags_error = ""
+        self.auth_url = ""  # where the user signs in, while an interactive (OIDC) login waits
+        self._force_reauth = False
         self._logged_in = False
         self._apply_failed = False
         self._kick = asyncio.Event()
@@ -332,12 +334,14 @@ class MeshAgent:
         try:
             result = await self._login_request(auth_key)
         except LoginRequired as exc:
-            if not auth_key or "new node key" not in str(exc):
+            if "new node key" not in str(exc):
                 raise
             # Coord does not take an expired node key back: re-authenticate under a fresh one.
             await self._rotate_node_key()
             result = await self._login_request(auth_key)
         self._auth_key_usable = False
+        self._force_reauth = False
+        self.auth_url = ""
         self._logged_in = True
         self.last_error = ""
         self.refused_tags, self.tags_error = result.refused_tags, result.tags_error
@@ -369,7 +373,16 @@ class MeshAgent:
             advertised_routes=self.config.advertise_routes,
             endpoints=self.endpoints,
             request_tags=self.advertise_tags,
+            force_reauth=self._force_reauth,
+            on_auth_url=self._show_auth_url,
         )
+
+    def _show_auth_url(self, url: str) -> None:
+        """An interactive login waits for the user: `wiremesh up` and `status` show where."""
+        self.auth_url = url
+        if not self._logged_in:
+            self.backend_state = BackendState.NEEDS_LOGIN
+        log.warning("login_url url=%s hint=open it in a browser and sign in", url)
 
     async def _rotate_node_key(self) -> None:
         """A new WireGuard key for this node (the machine key, and so the node, stay)."""
@@ -423,6 +436,7 @@ class MeshAgent:
         log.warning("login_required reason=%r", reason)
         self._logged_in = False
         self.last_error = reason
+        self.auth_url = ""  # a refused or expired interactive login: the next try gets a new URL
         self.backend_state = BackendState.NEEDS_LOGIN
         self.netmap = None
         await self._blocking(self._apply_plan, Plan(addresses=self.applied.addresses))
@@ -581,6 +595,7 @@ class MeshAgent:
         return {
             "backend_state": str(self.backend_state),
             "error": self.last_error,
+            "auth_url": self.auth_url,
             "login_server": self.config.login_server,
             "interface": self.config.tun,
             "listen_port": engine_status.get("listen_port"),
@@ -658,6 +673,27 @@ class MeshAgent:
 
     async def up_with_tags(self, auth_key: str, advertise_tags: Sequence[str]) -> dict[str, Any]:
         return await self.up(auth_key, advertise_tags)
+
+    async def up_force_reauth(self) -> dict[str, Any]:
+        """Sign in again at the identity provider (`wiremesh up --force-reauth`): the node keeps
+        working meanwhile; status shows the login URL until the user has signed in."""
+        if self.backend_state is BackendState.LOGGED_OUT:
+            raise MeshError(409, "logged out: start wiremeshd again")
+        self._force_reauth = True
+        if self._logged_in:
+            task = asyncio.create_task(self._reauthenticate(), name="mesh-reauth")
+            self._tasks.append(task)
+            await asyncio.wait({task}, timeout=2.0)  # long enough for coord to hand out the URL
+        return await self.up()
+
+    async def _reauthenticate(self) -> None:
+        try:
+            await self._login()
+        except (ControlRefused, ControlUnavailable) as exc:
+            self.last_error = str(exc)
+            self.auth_url = ""
+            self._force_reauth = False
+            log.warning("reauth_failed error=%r", str(exc))
 
     async def down(self) -> dict[str, Any]:
         if self.backend_state is BackendState.LOGGED_OUT:
@@ -862,7 +898,10 @@ def run(args: argparse.Namespace) -> int:
         log.error("config_invalid error=%r", str(exc))
         return EXIT_CONFIG
     if not config.auth_key and state_dir.load().node_id is None:
-        log.warning("no_auth_key hint=first login needs --auth-key, file:PATH or $WIREMESH_AUTH_KEY")
+        log.warning(
+            "no_auth_key hint=first login needs --auth-key, file:PATH or $WIREMESH_AUTH_KEY, unless coord"
+            " offers OIDC login: then a login_url is logged and `wiremesh up` shows it"
+        )
     registry = CollectorRegistry()
     engine = Engine(keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu, metrics=registry)
     server = None

@@ -33,6 +33,11 @@ class LoginRequest:
     # Tags the node asks for (`wiremeshd --advertise-tags`); coord grants those its user owns
     # per the policy's tagOwners and names the others in LoginResponse.refused_tags.
     request_tags: tuple[str, ...] = ()
+    # Interactive (OIDC) login: `followup` is the id of a login coord started for this machine
+    # (from LoginResponse.auth_url), asked about until the user has signed in; `force_reauth`
+    # asks for a new sign-in even when the node is logged in (`wiremesh up --force-reauth`).
+    followup: str = ""
+    force_reauth: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +52,10 @@ class LoginResponse:
     ephemeral: bool = False
     refused_tags: tuple[str, ...] = ()  # requested tags coord did not grant
     tags_error: str = ""  # why, for the user ("tag:x: not owned by alice in tagOwners")
+    # Set (and node_id 0) while an interactive login waits for the user to sign in there; ask
+    # again with LoginRequest.followup = login_id.
+    auth_url: str = ""
+    login_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -65,6 +66,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="TAG1,TAG2",
         help="ask coord for these tags (tag:name); granted when this node's user owns them in the"
         " policy's tagOwners; exit status 1 when any is refused",
+    )
+    up.add_argument(
+        "--force-reauth",
+        action="store_true",
+        help="sign in again at coord's identity provider (OIDC): prints the login URL and waits;"
+        " the node's key expiry starts again",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for an interactive login (default %(default)s)",
     )
     up.set_defaults(func=_action, action="up")
     add("down", "stop forwarding; stay logged in").set_defaults(func=_action, action="down")
@@ -134,18 +148,51 @@ def _action(args: argparse.Namespace) -> int:
     tags = getattr(args, "advertise_tags", None)
     if tags is not None:
         body = {**(body or {}), "advertise_tags": [t.strip() for t in tags.split(",") if t.strip()]}
+    if getattr(args, "force_reauth", False):
+        body = {"force_reauth": True}
     got = _request(args, "POST", args.action, body)
     if got is None:
         return 1
     status, payload = got
     if _failed(status, payload):
         return 1
+    if args.action == "up" and (payload.get("auth_url") or getattr(args, "force_reauth", False)):
+        finished = _wait_for_login(args, payload)
+        if finished is None:
+            return 1
+        payload = finished
     print(f"{args.action}: {payload.get('backend_state', 'ok')}")
     refused = _refused_tags(payload)
     if tags is not None and refused:
         print(f"wiremesh: {refused}", file=sys.stderr)
         return 1
     return 0
+
+
+def _wait_for_login(args: argparse.Namespace, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Print the login URL wiremeshd got from coord and wait until the user has signed in
+    there (the URL is gone and the node runs); None, after saying why, on a refusal or timeout."""
+    started = time.monotonic()
+    shown = ""
+    while True:
+        url = payload.get("auth_url") or ""
+        if url and url != shown:
+            shown = url
+            print(f"To authenticate, visit:\n\n\t{url}\n", flush=True)
+        if shown and not url:
+            if payload.get("error"):
+                print(f"wiremesh: {payload['error']}", file=sys.stderr)
+                return None
+            if payload.get("backend_state") == "Running":
+                return payload
+        if time.monotonic() - started > args.timeout:
+            print("wiremesh: timed out waiting for the login to complete", file=sys.stderr)
+            return None
+        time.sleep(1.0)
+        got = _request(args, "GET", "status")
+        if got is None or _failed(*got):
+            return None
+        payload = got[1]
 
 
 def _refused_tags(status: dict[str, Any]) -> str:
@@ -155,6 +202,26 @@ def _refused_tags(status: dict[str, Any]) -> str:
         return ""
     why = f" ({me['tags_error']})" if me.get("tags_error") else ""
     return f"tags refused: {', '.join(str(t) for t in me['refused_tags'])}{why}"
+
+
+EXPIRY_WARNING = 7 * 86400.0  # warn this long before the node key expires, as Tailscale does
+
+
+def _expiry_warning(key_expiry: Any, now: float) -> str:
+    """ "key expires in 2d 3h ...: run `wiremesh up --force-reauth`" when it is close, else ""."""
+    if not isinstance(key_expiry, int | float):
+        return ""
+    left = float(key_expiry) - now
+    if left > EXPIRY_WARNING:
+        return ""
+    hint = "run `wiremesh up --force-reauth` to sign in again"
+    if left <= 0:
+        return f"node key expired: {hint}"
+    days, rest = divmod(int(left), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    when = f"{days}d {hours}h" if days else (f"{hours}h {minutes}m" if hours else f"{max(minutes, 1)}m")
+    return f"node key expires in {when}: {hint}"
 
 
 def _bytes(n: Any) -> str:
@@ -179,9 +246,14 @@ def format_status(status: dict[str, Any]) -> str:
     state = status.get("backend_state", "?")
     if state != "Running":
         lines.append(f"# state: {state}" + (f" ({status['error']})" if status.get("error") else ""))
+    if status.get("auth_url"):
+        lines.append(f"# log in: visit {status['auth_url']}")
     refused = _refused_tags(status)
     if refused:
         lines.append(f"# {refused}")
+    expiry = _expiry_warning(me.get("key_expiry"), time.time())
+    if expiry:
+        lines.append(f"# {expiry}")
     v4 = next((a for a in me.get("addresses", []) if ":" not in a), "-")
     lines.append(f"{v4:<16}{me.get('name') or '-':<20}{me.get('user') or '-':<12}self")
     for peer in status.get("peers", []):

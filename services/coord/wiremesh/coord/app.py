@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wiremesh.coord import admin_keys, policy_store, store
+from wiremesh.coord import admin_keys, oidc_login, policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
 from wiremesh.core import bus, crypto, logs
 from wiremesh.core.control import messages as cm
@@ -300,6 +300,8 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         return checked
 
     policy_store.add_routes(app, coord, guarded, api)  # GET/PUT/DELETE /api/v1/policy
+    if coord.interactive is not None:
+        oidc_login.add_routes(app, coord.interactive)  # /login/{id} and /oidc/callback, for browsers
 
     @app.get(f"{api}/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:
@@ -479,9 +481,14 @@ def main(argv: list[str] | None = None) -> None:
         help="make sure the scoped admin key in FILE exists with SCOPES (e.g. nodes,authkeys,policy) "
         "(repeatable); a key revoked through the API stays revoked",
     )
+    oidc_login.add_arguments(parser)
     args = parser.parse_args(argv)
     provisioned = _provisioned_keys(parser, args.provision_admin_key)
     settings = service.settings_from_args(args, "coord")
+    try:
+        oidc, server_url = oidc_login.config_from_args(args, f"{settings.listen_host}:{settings.listen_port}")
+    except ValueError as exc:
+        parser.error(str(exc))
     logs.setup_logging(settings.log_level, settings.log_json)
     config = CoordConfig(
         database_url=settings.database_url,
@@ -495,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
         control_key_file=args.control_key_file,
         derp_map_file=args.derp_map,
         share_handshakes=not args.no_handshake_sharing,
+        oidc=oidc,
+        server_url=server_url,
     )
     coord = Coordinator(config)
     service.serve(create_app(coord, provisioned), settings, on_exit=coord.begin_shutdown)

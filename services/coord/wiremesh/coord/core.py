@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.exc import IntegrityError
 
 from wiremesh.coord import store
+from wiremesh.coord.oidc import OidcConfig
+from wiremesh.coord.oidc_login import InteractiveLogins, LoginPending
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
 from wiremesh.core.busauth import BusAccess
@@ -58,6 +60,10 @@ class CoordConfig:
     # Announce accepted handshakes on NATS so other replicas refuse a replay from memory; the
     # database refuses it either way (off only to test exactly that).
     share_handshakes: bool = True
+    # Interactive login through an OpenID provider (oidc_login.py); server_url is coord's URL
+    # as browsers reach it.
+    oidc: OidcConfig | None = None
+    server_url: str = ""
 
 
 class Stream:
@@ -102,6 +108,11 @@ class Coordinator:
         self.clock = clock
         self.mesh = PolicyMesh(config.visibility)
         self.policy = PolicyService(self)  # the ACL policy: visibility and per-node packet filters
+        self.interactive = (
+            InteractiveLogins(config.oidc, config.server_url, self._db, clock, self.changed)
+            if config.oidc is not None
+            else None
+        )
         self.streams: dict[int, set[Stream]] = {}
         self.guard = ReplayGuard()
         self.db: service.Database | None = None
@@ -180,6 +191,8 @@ class Coordinator:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
+        if self.interactive is not None:
+            await self.interactive.aclose()
         if self.db is not None:
             self.db.close()
 
@@ -359,6 +372,9 @@ class Coordinator:
             record, refused, why = await self._login(
                 call, req, node_key, disco_key, hostname, routes, endpoints, requested
             )
+        except LoginPending as pending:
+            self.logins.labels("pending").inc()
+            return 200, cm.LoginResponse(auth_url=pending.auth_url, login_id=pending.login_id)
         except (ControlError, store.StoreError) as exc:
             status = exc.status
             self.logins.labels(f"refused_{status}").inc()
@@ -394,8 +410,18 @@ class Coordinator:
         machine_key = crypto.encode_key(call.machine_key)
         existing = await self._db(lambda s: store.node_by_machine_key(s, machine_key))
         now = self.clock()
-        if existing is not None and not existing.expired and existing.node_key == node_key:
-            tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
+        grant: bus.AuthKeyGrant | None = None
+        groups: tuple[str, ...] = existing.user_groups if existing is not None else ()
+        needs_auth = existing is None or existing.expired or req.force_reauth or bool(req.followup)
+        if self.interactive is not None and not req.auth_key and needs_auth:
+            if existing is not None and existing.expired and existing.node_key == node_key:
+                raise ControlError("node key expired: generate a new node key and log in again", 401)
+            # LoginPending until the user has signed in at the identity provider.
+            grant, groups = await self.interactive.grant(
+                machine_key, node_key, req.followup, req.force_reauth
+            )
+        if grant is None and existing is not None and not existing.expired and existing.node_key == node_key:
+            tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested, groups)
             if (
                 existing.disco_key == disco_key
                 and existing.advertised_routes == routes
@@ -415,8 +441,7 @@ class Coordinator:
             await self._register_key(updated, now)
             await self.changed(updated, updated.id, "updated")
             return updated, refused, why
-        grant: bus.AuthKeyGrant | None = None
-        if existing is None or existing.expired:
+        if grant is None and (existing is None or existing.expired):
             if existing is not None and existing.node_key == node_key:
                 raise ControlError(
                     "node key expired: generate a new node key and log in with an auth key", 401
@@ -434,7 +459,7 @@ class Coordinator:
                 raise ControlError(grant.error, 401)
         if existing is None:
             assert grant is not None
-            tags, refused, why = self._with_requested_tags(grant.user, grant.tags, requested)
+            tags, refused, why = self._with_requested_tags(grant.user, grant.tags, requested, groups)
             new = store.NewNode(
                 machine_key=machine_key,
                 node_key=node_key,
@@ -443,7 +468,7 @@ class Coordinator:
                 user=grant.user,
                 tags=tags,
                 ephemeral=grant.ephemeral,
-                auth_key_id=grant.auth_key_id,
+                auth_key_id=grant.auth_key_id or None,  # none after an OIDC sign-in
                 key_expiry=self._expiry_for(tags, now),
                 endpoints=endpoints,
                 advertised_routes=routes,
@@ -468,8 +493,12 @@ class Coordinator:
             "expired": False,
         }
         if grant is not None:
-            values["auth_key_id"] = grant.auth_key_id  # the key that vouches for the node now
-        tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
+            # The key that vouches for the node now (none after an OIDC sign-in).
+            values["auth_key_id"] = grant.auth_key_id or None
+        user = grant.user if grant is not None and grant.user else existing.user
+        if user != existing.user:  # re-authenticated as another user: the node is theirs now
+            values["user"] = user
+        tags, refused, why = self._with_requested_tags(user, existing.tags, requested, groups)
         if tags != existing.tags:
             values["tags"] = tags
         if grant is not None or existing.expired or tags != existing.tags:
@@ -484,11 +513,11 @@ class Coordinator:
         return updated, refused, why
 
     def _with_requested_tags(
-        self, user: str, carried: tuple[str, ...], requested: tuple[str, ...]
+        self, user: str, carried: tuple[str, ...], requested: tuple[str, ...], groups: tuple[str, ...] = ()
     ) -> tuple[tuple[str, ...], tuple[str, ...], str]:
         """(the node's tags with the requests granted, refused requests, why). Requests only
         add: tags the node carries stay (an admin removes them with `nodes tag`)."""
-        granted, refused, why = self.policy.grant_requested_tags(user, carried, requested)
+        granted, refused, why = self.policy.grant_requested_tags(user, carried, requested, groups)
         return tuple(dict.fromkeys(carried + granted)), refused, why
 
     def _expiry_for(self, tags: tuple[str, ...], now: float) -> float | None:

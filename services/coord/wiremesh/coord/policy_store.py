@@ -45,6 +45,7 @@ def policy_node(record: NodeRecord) -> PolicyNode:
         tags=frozenset(record.tags),
         addresses=tuple(a for a in (record.ipv4, record.ipv6) if a),
         routes=tuple(record.approved_routes),
+        groups=frozenset(record.user_groups),
     )
 
 
@@ -297,7 +298,11 @@ class PolicyService:
         return self.current.undefined_tags(tags)
 
     def grant_requested_tags(
-        self, user: str, carried: tuple[str, ...], requested: tuple[str, ...]
+        self,
+        user: str,
+        carried: tuple[str, ...],
+        requested: tuple[str, ...],
+        user_groups: tuple[str, ...] = (),
     ) -> tuple[tuple[str, ...], tuple[str, ...], str]:
         """(granted, refused, why) for the tags a node asks for itself.
 
@@ -318,7 +323,7 @@ class PolicyService:
             elif tag not in self.current.tag_owners:
                 refused.append(tag)
                 reasons.append(f"{tag}: not defined in the policy's tagOwners")
-            elif self.current.tag_owner_allows(user, tag, (*carried, *granted)):
+            elif self.current.tag_owner_allows(user, tag, (*carried, *granted), user_groups):
                 granted.append(tag)
             else:
                 refused.append(tag)

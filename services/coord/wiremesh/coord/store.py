@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import time
 from typing import Any
 
 from sqlalchemy import (
@@ -49,6 +50,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # The user's identity-provider groups as of their last OIDC login (folded "eng@example.com").
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
 class NodeRow(Base):
@@ -115,6 +118,7 @@ class NodeRecord:
     # The pre-auth key the node last registered with: what binds a MeshNode to its node (the
     # hostname is the node's own say-so, so it never does).
     auth_key_id: int | None = None
+    user_groups: tuple[str, ...] = ()  # the user's IdP groups (policy `group:NAME@DOMAIN`)
 
     def to_admin_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -134,7 +138,7 @@ class StoreError(ValueError):
         self.status = status
 
 
-def _record(row: NodeRow, user: str) -> NodeRecord:
+def _record(row: NodeRow, user: str, groups: list[str] | None = None) -> NodeRecord:
     return NodeRecord(
         id=row.id,
         machine_key=row.machine_key,
@@ -157,6 +161,7 @@ def _record(row: NodeRow, user: str) -> NodeRecord:
         approved_routes=tuple(row.approved_routes),
         home_relay=row.home_relay,
         auth_key_id=row.auth_key_id,
+        user_groups=tuple(groups or ()),
     )
 
 
@@ -176,15 +181,32 @@ def set_setting_once(session: Session, name: str, value: str) -> str:
 
 
 def load_all(session: Session) -> list[NodeRecord]:
-    rows = session.execute(select(NodeRow, User.name).join(User, NodeRow.user_id == User.id)).all()
-    return [_record(row, user) for row, user in rows]
+    rows = session.execute(
+        select(NodeRow, User.name, User.groups).join(User, NodeRow.user_id == User.id)
+    ).all()
+    return [_record(row, user, groups) for row, user, groups in rows]
 
 
 def load_node(session: Session, node_id: int) -> NodeRecord | None:
     found = session.execute(
-        select(NodeRow, User.name).join(User, NodeRow.user_id == User.id).where(NodeRow.id == node_id)
+        select(NodeRow, User.name, User.groups)
+        .join(User, NodeRow.user_id == User.id)
+        .where(NodeRow.id == node_id)
     ).one_or_none()
-    return None if found is None else _record(found[0], found[1])
+    return None if found is None else _record(found[0], found[1], found[2])
+
+
+def set_user_groups(session: Session, name: str, groups: tuple[str, ...], now: float) -> list[int]:
+    """Record a user's IdP groups (creating the user if new); the ids of the user's nodes when
+    the groups changed (their policy identity changed with them), else []."""
+    uid = ensure_user(session, name, now)
+    user = session.get(User, uid)
+    assert user is not None
+    if list(groups) == list(user.groups or []):
+        return []
+    user.groups = list(groups)
+    session.flush()
+    return list(session.scalars(select(NodeRow.id).where(NodeRow.user_id == uid)).all())
 
 
 def node_by_machine_key(session: Session, machine_key: str) -> NodeRecord | None:
@@ -192,13 +214,14 @@ def node_by_machine_key(session: Session, machine_key: str) -> NodeRecord | None
     return None if row is None else load_node(session, row.id)
 
 
-def _user_id(session: Session, name: str, now: float) -> int:
+def ensure_user(session: Session, name: str, now: float) -> int:
+    """The id of the user called `name`, created if new."""
     user = session.scalars(select(User).where(User.name == name)).one_or_none()
     if user is not None:
         return user.id
     try:
         with session.begin_nested():
-            user = User(name=name, created_at=now)
+            user = User(name=name, created_at=now, groups=[])
             session.add(user)
             session.flush()
         return user.id
@@ -271,7 +294,7 @@ class NewNode:
 
 
 def create_node(session: Session, new: NewNode, now: float) -> NodeRecord:
-    user_id = _user_id(session, new.user, now)
+    user_id = ensure_user(session, new.user, now)
     for _attempt in range(20):
         index = _next_index(session)
         v4, v6 = address_for(index)
@@ -323,6 +346,8 @@ def update_node(session: Session, node_id: int, **values: Any) -> NodeRecord:
             raise StoreError(f"name {values['name']!r} is already taken", 409)
     if "hostname" in values and "name" not in values and values["hostname"] != row.hostname:
         values["name"] = _unique_name(session, values["hostname"], exclude_id=node_id)
+    if "user" in values:  # a re-authentication as another user moves the node to them
+        values["user_id"] = ensure_user(session, values.pop("user"), time.time())
     for key, value in values.items():
         setattr(row, key, list(value) if isinstance(value, tuple) else value)
     session.flush()
