@@ -337,7 +337,10 @@ def test_token_with_another_nonce_is_refused(idp: IdentityProvider, provider_key
 def test_token_from_another_issuer_is_refused(idp: IdentityProvider, provider_keys: KeySet) -> None:
     with pytest.raises(OidcError, match="issued by"):
         verify(
-            idp, provider_keys, real_id_token(idp, "verifier", "nonce-one-1"), issuer="https://accounts.example.com/"
+            idp,
+            provider_keys,
+            real_id_token(idp, "verifier", "nonce-one-1"),
+            issuer="https://accounts.example.com/",
         )
 
 
@@ -360,7 +363,14 @@ def test_token_signed_with_a_key_not_in_the_providers_set_is_refused(
     now = int(time.time())
     token = jwt.encode(
         {"alg": "RS256", "kid": "stranger"},
-        {"iss": idp.issuer, "aud": "verifier", "sub": "x", "iat": now, "exp": now + 60, "nonce": "nonce-one-1"},
+        {
+            "iss": idp.issuer,
+            "aud": "verifier",
+            "sub": "x",
+            "iat": now,
+            "exp": now + 60,
+            "nonce": "nonce-one-1",
+        },
         stranger,
     )
     with pytest.raises(OidcError, match="ID token refused"):
