@@ -683,7 +683,10 @@ class MeshAgent:
         if self._logged_in:
             task = asyncio.create_task(self._reauthenticate(), name="mesh-reauth")
             self._tasks.append(task)
-            await asyncio.wait({task}, timeout=2.0)  # long enough for coord to hand out the URL
+            # Answer once coord handed out the login URL (or, without OIDC, once the login is done).
+            deadline = self.clock() + 10.0
+            while not task.done() and not self.auth_url and self.clock() < deadline:
+                await asyncio.wait({task}, timeout=0.1)
         return await self.up()
 
     async def _reauthenticate(self) -> None:

@@ -156,7 +156,9 @@ def _action(args: argparse.Namespace) -> int:
     status, payload = got
     if _failed(status, payload):
         return 1
-    if args.action == "up" and (payload.get("auth_url") or getattr(args, "force_reauth", False)):
+    if getattr(args, "force_reauth", False) and not payload.get("auth_url"):
+        print("wiremesh: coord did not ask for a sign-in (it has no OIDC login)", file=sys.stderr)
+    elif args.action == "up" and payload.get("auth_url"):
         finished = _wait_for_login(args, payload)
         if finished is None:
             return 1
