@@ -197,6 +197,7 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await coord.start()
+        await keys.hash_key()  # made (or read) now, so no admin request writes before it is authorised
         for token, scopes in provisioned_keys:
             await keys.provision(token, scopes)
         try:
