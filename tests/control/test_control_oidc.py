@@ -13,6 +13,7 @@ import base64
 import hashlib
 import ipaddress
 import json
+import pathlib
 import secrets
 import time
 import urllib.parse
@@ -25,7 +26,7 @@ from control_helpers import SimAgent, make_agent
 from fixtures_services import FAST_COORD_ARGS, ControlPlane, _planes
 from joserfc.jwk import KeySet
 
-from wiremesh.agent.control import ControlRefused, LoginResult
+from wiremesh.agent.control import ControlRefused, LoginRequired, LoginResult
 from wiremesh.coord.oidc import OidcError, verify_id_token
 from wiremesh.lab import idp as idp_lab
 from wiremesh.lab.idp import IdentityProvider, Page, User, browser_login
@@ -56,22 +57,25 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityProvider]:
         yield provider
 
 
-@pytest.fixture(scope="module")
-def plane(idp: IdentityProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    workdir = tmp_path_factory.mktemp("plane")
+def oidc_args(idp: IdentityProvider, workdir: pathlib.Path, client_id: str) -> list[str]:
     secret_file = workdir / "oidc-secret"
     secret_file.write_text(SECRET)
-    args = [
+    return [
         *FAST_COORD_ARGS,
         "--oidc-issuer", idp.issuer,
-        "--oidc-client-id", "wiremesh",
+        "--oidc-client-id", client_id,
         "--oidc-client-secret-file", str(secret_file),
         "--oidc-scopes", "openid,email,profile,groups",
         "--oidc-allowed-domains", "example.com",
         "--node-key-expiry", "86400",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plane(idp: IdentityProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    workdir = tmp_path_factory.mktemp("plane")
     with _planes(workdir) as make:
-        plane = make(coord_args=args)
+        plane = make(coord_args=oidc_args(idp, workdir, "wiremesh"))
         idp.add_client("wiremesh", SECRET, [f"{plane.url}/oidc/callback"])
         yield plane
 
@@ -248,6 +252,30 @@ async def test_login_link_cannot_be_replayed_after_use(plane: ControlPlane) -> N
         assert page.status == 404 and "unknown or has expired" in page.text
     finally:
         await agent.close()
+
+
+async def test_login_finished_through_one_replica_registers_through_another(
+    idp: IdentityProvider, tmp_path: pathlib.Path
+) -> None:
+    with _planes(tmp_path) as make:
+        plane = make(coord_args=oidc_args(idp, tmp_path, "wiremesh-replicas"), replicas=2)
+        idp.add_client("wiremesh-replicas", SECRET, [f"{c.url}/oidc/callback" for c in plane.coords])
+        first = make_agent(plane.coords[0].url, "roamer")
+        second = make_agent(plane.coords[1].url, "roamer", machine_key=first.client.machine_private_key)
+        second.node_key_private, second.disco_key_private = first.node_key_private, first.disco_key_private
+        try:
+            # The agent starts on replica 0 and the user signs in there...
+            with pytest.raises(LoginRequired, match="sign in at") as pending:
+                await first.client.login(first.node_key, first.disco_key, "roamer")
+            url = str(pending.value).split("sign in at ", 1)[1].split(" ", 1)[0]
+            page = await asyncio.to_thread(browser_login, url, "alice@example.com", "alice-pw")
+            assert page.status == 200
+            # ...and its next request lands on replica 1, which finds the finished login.
+            result = await second.client.login(second.node_key, second.disco_key, "roamer")
+            assert result.user == "alice@example.com" and result.node_id > 0
+        finally:
+            await first.close()
+            await second.close()
 
 
 # ---- the ID token checks, with real tokens from the provider ----
