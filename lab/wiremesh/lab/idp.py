@@ -1,9 +1,10 @@
 """A real OpenID provider for tests and demos: Ory Hydra, built from its Go module, with a small
 login-and-consent app (Hydra keeps users out of its core: an app it redirects to signs them in).
 
-Hydra is built once per machine into ``~/.cache/wiremesh/hydra/<version>`` (or
-``$WIREMESH_HYDRA_CACHE``), the way wiremesh.lab.kube builds kube-apiserver: the module's source
-comes from the Go module proxy (``go mod download``), its replace of the nested client module is
+Hydra is built once per machine into ``~/.cache/wiremesh/hydra/<version>`` (under
+``$WIREMESH_GO_CACHE`` if set), beside the programs wiremesh.lab.gobuild builds. `go install
+MODULE@VERSION` refuses Hydra (its go.mod has replace directives), so the module's source comes
+from the Go module proxy (``go mod download``), its replace of the nested client module is
 dropped for the published one, and ``go build -tags sqlite`` (cgo) gives an in-memory database.
 
     with IdentityProvider(workdir, users={"alice@example.com": User("pw", ("eng",))}) as idp:
@@ -45,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from wiremesh.lab import gobuild
 from wiremesh.lab.support import wait_until
 
 log = logging.getLogger("wiremesh.lab.idp")
@@ -54,7 +56,7 @@ HYDRA_VERSION = "v2.3.0"
 # Hydra's go.mod replaces its client with ./internal/httpclient, a nested module the module zip
 # leaves out; the published module of the same version serves instead.
 NESTED_CLIENT = "github.com/ory/hydra-client-go/v2"
-BUILD_TIMEOUT = 1800.0
+BUILD_TIMEOUT = gobuild.BUILD_TIMEOUT
 SYSTEM_SECRET = "wiremesh-test-hydra-system-secret-0000"
 
 
@@ -66,8 +68,7 @@ class IdpError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("WIREMESH_HYDRA_CACHE") or os.path.expanduser("~/.cache/wiremesh/hydra")
-    return Path(root) / HYDRA_VERSION
+    return gobuild.cache_root() / "hydra" / HYDRA_VERSION
 
 
 def binary(cache: Path | None = None) -> Path:
@@ -77,13 +78,6 @@ def binary(cache: Path | None = None) -> Path:
 def is_built(cache: Path | None = None) -> bool:
     path = binary(cache)
     return path.is_file() and os.access(path, os.X_OK)
-
-
-def _go() -> str:
-    found = shutil.which("go") or ("/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go") else None)
-    if found is None:
-        raise IdpError("the Go toolchain is needed to build Ory Hydra: `go` not found")
-    return found
 
 
 def build(cache: Path | None = None, timeout: float = BUILD_TIMEOUT) -> Path:
@@ -96,13 +90,13 @@ def build(cache: Path | None = None, timeout: float = BUILD_TIMEOUT) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_built(cache):
             return binary(cache)
-        env = {
-            **os.environ,
-            "GOTOOLCHAIN": "local",  # build with the installed Go, never download another one
-            "GOFLAGS": "-buildvcs=false -mod=mod -modcacherw",
-            "CGO_ENABLED": "1",  # the sqlite driver behind `dsn: memory`
-        }
-        go = _go()
+        env = gobuild.go_env()
+        # cgo for the sqlite driver behind `dsn: memory`; a module cache anyone may delete later.
+        env.update(CGO_ENABLED="1", GOFLAGS=env["GOFLAGS"] + " -modcacherw")
+        try:
+            go = gobuild.go_binary()
+        except gobuild.GoBuildError as exc:
+            raise IdpError(str(exc)) from None
         started = time.monotonic()
 
         def step(argv: list[str], cwd: Path) -> str:
