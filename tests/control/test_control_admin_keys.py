@@ -19,6 +19,7 @@ from control_helpers import make_agent
 from wiremesh.coord import admin_keys
 from wiremesh.coord.app import create_app
 from wiremesh.coord.core import CoordConfig, Coordinator
+from wiremesh.core.busauth import BusAccess
 from wiremesh.lab.support import wait_until
 
 WIREMESH = [sys.executable, "-c", "import sys; from wiremesh.agent.cli import main; sys.exit(main())"]
@@ -68,7 +69,8 @@ def snapshot(plane: Any) -> dict[str, Any]:
 
 
 def test_every_admin_route_has_a_scope() -> None:
-    app = create_app(Coordinator(CoordConfig(database_url="sqlite://", nats_url="nats://127.0.0.1:1")))
+    config = CoordConfig(database_url="sqlite://", bus=BusAccess("nats://127.0.0.1:1", "coord"))
+    app = create_app(Coordinator(config))
     routes = {
         (method, route.path.removeprefix("/api/v1"))
         for route in app.routes
