@@ -44,7 +44,10 @@ async def test_sigterm_with_open_streams_exits_zero_promptly(control_plane_facto
         await agent.watcher.wait_for(lambda nm: True)
         start = time.monotonic()
         assert plane.coord.stop() == 0
-        assert time.monotonic() - start < 5
+        # coord closed the streams itself: uvicorn did not have to cut them after its 5 s
+        # graceful-shutdown timeout (a bound on the time alone failed on a busy machine).
+        assert "timeout graceful shutdown exceeded" not in plane.coord.log_path.read_text()
+        assert time.monotonic() - start < 60  # and nothing hangs
         assert agent.watcher.error is None  # told to retry, not to log in again
     finally:
         await agent.close()

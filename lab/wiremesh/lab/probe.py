@@ -89,11 +89,18 @@ EXPECTED: dict[NatKind, tuple[str, str]] = {
 
 
 def classify(
-    lab: Lab, host: Host, server1: Host, server2: Host, port: int = 3478, udp_timeout: float = 1.0
+    lab: Lab,
+    host: Host,
+    server1: Host,
+    server2: Host,
+    port: int = 3478,
+    udp_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> NatBehaviour:
     """Measure ``host``'s NAT with two public hosts (``server1`` listens on two ports).
 
-    ``udp_timeout`` is how long the first probe may take before UDP counts as blocked.
+    ``udp_timeout`` is how long the first probe may take before UDP counts as blocked: as long
+    as any other probe, since a first packet through fresh namespaces and conntrack can take over
+    a second on a busy machine (1 s made `python -m wiremesh.lab check` flaky at load ~13).
     """
     inside = udp_socket(lab, host)
     s1, s1b, s2 = (
