@@ -108,6 +108,7 @@ def test_mesh_routes_live_in_their_own_table_and_never_displace_the_hosts_routes
                 "to_internet": _ip("route", "get", "198.51.100.1"),
                 "rules": _ip("rule", "show"),
             }
+            netconf.set_routes("wmtun4", [])  # as when the interface goes at stop
             netconf.remove_rules()
             seen["rules_after"] = _ip("rule", "show")
             seen["main_after"] = _ip("route", "show", "table", "main")
@@ -142,3 +143,29 @@ def test_installing_rules_twice_adds_them_once_and_a_second_table_keeps_the_shar
     assert both.count("5270:") == 2 and both.count("5230:") == 1
     assert "lookup 53" not in one and "5230:" in one and "lookup 52" in one
     assert "5230:" not in none and "5270:" not in none
+
+
+def test_rules_stay_while_another_interface_still_routes_through_the_table(ns: str) -> None:
+    """A static tunnel and a mesh agent in one namespace share table 52: the first to stop must
+    not take the rules the other's routes depend on."""
+
+    def work() -> tuple[bool, str, bool, str]:
+        fds = [tun.open_tun("wmtun5"), tun.open_tun("wmtun6")]
+        try:
+            for name, prefix in (("wmtun5", "10.81.0.0/16"), ("wmtun6", "10.82.0.0/16")):
+                netconf.set_link(name, mtu=1280, up=True)
+                netconf.install_rules()
+                netconf.set_routes(name, [prefix])
+            os.close(fds.pop(0))  # the first agent stops: its interface and routes go
+            first = netconf.remove_rules()
+            rules_after_first = _ip("rule", "show")
+            os.close(fds.pop(0))
+            second = netconf.remove_rules()
+            return first, rules_after_first, second, _ip("rule", "show")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    first, rules_after_first, second, rules_after_second = call_in(ns, work)
+    assert first is False and "lookup 52" in rules_after_first and "5230:" in rules_after_first
+    assert second is True and "lookup 52" not in rules_after_second and "5230:" not in rules_after_second

@@ -215,10 +215,18 @@ def install_rules(table: int = MESH_TABLE) -> tuple[int, ...]:
     return tuple(done)
 
 
-def remove_rules(table: int = MESH_TABLE) -> None:
-    """Remove our rule for `table`, and the shared main-table rule once no other mesh table
-    rule is left at our priority (another agent in this namespace may still use it)."""
+def remove_rules(table: int = MESH_TABLE) -> bool:
+    """Remove our rule for `table` and the shared main-table rule, unless the table still routes
+    through another interface: another agent in this namespace (a static tunnel beside a mesh
+    agent) uses the same table and rules. Call it after removing our interface, whose routes
+    leave the table with it. Returns whether the rules were removed."""
     with IPRoute() as ipr:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                if any(_table_of(r) == table for r in ipr.get_routes(family=family, table=table)):
+                    return False
+            except NetlinkError:
+                continue
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
                 rules = ipr.get_rules(family=family)
@@ -238,6 +246,7 @@ def remove_rules(table: int = MESH_TABLE) -> None:
                 except NetlinkError as exc:
                     if exc.code != 2:  # ENOENT: already gone
                         raise NetconfError(f"cannot remove routing rule {priority}: {exc}") from exc
+    return True
 
 
 def remove_interface(ifname: str) -> bool:
