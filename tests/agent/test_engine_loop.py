@@ -139,18 +139,36 @@ def test_ping_crosses_two_engines_and_counts_bytes() -> None:
         assert next(iter(b.status()["peers"].values()))["rx_bytes"] >= 3 * 84
 
 
-def test_inbound_filter_drops_and_counts() -> None:
+class DropAll:
+    """A packet filter that delivers nothing and remembers what we sent."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
+        return []
+
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> None:
+        self.sent += len(packets)
+
+
+class Broken(DropAll):
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
+        raise RuntimeError("filter bug")
+
+
+def test_packet_filter_drops_inbound_and_counts() -> None:
     with two_engines() as (ns_a, _ns_b, _a, b):
-        b.inbound_filter = lambda packet: False
+        b.packet_filter = DropAll()
         assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
         assert b.status()["drops"]["inbound_filter"] >= 2
 
 
-def test_outbound_hook_drops_and_counts() -> None:
+def test_packet_filter_sees_every_packet_we_send() -> None:
     with two_engines() as (ns_a, _ns_b, a, _b):
-        a.outbound_hook = lambda packet: False
-        assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
-        assert a.status()["drops"]["outbound_hook"] >= 2
+        a.packet_filter = flt = DropAll()
+        ping(ns_a, "10.202.0.2", count=2)
+        assert flt.sent >= 2
 
 
 def test_non_wireguard_datagrams_go_to_the_other_handler() -> None:
@@ -175,14 +193,11 @@ def test_stop_removes_the_interface() -> None:
 
 
 def test_a_raising_filter_costs_packets_not_the_data_plane() -> None:
-    def broken(packet: bytes) -> bool:
-        raise RuntimeError("filter bug")
-
     with two_engines() as (ns_a, _ns_b, _a, b):
-        b.inbound_filter = broken
+        b.packet_filter = Broken()
         assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
         assert b.status()["drops"]["engine_error"] >= 2
-        b.inbound_filter = None
+        b.packet_filter = None
         assert ping(ns_a, "10.202.0.2", count=2).returncode == 0
 
 

@@ -19,6 +19,7 @@ from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 
 from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.core import crypto
+from wiremesh.core.packetfilter import Filter
 from wiremesh.core.wireguard import PeerConfig
 
 pytestmark = pytest.mark.netns
@@ -179,11 +180,11 @@ def test_stop_ends_the_worker_process() -> None:
         assert proc.poll() is not None
 
 
-def test_the_worker_mode_refuses_an_inbound_filter() -> None:
+def test_the_worker_mode_refuses_a_packet_filter() -> None:
     eng = Engine(os.urandom(32), unique("wmw"), workers=1)
-    with pytest.raises(ValueError, match="inbound_filter"):
-        eng.inbound_filter = lambda packet: True
-    eng.inbound_filter = None  # clearing it is fine
+    with pytest.raises(ValueError, match="packet_filter"):
+        eng.packet_filter = Filter(allow_all=True)
+    eng.packet_filter = None  # clearing it is fine
 
 
 def test_a_crashed_worker_falls_back_to_receiving_in_process_after_a_fresh_handshake() -> None:

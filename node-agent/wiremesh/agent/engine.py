@@ -24,7 +24,7 @@ With `workers=1` (wiremeshd --workers) the inbound path moves to a receive worke
 (rxworker.py): it reads the UDP sockets, decrypts with session keys this process exports as the
 Device creates them, and writes the TUN; everything else comes back here over a control pair.
 This process then runs no UDP reader threads; its Device still does handshakes, timers, roaming
-and the outbound path. The worker mode has no inbound_filter (the filter lives in this process),
+and the outbound path. The worker mode has no packet_filter (the filter lives in this process),
 so setting one raises (mesh mode, which filters, keeps workers=0). other_datagram_handler,
 transport and receive_datagram keep working (non-WireGuard datagrams come back here; relayed
 transport goes to the worker). If the worker dies, this process receives again and the tunnel
@@ -51,7 +51,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from wiremesh.agent import gro, gso, netconf, tun
 
@@ -78,11 +78,18 @@ _TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
 
-InboundFilter = Callable[[bytes], bool]
-OutboundHook = Callable[[bytes], bool]
 Transport = Callable[[bytes, Hashable], None]
 DirectResolver = Callable[[Hashable], tuple[str, int] | None]
 OtherDatagramHandler = Callable[[bytes, tuple[str, int]], None]
+
+
+class PacketFilter(Protocol):
+    """What the Engine asks of a packet filter (wiremesh.core.packetfilter.Filter), per batch
+    and with the batch's clock: decrypted packets it may deliver, and the packets we send."""
+
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]: ...
+
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> None: ...
 
 
 def looks_like_wireguard(data: bytes) -> bool:
@@ -139,9 +146,8 @@ class Engine:
         self._route_families: tuple[int, ...] | None = None
         # Everything the Device is asked goes through this lock (the Device is not thread-safe).
         self.lock = threading.Lock()
-        # Hooks the control plane and the packet filter plug in; None means "pass everything".
-        self._inbound_filter: InboundFilter | None = None
-        self.outbound_hook: OutboundHook | None = None
+        # The packet filter sees every packet both ways; None means "pass everything".
+        self._packet_filter: PacketFilter | None = None
         # Datagrams that are not WireGuard (disco, STUN) go here when set; otherwise to the Device.
         self.other_datagram_handler: OtherDatagramHandler | None = None
         # Sends to endpoints that are not (host, port) tuples, e.g. a DERP relay, go here.
@@ -183,17 +189,18 @@ class Engine:
             metrics.register(EngineCollector(self))
 
     @property
-    def inbound_filter(self) -> InboundFilter | None:
-        """Called with each decrypted packet before it reaches the TUN; False drops it."""
-        return self._inbound_filter
+    def packet_filter(self) -> PacketFilter | None:
+        """Sees each batch we send (note_outbound_batch) and judges each decrypted batch before
+        it reaches the TUN (filter_inbound)."""
+        return self._packet_filter
 
-    @inbound_filter.setter
-    def inbound_filter(self, flt: InboundFilter | None) -> None:
+    @packet_filter.setter
+    def packet_filter(self, flt: PacketFilter | None) -> None:
         if flt is not None and self.workers:
             # The receive worker writes the TUN without asking this process: refuse rather than
             # let packets bypass a filter the caller believes is in force.
-            raise ValueError("the receive worker mode does not run an inbound_filter")
-        self._inbound_filter = flt
+            raise ValueError("the receive worker mode does not run a packet_filter")
+        self._packet_filter = flt
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -512,8 +519,8 @@ class Engine:
         return packet
 
     def _deliver(self, packet: bytes) -> None:
-        flt = self.inbound_filter
-        if flt is not None and not flt(packet):
+        flt = self._packet_filter
+        if flt is not None and not flt.filter_inbound([packet], time.time()):
             self.drops["inbound_filter"] += 1
             return
         try:
@@ -688,16 +695,14 @@ class Engine:
         elif skip:
             # No TUN offloads are enabled, so the kernel's header is always "plain".
             batch = [p[skip:] for p in batch]
-        hook = self.outbound_hook
-        if hook is not None:
-            kept = [p for p in batch if hook(p)]
-            self.drops["outbound_hook"] += len(batch) - len(kept)
-            batch = kept
+        t = time.time()
+        flt = self._packet_filter
+        if flt is not None:
+            flt.note_outbound_batch(batch, t)
         results: list[tuple[bytes, Hashable]] = []
         flush = False
         dev = self.device
         with self.lock:
-            t = time.time()
             for packet in batch:
                 result = dev.send(packet, t)
                 if result is None:
@@ -837,9 +842,9 @@ class Engine:
                     flush = True
             # Decrypting can produce output too (a confirmed session's held packets, a rekey).
             out = dev.datagrams_to_send()
-        flt = self.inbound_filter
+        flt = self._packet_filter
         if flt is not None and packets:
-            kept = [p for p in packets if flt(p)]
+            kept = flt.filter_inbound(packets, t)
             self.drops["inbound_filter"] += len(packets) - len(kept)
             packets = kept
         io["udp_receives"] += 1

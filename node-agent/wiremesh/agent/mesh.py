@@ -277,7 +277,10 @@ class MeshAgent:
         self.backend_state = BackendState.STARTING
         self.netmap: NetworkMap | None = None
         self.applied = Plan()
+        # One filter for the interface's whole life, on every packet even with no policy, so
+        # that the first policy knows which flows were ours and cuts the peers' it does not allow.
         self.filter = Filter(allow_all=True)
+        engine.packet_filter = self.filter
         self.filter_errors = 0
         self.netmaps_received = 0
         self.last_error = ""
@@ -520,10 +523,8 @@ class MeshAgent:
 
     def _install_filter(self, packet_filter: tuple[Mapping[str, Any], ...]) -> None:
         if not packet_filter:
-            # No policy: allow all, and keep the packet path free of per-packet hooks.
             self.filter.set_rules((), allow_all=True)
-            self.engine.inbound_filter = None
-            self.engine.outbound_hook = None
+            log.info("packet_filter_installed rules=0 allow_all=true")
             return
         try:
             rules = [FilterRule.from_dict(dict(rule)) for rule in packet_filter]
@@ -533,10 +534,6 @@ class MeshAgent:
             log.error("packet_filter_invalid error=%r action=deny_new_inbound", str(exc))
             rules = []
         self.filter.set_rules(rules, allow_all=False)
-        inbound, outbound = self.filter.hooks()
-        # Outbound first, so no reply to a flow we open is judged before it is noted.
-        self.engine.outbound_hook = outbound
-        self.engine.inbound_filter = inbound
         log.info("packet_filter_installed rules=%d", len(rules))
 
     def _save(self) -> None:
