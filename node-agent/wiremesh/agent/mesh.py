@@ -233,6 +233,15 @@ def local_endpoints(listen_port: int, exclude: Iterable[str] = ()) -> tuple[str,
     return tuple(dict.fromkeys(text for _, text in found))[:16]
 
 
+def ipv6_enabled(ifname: str) -> bool:
+    """Whether the kernel runs IPv6 on interface `ifname` (sysctl disable_ipv6, or no IPv6 at all)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
+
+
 # ----------------------------------------------------------------------------- the controller
 
 
@@ -297,6 +306,7 @@ class MeshAgent:
         self.tags_error = ""
         self._logged_in = False
         self._apply_failed = False
+        self._ipv6: bool | None = None  # learnt at the first address or route change
         self._kick = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -501,7 +511,7 @@ class MeshAgent:
             if wanted.addresses and wanted.addresses != old.addresses:
                 self._set_addresses(wanted.addresses)
             if wanted.routes != old.routes:
-                self.engine.set_routes(wanted.routes)
+                self.engine.set_routes(self._families(wanted.routes))
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"applying the netmap failed: {exc}"
             log.error("apply_failed error=%r", str(exc))
@@ -514,9 +524,20 @@ class MeshAgent:
         if wanted.peers != old.peers:
             log.info("peers_configured count=%d routes=%s", len(wanted.peers), ",".join(wanted.routes))
 
+    def _families(self, prefixes: Iterable[str]) -> tuple[str, ...]:
+        """`prefixes` less the IPv6 ones when this host has IPv6 turned off (said once)."""
+        prefixes = tuple(prefixes)
+        if self._ipv6 is None:
+            self._ipv6 = ipv6_enabled(self.config.tun)
+            if not self._ipv6:
+                log.warning("ipv6_unavailable interface=%s action=ipv4_only", self.config.tun)
+        if self._ipv6:
+            return prefixes
+        return tuple(p for p in prefixes if ":" not in p)
+
     def _set_addresses(self, addresses: Iterable[str]) -> None:
         try:
-            self.engine.set_addresses(tuple(addresses))
+            self.engine.set_addresses(self._families(addresses))
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"setting addresses failed: {exc}"
             log.error("addresses_failed error=%r", str(exc))
@@ -725,7 +746,9 @@ class MeshCollector:
             "wiremesh_filter_rules", "Packet-filter rules in force", value=len(agent.filter.rules)
         )
         yield GaugeMetricFamily(
-            "wiremesh_filter_flows", "Flows tracked for replies", value=agent.filter.flow_count
+            "wiremesh_filter_flows",
+            "Flows the packet filter tracks (ours and peers')",
+            value=agent.filter.flow_count,
         )
         yield CounterMetricFamily(
             "wiremesh_netmaps_received", "Netmaps (full or delta) applied", value=agent.netmaps_received
