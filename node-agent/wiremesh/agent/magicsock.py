@@ -743,7 +743,7 @@ class MagicSock:
                 deduped.append(ep)
         self.local_endpoints = tuple(deduped)
         with self._lock:
-            self.core.set_local_endpoints(self.local_endpoints, bool(self.mapping_varies), time.monotonic())
+            self.core.set_local_endpoints(self.local_endpoints, self.mapping_varies, time.monotonic())
         self._report()
 
     async def _choose_home(self) -> None:
