@@ -73,6 +73,7 @@ log = logging.getLogger("wiremesh.agent.magicsock")
 STUN_TIMEOUT = 0.7
 STUN_TRIES = 3
 NETCHECK_INTERVAL = 20.0  # re-STUN this often: notices NAT rebinding and relay latency changes
+PATH_LOSS_NETCHECK_SPACING = 5.0  # and when a direct path is lost, at most this often
 TIMER_MAX_SLEEP = 0.1
 DERP_CONNECT_TIMEOUT = 5.0
 DERP_RETRY = 2.0
@@ -188,6 +189,7 @@ class MagicSock:
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_reported: tuple[tuple[str, ...], int | None] | None = None
+        self._last_path_loss_netcheck = -PATH_LOSS_NETCHECK_SPACING
         self._install_hooks()
 
     # ------------------------------------------------------------------ engine hooks
@@ -507,6 +509,11 @@ class MagicSock:
                 log.info("peer_path peer=%s path=%s", _b64(event.node_key)[:8], event.direct or "relay")
                 if event.direct is not None:
                     self._resend_initiation(event.node_key)
+                else:
+                    # A lost direct path is often our NAT rebinding: learn our new public
+                    # address now rather than at the next periodic netcheck, so that the
+                    # CallMeMaybes of the discovery that follows carry it.
+                    self._call_in_loop(self._netcheck_after_path_loss)
             elif isinstance(event, PingResult):
                 fut = self._ping_waiters.pop(event.tx_id, None)
                 if fut is not None and not fut.done():
@@ -611,6 +618,14 @@ class MagicSock:
                 await self._netcheck_and_home()
             except Exception:
                 log.exception("netcheck_failed")
+
+    def _netcheck_after_path_loss(self) -> None:
+        now = time.monotonic()
+        if now - self._last_path_loss_netcheck < PATH_LOSS_NETCHECK_SPACING:
+            return
+        self._last_path_loss_netcheck = now
+        self.counters["netcheck_after_path_loss"] += 1
+        self._netcheck_soon()
 
     def _netcheck_soon(self) -> None:
         if self._netcheck_task is None or self._netcheck_task.done():
