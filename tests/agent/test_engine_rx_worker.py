@@ -114,11 +114,19 @@ def test_rekey_hands_the_new_session_to_both_workers() -> None:
         with a.lock:
             new = peer.current
         assert new is not None and new is not old
-        # b confirmed its new (responder) session only from its worker's report of a's packets.
+        b_peer = next(iter(b.device.peers.values()))
+
+        def confirmed() -> bool:
+            # b confirms its new (responder) session only when its worker's report of a's
+            # first packet in it reaches b's Device: the report follows the handshake counters
+            # by a moment (more under load), so it is awaited, not assumed.
+            with b.lock:
+                current = b_peer.current
+                return b_peer.next is None and current is not None and current.remote_index == new.local_index
+
+        assert wait_until(confirmed)
         with b.lock:
-            b_peer = next(iter(b.device.peers.values()))
             b_current = b_peer.current
-            assert b_peer.next is None
         assert b_current is not None and b_current.remote_index == new.local_index
         assert new.local_index in a._exported and b_current.local_index in b._exported
         assert ping(ns_a, "10.212.0.2", count=3).returncode == 0
