@@ -14,13 +14,14 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import pytest
 from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 
 from wiremesh.agent import netconf
 from wiremesh.agent.engine import Engine
+from wiremesh.agent.paths import StaticPaths
 
 pytestmark = pytest.mark.netns
 
@@ -171,10 +172,34 @@ def test_packet_filter_sees_every_packet_we_send() -> None:
         assert flt.sent >= 2
 
 
-def test_non_wireguard_datagrams_go_to_the_other_handler() -> None:
+class Paths(StaticPaths):
+    """A PathSelection for the tests: records other datagrams, resolves and sends as told."""
+
+    def __init__(
+        self,
+        resolve: Callable[[Hashable], tuple[str, int] | None] = lambda endpoint: None,
+        send: Callable[[bytes, Hashable], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.other: list[tuple[bytes, tuple[str, int]]] = []
+        self._resolve = resolve
+        self._send = send
+
+    def resolve_direct(self, endpoint: Hashable) -> tuple[str, int] | None:
+        return self._resolve(endpoint)
+
+    def send_to_peer(self, data: bytes, endpoint: Hashable) -> None:
+        if self._send is not None:
+            self._send(data, endpoint)
+
+    def receive_other(self, data: bytes, address: tuple[str, int]) -> None:
+        self.other.append((data, address))
+
+
+def test_non_wireguard_datagrams_go_to_path_selection() -> None:
     with two_engines() as (ns_a, _ns_b, _a, b):
-        got: list[tuple[bytes, tuple[str, int]]] = []
-        b.other_datagram_handler = lambda data, addr: got.append((data, addr))
+        b.paths = paths = Paths()
+        got = paths.other
         sock = call_in(ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         try:
             sock.sendto(b"disco-ish payload", ("10.201.0.2", 40000))
@@ -222,9 +247,11 @@ class PathEndpoint:
 def test_runs_to_a_resolved_endpoint_leave_in_udp_segment_batches() -> None:
     ep = PathEndpoint()
     with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
-        # Lone datagrams still go through the transport (as magicsock's do): it sends them direct.
-        a.transport = lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
-        a.direct_resolver = lambda endpoint: ("10.201.0.2", 40000) if endpoint is ep else None
+        # Lone datagrams still go to path selection (as magicsock's do): it sends them direct.
+        a.paths = Paths(
+            resolve=lambda endpoint: ("10.201.0.2", 40000) if endpoint is ep else None,
+            send=lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000)),
+        )
         data = os.urandom(2 << 20)
         received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
@@ -232,7 +259,7 @@ def test_runs_to_a_resolved_endpoint_leave_in_udp_segment_batches() -> None:
         assert a.io["udp_gso_datagrams"] > 2 * a.io["udp_gso_sends"] > 0
 
 
-def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None:
+def test_runs_to_an_unresolved_endpoint_go_to_path_selection_one_by_one() -> None:
     ep = PathEndpoint()
     with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
         relayed = Counter[int]()
@@ -242,8 +269,7 @@ def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None
             relayed[len(data)] += 1
             a.send_datagram(data, sock_b)  # a relay that happens to reach b's socket
 
-        a.transport = relay
-        a.direct_resolver = lambda endpoint: None
+        a.paths = Paths(send=relay)
         data = os.urandom(1 << 20)
         received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
@@ -254,13 +280,14 @@ def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None
 def test_a_raising_resolver_costs_batching_not_datagrams() -> None:
     ep = PathEndpoint()
     with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
-        a.transport = lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
 
         def broken(endpoint: Hashable) -> tuple[str, int] | None:
             raise RuntimeError("resolver bug")
 
-        a.direct_resolver = broken
+        a.paths = Paths(
+            resolve=broken, send=lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
+        )
         data = os.urandom(1 << 20)
         received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
-        assert a.drops["direct_resolver_error"] > 0
+        assert a.drops["resolve_direct_error"] > 0

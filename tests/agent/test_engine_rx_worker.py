@@ -18,6 +18,7 @@ import pytest
 from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 
 from wiremesh.agent.engine import Engine, resolve_workers
+from wiremesh.agent.paths import StaticPaths
 from wiremesh.core import crypto
 from wiremesh.core.packetfilter import Filter
 from wiremesh.core.wireguard import PeerConfig
@@ -142,7 +143,12 @@ def test_only_one_side_with_a_worker_interoperates() -> None:
 def test_non_wireguard_datagrams_reach_the_other_handler_from_the_worker() -> None:
     with two_engines() as (ns_a, _ns_b, _a, b):
         got: list[tuple[bytes, tuple[str, int]]] = []
-        b.other_datagram_handler = lambda data, addr: got.append((data, addr))
+
+        class Recording(StaticPaths):
+            def receive_other(self, data: bytes, address: tuple[str, int]) -> None:
+                got.append((data, address))
+
+        b.paths = Recording()
         sock = call_in(ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         try:
             sock.sendto(b"disco-ish payload", ("10.211.0.2", PORT))

@@ -6,8 +6,9 @@ adapter that owns the file descriptors and threads and serialises every Device c
 
 - a TUN reader thread: drains up to TUN_READ_BATCH packets -> (outbound hook) -> Device.send ->
   runs of equal-size datagrams to one endpoint leave in one sendmsg with UDP_SEGMENT (GSO); in
-  mesh mode the endpoint is a magicsock object, which `direct_resolver` turns into the peer's
-  current direct address for the run (a relayed peer's datagrams go to `transport` one by one)
+  mesh mode the endpoint is a magicsock object, which path selection (paths.PathSelection)
+  resolves to the peer's current direct address for the run (a relayed peer's datagrams go to
+  it one by one)
 - one UDP reader thread per socket (IPv4, IPv6): with UDP_GRO one recvmsg returns many datagrams
   -> Device.receive -> (inbound filter) -> consecutive TCP segments merged into one TUN write
   with a virtio_net_hdr (software GRO, see gro.py)
@@ -25,9 +26,9 @@ With `workers=1` (wiremeshd --workers) the inbound path moves to a receive worke
 Device creates them, and writes the TUN; everything else comes back here over a control pair.
 This process then runs no UDP reader threads; its Device still does handshakes, timers, roaming
 and the outbound path. The worker mode has no packet_filter (the filter lives in this process),
-so setting one raises (mesh mode, which filters, keeps workers=0). other_datagram_handler,
-transport and receive_datagram keep working (non-WireGuard datagrams come back here; relayed
-transport goes to the worker). If the worker dies, this process receives again and the tunnel
+so setting one raises (mesh mode, which filters, keeps workers=0). Path selection and
+receive_datagram keep working (non-WireGuard datagrams come back here; relayed transport goes to
+the worker). If the worker dies, this process receives again and the tunnel
 re-handshakes (the worker held the sessions' replay windows).
 
 The Device's clock is Unix time (time.time()): it also dates handshake initiations (TAI64N).
@@ -54,6 +55,17 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
 from wiremesh.agent import gro, gso, netconf, tun
+from wiremesh.agent.paths import PathSelection, StaticPaths
+from wiremesh.agent.workermessages import (
+    Decrypt,
+    NotForWorker,
+    PeerRoutes,
+    Report,
+    SessionExported,
+    SessionsForgotten,
+    Stop,
+    ToWorker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +89,6 @@ WORKER_STOP_TIMEOUT = 5.0
 _TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
-
-Transport = Callable[[bytes, Hashable], None]
-DirectResolver = Callable[[Hashable], tuple[str, int] | None]
-OtherDatagramHandler = Callable[[bytes, tuple[str, int]], None]
 
 
 class PacketFilter(Protocol):
@@ -148,15 +156,9 @@ class Engine:
         self.lock = threading.Lock()
         # The packet filter sees every packet both ways; None means "pass everything".
         self._packet_filter: PacketFilter | None = None
-        # Datagrams that are not WireGuard (disco, STUN) go here when set; otherwise to the Device.
-        self.other_datagram_handler: OtherDatagramHandler | None = None
-        # Sends to endpoints that are not (host, port) tuples, e.g. a DERP relay, go here.
-        self.transport: Transport | None = None
-        # For such an endpoint, the (host, port) this socket reaches it at right now, or None
-        # (magicsock: a trusted direct path). A run of datagrams to a resolved endpoint leaves in
-        # one UDP_SEGMENT send like a static peer's; unresolved ones go to `transport` one by one.
-        self.direct_resolver: DirectResolver | None = None
-        self.event_handlers: list[Callable[[object], None]] = []
+        # Who chooses peers' paths (static addresses, or magicsock); see paths.py. Set it
+        # before start().
+        self.paths: PathSelection = StaticPaths()
         # Drops the Engine itself counts (the Device counts its own in device.drops).
         self.drops: Counter[str] = Counter()
         # System calls and packets per direction, counted per batch: shows how well batching works.
@@ -369,7 +371,7 @@ class Engine:
         proc, ctl = self._worker, self._ctl
         if ctl is not None:
             with contextlib.suppress(OSError):
-                ctl.send(pickle.dumps(("stop",)), socket.MSG_DONTWAIT)
+                ctl.send(pickle.dumps(Stop()), socket.MSG_DONTWAIT)
             with contextlib.suppress(OSError):
                 ctl.shutdown(socket.SHUT_RDWR)  # also wakes our wm-worker thread
         if proc is not None:
@@ -381,7 +383,7 @@ class Engine:
                 proc.wait()
         self._worker = None
 
-    def _to_worker(self, message: tuple[object, ...], *, droppable: bool = False) -> None:
+    def _to_worker(self, message: ToWorker, *, droppable: bool = False) -> None:
         ctl = self._ctl
         if ctl is None:
             return
@@ -403,7 +405,7 @@ class Engine:
     def _push_peers(self) -> None:
         """Caller holds the lock. The worker checks inner source addresses against AllowedIPs."""
         if self._ctl is not None:
-            self._to_worker(("peers", dict(self.allowed_ips)))
+            self._to_worker(PeerRoutes(dict(self.allowed_ips)))
 
     def _sync_sessions(self) -> None:
         """Caller holds the lock: hand new sessions' receive side to the worker, drop gone ones."""
@@ -414,12 +416,12 @@ class Engine:
         gone = exported - live
         if gone:
             exported -= gone
-            self._to_worker(("forget", sorted(gone)))
+            self._to_worker(SessionsForgotten(tuple(sorted(gone))))
         for index in live - exported:
             state = self.device.export_receive_state(index)
             if state is not None:
                 exported.add(index)
-                self._to_worker(("session", index, *state))
+                self._to_worker(SessionExported(index, *state))
 
     def _worker_loop(self) -> None:
         ctl = self._ctl
@@ -438,10 +440,10 @@ class Engine:
                 return
             try:
                 message = pickle.loads(raw)
-                if message[0] == "stats":
-                    self._worker_stats(message[1], message[2], message[3])
-                elif message[0] == "other":
-                    self._main_receive(message[1], message[2])
+                if isinstance(message, Report):
+                    self._worker_report(message)
+                elif isinstance(message, NotForWorker):
+                    self._main_receive(message.datagram, message.source)
             except Exception:
                 self.drops["engine_error"] += 1
                 log.exception("rx_worker_message_failed")
@@ -470,18 +472,17 @@ class Engine:
                 t.start()
                 self._threads.append(t)
 
-    def _worker_stats(
-        self, records: list[tuple[int, Hashable, int, int, int]], drops: dict[str, int], io: dict[str, int]
-    ) -> None:
-        self.drops.update(drops)
-        self.io.update(io)
-        if not records:
+    def _worker_report(self, report: Report) -> None:
+        self.drops.update(report.drops)
+        self.io.update(report.io)
+        if not report.traffic:
             return
         dev = self.device
         with self.lock:
             now = time.time()
-            for index, source, nbytes, packets, data_packets in records:
-                dev.note_received(index, source, nbytes, packets, data_packets, now)
+            for t in report.traffic:
+                source = self._source_endpoint(t.source) if type(t.source) is tuple else t.source
+                dev.note_received(t.index, source, t.nbytes, t.packets, t.data_packets, now)
             out = dev.datagrams_to_send()
             self._sync_sessions()
         if out:
@@ -492,21 +493,18 @@ class Engine:
         """Caller does not hold the lock. A datagram for this process's Device: transport for a
         session the worker holds goes to the worker; the rest is handled here. Returns an inner
         packet the Device decrypted (a session not exported), for the caller to deliver."""
-        other = self.other_datagram_handler if from_socket else None
-        if other is not None and isinstance(endpoint, tuple) and not looks_like_wireguard(data):
-            try:
-                other(data, endpoint)
-            except Exception:
-                self.drops["other_handler_error"] += 1
-                log.exception("other_datagram_handler_failed")
-            return None
+        if from_socket and type(endpoint) is tuple:
+            if not looks_like_wireguard(data):
+                self._receive_other(data, endpoint)
+                return None
+            endpoint = self._source_endpoint(endpoint)
         with self.lock:
             if (
                 data[:4] == _TRANSPORT_PREFIX
                 and len(data) >= 8
                 and int.from_bytes(data[4:8], "little") in self._exported
             ):
-                self._to_worker(("decrypt", bytes(data), endpoint), droppable=True)
+                self._to_worker(Decrypt(bytes(data), endpoint), droppable=True)
                 return None
             packet = self.device.receive(data, endpoint, time.time())
             out = self.device.datagrams_to_send()
@@ -628,14 +626,28 @@ class Engine:
                 sock.sendto(data, endpoint)
             except OSError as exc:
                 self.drops[f"udp_send_{errno.errorcode.get(exc.errno or 0, 'error').lower()}"] += 1
-        elif self.transport is not None:
-            try:
-                self.transport(data, endpoint)
-            except Exception:
-                self.drops["transport_error"] += 1
-                log.exception("transport_send_failed endpoint=%r", endpoint)
         else:
-            self.drops["no_transport"] += 1
+            try:
+                self.paths.send_to_peer(data, endpoint)
+            except Exception:
+                self.drops["path_send_error"] += 1
+                log.exception("path_send_failed endpoint=%r", endpoint)
+
+    def _receive_other(self, data: bytes, address: tuple[str, int]) -> None:
+        try:
+            self.paths.receive_other(data, address)
+        except Exception:
+            self.drops["other_datagram_error"] += 1
+            log.exception("other_datagram_failed")
+
+    def _source_endpoint(self, address: tuple[str, int]) -> Hashable:
+        try:
+            return self.paths.source_endpoint(address)
+        except Exception:  # a path selection bug must not cost the datagrams: use the address
+            self.drops["source_endpoint_error"] += 1
+            if self.drops["source_endpoint_error"] == 1:
+                log.exception("source_endpoint_failed address=%r", address)
+            return address
 
     def _send_all(self, out: Iterable[tuple[bytes, Hashable]]) -> None:
         for data, endpoint in out:
@@ -771,15 +783,12 @@ class Engine:
             i = j
 
     def _resolve_direct(self, endpoint: Hashable) -> tuple[str, int] | None:
-        resolve = self.direct_resolver
-        if resolve is None:
-            return None
         try:
-            address = resolve(endpoint)
+            address = self.paths.resolve_direct(endpoint)
         except Exception:  # a resolver bug costs batching, never the datagrams (they go one by one)
-            self.drops["direct_resolver_error"] += 1
-            if self.drops["direct_resolver_error"] == 1:  # once: it would repeat for every run
-                log.exception("direct_resolver_failed endpoint=%r", endpoint)
+            self.drops["resolve_direct_error"] += 1
+            if self.drops["resolve_direct_error"] == 1:  # once: it would repeat for every run
+                log.exception("resolve_direct_failed endpoint=%r", endpoint)
             return None
         if type(address) is not tuple:
             return None
@@ -816,26 +825,21 @@ class Engine:
         """Datagrams from one receive -> Device.receive -> filter -> (coalesce) -> TUN."""
         io = self.io
         datagrams = gro.split_udp_gro(data, ancdata)
-        other = self.other_datagram_handler
-        if other is not None:
-            kept = []
-            for d in datagrams:
-                if looks_like_wireguard(d):
-                    kept.append(d)
-                    continue
-                try:
-                    other(d, addr)
-                except Exception:
-                    self.drops["other_handler_error"] += 1
-                    log.exception("other_datagram_handler_failed")
-            datagrams = kept
+        wireguard = []
+        for d in datagrams:
+            if d[:4] == _TRANSPORT_PREFIX or looks_like_wireguard(d):
+                wireguard.append(d)
+            else:
+                self._receive_other(d, addr)
+        # One recvmsg holds datagrams of one source: one question to path selection.
+        source = self._source_endpoint(addr) if wireguard else addr
         packets: list[bytes] = []
         flush = False
         dev = self.device
         with self.lock:
             t = time.time()
-            for d in datagrams:
-                packet = dev.receive(d, addr, t)
+            for d in wireguard:
+                packet = dev.receive(d, source, t)
                 if packet:
                     packets.append(packet)
                 else:
@@ -903,11 +907,11 @@ class Engine:
                 value = _format_endpoint(value)
             parts.append(f"{name}={value}")
         log.info("wg_event type=%s %s", type(event).__name__, " ".join(parts))
-        for handler in self.event_handlers:
-            try:
-                handler(event)
-            except Exception:
-                log.exception("event_handler_failed")
+        try:
+            self.paths.wireguard_event(event)
+        except Exception:
+            self.drops["path_event_error"] += 1
+            log.exception("path_event_failed")
 
 
 def _format_endpoint(endpoint: object) -> str | None:

@@ -67,6 +67,7 @@ from wiremesh.core.magicsock import (
     MagicSock as PathSelector,
 )
 from wiremesh.core.magicsock.derpmap import DerpMapError, Region, parse_derp_map
+from wiremesh.core.wireguard import EndpointObserved
 
 log = logging.getLogger("wiremesh.agent.magicsock")
 
@@ -110,24 +111,6 @@ class PeerEndpoint:
         return f"relay:{region}" if region is not None else "relay"
 
     __repr__ = __str__
-
-
-class _AliasingDevice:
-    """Wraps the WireGuard Device so that datagrams from proven addresses are attributed to the
-    peer's PeerEndpoint instead of roaming the peer to a raw address. Everything else passes."""
-
-    def __init__(self, device: Any, aliases: dict[Hashable, PeerEndpoint]) -> None:
-        object.__setattr__(self, "_device", device)
-        object.__setattr__(self, "_aliases", aliases)
-
-    def receive(self, datagram: bytes, source: Hashable, now: float) -> bytes | None:
-        return self._device.receive(datagram, self._aliases.get(source, source), now)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._device, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._device, name, value)
 
 
 class MagicSock:
@@ -190,20 +173,10 @@ class MagicSock:
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_reported: tuple[tuple[str, ...], int | None] | None = None
         self._last_path_loss_netcheck = -PATH_LOSS_NETCHECK_SPACING
-        self._install_hooks()
 
-    # ------------------------------------------------------------------ engine hooks
+    # ------------------------------------------------------------------ PathSelection (paths.py)
 
-    def _install_hooks(self) -> None:
-        engine = self.engine
-        engine.other_datagram_handler = self._on_other_datagram
-        engine.transport = self._transport
-        engine.direct_resolver = self.direct_address
-        if not isinstance(engine.device, _AliasingDevice):
-            engine.device = _AliasingDevice(engine.device, self._aliases)
-        engine.event_handlers.append(self._on_wireguard_event)
-
-    def _transport(self, data: bytes, endpoint: Hashable) -> None:
+    def send_to_peer(self, data: bytes, endpoint: Hashable) -> None:
         """WireGuard's send to a peer: the hot path."""
         if type(endpoint) is not PeerEndpoint:
             self.drops["unknown_endpoint"] += 1
@@ -231,10 +204,10 @@ class MagicSock:
         else:
             self._send_to(data, dest)
 
-    def direct_address(self, endpoint: Hashable) -> tuple[str, int] | None:
-        """Where `_transport` would send to `endpoint` from the Engine's own socket right now (a
+    def resolve_direct(self, endpoint: Hashable) -> tuple[str, int] | None:
+        """Where `send_to_peer` would send to `endpoint` from the Engine's own socket right now (a
         trusted direct path), else None. The Engine asks once per run of datagrams and sends
-        the run in one UDP_SEGMENT batch; relayed and probe-socket paths stay with `_transport`."""
+        the run in one UDP_SEGMENT batch; relayed and probe-socket paths stay with send_to_peer."""
         if type(endpoint) is not PeerEndpoint:
             return None
         now = time.monotonic()
@@ -245,7 +218,12 @@ class MagicSock:
         path.last_send = now
         return direct.address
 
-    def _on_other_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+    def source_endpoint(self, address: tuple[str, int]) -> Hashable:
+        """A proven address of a peer's (a Pong came from it, or WireGuard authenticated the peer
+        there) is that peer's PeerEndpoint, so the Device attributes its datagrams right."""
+        return self._aliases.get(address, address)
+
+    def receive_other(self, data: bytes, addr: tuple[str, int]) -> None:
         """A datagram on the Engine's socket that is not WireGuard: disco or STUN."""
         if disco.is_disco(data):
             self._receive_disco(data, Direct(addr))
@@ -254,24 +232,19 @@ class MagicSock:
         else:
             self.drops["unknown_datagram"] += 1
 
-    def _on_wireguard_event(self, event: object) -> None:
-        # The Device roamed a peer to a raw address we had not proven (its NAT rebound and
-        # WireGuard got through first): WireGuard authenticated the peer there, so adopt the
-        # address as an alias and a candidate, and put the peer's PeerEndpoint back.
-        if type(event).__name__ != "EndpointChanged":
+    def wireguard_event(self, event: object) -> None:
+        # WireGuard authenticated a peer at an address we had not proven (its NAT rebound and
+        # WireGuard got through first; our peers do not roam): adopt the address as an alias
+        # and a candidate.
+        if not isinstance(event, EndpointObserved):
             return
-        key = getattr(event, "public_key", None)
-        addr = getattr(event, "endpoint", None)
-        ep = self._endpoints.get(key) if isinstance(key, bytes) else None
-        if ep is None or not isinstance(addr, tuple) or len(addr) != 2:
+        ep = self._endpoints.get(event.public_key)
+        addr = event.endpoint
+        if ep is None or type(addr) is not tuple or len(addr) != 2:
             return
         self._aliases[addr] = ep
         with self._lock:
             self.core.note_wireguard_source(ep.node_key, addr, time.monotonic())
-        with self.engine.lock:
-            peer = self.engine.device.peers.get(key)
-            if peer is not None:
-                peer.endpoint = ep
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -379,7 +352,7 @@ class MagicSock:
         if entry is None or ep is None or time.monotonic() - entry[1] > INITIATION_RESEND_WINDOW:
             return
         self.counters["initiations_resent"] += 1
-        self._transport(entry[0], ep)
+        self.send_to_peer(entry[0], ep)
 
     def endpoint_for(self, node_key: bytes) -> PeerEndpoint | None:
         return self._endpoints.get(node_key)
@@ -1186,6 +1159,7 @@ class _MeshBackend:
 def attach_to_mesh(engine: Any, node_private_key: bytes, disco_private_key: bytes) -> MeshBinding:
     """A started MagicSock for mesh mode (idle until coord sends a relay map)."""
     ms = MagicSock(engine, node_private_key, None, disco_key=DiscoKey(disco_private_key))
+    engine.paths = ms
     ms.start(timeout=0)
     return MeshBinding(ms)
 
@@ -1330,6 +1304,7 @@ def static_main(argv: list[str] | None = None) -> int:
         birthday_sockets=cfg.get("birthday_sockets"),
         birthday_spray=cfg.get("birthday_spray"),
     )
+    engine.paths = ms
     engine.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -1371,6 +1346,7 @@ def static_main(argv: list[str] | None = None) -> int:
                     public_key=base64.b64decode(p["node_key"]),
                     allowed_ips=tuple(p["allowed_ips"]),
                     endpoint=endpoints[base64.b64decode(p["node_key"])],
+                    roam=False,
                 )
                 for p in cfg.get("peers", [])
             ]

@@ -175,12 +175,14 @@ def plan(
             continue
         seen_keys.add(key)
         allowed = _valid_prefixes(node.allowed_ips)
+        chosen = (endpoints or {}).get(node.node_key)
         peers.append(
             PeerConfig(
                 public_key=key,
                 allowed_ips=allowed,
-                endpoint=(endpoints or {}).get(node.node_key) or choose_endpoint(node.endpoints),
+                endpoint=chosen or choose_endpoint(node.endpoints),
                 persistent_keepalive=PERSISTENT_KEEPALIVE,
+                roam=chosen is None,  # path selection keeps the peers it chose endpoints for
             )
         )
         if accept_routes:

@@ -6,15 +6,9 @@ roaming, events, reconfiguration) and the outbound path. Two processes use both 
 threads of one process share one interpreter lock.
 
 The Engine starts this module as `python -m wiremesh.agent.rxworker` with the TUN, the UDP
-sockets and one end of a SOCK_SEQPACKET control pair inherited. Over the control pair (pickled
-tuples; both ends are our own processes):
-
-  Engine -> worker   ("peers", {public_key: allowed_ips}), ("session", index, public_key, key,
-                     reject_deadline), ("forget", [index, ...]), ("decrypt", datagram, source),
-                     ("stop",)
-  worker -> Engine   ("other", datagram, source): anything that is not a transport message of a
-                     session we hold (handshakes, cookies, disco/STUN, unknown indices);
-                     ("stats", [(index, source, bytes, packets, data_packets), ...], drops, io)
+sockets and one end of a SOCK_SEQPACKET control pair inherited; the messages over it are the
+dataclasses of workermessages.py. Decryption is the WireGuard core's own receive path
+(wiremesh.core.wireguard.transport), with the sessions' receive side the Engine exports.
 
 A session is exported the moment the Device creates it, so only this process ever decrypts it
 and its replay window lives here. Stats go back at most every STATS_INTERVAL, at once for a
@@ -40,12 +34,20 @@ import time
 from collections import Counter
 from collections.abc import Hashable
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from wiremesh.agent import gro
+from wiremesh.agent.workermessages import (
+    Decrypt,
+    FromWorker,
+    NotForWorker,
+    PeerRoutes,
+    Report,
+    SessionExported,
+    SessionsForgotten,
+    SessionTraffic,
+    Stop,
+)
 from wiremesh.core.allowedips import AllowedIPs
-from wiremesh.core.wireguard.replay import ReplayWindow
+from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transport
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +58,10 @@ POLL_IDLE_MS = 1000
 DRAIN_BURST = 32
 MESSAGE_TRANSPORT = 4
 TRANSPORT_MIN_SIZE = 32  # header (16) + an empty payload's tag (16)
-# Same as the core's timers.REJECT_AFTER_MESSAGES: counters at or past it are never valid.
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 
 ROUTE_CACHE_SIZE = 4096
 _UNKNOWN = b"?"  # not a 32-byte key, so never a peer
 _transport_unpack = struct.Struct("<IIQ").unpack_from
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-
-
-class _Session:
-    __slots__ = ("aead", "peer", "reject_deadline", "replay", "seen", "source")
-
-    def __init__(self, peer: bytes, key: bytes, reject_deadline: float) -> None:
-        self.peer = peer
-        self.aead = ChaCha20Poly1305(key)
-        self.reject_deadline = reject_deadline
-        self.replay = ReplayWindow()
-        self.seen = False  # has any packet of it been reported to the Engine yet
-        self.source: Hashable | None = None
 
 
 class Worker:
@@ -83,7 +70,9 @@ class Worker:
         self.socks = socks
         self.ctl = ctl
         self.vnet = vnet
-        self.sessions: dict[int, _Session] = {}
+        self.sessions: dict[int, ReceiveSession] = {}
+        # Per session: has any packet of it been reported, and from which source.
+        self.reported: dict[int, Hashable] = {}
         self.routes: AllowedIPs[bytes] = AllowedIPs()
         # Inner source address -> peer, from `routes` (a dict hit is ~10x cheaper than the trie).
         self.route_cache: dict[bytes, bytes | None] = {}
@@ -97,7 +86,7 @@ class Worker:
 
     # ------------------------------------------------------------------ control
 
-    def _to_engine(self, message: tuple[object, ...]) -> bool:
+    def _to_engine(self, message: FromWorker) -> bool:
         try:
             self.ctl.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -122,31 +111,34 @@ class Worker:
                 self.running = False
                 return
             message = pickle.loads(raw)
-            kind = message[0]
-            if kind == "decrypt":
-                self._datagrams([message[1]], message[2], time.time(), forward_unknown=False)
-            elif kind == "session":
-                _, index, peer, key, reject_deadline = message
-                self.sessions[index] = _Session(peer, key, reject_deadline)
-            elif kind == "forget":
-                for index in message[1]:
+            if isinstance(message, Decrypt):
+                self._datagrams([message.datagram], message.source, time.time(), forward_unknown=False)
+            elif isinstance(message, SessionExported):
+                self.sessions[message.index] = ReceiveSession(
+                    message.peer, message.recv_key, message.reject_deadline
+                )
+            elif isinstance(message, SessionsForgotten):
+                for index in message.indices:
                     self.sessions.pop(index, None)
-            elif kind == "peers":
+                    self.reported.pop(index, None)
+            elif isinstance(message, PeerRoutes):
                 routes: AllowedIPs[bytes] = AllowedIPs()
-                for peer, prefixes in message[1].items():
+                for peer, prefixes in message.allowed_ips.items():
                     for prefix in prefixes:
                         routes.insert(prefix, peer)
                 self.routes = routes
                 self.route_cache = {}
-            elif kind == "stop":
+            elif isinstance(message, Stop):
                 self.running = False
                 return
 
     def _flush_stats(self, now: float) -> None:
         if not (self.pending or self.drops or self.io):
             return
-        records = [(index, source, v[0], v[1], v[2]) for (index, source), v in self.pending.items()]
-        if self._to_engine(("stats", records, dict(self.drops), dict(self.io))):
+        traffic = tuple(
+            SessionTraffic(index, source, v[0], v[1], v[2]) for (index, source), v in self.pending.items()
+        )
+        if self._to_engine(Report(traffic, dict(self.drops), dict(self.io))):
             self.pending.clear()
             self.drops.clear()
             self.io.clear()
@@ -157,7 +149,7 @@ class Worker:
 
     def _datagrams(self, datagrams: list[bytes], source: Hashable, now: float, forward_unknown: bool) -> None:
         sessions, drops, routes, cache = self.sessions, self.drops, self.routes, self.route_cache
-        pending = self.pending
+        pending, reported = self.pending, self.reported
         packets: list[bytes] = []
         for d in datagrams:
             n = len(d)
@@ -169,53 +161,32 @@ class Worker:
             if session is None:
                 if not forward_unknown:
                     drops["no_session"] += 1
-                elif not self._to_engine(("other", d, source)):
+                elif not self._to_engine(NotForWorker(d, source)):
                     drops["worker_forward_full"] += 1
                 continue
-            if now >= session.reject_deadline:
-                drops["expired_session"] += 1
+            plaintext = open_transport(session, d, counter, now)
+            if isinstance(plaintext, str):
+                drops[plaintext] += 1
                 continue
-            replay = session.replay
-            if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
-                drops["replay"] += 1
-                continue
-            try:
-                plaintext = session.aead.decrypt(_NONCE_PREFIX + d[8:16], memoryview(d)[16:], None)
-            except InvalidTag:
-                drops["decrypt_failed"] += 1
-                continue
-            if not replay.update(counter):
-                drops["replay"] += 1
-                continue
-            if not session.seen or source != session.source:
-                session.seen = True
-                session.source = source
+            if reported.get(receiver, _UNKNOWN) != source:
+                # A session's first packet confirms a responder's keypair, a new source is
+                # roaming: the Engine hears of both at once.
+                reported[receiver] = source
                 self.urgent = True
-            size = len(plaintext)
             key = (receiver, source)
             record = pending.get(key)
             if record is None:
                 record = pending[key] = [0, 0, 0]
             record[0] += n
             record[1] += 1
-            if not size:
+            if not plaintext:
                 continue  # keepalive
             record[2] += 1
-            version = plaintext[0] >> 4
-            if version == 4 and size >= 20:
-                length = (plaintext[2] << 8) | plaintext[3]
-                src = plaintext[12:16]
-                if length < 20:
-                    length = size + 1
-            elif version == 6 and size >= 40:
-                length = ((plaintext[4] << 8) | plaintext[5]) + 40
-                src = plaintext[8:24]
-            else:
-                drops["not_ip"] += 1
+            inner = inner_packet(plaintext)
+            if isinstance(inner, str):
+                drops[inner] += 1
                 continue
-            if length > size:
-                drops["not_ip"] += 1
-                continue
+            packet, src = inner
             owner = cache.get(src, _UNKNOWN)
             if owner is _UNKNOWN:
                 if len(cache) >= ROUTE_CACHE_SIZE:
@@ -224,7 +195,7 @@ class Worker:
             if owner != session.peer:
                 drops["source_not_allowed"] += 1
                 continue
-            packets.append(plaintext if length == size else plaintext[:length])
+            packets.append(packet)
         if not packets:
             return
         io = self.io

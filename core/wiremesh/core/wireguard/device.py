@@ -17,13 +17,16 @@ import secrets
 import struct
 from collections.abc import Hashable
 
-from cryptography.exceptions import InvalidTag
-
 from wiremesh.core import crypto
 from wiremesh.core.allowedips import AllowedIPs
 from wiremesh.core.noise import HandshakeState, NoiseError
 from wiremesh.core.wireguard.cookie import CookieChecker, HandshakeRateLimiter, add_macs, open_cookie_reply
-from wiremesh.core.wireguard.events import EndpointChanged, HandshakeCompleted, HandshakeFailed
+from wiremesh.core.wireguard.events import (
+    EndpointChanged,
+    EndpointObserved,
+    HandshakeCompleted,
+    HandshakeFailed,
+)
 from wiremesh.core.wireguard.messages import (
     CONSTRUCTION,
     COOKIE_REPLY_SIZE,
@@ -56,6 +59,7 @@ from wiremesh.core.wireguard.timers import (
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
 )
+from wiremesh.core.wireguard.transport import inner_packet, open_transport
 
 log = logging.getLogger(__name__)
 
@@ -343,22 +347,9 @@ class Device:
         if session is None:
             self.drops["unknown_peer" if receiver in self._retired else "no_session"] += 1
             return None
-        if now >= session.reject_deadline:
-            self.drops["expired_session"] += 1
-            return None
-        replay = session.replay
-        if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
-            self.drops["replay"] += 1
-            return None
-        try:
-            plaintext = session.recv_aead.decrypt(
-                _NONCE_PREFIX + datagram[8:16], memoryview(datagram)[16:], None
-            )
-        except InvalidTag:
-            self.drops["decrypt_failed"] += 1
-            return None
-        if not replay.update(counter):
-            self.drops["replay"] += 1
+        plaintext = open_transport(session, datagram, counter, now)
+        if isinstance(plaintext, str):
+            self.drops[plaintext] += 1
             return None
         peer = session.peer
         if session is peer.next:
@@ -382,27 +373,15 @@ class Device:
             peer.t_keepalive = now + KEEPALIVE_TIMEOUT
             if peer.t_keepalive < self._earliest:
                 self._earliest = peer.t_keepalive
-        # The inner packet: an IP header whose length covers no more than we decrypted (the rest
-        # is padding), and a source address that AllowedIPs gives to this very peer.
-        version = plaintext[0] >> 4
-        if version == 4 and size >= 20:
-            length = (plaintext[2] << 8) | plaintext[3]
-            src = plaintext[12:16]
-            if length < 20:
-                length = size + 1  # invalid: fails the check below
-        elif version == 6 and size >= 40:
-            length = ((plaintext[4] << 8) | plaintext[5]) + 40
-            src = plaintext[8:24]
-        else:
-            self.drops["not_ip"] += 1
+        inner = inner_packet(plaintext)
+        if isinstance(inner, str):
+            self.drops[inner] += 1
             return None
-        if length > size:
-            self.drops["not_ip"] += 1
-            return None
+        packet, src = inner
         if self._route(src) is not peer:
             self.drops["source_not_allowed"] += 1
             return None
-        return plaintext if length == size else plaintext[:length]
+        return packet
 
     def _receive_other(self, datagram: bytes, source: Hashable, now: float) -> None:
         datagram = bytes(datagram)  # handshake messages are small and rare; libraries below want bytes
@@ -600,10 +579,12 @@ class Device:
             self._flush_queue(peer, session, now, keepalive_if_empty=False)
 
     def _roam(self, peer: Peer, source: Hashable) -> None:
-        if not self.roaming and peer.endpoint is not None:
-            return
-        peer.endpoint = source
-        self._events.append(EndpointChanged(peer.public_key, source))
+        if peer.endpoint is None or (self.roaming and peer.config.roam):
+            peer.endpoint = source
+            self._events.append(EndpointChanged(peer.public_key, source))
+        elif not peer.config.roam and source != peer.observed_source:
+            peer.observed_source = source
+            self._events.append(EndpointObserved(peer.public_key, source))
 
     # ------------------------------------------------------------------ handshakes
 
