@@ -22,6 +22,7 @@ from wiremesh.agent.paths import StaticPaths
 from wiremesh.core import crypto
 from wiremesh.core.packetfilter import Filter
 from wiremesh.core.wireguard import PeerConfig
+from wiremesh.core.wireguard.timers import HANDSHAKE_INITIATION_RATE
 
 pytestmark = pytest.mark.netns
 
@@ -101,6 +102,13 @@ def test_a_tcp_stream_arrives_intact_through_a_receive_worker() -> None:
 def test_rekey_hands_the_new_session_to_both_workers() -> None:
     with two_engines() as (ns_a, _ns_b, a, b):
         assert ping(ns_a, "10.212.0.2", count=2).returncode == 0
+        # A responder ignores a peer's initiations that come within HANDSHAKE_INITIATION_RATE
+        # (20 ms) of the last one (flood protection); the initiator then retries only after
+        # REKEY_TIMEOUT (5 s). The first handshake may have completed a moment ago: a rekey forced
+        # this soon would be ignored, so wait until it is older than that.
+        assert wait_until(
+            lambda: float(only_peer(b)["last_handshake_seconds_ago"] or 0.0) > 2 * HANDSHAKE_INITIATION_RATE
+        )
         with a.lock:
             peer = next(iter(a.device.peers.values()))
             old = peer.current
@@ -145,8 +153,9 @@ def test_non_wireguard_datagrams_reach_the_other_handler_from_the_worker() -> No
         got: list[tuple[bytes, tuple[str, int]]] = []
 
         class Recording(StaticPaths):
-            def receive_other(self, data: bytes, address: tuple[str, int]) -> None:
+            def receive_other(self, data: bytes, address: tuple[str, int]) -> bool:
                 got.append((data, address))
+                return True
 
         b.paths = Recording()
         sock = call_in(ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
