@@ -192,8 +192,9 @@ class Paths(StaticPaths):
         if self._send is not None:
             self._send(data, endpoint)
 
-    def receive_other(self, data: bytes, address: tuple[str, int]) -> None:
+    def receive_other(self, data: bytes, address: tuple[str, int]) -> bool:
         self.other.append((data, address))
+        return True
 
 
 def test_non_wireguard_datagrams_go_to_path_selection() -> None:

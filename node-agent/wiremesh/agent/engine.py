@@ -494,8 +494,7 @@ class Engine:
         session the worker holds goes to the worker; the rest is handled here. Returns an inner
         packet the Device decrypted (a session not exported), for the caller to deliver."""
         if from_socket and type(endpoint) is tuple:
-            if not looks_like_wireguard(data):
-                self._receive_other(data, endpoint)
+            if not looks_like_wireguard(data) and self._receive_other(data, endpoint):
                 return None
             endpoint = self._source_endpoint(endpoint)
         with self.lock:
@@ -633,12 +632,14 @@ class Engine:
                 self.drops["path_send_error"] += 1
                 log.exception("path_send_failed endpoint=%r", endpoint)
 
-    def _receive_other(self, data: bytes, address: tuple[str, int]) -> None:
+    def _receive_other(self, data: bytes, address: tuple[str, int]) -> bool:
+        """True when path selection took the datagram; else it is the Device's (as garbage)."""
         try:
-            self.paths.receive_other(data, address)
+            return self.paths.receive_other(data, address)
         except Exception:
             self.drops["other_datagram_error"] += 1
             log.exception("other_datagram_failed")
+            return True
 
     def _source_endpoint(self, address: tuple[str, int]) -> Hashable:
         try:
@@ -827,10 +828,8 @@ class Engine:
         datagrams = gro.split_udp_gro(data, ancdata)
         wireguard = []
         for d in datagrams:
-            if d[:4] == _TRANSPORT_PREFIX or looks_like_wireguard(d):
+            if d[:4] == _TRANSPORT_PREFIX or looks_like_wireguard(d) or not self._receive_other(d, addr):
                 wireguard.append(d)
-            else:
-                self._receive_other(d, addr)
         # One recvmsg holds datagrams of one source: one question to path selection.
         source = self._source_endpoint(addr) if wireguard else addr
         packets: list[bytes] = []

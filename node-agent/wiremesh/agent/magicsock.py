@@ -45,6 +45,7 @@ from typing import Any
 
 from nacl.public import PrivateKey
 
+from wiremesh.agent import hostnet
 from wiremesh.core import disco, stun
 from wiremesh.core.derp.connection import PacketReceived
 from wiremesh.core.disco import DiscoKey, Endpoint, EndpointKind
@@ -223,7 +224,7 @@ class MagicSock:
         there) is that peer's PeerEndpoint, so the Device attributes its datagrams right."""
         return self._aliases.get(address, address)
 
-    def receive_other(self, data: bytes, addr: tuple[str, int]) -> None:
+    def receive_other(self, data: bytes, addr: tuple[str, int]) -> bool:
         """A datagram on the Engine's socket that is not WireGuard: disco or STUN."""
         if disco.is_disco(data):
             self._receive_disco(data, Direct(addr))
@@ -231,6 +232,7 @@ class MagicSock:
             self._receive_stun(data)
         else:
             self.drops["unknown_datagram"] += 1
+        return True
 
     def wireguard_event(self, event: object) -> None:
         # WireGuard authenticated a peer at an address we had not proven (its NAT rebound and
@@ -702,10 +704,8 @@ class MagicSock:
                 await self._set_local_endpoints()
 
     def _interface_endpoints(self) -> list[Endpoint]:
-        from wiremesh.agent.mesh import local_endpoints
-
         eps = []
-        for text in local_endpoints(self.engine.listen_port, exclude=(self.engine.tun_name,)):
+        for text in hostnet.local_endpoints(self.engine.listen_port, exclude=(self.engine.tun_name,)):
             host, _, p = text.rpartition(":")
             eps.append(Endpoint((host.strip("[]"), int(p)), EndpointKind.LOCAL))
         return eps
@@ -1097,9 +1097,7 @@ class MeshBinding:
         ms = self.magicsock
         if ms.local_endpoints:
             return tuple(_fmt(ep.address) for ep in ms.local_endpoints)
-        from wiremesh.agent.mesh import local_endpoints
-
-        return local_endpoints(ms.engine.listen_port, exclude=(ms.engine.tun_name,))
+        return hostnet.local_endpoints(ms.engine.listen_port, exclude=(ms.engine.tun_name,))
 
     def _report(self, endpoints: tuple[str, ...], home: int | None) -> None:
         agent, loop = self.agent, self._loop

@@ -32,8 +32,9 @@ class PathSelection(Protocol):
         endpoint object where the address is a path proven to that peer, else the address."""
         ...
 
-    def receive_other(self, data: bytes, address: Address) -> None:
-        """A datagram on the WireGuard socket that is not WireGuard (disco, STUN)."""
+    def receive_other(self, data: bytes, address: Address) -> bool:
+        """A datagram on the WireGuard socket that is not WireGuard (disco, STUN); False when
+        not taken (the Device then counts it as the garbage it is)."""
         ...
 
     def wireguard_event(self, event: object) -> None:
@@ -46,7 +47,6 @@ class StaticPaths:
 
     def __init__(self) -> None:
         self.unknown_endpoints = 0
-        self.other_datagrams = 0
 
     def resolve_direct(self, endpoint: Hashable) -> Address | None:
         return endpoint if type(endpoint) is tuple else None
@@ -57,8 +57,8 @@ class StaticPaths:
     def source_endpoint(self, address: Address) -> Hashable:
         return address
 
-    def receive_other(self, data: bytes, address: Address) -> None:
-        self.other_datagrams += 1
+    def receive_other(self, data: bytes, address: Address) -> bool:
+        return False
 
     def wireguard_event(self, event: object) -> None:
         pass
