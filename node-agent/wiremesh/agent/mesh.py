@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from wiremesh.agent import netconf, subnetrouter
+from wiremesh.agent import hostnet, netconf, subnetrouter
 from wiremesh.agent.control import (
     ControlClient,
     ControlRefused,
@@ -54,7 +54,6 @@ from wiremesh.core.wireguard import PeerConfig
 log = logging.getLogger("wiremesh.agent.mesh")
 T = TypeVar("T")
 
-DEFAULT_MESH_MTU = 1280
 DEFAULT_STATE_DIR = "/var/lib/wiremesh"
 SOCKET_NAME = "wiremeshd.sock"
 MESH_ROUTES = ("100.64.0.0/10", "fd7a:115c:a1e0::/48")
@@ -201,49 +200,6 @@ def plan(
     )
 
 
-# ----------------------------------------------------------------------------- endpoints
-
-
-def local_endpoints(listen_port: int, exclude: Iterable[str] = ()) -> tuple[str, ...]:
-    """ip:port for every global address of this namespace except loopback and `exclude` (the
-    TUN), the addresses of the interface holding the default route first."""
-    from pyroute2 import IPRoute
-
-    skip = set(exclude) | {"lo"}
-    first: set[int] = set()
-    found: list[tuple[int, str]] = []
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for route in ipr.get_default_routes(family=family):
-                oif = route.get_attr("RTA_OIF")
-                if oif is not None:
-                    first.add(int(oif))
-        for msg in ipr.get_addr():
-            if names.get(msg["index"]) in skip:
-                continue
-            addr = msg.get_attr("IFA_ADDRESS")
-            if addr is None:
-                continue
-            ip = ipaddress.ip_address(addr)
-            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
-                continue
-            text = f"[{ip}]:{listen_port}" if ip.version == 6 else f"{ip}:{listen_port}"
-            rank = (0 if msg["index"] in first else 2) + (0 if ip.version == 4 else 1)
-            found.append((rank, text))
-    found.sort(key=lambda item: item[0])  # stable: keeps kernel order within a rank
-    return tuple(dict.fromkeys(text for _, text in found))[:16]
-
-
-def ipv6_enabled(ifname: str) -> bool:
-    """Whether the kernel runs IPv6 on interface `ifname` (sysctl disable_ipv6, or no IPv6 at all)."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6") as f:
-            return f.read().strip() == "0"
-    except OSError:
-        return False
-
-
 # ----------------------------------------------------------------------------- the controller
 
 
@@ -260,7 +216,7 @@ class MeshConfig:
     snat_subnet_routes: bool = True  # a subnet router masquerades what it forwards (subnetrouter.py)
     listen_port: int = 0
     socket_path: str = ""
-    mtu: int = DEFAULT_MESH_MTU
+    mtu: int = hostnet.MIN_MTU
     metrics_listen: str | None = None
 
 
@@ -299,7 +255,7 @@ class MeshAgent:
         # Optional path selector seam: usable peers -> {node key: WireGuard endpoint}.
         self.peer_endpoints: Callable[[Sequence[Node]], Mapping[str, Hashable]] | None = None
         self._endpoint_source = endpoints or (
-            lambda: local_endpoints(engine.listen_port, exclude=(config.tun,))
+            lambda: hostnet.local_endpoints(engine.listen_port, exclude=(config.tun,))
         )
         self._auth_key = config.auth_key
         self._auth_key_usable = bool(config.auth_key)
@@ -530,7 +486,7 @@ class MeshAgent:
         """`prefixes` less the IPv6 ones when this host has IPv6 turned off (said once)."""
         prefixes = tuple(prefixes)
         if self._ipv6 is None:
-            self._ipv6 = ipv6_enabled(self.config.tun)
+            self._ipv6 = hostnet.ipv6_enabled(self.config.tun)
             if not self._ipv6:
                 log.warning("ipv6_unavailable interface=%s action=ipv4_only", self.config.tun)
         if self._ipv6:
@@ -809,7 +765,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--socket", metavar="PATH", default="", help=f"local API socket (default DIR/{SOCKET_NAME})"
     )
-    group.add_argument("--mtu", type=int, default=DEFAULT_MESH_MTU, help="TUN MTU (default %(default)s)")
+    group.add_argument(
+        "--mtu",
+        default="auto",
+        help="TUN MTU; auto (the default): the default route's link MTU less WireGuard's 80 bytes"
+        " (1420 on a 1500-byte link), at least 1280",
+    )
+
+
+def resolve_mtu(value: str) -> int:
+    """--mtu as a number: "auto" asks the host (hostnet.mesh_mtu); ValueError if out of range."""
+    if value == "auto":
+        try:
+            link = hostnet.default_route_mtu()
+        except Exception:  # netlink unavailable: the conservative default
+            link = None
+        return hostnet.mesh_mtu(link)
+    if not value.isdigit() or not 1280 <= int(value) <= 65535:
+        raise ValueError(f"--mtu must be auto or 1280..65535, got {value!r}")
+    return int(value)
 
 
 def selected(args: argparse.Namespace) -> bool:
@@ -848,8 +822,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         raise ValueError(f"--advertise-tags: {exc}") from None
     if not 0 <= args.listen_port < 65536:
         raise ValueError(f"--listen-port must be 0..65535, got {args.listen_port}")
-    if not 1280 <= args.mtu <= 65535:
-        raise ValueError(f"--mtu must be 1280..65535, got {args.mtu}")
+    mtu = resolve_mtu(str(args.mtu))
     state_dir = str(args.state_dir)
     return MeshConfig(
         login_server=url,
@@ -863,7 +836,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         snat_subnet_routes=bool(args.snat_subnet_routes),
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
-        mtu=args.mtu,
+        mtu=mtu,
         metrics_listen=args.metrics_listen,
     )
 
