@@ -32,6 +32,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 test: sysdeps venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -34,9 +34,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from wiremesh.core.busauth import BusAccess
 from wiremesh.core.derp import frames
-from wiremesh.core.logs import setup_logging
 from wiremesh.derp.keyauth import KeyAuthority
 from wiremesh.derp.relay import Relay, RelayConfig
+from wiremesh.shell.logs import setup_logging
 
 log = logging.getLogger("wiremesh.derp")
 
