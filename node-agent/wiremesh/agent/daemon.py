@@ -166,9 +166,9 @@ def run_static(args: argparse.Namespace) -> int:
         args.tun,
         listen_port=config.interface.listen_port or 0,
         mtu=config.interface.mtu or DEFAULT_MTU,
-        metrics=registry,
         workers=resolve_workers(args.workers),
     )
+    registry.register(metrics.EngineCollector(engine))
     server = None
     try:
         engine.start()

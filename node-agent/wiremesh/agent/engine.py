@@ -128,7 +128,6 @@ class Engine:
         tun_name: str,
         listen_port: int = 0,
         mtu: int = 1420,
-        metrics: Any = None,
         *,
         device: Any = None,
         offload: bool = True,
@@ -185,10 +184,6 @@ class Engine:
         # Off by default: measured here it cost more Python time per byte than the reads it saves
         # (sender ~72-82 vs ~85-88 MB per CPU-second, even with numpy checksums).
         self._tso = offload and tso
-        if metrics is not None:
-            from wiremesh.agent.metrics import EngineCollector
-
-            metrics.register(EngineCollector(self))
 
     @property
     def packet_filter(self) -> PacketFilter | None:

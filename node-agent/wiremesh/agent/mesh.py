@@ -859,7 +859,8 @@ def run(args: argparse.Namespace) -> int:
     if not config.auth_key and state_dir.load().node_id is None:
         log.warning("no_auth_key hint=first login needs --auth-key, file:PATH or $WIREMESH_AUTH_KEY")
     registry = CollectorRegistry()
-    engine = Engine(keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu, metrics=registry)
+    engine = Engine(keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu)
+    registry.register(metrics.EngineCollector(engine))
     server = None
     routing_subnets = False
     try:
