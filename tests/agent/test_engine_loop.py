@@ -173,7 +173,7 @@ def test_packet_filter_sees_every_packet_we_send() -> None:
 
 
 class Paths(StaticPaths):
-    """A PathSelection for the tests: records other datagrams, resolves and sends as told."""
+    """Path selection (paths.Paths) for the tests: records other datagrams, resolves and sends as told."""
 
     def __init__(
         self,

@@ -84,7 +84,7 @@ def test_ping_both_ways_through_receive_workers() -> None:
     with two_engines() as (ns_a, ns_b, a, b):
         assert ping(ns_a, "10.212.0.2").returncode == 0
         assert ping(ns_b, "10.212.0.1").returncode == 0
-        assert a._worker is not None and b._worker is not None
+        assert a.worker_process is not None and b.worker_process is not None
         # The workers' decrypts reach the Device's counters (and so /metrics) through their stats.
         assert wait_until(lambda: int(only_peer(b)["rx_packets"]) >= 7)  # type: ignore[call-overload]
         assert wait_until(lambda: b.io["udp_receives"] >= 6)
@@ -137,13 +137,13 @@ def test_rekey_hands_the_new_session_to_both_workers() -> None:
         with b.lock:
             b_current = b_peer.current
         assert b_current is not None and b_current.remote_index == new.local_index
-        assert new.local_index in a._exported and b_current.local_index in b._exported
+        assert new.local_index in a.exported_sessions and b_current.local_index in b.exported_sessions
         assert ping(ns_a, "10.212.0.2", count=3).returncode == 0
 
 
 def test_only_one_side_with_a_worker_interoperates() -> None:
     with two_engines(workers=(0, 1)) as (ns_a, ns_b, a, b):
-        assert a._worker is None and b._worker is not None
+        assert a.worker_process is None and b.worker_process is not None
         assert ping(ns_a, "10.212.0.2").returncode == 0
         assert ping(ns_b, "10.212.0.1").returncode == 0
 
@@ -197,8 +197,8 @@ def test_a_replayed_datagram_is_dropped_by_the_worker() -> None:
 
 def test_stop_ends_the_worker_process() -> None:
     with two_engines() as (ns_a, _ns_b, a, _b):
-        assert a._worker is not None
-        proc = a._worker
+        assert a.worker_process is not None
+        proc = a.worker_process
         call_in(ns_a, a.stop)
         assert proc.poll() is not None
 
@@ -213,8 +213,8 @@ def test_the_worker_mode_refuses_a_packet_filter() -> None:
 def test_a_crashed_worker_falls_back_to_receiving_in_process_after_a_fresh_handshake() -> None:
     with two_engines() as (ns_a, _ns_b, a, _b):
         assert ping(ns_a, "10.212.0.2", count=1).returncode == 0
-        assert a._worker is not None
-        a._worker.kill()
+        assert a.worker_process is not None
+        a.worker_process.kill()
         assert wait_until(lambda: a.drops["worker_exited"] == 1)
         # The first pings start the new handshake; then the tunnel works without the worker.
         assert wait_until(lambda: ping(ns_a, "10.212.0.2", count=1).returncode == 0, 20)

@@ -73,7 +73,7 @@ class QuietEngine:
 
 
 def test_the_agent_filters_every_packet_from_the_start_so_the_first_policy_cuts_older_flows(tmp_path):
-    from wiremesh.agent.mesh import MeshAgent, MeshConfig, Plan
+    from wiremesh.agent.mesh.controller import MeshAgent, MeshConfig, Plan
     from wiremesh.agent.state import StateDir
 
     state = StateDir(str(tmp_path))

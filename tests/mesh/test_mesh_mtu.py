@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from wiremesh.agent import hostnet
-from wiremesh.agent.mesh import resolve_mtu
+from wiremesh.agent.mesh.cli import resolve_mtu
 
 
 def test_a_1500_byte_link_gives_1420() -> None:

@@ -24,8 +24,9 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
-from wiremesh.agent import mesh, metrics, netconf, tun, wgconfig
+from wiremesh.agent import metrics, netconf, tun, wgconfig
 from wiremesh.agent.engine import Engine, resolve_workers
+from wiremesh.agent.mesh import cli as mesh
 
 log = logging.getLogger("wiremesh.agent.daemon")
 

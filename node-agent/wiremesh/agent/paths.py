@@ -3,7 +3,7 @@
 WireGuard hands the Engine an opaque endpoint with every datagram it sends to a peer. In static
 mode an endpoint is a (host, port) address; in mesh mode it is magicsock's object for the peer,
 and only path selection knows whether the peer is reached directly (and at which address) or
-through a relay. The Engine asks it through `PathSelection`, per run of datagrams, never per
+through a relay. The Engine asks it through `Paths`, per run of datagrams, never per
 packet where a run will do; nothing else passes between them, and path selection never touches
 the WireGuard Device.
 """
@@ -16,7 +16,7 @@ from typing import Protocol
 Address = tuple[str, int]
 
 
-class PathSelection(Protocol):
+class Paths(Protocol):
     def resolve_direct(self, endpoint: Hashable) -> Address | None:
         """The address the Engine's own socket reaches `endpoint` at right now, or None (the
         datagrams then go to send_to_peer one by one). Asked once per run of datagrams."""

@@ -1,10 +1,10 @@
 """Path selection between direct UDP and the relay, sans-I/O.
 
-`MagicSock` holds, for every peer, its candidate endpoints (from the netmap, from its
+`PathSelector` holds, for every peer, its candidate endpoints (from the netmap, from its
 CallMeMaybe, and from addresses its pings came from), the disco pings in flight, the best
 direct path and how long it stays trusted. It never touches a socket or a clock:
 
-    ms = MagicSock(node_key, DiscoKey(), now)
+    ms = PathSelector(node_key, DiscoKey(), now)
     ms.set_peers([PeerInfo(...)], now)
     dest = ms.route(peer_node_key, now)          # where a WireGuard datagram goes: Direct or Relay
     ms.receive_disco(data, Direct(addr) or Relay(region, key), now)
@@ -197,7 +197,7 @@ class PeerPath:
         return self.home_region if self.home_region is not None else fallback
 
 
-class MagicSock:
+class PathSelector:
     """The sans-I/O path selector for all peers of one node. See the module docstring."""
 
     def __init__(
