@@ -72,6 +72,14 @@ class PassThroughDevice:
         p.rx_bytes += len(data) - 4
         return data[4:]
 
+    def send_batch(self, packets: list[bytes], now: float):
+        results = [self.send(p, now) for p in packets]
+        return [r for r in results if r is not None], None in results
+
+    def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float):
+        packets = [self.receive(d, source, now) for d in datagrams]
+        return [p for p in packets if p], not all(packets)
+
     def datagrams_to_send(self):
         return []
 

@@ -502,16 +502,9 @@ class Engine:
         flt = self._packet_filter
         if flt is not None:
             flt.note_outbound_batch(batch, t)
-        results: list[tuple[bytes, Hashable]] = []
-        flush = False
         dev = self.device
         with self.lock:
-            for packet in batch:
-                result = dev.send(packet, t)
-                if result is None:
-                    flush = True
-                else:
-                    results.append(result)
+            results, flush = dev.send_batch(batch, t)
             # A successful send can produce output too (a rekey initiation): always drain.
             out = dev.datagrams_to_send()
         self._sender.send_batch(results)
@@ -556,17 +549,10 @@ class Engine:
                 wireguard.append(d)
         # One recvmsg holds datagrams of one source: one question to path selection.
         source = self._source_endpoint(addr) if wireguard else addr
-        packets: list[bytes] = []
-        flush = False
         dev = self.device
         with self.lock:
             t = time.time()
-            for d in wireguard:
-                packet = dev.receive(d, source, t)
-                if packet:
-                    packets.append(packet)
-                else:
-                    flush = True
+            packets, flush = dev.receive_batch(wireguard, source, t) if wireguard else ([], False)
             # Decrypting can produce output too (a confirmed session's held packets, a rekey).
             out = dev.datagrams_to_send()
         flt = self._packet_filter

@@ -47,7 +47,7 @@ from wiremesh.agent.workermessages import (
     Stop,
 )
 from wiremesh.core.allowedips import AllowedIPs
-from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transport
+from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transports
 
 log = logging.getLogger(__name__)
 
@@ -148,57 +148,30 @@ class Worker:
     # ------------------------------------------------------------------ packet path
 
     def _datagrams(self, datagrams: list[bytes], source: Hashable, now: float, forward_unknown: bool) -> None:
-        sessions, drops, routes, cache = self.sessions, self.drops, self.routes, self.route_cache
-        pending, reported = self.pending, self.reported
         packets: list[bytes] = []
-        for d in datagrams:
-            n = len(d)
-            if n >= TRANSPORT_MIN_SIZE:
-                kind, receiver, counter = _transport_unpack(d, 0)
-                session = sessions.get(receiver) if kind == MESSAGE_TRANSPORT else None
-            else:
-                session = None
+        i, n = 0, len(datagrams)
+        while i < n:
+            d = datagrams[i]
+            j = i + 1
+            session = None
+            if len(d) >= TRANSPORT_MIN_SIZE:
+                kind, receiver, _counter = _transport_unpack(d, 0)
+                session = self.sessions.get(receiver) if kind == MESSAGE_TRANSPORT else None
             if session is None:
                 if not forward_unknown:
-                    drops["no_session"] += 1
+                    self.drops["no_session"] += 1
                 elif not self._to_engine(NotForWorker(d, source)):
-                    drops["worker_forward_full"] += 1
+                    self.drops["worker_forward_full"] += 1
+                i = j
                 continue
-            plaintext = open_transport(session, d, counter, now)
-            if isinstance(plaintext, str):
-                drops[plaintext] += 1
-                continue
-            if reported.get(receiver, _UNKNOWN) != source:
-                # A session's first packet confirms a responder's keypair, a new source is
-                # roaming: the Engine hears of both at once.
-                reported[receiver] = source
-                self.urgent = True
-            key = (receiver, source)
-            record = pending.get(key)
-            if record is None:
-                record = pending[key] = [0, 0, 0]
-            record[0] += n
-            record[1] += 1
-            if not plaintext:
-                continue  # keepalive
-            record[2] += 1
-            inner = inner_packet(plaintext)
-            if isinstance(inner, str):
-                drops[inner] += 1
-                continue
-            packet, src = inner
-            owner = cache.get(src, _UNKNOWN)
-            if owner is _UNKNOWN:
-                if len(cache) >= ROUTE_CACHE_SIZE:
-                    cache.clear()
-                owner = cache[src] = routes.lookup(src)
-            if owner != session.peer:
-                drops["source_not_allowed"] += 1
-                continue
-            packets.append(packet)
+            prefix = d[:8]  # type and receiver index: one session
+            while j < n and datagrams[j][:8] == prefix and len(datagrams[j]) >= TRANSPORT_MIN_SIZE:
+                j += 1
+            self._session_run(session, receiver, datagrams[i:j], source, now, packets)
+            i = j
         if not packets:
             return
-        io = self.io
+        io, drops = self.io, self.drops
         io["tun_packets_written"] += len(packets)
         if self.vnet:
             packets = gro.coalesce(packets)
@@ -209,6 +182,58 @@ class Worker:
                 write(fd, packet)
             except OSError:
                 drops["tun_write_error"] += 1
+
+    def _session_run(
+        self,
+        session: ReceiveSession,
+        receiver: int,
+        run: list[bytes],
+        source: Hashable,
+        now: float,
+        packets: list[bytes],
+    ) -> None:
+        """Transport messages of one session, opened in one kernel call, counted for the Engine's
+        report; their IP packets from allowed sources appended to `packets`."""
+        drops, cache = self.drops, self.route_cache
+        nbytes = authenticated = 0
+        data: list[bytes] = []
+        for datagram, plaintext in zip(run, open_transports(session, run, now), strict=True):
+            if isinstance(plaintext, str):
+                drops[plaintext] += 1
+                continue
+            authenticated += 1
+            nbytes += len(datagram)
+            if plaintext:
+                data.append(plaintext)
+        if not authenticated:
+            return
+        if self.reported.get(receiver, _UNKNOWN) != source:
+            # A session's first packet confirms a responder's keypair, a new source is roaming:
+            # the Engine hears of both at once.
+            self.reported[receiver] = source
+            self.urgent = True
+        key = (receiver, source)
+        record = self.pending.get(key)
+        if record is None:
+            record = self.pending[key] = [0, 0, 0]
+        record[0] += nbytes
+        record[1] += authenticated
+        record[2] += len(data)
+        for plaintext in data:
+            inner = inner_packet(plaintext)
+            if isinstance(inner, str):
+                drops[inner] += 1
+                continue
+            packet, src = inner
+            owner = cache.get(src, _UNKNOWN)
+            if owner is _UNKNOWN:
+                if len(cache) >= ROUTE_CACHE_SIZE:
+                    cache.clear()
+                owner = cache[src] = self.routes.lookup(src)
+            if owner != session.peer:
+                drops["source_not_allowed"] += 1
+                continue
+            packets.append(packet)
 
     def _receive(self, sock: socket.socket) -> bool:
         """One recvmsg (many datagrams with UDP_GRO); False when the socket had nothing."""

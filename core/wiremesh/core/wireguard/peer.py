@@ -47,6 +47,7 @@ class Session:
         "replay",
         "send_aead",
         "send_counter",
+        "send_key",
         "send_rekey_deadline",
     )
 
@@ -67,7 +68,9 @@ class Session:
         # sealing a packet.
         self.send_aead = ChaCha20Poly1305(send_key)
         self.recv_aead = ChaCha20Poly1305(recv_key)
-        # Kept so an agent can hand this keypair's receive side to a decrypting worker process.
+        # The raw keys too: the native transport kernel takes them, and an agent hands the
+        # receive side to a decrypting worker process.
+        self.send_key = send_key
         self.recv_key = recv_key
         self.send_counter = 0
         self.replay = ReplayWindow()
