@@ -9,6 +9,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 
+mod offload;
+
 const HEADER: usize = 16; // type (4), receiver index (4), counter (8)
 const TAG: usize = 16;
 const MESSAGE_TRANSPORT: u32 = 4;
@@ -91,9 +93,28 @@ fn open<'py>(
         .collect())
 }
 
+/// The segments of a TUN TSO super-packet, checksums complete (ValueError with the reason if it
+/// is not an IPv4/IPv6 TCP packet TSO would hand over).
+#[pyfunction]
+fn segment_tcp<'py>(py: Python<'py>, packet: Bound<'py, PyBytes>, mss: usize) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let input = packet.as_bytes();
+    let segments = py.allow_threads(|| offload::segment_tcp(input, mss)).map_err(PyValueError::new_err)?;
+    Ok(segments.iter().map(|s| PyBytes::new(py, s)).collect())
+}
+
+/// TUN writes for decrypted packets, runs of one TCP flow merged into GSO packets.
+#[pyfunction]
+fn coalesce<'py>(py: Python<'py>, packets: Vec<Bound<'py, PyBytes>>) -> Vec<Bound<'py, PyBytes>> {
+    let inputs: Vec<&[u8]> = packets.iter().map(|p| p.as_bytes()).collect();
+    let writes = py.allow_threads(|| offload::coalesce(&inputs));
+    writes.iter().map(|w| PyBytes::new(py, w)).collect()
+}
+
 #[pymodule]
 fn wiremesh_wgkernel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(seal, m)?)?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_tcp, m)?)?;
+    m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     Ok(())
 }
