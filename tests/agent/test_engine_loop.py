@@ -151,14 +151,18 @@ def test_ping_crosses_two_engines_and_counts_bytes() -> None:
 class DropAll:
     """A packet filter that delivers nothing and remembers what we sent."""
 
+    rules: tuple[object, ...] = ()
+    allow_all = False
+
     def __init__(self) -> None:
         self.sent = 0
 
     def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
         return []
 
-    def note_outbound_batch(self, packets: list[bytes], now: float) -> None:
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]:
         self.sent += len(packets)
+        return []
 
 
 class Broken(DropAll):

@@ -203,11 +203,17 @@ def test_stop_ends_the_worker_process() -> None:
         assert proc.poll() is not None
 
 
-def test_the_worker_mode_refuses_a_packet_filter() -> None:
-    eng = Engine(os.urandom(32), unique("wmw"), workers=1)
-    with pytest.raises(ValueError, match="packet_filter"):
-        eng.packet_filter = Filter(allow_all=True)
-    eng.packet_filter = None  # clearing it is fine
+def test_the_worker_filters_what_it_decrypts_with_the_engines_rules() -> None:
+    with two_engines() as (ns_a, ns_b, _a, b):
+        assert ping(ns_a, "10.212.0.2", count=1).returncode == 0
+        b.packet_filter = flt = Filter([], allow_all=False)  # nobody may open a flow to b
+        assert ping(ns_a, "10.212.0.2", count=2).returncode != 0
+        assert wait_until(lambda: flt.drops["no_rule"] >= 2)  # the worker's counts come back
+        # A flow b opens is b's: the replies its worker decrypts pass.
+        assert ping(ns_b, "10.212.0.1", count=2).returncode == 0
+        b.set_filter_rules([], allow_all=True)
+        assert ping(ns_a, "10.212.0.2", count=2).returncode == 0
+        assert flt.accepted > 0
 
 
 def test_a_crashed_worker_falls_back_to_receiving_in_process_after_a_fresh_handshake() -> None:

@@ -71,6 +71,9 @@ class QuietEngine:
     def set_routes(self, prefixes: object) -> None:
         pass
 
+    def set_filter_rules(self, rules: object, allow_all: bool) -> None:
+        self.packet_filter.set_rules(rules, allow_all=allow_all)  # type: ignore[attr-defined]
+
 
 def test_the_agent_filters_every_packet_from_the_start_so_the_first_policy_cuts_older_flows(tmp_path):
     from wiremesh.agent.mesh.controller import MeshAgent, MeshConfig, Plan

@@ -256,9 +256,11 @@ class Filter:
         """True if this decrypted packet from a peer may be delivered."""
         return bool(self.filter_inbound([packet], now))
 
-    def note_outbound_batch(self, packets: list[bytes], now: float) -> None:
-        """note_outbound for each packet of a batch, the fast path inlined."""
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]:
+        """note_outbound for each packet of a batch, the fast path inlined. Returns the packets
+        that opened a flow of ours or took one over (what another copy of the filter must learn)."""
         flows = self._outbound
+        opened: list[bytes] = []
         for packet in packets:
             key = _fast_key(packet)
             if key is not None:
@@ -270,7 +272,16 @@ class Filter:
                     # A reply in the peer's flow, unless it is our own SYN reusing the tuple.
                     if not _tcp_syn(packet):
                         continue
-            self._note_outbound_slow(packet, now)
+            if self._note_outbound_slow(packet, now):
+                opened.append(packet)
+        return opened
+
+    def count(self, drops: dict[str, int], accepted: int, accepted_replies: int) -> None:
+        """Add what another copy of this filter (an agent's receive worker) counted."""
+        for reason, n in drops.items():
+            self.drops[reason] = self.drops.get(reason, 0) + n
+        self.accepted += accepted
+        self.accepted_replies += accepted_replies
 
     def note_outbound(self, packet: bytes, now: float) -> bool:
         """Record a packet this node sends, so that replies to it pass. Always True."""
@@ -332,13 +343,13 @@ class Filter:
         self.drops["no_rule"] += 1
         return False
 
-    def _note_outbound_slow(self, packet: bytes, now: float) -> None:
+    def _note_outbound_slow(self, packet: bytes, now: float) -> bool:
         header = self._parse(packet)
         if isinstance(header, str) or header.key is None or header.error_about is not None:
-            return  # nothing to remember: fragments, garbage, ICMP errors and echo replies
+            return False  # nothing to remember: fragments, garbage, ICMP errors and echo replies
         proto = header.proto
         if proto in (ICMP4, ICMP6) and header.icmp_type != _ECHO_REQUEST[header.version]:
-            return  # only echo requests open a flow
+            return False  # only echo requests open a flow
         out_key = header.key
         # A TCP SYN without ACK (or an echo request) opens a new flow of ours, whatever came before.
         if proto == TCP:
@@ -349,14 +360,19 @@ class Filter:
         if flow is not None and flow.expiry < now:
             self._forget(flow)
             flow = None
+        changed = True
         if flow is None:
             # New, or older than our memory of it (evicted, expired): ours.
             self._add(reverse_key(out_key), ours=True, generation=self._generation, now=now)
         elif flow.ours or opener:
+            changed = not flow.ours or opener
             flow.ours = True
             flow.expiry = now + flow.timeout
+        else:
+            changed = False
         if now >= self._next_sweep:
             self.sweep(now)
+        return changed
 
     def _parse(self, packet: bytes) -> _Header | str:
         """The full parse: a _Header, _FRAGMENT for a non-first fragment, or a drop reason."""

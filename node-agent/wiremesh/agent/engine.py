@@ -37,7 +37,8 @@ from wiremesh.agent import gro, gso, netconf, tun, wgreport
 from wiremesh.agent.paths import Paths
 from wiremesh.agent.sender import DatagramSender, open_sockets
 from wiremesh.agent.workerlink import ReceiveWorker
-from wiremesh.agent.workermessages import Decrypt
+from wiremesh.agent.workermessages import Decrypt, FilterCounts, FlowsSent
+from wiremesh.core.policy.model import FilterRule
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,27 @@ TUN_READ_BATCH = 64
 TUN_READ_SIZE = 65536 + 64  # a 64 KiB TSO super-packet plus its virtio_net_hdr
 POLL_IDLE_MS = 1000
 _TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
+FLOW_HEADER_BYTES = 128  # enough of a packet for the filter to key its flow (IPv6 options too)
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
 
 
 class PacketFilter(Protocol):
     """What the Engine asks of a packet filter (wiremesh.core.packetfilter.Filter), per batch
-    and with the batch's clock: decrypted packets it may deliver, and the packets we send."""
+    and with the batch's clock: decrypted packets it may deliver, and the packets we send (it
+    returns those that opened a flow of ours). With a receive worker, the worker runs a copy of
+    it: the Engine hands over its rules and our new flows, and adds the worker's counts back."""
+
+    rules: tuple[FilterRule, ...]
+    allow_all: bool
 
     def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]: ...
 
-    def note_outbound_batch(self, packets: list[bytes], now: float) -> None: ...
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]: ...
+
+    def set_rules(self, rules: Iterable[FilterRule], allow_all: bool | None = None) -> None: ...
+
+    def count(self, drops: dict[str, int], accepted: int, accepted_replies: int) -> None: ...
 
 
 def looks_like_wireguard(data: bytes) -> bool:
@@ -130,6 +141,7 @@ class Engine:
         # Receive worker (workers=1): its process, our end of the control pair, and the local
         # indices of the sessions whose receive side it holds (only it decrypts those).
         self._rx: ReceiveWorker | None = None
+        self._endpoint_tokens: dict[int, Hashable] = {}
         # Sends datagrams (UDP_SEGMENT batches) and holds path selection; see sender.py.
         self._sender = DatagramSender(self.drops, self.io)
         # With a virtio_net_hdr on the TUN, runs of TCP segments are written as one GSO packet.
@@ -147,11 +159,25 @@ class Engine:
 
     @packet_filter.setter
     def packet_filter(self, flt: PacketFilter | None) -> None:
-        if flt is not None and self.workers:
-            # The receive worker writes the TUN without asking this process: refuse rather than
-            # let packets bypass a filter the caller believes is in force.
-            raise ValueError("the receive worker mode does not run a packet_filter")
         self._packet_filter = flt
+        self._push_filter()
+
+    def set_filter_rules(self, rules: Iterable[FilterRule], allow_all: bool) -> None:
+        """New rules for the packet filter, wherever it runs (here, and in the receive worker)."""
+        flt = self._packet_filter
+        if flt is None:
+            raise ValueError("no packet filter to give rules to")
+        flt.set_rules(rules, allow_all=allow_all)
+        self._push_filter()
+
+    def _push_filter(self) -> None:
+        flt, rx = self._packet_filter, self._rx
+        if rx is None:
+            return
+        if flt is None:
+            rx.push_filter((), allow_all=True)  # a worker's filter that passes everything
+        else:
+            rx.push_filter(flt.rules, flt.allow_all)
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -273,6 +299,7 @@ class Engine:
         socks = [s for s in (self._sock4, self._sock6) if s is not None]
         rx.start(self._tun_fd, socks, self._vnet, log.getEffectiveLevel())
         self._rx = rx
+        self._push_filter()
         with self.lock:
             rx.push_peers(self.allowed_ips)
             rx.sync_sessions(self.device)
@@ -295,8 +322,15 @@ class Engine:
     def receive_here(self, datagram: bytes, source: Hashable) -> None:
         self._main_receive(datagram, source)
 
-    def source_endpoint(self, address: tuple[str, int]) -> Hashable:
-        return self._source_endpoint(address)
+    def source_endpoint(self, address: Hashable) -> Hashable:
+        if type(address) is int:
+            return self._endpoint_tokens.get(address, address)
+        return self._source_endpoint(address)  # type: ignore[arg-type]
+
+    def count_filtered(self, counts: FilterCounts) -> None:
+        flt = self._packet_filter
+        if flt is not None:
+            flt.count(counts.drops, counts.accepted, counts.accepted_replies)
 
     def send_all(self, out: list[tuple[bytes, Hashable]]) -> None:
         self._sender.send_all(out)
@@ -324,6 +358,7 @@ class Engine:
         """A datagram for this process's Device (caller does not hold the lock): transport for a
         session the worker holds goes to the worker; the rest is handled here, and what it
         decrypts is delivered."""
+        arrived_from = endpoint
         if from_socket and type(endpoint) is tuple:
             if not looks_like_wireguard(data) and self._receive_other(data, endpoint):
                 return None
@@ -336,7 +371,12 @@ class Engine:
                 and len(data) >= 8
                 and int.from_bytes(data[4:8], "little") in rx.exported
             ):
-                rx.send(Decrypt(bytes(data), endpoint), droppable=True)
+                # An address travels as it is; an endpoint object (a relayed peer's) as a token
+                # the worker's report brings back.
+                if type(arrived_from) is not tuple:
+                    arrived_from = id(arrived_from)
+                    self._endpoint_tokens[arrived_from] = endpoint
+                rx.send(Decrypt(bytes(data), arrived_from), droppable=True)
                 return None
             packet = self.device.receive(data, endpoint, time.time())
             out = self.device.datagrams_to_send()
@@ -501,7 +541,11 @@ class Engine:
         t = time.time()
         flt = self._packet_filter
         if flt is not None:
-            flt.note_outbound_batch(batch, t)
+            opened = flt.note_outbound_batch(batch, t)
+            rx = self._rx
+            if opened and rx is not None:
+                # Before the packets leave, so the worker knows the flows when replies arrive.
+                rx.send(FlowsSent(tuple(p[:FLOW_HEADER_BYTES] for p in opened)))
         dev = self.device
         with self.lock:
             results, flush = dev.send_batch(batch, t)

@@ -37,6 +37,9 @@ from collections.abc import Hashable
 from wiremesh.agent import gro
 from wiremesh.agent.workermessages import (
     Decrypt,
+    FilterCounts,
+    FilterRules,
+    FlowsSent,
     FromWorker,
     NotForWorker,
     PeerRoutes,
@@ -47,6 +50,7 @@ from wiremesh.agent.workermessages import (
     Stop,
 )
 from wiremesh.core.allowedips import AllowedIPs
+from wiremesh.core.packetfilter import Filter
 from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transports
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,12 @@ class Worker:
         self.urgent = False
         self.last_stats = 0.0
         self.running = True
+        # The packet filter (mesh mode): the Engine sends its rules and the flows we open; it
+        # judges what this process decrypts. None until the Engine installs one: pass everything.
+        self.filter: Filter | None = None
+        self._filter_seen = (0, 0, dict[str, int]())  # counts already reported
+        # Decrypt requests met while draining the control pair, run after it.
+        self.deferred: list[Decrypt] = []
 
     # ------------------------------------------------------------------ control
 
@@ -112,7 +122,15 @@ class Worker:
                 return
             message = pickle.loads(raw)
             if isinstance(message, Decrypt):
-                self._datagrams([message.datagram], message.source, time.time(), forward_unknown=False)
+                self.deferred.append(message)
+            elif isinstance(message, FlowsSent):
+                if self.filter is not None:
+                    self.filter.note_outbound_batch(list(message.headers), time.time())
+            elif isinstance(message, FilterRules):
+                if self.filter is None:
+                    self.filter = Filter(message.rules, allow_all=message.allow_all)
+                else:
+                    self.filter.set_rules(message.rules, allow_all=message.allow_all)
             elif isinstance(message, SessionExported):
                 self.sessions[message.index] = ReceiveSession(
                     message.peer, message.recv_key, message.reject_deadline
@@ -132,13 +150,37 @@ class Worker:
                 self.running = False
                 return
 
+    def _filter_counts(self) -> FilterCounts | None:
+        """What the filter counted since the last report that reached the Engine."""
+        flt = self.filter
+        if flt is None:
+            return None
+        accepted, replies, drops = self._filter_seen
+        return FilterCounts(
+            {r: n - drops.get(r, 0) for r, n in flt.drops.items() if n != drops.get(r, 0)},
+            flt.accepted - accepted,
+            flt.accepted_replies - replies,
+        )
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            batch, self.deferred = self.deferred, []
+            for message in batch:
+                self._datagrams([message.datagram], message.source, time.time(), forward_unknown=False)
+
     def _flush_stats(self, now: float) -> None:
         if not (self.pending or self.drops or self.io):
             return
         traffic = tuple(
             SessionTraffic(index, source, v[0], v[1], v[2]) for (index, source), v in self.pending.items()
         )
-        if self._to_engine(Report(traffic, dict(self.drops), dict(self.io))):
+        if self._to_engine(Report(traffic, dict(self.drops), dict(self.io), self._filter_counts())):
+            if self.filter is not None:
+                self._filter_seen = (
+                    self.filter.accepted,
+                    self.filter.accepted_replies,
+                    dict(self.filter.drops),
+                )
             self.pending.clear()
             self.drops.clear()
             self.io.clear()
@@ -169,6 +211,13 @@ class Worker:
                 j += 1
             self._session_run(session, receiver, datagrams[i:j], source, now, packets)
             i = j
+        if packets and self.filter is not None:
+            # The flows we opened may have been reported just before their replies arrived:
+            # apply what is queued on the control pair first.
+            self._control()
+            kept = self.filter.filter_inbound(packets, now)
+            self.drops["inbound_filter"] += len(packets) - len(kept)
+            packets = kept
         if not packets:
             return
         io, drops = self.io, self.drops
@@ -275,6 +324,7 @@ class Worker:
             for fd, _events in poller.poll(timeout):
                 if fd == ctl_fd:
                     self._control()
+                    self._run_deferred()
                     continue
                 sock = by_fd[fd]
                 for _ in range(DRAIN_BURST):
@@ -282,6 +332,8 @@ class Worker:
                         break
                 else:
                     busy = True
+            if self.deferred:
+                self._run_deferred()
             now = time.time()
             if self.pending or self.drops or self.io:
                 wait = self.last_stats + STATS_INTERVAL - now

@@ -16,6 +16,8 @@ from collections.abc import Hashable
 from typing import Any, Protocol
 
 from wiremesh.agent.workermessages import (
+    FilterCounts,
+    FilterRules,
     FromWorker,
     NotForWorker,
     PeerRoutes,
@@ -43,11 +45,17 @@ class WorkerHost(Protocol):
         """A datagram the worker does not handle (handshakes, disco, unknown sessions)."""
         ...
 
-    def source_endpoint(self, address: tuple[str, int]) -> Hashable: ...
+    def source_endpoint(self, address: Hashable) -> Hashable:
+        """The endpoint for a reported source: an address, or a token the Engine handed out."""
+        ...
 
     def send_all(self, out: list[tuple[bytes, Hashable]]) -> None: ...
 
     def wake_timers(self) -> None: ...
+
+    def count_filtered(self, counts: FilterCounts) -> None:
+        """What the worker's packet filter counted: added to the Engine's filter's counters."""
+        ...
 
     def worker_exited(self) -> None:
         """The worker died: receive in this process from now on."""
@@ -132,6 +140,10 @@ class ReceiveWorker:
                 self.drops["worker_control_error"] += 1
                 log.warning("rx_worker_send_failed error=%s", exc)
 
+    def push_filter(self, rules: tuple[Any, ...], allow_all: bool) -> None:
+        """The worker judges what it decrypts with these rules (mesh mode's packet filter)."""
+        self.send(FilterRules(tuple(rules), allow_all))
+
     def push_peers(self, allowed_ips: dict[bytes, tuple[str, ...]]) -> None:
         """The worker checks inner source addresses against every peer's AllowedIPs."""
         self.send(PeerRoutes(dict(allowed_ips)))
@@ -193,13 +205,15 @@ class ReceiveWorker:
         """What the worker decrypted reaches the Device: counters, confirmation, roaming, timers."""
         self.drops.update(report.drops)
         self.io.update(report.io)
+        if report.filter is not None:
+            host.count_filtered(report.filter)
         if not report.traffic:
             return
         with host.lock:
             dev = host.device
             now = time.time()
             for t in report.traffic:
-                source = host.source_endpoint(t.source) if type(t.source) is tuple else t.source
+                source = host.source_endpoint(t.source)
                 dev.note_received(t.index, source, t.nbytes, t.packets, t.data_packets, now)
             out = dev.datagrams_to_send()
             self.sync_sessions(dev)

@@ -7,7 +7,9 @@ message per datagram of the pair; each is a frozen dataclass, so both sides agre
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from wiremesh.core.policy.model import FilterRule
 
 # ---- Engine -> worker
 
@@ -44,6 +46,22 @@ class Decrypt:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterRules:
+    """The packet filter's rules: the worker judges what it decrypts (rules + allow-all)."""
+
+    rules: tuple[FilterRule, ...]
+    allow_all: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsSent:
+    """The headers of packets we sent that open or refresh a flow (the Engine's filter saw them
+    first): the worker's filter learns which flows are ours before their replies arrive."""
+
+    headers: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     pass
 
@@ -72,11 +90,21 @@ class SessionTraffic:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterCounts:
+    """What the worker's packet filter counted since the last report."""
+
+    drops: dict[str, int] = field(default_factory=dict)
+    accepted: int = 0
+    accepted_replies: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     traffic: tuple[SessionTraffic, ...]
     drops: dict[str, int]
     io: dict[str, int]
+    filter: FilterCounts | None = None
 
 
-ToWorker = PeerRoutes | SessionExported | SessionsForgotten | Decrypt | Stop
+ToWorker = PeerRoutes | SessionExported | SessionsForgotten | Decrypt | FilterRules | FlowsSent | Stop
 FromWorker = NotForWorker | Report

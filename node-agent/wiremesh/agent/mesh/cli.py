@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from wiremesh.agent import hostnet, metrics, netconf, subnetrouter
-from wiremesh.agent.engine import Engine
+from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.agent.localapi import LocalAPIServer
 from wiremesh.agent.magicsock import MagicSock
 from wiremesh.agent.mesh.binding import MagicsockPaths, MeshAPI
@@ -153,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=mtu,
         metrics_listen=args.metrics_listen,
+        workers=resolve_workers(str(getattr(args, "workers", "0"))),
     )
 
 
@@ -169,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if not config.auth_key and state_dir.load().node_id is None:
         log.warning("no_auth_key hint=first login needs --auth-key, file:PATH or $WIREMESH_AUTH_KEY")
     registry = CollectorRegistry()
-    engine = Engine(keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu)
+    engine = Engine(
+        keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu, workers=config.workers
+    )
     registry.register(metrics.EngineCollector(engine))
     server = None
     routing_subnets = False

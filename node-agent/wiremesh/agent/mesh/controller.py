@@ -94,6 +94,7 @@ class MeshConfig:
     socket_path: str = ""
     mtu: int = hostnet.MIN_MTU
     metrics_listen: str | None = None
+    workers: int = 0  # receive worker processes (Engine workers)
 
 
 class MeshAgent:
@@ -397,7 +398,7 @@ class MeshAgent:
 
     def _install_filter(self, packet_filter: tuple[Mapping[str, Any], ...]) -> None:
         if not packet_filter:
-            self.filter.set_rules((), allow_all=True)
+            self.engine.set_filter_rules((), allow_all=True)
             log.info("packet_filter_installed rules=0 allow_all=true")
             return
         try:
@@ -407,7 +408,7 @@ class MeshAgent:
             self.filter_errors += 1
             log.error("packet_filter_invalid error=%r action=deny_new_inbound", str(exc))
             rules = []
-        self.filter.set_rules(rules, allow_all=False)
+        self.engine.set_filter_rules(rules, allow_all=False)
         log.info("packet_filter_installed rules=%d", len(rules))
 
     def _save(self) -> None:
