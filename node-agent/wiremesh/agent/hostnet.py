@@ -8,6 +8,8 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
+ARPHRD_NONE = 0xFFFE  # a TUN device (linux/if_arp.h)
+IFF_POINTOPOINT = 0x10
 # WireGuard's overhead on the wire in the worst case (IPv6 outer header): 40 + 8 UDP + 32.
 WIREGUARD_OVERHEAD = 80
 MIN_MTU = 1280  # the smallest MTU IPv6 allows
@@ -15,15 +17,21 @@ FALLBACK_LINK_MTU = 1500
 
 
 def local_endpoints(listen_port: int, exclude: Iterable[str] = ()) -> tuple[str, ...]:
-    """ip:port for every global address of this namespace except loopback and `exclude` (the
-    TUN), the addresses of the interface holding the default route first."""
+    """ip:port for every global address of this namespace except loopback, `exclude` (our TUN)
+    and other tunnels (point-to-point or header-less links: a peer could reach us there only
+    through that tunnel, which may be gone by the time it tries), the addresses of the interface
+    holding the default route first."""
     from pyroute2 import IPRoute
 
     skip = set(exclude) | {"lo"}
     first: set[int] = set()
     found: list[tuple[int, str]] = []
     with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        links = ipr.get_links()
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+        for link in links:
+            if link["ifi_type"] == ARPHRD_NONE or link["flags"] & IFF_POINTOPOINT:
+                skip.add(names[link["index"]])
         for family in (socket.AF_INET, socket.AF_INET6):
             for route in ipr.get_default_routes(family=family):
                 oif = route.get_attr("RTA_OIF")
