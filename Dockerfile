@@ -22,6 +22,7 @@ COPY requirements.lock /src/requirements.lock
 RUN /opt/wiremesh/bin/pip install -r /src/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY core /src/core
+COPY shell /src/shell
 COPY services /src/services
 COPY node-agent /src/node-agent
 COPY operator /src/operator

@@ -6,17 +6,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-static demo-k8s test lint unit sysdeps venv bench clean lock
+.PHONY: all demo demo-static demo-k8s test lint unit sysdeps venv native bench clean lock
 
 all: test
 
 sysdeps:
 	@scripts/sysdeps.sh
 
-$(STAMP): pyproject.toml lab/pyproject.toml requirements.lock
+CARGO := $(shell command -v cargo 2>/dev/null || { test -x $(HOME)/.cargo/bin/cargo && echo $(HOME)/.cargo/bin/cargo; })
+
+$(STAMP): pyproject.toml lab/pyproject.toml requirements.lock native/wgkernel/Cargo.toml native/wgkernel/Cargo.lock native/wgkernel/src/lib.rs
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -c requirements.lock -e '.[dev]' -e ./lab
+	@$(MAKE) --no-print-directory native
 	@touch $@
 
 # Re-pin the images' runtime dependencies (requirements.lock) from a clean virtualenv.
@@ -26,12 +29,20 @@ lock:
 	@{ sed -n '1,2p' requirements.lock; build/lock-venv/bin/pip freeze --exclude wiremesh; } > requirements.lock.new
 	@mv requirements.lock.new requirements.lock && rm -rf build/lock-venv
 
+# The WireGuard transport kernel in Rust (crates.io), built with maturin into the venv. Without
+# cargo the agent runs the same kernel in Python (wiremesh.core.wireguard.kernel says which).
+native:
+	@if [ -n "$(CARGO)" ]; then \
+		PATH="$(CURDIR)/$(VENV)/bin:$(dir $(CARGO)):$$PATH" $(PY) -m pip install -q --no-build-isolation ./native/wgkernel; \
+	else echo "note: no cargo: the native WireGuard kernel is not built; the Python kernel is used"; fi
+
 venv: $(STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 test: sysdeps venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -52,4 +63,4 @@ bench: sysdeps venv
 	$(PY) bench/throughput
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache native/wgkernel/target

@@ -14,13 +14,14 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import pytest
 from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 
 from wiremesh.agent import netconf
 from wiremesh.agent.engine import Engine
+from wiremesh.agent.paths import StaticPaths
 
 pytestmark = pytest.mark.netns
 
@@ -70,6 +71,14 @@ class PassThroughDevice:
         p.rx_packets += 1
         p.rx_bytes += len(data) - 4
         return data[4:]
+
+    def send_batch(self, packets: list[bytes], now: float):
+        results = [self.send(p, now) for p in packets]
+        return [r for r in results if r is not None], None in results
+
+    def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float):
+        packets = [self.receive(d, source, now) for d in datagrams]
+        return [p for p in packets if p], not all(packets)
 
     def datagrams_to_send(self):
         return []
@@ -139,24 +148,71 @@ def test_ping_crosses_two_engines_and_counts_bytes() -> None:
         assert next(iter(b.status()["peers"].values()))["rx_bytes"] >= 3 * 84
 
 
-def test_inbound_filter_drops_and_counts() -> None:
+class DropAll:
+    """A packet filter that delivers nothing and remembers what we sent."""
+
+    rules: tuple[object, ...] = ()
+    allow_all = False
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
+        return []
+
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]:
+        self.sent += len(packets)
+        return []
+
+
+class Broken(DropAll):
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
+        raise RuntimeError("filter bug")
+
+
+def test_packet_filter_drops_inbound_and_counts() -> None:
     with two_engines() as (ns_a, _ns_b, _a, b):
-        b.inbound_filter = lambda packet: False
+        b.packet_filter = DropAll()
         assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
         assert b.status()["drops"]["inbound_filter"] >= 2
 
 
-def test_outbound_hook_drops_and_counts() -> None:
+def test_packet_filter_sees_every_packet_we_send() -> None:
     with two_engines() as (ns_a, _ns_b, a, _b):
-        a.outbound_hook = lambda packet: False
-        assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
-        assert a.status()["drops"]["outbound_hook"] >= 2
+        a.packet_filter = flt = DropAll()
+        ping(ns_a, "10.202.0.2", count=2)
+        assert flt.sent >= 2
 
 
-def test_non_wireguard_datagrams_go_to_the_other_handler() -> None:
+class Paths(StaticPaths):
+    """Path selection (paths.Paths) for the tests: records other datagrams, resolves and sends as told."""
+
+    def __init__(
+        self,
+        resolve: Callable[[Hashable], tuple[str, int] | None] = lambda endpoint: None,
+        send: Callable[[bytes, Hashable], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.other: list[tuple[bytes, tuple[str, int]]] = []
+        self._resolve = resolve
+        self._send = send
+
+    def resolve_direct(self, endpoint: Hashable) -> tuple[str, int] | None:
+        return self._resolve(endpoint)
+
+    def send_to_peer(self, data: bytes, endpoint: Hashable) -> None:
+        if self._send is not None:
+            self._send(data, endpoint)
+
+    def receive_other(self, data: bytes, address: tuple[str, int]) -> bool:
+        self.other.append((data, address))
+        return True
+
+
+def test_non_wireguard_datagrams_go_to_path_selection() -> None:
     with two_engines() as (ns_a, _ns_b, _a, b):
-        got: list[tuple[bytes, tuple[str, int]]] = []
-        b.other_datagram_handler = lambda data, addr: got.append((data, addr))
+        b.paths = paths = Paths()
+        got = paths.other
         sock = call_in(ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         try:
             sock.sendto(b"disco-ish payload", ("10.201.0.2", 40000))
@@ -175,14 +231,11 @@ def test_stop_removes_the_interface() -> None:
 
 
 def test_a_raising_filter_costs_packets_not_the_data_plane() -> None:
-    def broken(packet: bytes) -> bool:
-        raise RuntimeError("filter bug")
-
     with two_engines() as (ns_a, _ns_b, _a, b):
-        b.inbound_filter = broken
+        b.packet_filter = Broken()
         assert ping(ns_a, "10.202.0.2", count=2).returncode != 0
         assert b.status()["drops"]["engine_error"] >= 2
-        b.inbound_filter = None
+        b.packet_filter = None
         assert ping(ns_a, "10.202.0.2", count=2).returncode == 0
 
 
@@ -207,9 +260,11 @@ class PathEndpoint:
 def test_runs_to_a_resolved_endpoint_leave_in_udp_segment_batches() -> None:
     ep = PathEndpoint()
     with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
-        # Lone datagrams still go through the transport (as magicsock's do): it sends them direct.
-        a.transport = lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
-        a.direct_resolver = lambda endpoint: ("10.201.0.2", 40000) if endpoint is ep else None
+        # Lone datagrams still go to path selection (as magicsock's do): it sends them direct.
+        a.paths = Paths(
+            resolve=lambda endpoint: ("10.201.0.2", 40000) if endpoint is ep else None,
+            send=lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000)),
+        )
         data = os.urandom(2 << 20)
         received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
@@ -217,7 +272,7 @@ def test_runs_to_a_resolved_endpoint_leave_in_udp_segment_batches() -> None:
         assert a.io["udp_gso_datagrams"] > 2 * a.io["udp_gso_sends"] > 0
 
 
-def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None:
+def test_runs_to_an_unresolved_endpoint_go_to_path_selection_one_by_one() -> None:
     ep = PathEndpoint()
     with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
         relayed = Counter[int]()
@@ -227,8 +282,7 @@ def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None
             relayed[len(data)] += 1
             a.send_datagram(data, sock_b)  # a relay that happens to reach b's socket
 
-        a.transport = relay
-        a.direct_resolver = lambda endpoint: None
+        a.paths = Paths(send=relay)
         data = os.urandom(1 << 20)
         received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
@@ -239,13 +293,14 @@ def test_runs_to_an_unresolved_endpoint_go_to_the_transport_one_by_one() -> None
 def test_a_raising_resolver_costs_batching_not_datagrams() -> None:
     ep = PathEndpoint()
     with two_engines(endpoint_a=ep) as (ns_a, ns_b, a, _b):
-        a.transport = lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
 
         def broken(endpoint: Hashable) -> tuple[str, int] | None:
             raise RuntimeError("resolver bug")
 
-        a.direct_resolver = broken
+        a.paths = Paths(
+            resolve=broken, send=lambda data, endpoint: a.send_datagram(data, ("10.201.0.2", 40000))
+        )
         data = os.urandom(1 << 20)
         received = send_tcp_stream(ns_a, ns_b, "10.202.0.2", data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
-        assert a.drops["direct_resolver_error"] > 0
+        assert a.drops["resolve_direct_error"] > 0

@@ -48,7 +48,7 @@ def handshake_rows(plane) -> int:
     from sqlalchemy import func, select
 
     from wiremesh.coord import store
-    from wiremesh.core.control import service
+    from wiremesh.shell import service
 
     engine = service.make_engine(plane.coord_db)
     try:
@@ -142,7 +142,7 @@ def test_handshake_row_is_kept_past_the_freshness_window_with_a_margin_for_clock
 
     from wiremesh.coord import store
     from wiremesh.coord.core import HANDSHAKE_CLOCK_MARGIN
-    from wiremesh.core.control import service
+    from wiremesh.shell import service
 
     sent_at = time.time()
     call = login_call(replicas, replicas.auth_key(reusable=True), now=sent_at)
@@ -162,7 +162,7 @@ def test_handshake_row_is_kept_past_the_freshness_window_with_a_margin_for_clock
 
 def test_replicas_delete_handshake_rows_once_their_requests_are_stale(replicas):
     from wiremesh.coord import store
-    from wiremesh.core.control import service
+    from wiremesh.shell import service
 
     now = time.time()
     engine = service.make_engine(replicas.coord_db)

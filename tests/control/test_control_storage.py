@@ -9,9 +9,9 @@ import pytest
 from wiremesh.coord import core as coord_core
 from wiremesh.coord import store as cstore
 from wiremesh.core import bus
-from wiremesh.core.control import service
 from wiremesh.keys import app as keys_app
 from wiremesh.keys import store as kstore
+from wiremesh.shell import service
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

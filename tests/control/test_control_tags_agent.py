@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from wiremesh.agent import mesh
 from wiremesh.agent.cli.local import format_status
+from wiremesh.agent.mesh import cli as mesh
 
 # The namespace lab with coord and real wiremeshd agents lives beside the mesh tests.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "mesh"))

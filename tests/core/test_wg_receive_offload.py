@@ -72,3 +72,20 @@ def test_expired_sessions_drop_packets_and_the_next_send_starts_a_handshake() ->
     datagram, _ = p.b.send(ipv4_packet(B_V4, A_V4, b"late"), p.now)  # type: ignore[misc]
     assert p.a.receive(datagram, ("10.9.9.9", 1), p.now) is None
     assert p.a.drops["expired_session"] == 1
+
+
+def test_an_exported_session_opens_the_peers_messages_exactly_as_the_device_does() -> None:
+    from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transport
+
+    p = Pair()
+    p.connect()
+    index = p.peer_a.current.local_index
+    exported = ReceiveSession(*p.b.export_receive_state(index))  # type: ignore[misc]
+    datagrams = [p.a.send(ipv4_packet(A_V4, B_V4, b"x" * n), p.now)[0] for n in (0, 1, 15, 16, 999)]  # type: ignore[index]
+    for datagram in datagrams:
+        plaintext = open_transport(exported, datagram, p.now)
+        assert not isinstance(plaintext, str)
+        inner = inner_packet(plaintext)
+        assert not isinstance(inner, str)
+        assert inner[0] == p.b.receive(datagram, A_ENDPOINT, p.now)
+        assert open_transport(exported, datagram, p.now) == "replay"

@@ -203,9 +203,14 @@ def test_flush_conntrack_forgets_the_mapping(lab: Lab) -> None:
     assert first_arrival(inside) == b"marker"
 
 
+# The child starts with the default dispositions: a test runner started under nohup (as a
+# background `make test` may be) ignores SIGHUP, children inherit that, and the lab rightly
+# leaves an ignored signal ignored; that made the SIGHUP case time out.
 LAB_CHILD = """
-import sys, time
+import signal, sys, time
 from wiremesh.lab import Lab, NatKind
+for signum in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_DFL)
 lab = Lab()
 lab.device("a", NatKind.EIM_APDF)
 lab.popen(lab.host("pub"), ["sleep", "600"])

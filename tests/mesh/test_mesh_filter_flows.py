@@ -54,3 +54,48 @@ def test_replies_to_a_connection_we_opened_pass_without_a_rule():
     assert f.check_inbound(tcp(PEER, ME, 80, 50000, SYN | ACK), 0.1)
     f.note_outbound(tcp(ME, PEER, 50000, 80, ACK), 0.2)
     assert f.check_inbound(tcp(PEER, ME, 80, 50000, ACK), 0.3)
+
+
+class QuietEngine:
+    """Only what MeshAgent configures on an Engine; no interface (the filter is what is tested)."""
+
+    listen_port = 0
+    packet_filter = None
+
+    def set_peers(self, peers: object) -> None:
+        pass
+
+    def set_addresses(self, addresses: object) -> None:
+        pass
+
+    def set_routes(self, prefixes: object) -> None:
+        pass
+
+    def set_filter_rules(self, rules: object, allow_all: bool) -> None:
+        self.packet_filter.set_rules(rules, allow_all=allow_all)  # type: ignore[attr-defined]
+
+
+def test_the_agent_filters_every_packet_from_the_start_so_the_first_policy_cuts_older_flows(tmp_path):
+    from wiremesh.agent.mesh.controller import MeshAgent, MeshConfig, Plan
+    from wiremesh.agent.state import StateDir
+
+    state = StateDir(str(tmp_path))
+    engine = QuietEngine()
+    agent = MeshAgent(
+        MeshConfig(login_server="http://127.0.0.1:9", state_dir=str(tmp_path), tun="wmtest"),
+        state,
+        state.load_or_create_keys(),
+        engine,
+    )
+    try:
+        agent._apply_plan(Plan(packet_filter=()))  # a netmap without a policy: allow all
+        flt = engine.packet_filter
+        assert flt is not None
+        # The peer opens a connection while no policy is set; we answer it.
+        assert flt.filter_inbound([tcp(PEER, ME, 40000, 80, SYN)], 0.0)
+        flt.note_outbound_batch([tcp(ME, PEER, 80, 40000, SYN | ACK)], 0.1)
+        agent._apply_plan(Plan(packet_filter=(ssh_from_peer().to_dict(),)))
+        flt.note_outbound_batch([tcp(ME, PEER, 80, 40000, ACK)], 0.2)
+        assert flt.filter_inbound([tcp(PEER, ME, 40000, 80, ACK)], 0.3) == []
+    finally:
+        agent._executor.shutdown(wait=True)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from wiremesh.agent.localapi import MAX_BODY_BYTES, MAX_HEAD_BYTES, LocalAPIError, LocalAPIServer
-from wiremesh.agent.mesh import MeshError
+from wiremesh.agent.mesh.controller import MeshError
 
 
 class Backend:

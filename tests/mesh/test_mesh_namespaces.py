@@ -74,9 +74,9 @@ def test_agents_reach_each_other_over_ipv6_mesh_addresses(mesh):
     assert pings(mesh.lab, mesh.c.node, mesh.b.address(6))
 
 
-def test_tun_carries_mesh_addresses_mtu_1280_and_mesh_routes(mesh):
+def test_tun_carries_mesh_addresses_the_links_mtu_less_wireguards_and_mesh_routes(mesh):
     link = mesh.lab.run(mesh.a.node, ["ip", "-o", "link", "show", "dev", mesh.a.ifname]).stdout
-    assert " mtu 1280 " in link
+    assert " mtu 1420 " in link  # --mtu auto: the lab's 1500-byte link less 80
     addrs = mesh.lab.run(mesh.a.node, ["ip", "-o", "addr", "show", "dev", mesh.a.ifname]).stdout
     assert f"{mesh.a.address(4)}/32" in addrs and f"{mesh.a.address(6)}/128" in addrs
     v4 = mesh.lab.run(mesh.a.node, ["ip", "route", "show", "table", "52", "dev", mesh.a.ifname]).stdout
@@ -163,7 +163,7 @@ def test_a_subnet_router_masquerades_both_ways_and_clamps_tcp_mss_to_the_tunnel(
         mesh.router.lan_address
     )
     # subnet -> mesh: a sees b's mesh address. The pod's SYN offers 1460 (its LAN's MTU); the
-    # router clamps it to what fits the 1280-byte tunnel (1240) before it enters the tunnel.
+    # router clamps it to what fits the 1420-byte tunnel (1380) before it enters the tunnel.
     table = "wmtest_mss"
     syn = f"tcp dport {MSS_PORT} tcp flags & (syn | ack) == syn"
     mesh.lab.run(
@@ -171,8 +171,8 @@ def test_a_subnet_router_masquerades_both_ways_and_clamps_tcp_mss_to_the_tunnel(
         ["nft", "-f", "-"],
         input=(
             f"table inet {table} {{ chain pre {{ type filter hook prerouting priority -300;\n"
-            f"  {syn} tcp option maxseg size > 1240 counter\n"
-            f"  {syn} tcp option maxseg size <= 1240 counter\n}}\n}}\n"
+            f"  {syn} tcp option maxseg size > 1380 counter\n"
+            f"  {syn} tcp option maxseg size <= 1380 counter\n}}\n}}\n"
         ),
     )
     try:

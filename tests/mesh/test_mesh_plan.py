@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wiremesh.agent.mesh import MESH_ROUTES, choose_endpoint, plan
+from wiremesh.agent.mesh.plan import MESH_ROUTES, choose_endpoint, plan
 from wiremesh.core import crypto
 from wiremesh.core.netmap import NetworkMap, Node
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wiremesh.agent.mesh import read_auth_key
+from wiremesh.agent.mesh.cli import read_auth_key
 from wiremesh.agent.state import Persisted, StateDir, StateError
 
 

@@ -95,7 +95,7 @@ def test_call_me_maybe_endpoint_count_is_bounded():
 
 
 def test_netmap_peers_become_magicsock_peer_infos():
-    from wiremesh.agent.magicsock import peer_infos_from_netmap
+    from wiremesh.agent.mesh.binding import peer_infos_from_netmap
     from wiremesh.core import crypto
     from wiremesh.core.netmap import Node
 

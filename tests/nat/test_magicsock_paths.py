@@ -1,4 +1,4 @@
-"""magicsock core in memory: two (or more) MagicSock objects wired by a tiny simulated network."""
+"""magicsock core in memory: two (or more) PathSelector objects wired by a tiny simulated network."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from wiremesh.core.magicsock import (
     AddressConfirmed,
     CloseProbeSockets,
     Direct,
-    MagicSock,
     MappingChanged,
     OpenProbeSockets,
     PathChanged,
+    PathSelector,
     PeerInfo,
     PingResult,
     Relay,
@@ -33,7 +33,7 @@ class Node:
         self.disco = DiscoKey()
         self.public = public
         self.lan = lan
-        self.ms = MagicSock(self.node_key, self.disco, 0.0, rng=random.Random(1), **kw)
+        self.ms = PathSelector(self.node_key, self.disco, 0.0, rng=random.Random(1), **kw)
         self.ms.set_home_region(REGION)
         self.events: list[object] = []
         eps = [Endpoint(public, EndpointKind.STUN)]

@@ -126,6 +126,33 @@ def test_direct_path_comes_back_after_nat_rebinding(world):
     assert wait_for(lambda: world.ping(a, b, timeout=1) and world.wait_direct(a, b, timeout=0.5), 45.0)
 
 
+def test_losing_the_direct_path_to_a_rebinding_finds_the_new_public_port_at_once(world):
+    """The NAT moves a's mapping to another public port: a learns it when the direct path is
+    lost (not at the next periodic netcheck, 20 s later), and direct comes back in seconds."""
+    lab = world.lab
+    a, b = world.agents["a"], world.agents["b"]
+    assert world.ping_until(a, b, timeout=20)
+    assert world.wait_direct(a, b, timeout=20)
+    before = world.status(a)["magicsock"]["netcheck"]["public_address"]
+    pinger = lab.popen(a.host, ["ping", "-n", "-q", "-i", "0.2", "-w", "30", b.mesh_ip])
+    handle = lab.rebind(a.host.behind)
+    try:
+        assert wait_for(lambda: world.path(a, b) == "relay", 10.0)
+        lost = time.monotonic()
+
+        def direct_again() -> bool:
+            return world.path(a, b) == "direct" and world.path(b, a) == "direct"
+
+        # A generous bound for a loaded machine; without re-discovery it takes up to 20 s more.
+        assert wait_for(direct_again, 9.0, interval=0.2), (world.peer(a, b), time.monotonic() - lost)
+        after = world.status(a)["magicsock"]["netcheck"]["public_address"]
+        assert after != before and 20000 <= int(after.rsplit(":", 1)[1]) <= 29999
+    finally:
+        lab.stop(pinger)
+        lab.remove_rule(handle)
+        lab.flush_conntrack(a.host.behind)
+
+
 def test_agents_move_to_the_other_region_when_the_home_relay_stops(world):
     a, b, u = world.agents["a"], world.agents["b"], world.agents["u"]
     homes = {name: world.status(world.agents[name])["magicsock"]["home_region"] for name in ("a", "b", "u")}

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from wiremesh.agent.magicsock import natpmp_map, pcp_map
+from wiremesh.agent.magicsock.portmapper import natpmp_map, pcp_map
 from wiremesh.lab import Host, Lab, NatKind, netns
 
 pytestmark = [pytest.mark.netns]

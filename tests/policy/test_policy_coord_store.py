@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 
 from wiremesh.coord import policy_store
 from wiremesh.coord.store import Base
-from wiremesh.core.control import service
 from wiremesh.core.packetfilter import Filter
 from wiremesh.core.policy import parse_policy
+from wiremesh.shell import service
 
 SSH_ONLY = """
 {

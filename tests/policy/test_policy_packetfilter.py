@@ -227,12 +227,17 @@ def test_netmap_filter_round_trips_rules() -> None:
     assert not f.check_inbound(packet(PEER, ME, TCP, 40000, 23), 0.0)
 
 
-def test_hooks_adapt_to_the_engine_signature() -> None:
+def test_a_batch_keeps_exactly_the_packets_check_inbound_would_pass() -> None:
     f = ssh_only()
-    clock = iter([0.0, 0.5]).__next__
-    inbound, outbound = f.hooks(clock)
-    assert outbound(packet(ME, PEER, UDP, 7000, 53)) is True
-    assert inbound(packet(PEER, ME, UDP, 53, 7000)) is True
+    f.note_outbound_batch([packet(ME, PEER, UDP, 7000, 53)], 0.0)
+    batch = [
+        packet(PEER, ME, UDP, 53, 7000),  # reply to our flow
+        packet(PEER, ME, TCP, 40000, 22),  # allowed by the rule
+        packet(PEER, ME, TCP, 40000, 80),  # no rule
+        packet(PEER, ME, UDP, 53, 7001),  # not our flow
+    ]
+    assert f.filter_inbound(batch, 0.5) == batch[:2]
+    assert f.drops["no_rule"] == 2
 
 
 def test_our_replies_do_not_keep_a_tcp_flow_the_peer_opened_alive_after_rules_change() -> None:
@@ -267,3 +272,62 @@ def test_our_syn_opens_a_flow_even_on_a_tuple_the_peer_used_before() -> None:
     f.set_rules([])
     f.note_outbound(packet(ME, PEER, TCP, 1000, 2000, SYN), 1.0)
     assert f.check_inbound(packet(PEER, ME, TCP, 2000, 1000, SYN | ACK), 1.1)
+
+
+def test_the_first_policy_cuts_a_flow_the_peer_opened_while_no_policy_was_set() -> None:
+    f = Filter(allow_all=True)
+    assert f.check_inbound(packet(PEER, ME, TCP, 40000, 80, SYN), 0.0)
+    f.note_outbound(packet(ME, PEER, TCP, 80, 40000, SYN | ACK), 0.1)
+    f.note_outbound(packet(ME, PEER, TCP, 80, 40000, ACK), 0.2)
+    f.set_rules([SSH_FROM_PEER], allow_all=False)
+    f.note_outbound(packet(ME, PEER, TCP, 80, 40000, ACK), 0.3)  # our reply does not adopt it
+    assert not f.check_inbound(packet(PEER, ME, TCP, 40000, 80, ACK), 0.4)
+
+
+def test_the_first_policy_keeps_a_flow_we_opened_while_no_policy_was_set() -> None:
+    f = Filter(allow_all=True)
+    f.note_outbound(packet(ME, PEER, TCP, 50000, 443, SYN), 0.0)
+    assert f.check_inbound(packet(PEER, ME, TCP, 443, 50000, SYN | ACK), 0.1)
+    f.set_rules([SSH_FROM_PEER], allow_all=False)
+    assert f.check_inbound(packet(PEER, ME, TCP, 443, 50000, ACK), 0.2)
+
+
+def test_a_flow_the_new_rules_still_allow_keeps_passing() -> None:
+    f = Filter(allow_all=True)
+    assert f.check_inbound(packet(PEER, ME, TCP, 40000, 22, SYN), 0.0)
+    f.set_rules([SSH_FROM_PEER], allow_all=False)
+    assert f.check_inbound(packet(PEER, ME, TCP, 40000, 22, ACK), 0.1)
+
+
+def test_going_back_to_no_policy_readmits_a_cut_flow() -> None:
+    f = ssh_only()
+    assert not f.check_inbound(packet(PEER, ME, UDP, 5353, 53), 0.0)
+    f.set_rules([], allow_all=True)
+    assert f.check_inbound(packet(PEER, ME, UDP, 5353, 53), 0.1)
+
+
+def test_icmp_error_about_our_flow_from_another_address_is_dropped() -> None:
+    f = ssh_only()
+    original = packet(ME, PEER, UDP, 5000, 9999)
+    f.note_outbound(original, 0.0)
+    unreachable = struct.pack("!BBHI", 3, 3, 0, 0) + original[:28]
+    assert not f.check_inbound(ip(OTHER, ME, ICMP4, unreachable), 0.1)
+    assert f.drops["no_rule"] == 1
+
+
+def test_icmpv6_packet_too_big_from_the_far_end_passes() -> None:
+    f = ssh_only()
+    original = packet(ME6, PEER6, UDP, 5000, 9999)
+    f.note_outbound(original, 0.0)
+    too_big = struct.pack("!BBHI", 2, 0, 0, 1280) + original[:48]
+    assert f.check_inbound(ip(PEER6, ME6, ICMP6, too_big), 0.1)
+    assert not f.check_inbound(ip("fd7a:115c:a1e0::3", ME6, ICMP6, too_big), 0.1)
+
+
+def test_an_allowed_flow_and_a_cut_flow_in_one_batch() -> None:
+    f = Filter(allow_all=True)
+    ssh = packet(PEER, ME, TCP, 40000, 22, ACK)
+    web = packet(PEER, ME, TCP, 40001, 80, ACK)
+    assert f.filter_inbound([ssh, web], 0.0) == [ssh, web]
+    f.set_rules([SSH_FROM_PEER], allow_all=False)
+    assert f.filter_inbound([ssh, web, ssh], 0.1) == [ssh, ssh]

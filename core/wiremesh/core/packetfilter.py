@@ -1,19 +1,27 @@
 """The agent's stateful inbound packet filter (sans-I/O: packets and `now` in, verdicts out).
 
-Every decrypted packet a peer sends us goes through `check_inbound(packet, now)`: it passes
-if it answers a flow this node opened (recorded by `note_outbound` on every packet we send)
-or if a filter rule from the netmap allows it. A flow the peer opened stays the peer's: the
-filter remembers flows it admitted, and our replies in them do not count as opening a flow
-of ours, so when the rules stop allowing such a flow its next packet is dropped. An outbound
-packet of a flow we know nothing about (a connection older than the filter) adopts it. TCP, UDP and SCTP flows are
-keyed by addresses and ports, ICMP echo by its identifier; ICMP errors about one of our flows
-(unreachable, time exceeded, packet too big) pass so path MTU discovery keeps working.
-Non-first fragments carry no ports and pass, as in Tailscale: the first fragment was checked
-and without it nothing reassembles.
+One Filter lives as long as the agent's interface and sees every packet, also while no policy is
+set (allow-all): a flow is remembered from its first packet with who opened it. Decrypted packets
+a peer sends go through `check_inbound` (or `filter_inbound` for a batch); what we send goes
+through `note_outbound`. An inbound packet passes if it belongs to a flow this node opened, or if
+the rules in force (or allow-all) admit its flow. A flow a peer opened stays the peer's: our
+replies in it never make it ours, so whenever rules are installed (the first policy too) every
+such flow is judged again at its next packet and cut if the new rules do not admit it, including
+flows opened while no policy was set. Only a TCP SYN without ACK, or the first packet of a flow we
+know nothing about (one evicted or expired), makes a flow ours.
 
-Per packet the work is header slicing and integer compares against rules pre-indexed by
-(IP version, protocol); rules are re-checked on every packet of a flow someone else opened,
-so a policy change cuts such flows at once.
+TCP, UDP and SCTP flows are keyed by addresses and ports, ICMP echo by its identifier; other
+protocols by addresses. ICMP errors (unreachable, time exceeded, packet too big) pass only when
+they quote a live flow and come from that flow's far end (the address the quoted packet went to),
+so path MTU discovery keeps working while a peer cannot forge errors about our other flows.
+Non-first fragments carry no ports and pass, as in Tailscale: the first fragment was checked and
+without it nothing reassembles.
+
+Fast path: a flow's key is a slice of the packet's own header bytes, and a packet of a known flow
+whose verdict is current (ours, or admitted under the rules' present generation) costs one slice,
+one dict lookup and one compare. `set_rules` starts a new generation, so no cached verdict
+survives a policy change. Everything else (new flows, IPv4 options, IPv6 extension headers,
+ICMP) takes the full parse and the rule scan against rules pre-indexed by (IP version, protocol).
 
 `from_netmap([])` keeps the netmap convention that an empty list means "no policy: allow all";
 the policy compiler never emits an empty list for a node that may receive nothing.
@@ -23,8 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from wiremesh.core.policy.model import PORT_PROTOS, FilterRule
@@ -33,6 +40,8 @@ log = logging.getLogger(__name__)
 
 ICMP4 = 1
 ICMP6 = 58
+TCP = 6
+UDP = 17
 _ECHO_REQUEST = {4: 8, 6: 128}
 _ECHO_REPLY = {4: 0, 6: 129}
 _ICMP4_ERRORS = frozenset({3, 11, 12})
@@ -40,14 +49,18 @@ _ICMP6_ERRORS = frozenset({1, 2, 3, 4})
 _V6_EXT = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 _V6_FRAGMENT = 44
 _MAX_EXT_HEADERS = 8
+_NO_PORTS = b"\x00\x00\x00\x00"
 
 DEFAULT_MAX_FLOWS = 65536
-TIMEOUTS = {6: 3600.0, 17: 120.0, 132: 3600.0, ICMP4: 30.0, ICMP6: 30.0}
+TIMEOUTS = {TCP: 3600.0, UDP: 120.0, 132: 3600.0, ICMP4: 30.0, ICMP6: 30.0}
 OTHER_TIMEOUT = 120.0
 SWEEP_INTERVAL = 10.0
 
 DROP_REASONS = ("not_ip", "malformed", "no_rule")
 
+# (protocol, source address | destination address | source port | destination port), the
+# addresses and ports as the packet carries them; ICMP echo puts its identifier in both ports.
+FlowKey = tuple[int, bytes]
 # (lo, hi) integer ranges
 _Ranges = tuple[tuple[int, int], ...]
 # (dst ranges, port ranges or None for any, source matches everything, exact sources, source ranges)
@@ -120,6 +133,49 @@ def _build_index(rules: Iterable[FilterRule]) -> tuple[dict[int, list[_Entry]], 
     return by_proto, any_proto
 
 
+def reverse_key(key: FlowKey) -> FlowKey:
+    """The same flow's key as packets in the other direction carry it."""
+    proto, raw = key
+    half = (len(raw) - 4) // 2
+    ports = 2 * half
+    return proto, raw[half:ports] + raw[:half] + raw[ports + 2 : ports + 4] + raw[ports : ports + 2]
+
+
+class _Flow:
+    """One flow, reachable under both directions' keys. `generation` is the rules generation
+    whose verdict admitted a peer's flow; our own flows need no verdict."""
+
+    __slots__ = ("expiry", "generation", "inbound_key", "ours", "timeout")
+
+    def __init__(self, inbound_key: FlowKey, ours: bool, generation: int, timeout: float, now: float) -> None:
+        self.inbound_key = inbound_key
+        self.ours = ours
+        self.generation = generation
+        self.timeout = timeout
+        self.expiry = now + timeout
+
+
+class _Header:
+    """What the full parse learns about a packet (slow path only)."""
+
+    __slots__ = ("dst", "error_about", "icmp_type", "key", "off", "port", "proto", "src", "version")
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.proto = 0
+        self.src = b""
+        self.dst = b""
+        self.off = 0
+        self.port = 0
+        self.key: FlowKey | None = None
+        self.icmp_type = -1
+        # For an ICMP error: the quoted packet's key (as we sent it) and where it went.
+        self.error_about: tuple[FlowKey, bytes] | None = None
+
+
+_FRAGMENT = "fragment"
+
+
 class Filter:
     """Stateful inbound filter for one node. See the module docstring."""
 
@@ -136,16 +192,11 @@ class Filter:
         self.accepted = 0
         self.accepted_replies = 0
         self.flows_evicted = 0
-        # Flows this node opened, keyed as their inbound replies look: (proto, remote, local,
-        # remote port, local port) -> expiry. Replies to these pass whatever the rules say.
-        self._flows: dict[tuple[int, int, int, int, int], float] = {}
-        # Flows a peer opened and the rules (or allow-all) admitted, same key. Our packets in
-        # such a flow are replies: they must not turn it into "our" flow, or a policy change
-        # could never cut it.
-        self._admitted: dict[tuple[int, int, int, int, int], float] = {}
-        # Admitted flows the current rules were checked against: later packets of such a flow
-        # skip the rule scan. New rules start it empty, so every flow is judged again.
-        self._passed: dict[tuple[int, int, int, int, int], float] = {}
+        # Every live flow under the key its inbound packets carry, and under the key our
+        # outbound packets carry (the same _Flow object).
+        self._inbound: dict[FlowKey, _Flow] = {}
+        self._outbound: dict[FlowKey, _Flow] = {}
+        self._generation = 0
         self._next_sweep = 0.0
         self.rules: tuple[FilterRule, ...] = ()
         self.set_rules(rules)
@@ -157,112 +208,229 @@ class Filter:
         return cls(rules, allow_all=not rules, **kwargs)
 
     def set_rules(self, rules: Iterable[FilterRule], allow_all: bool | None = None) -> None:
-        """Swap in new rules; the flow table (replies to our own flows) is kept."""
-        self.rules = tuple(rules)
-        self._by_proto, self._any_proto = _build_index(self.rules)
+        """Swap in new rules: every flow a peer opened is judged again at its next packet; the
+        flows this node opened keep passing."""
+        rules = tuple(rules)
+        by_proto, any_proto = _build_index(rules)
         if allow_all is not None:
             self.allow_all = allow_all
-        self._passed = {}
+        self.rules = rules
+        self._by_proto, self._any_proto = by_proto, any_proto
+        # Last: a verdict reached while the old rules were read carries the old generation.
+        self._generation += 1
 
     @property
     def flow_count(self) -> int:
-        return len(self._flows)
+        return len(self._inbound)
 
     # ---- the hot path ----
 
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
+        """The packets of a batch that may be delivered (check_inbound for each, the fast path
+        inlined)."""
+        flows, generation = self._inbound, self._generation
+        kept: list[bytes] = []
+        admitted = replies = 0
+        for packet in packets:
+            key = _fast_key(packet)
+            if key is not None:
+                flow = flows.get(key)
+                if flow is not None and flow.expiry >= now:
+                    if flow.ours:
+                        replies += 1
+                    elif flow.generation == generation:
+                        admitted += 1
+                    else:
+                        flow = None  # admitted under older rules: judge it again
+                    if flow is not None:
+                        flow.expiry = now + flow.timeout
+                        kept.append(packet)
+                        continue
+            if self._check_inbound_slow(packet, now):
+                kept.append(packet)
+        self.accepted += admitted
+        self.accepted_replies += replies
+        return kept
+
     def check_inbound(self, packet: bytes, now: float) -> bool:
         """True if this decrypted packet from a peer may be delivered."""
-        n = len(packet)
-        if n == 0:
-            self.drops["not_ip"] += 1
-            return False
-        version = packet[0] >> 4
-        if version == 4:
-            if n < 20:
-                self.drops["malformed"] += 1
-                return False
-            off = (packet[0] & 15) * 4
-            if off < 20 or n < off:
-                self.drops["malformed"] += 1
-                return False
-            if (packet[6] & 0x1F) or packet[7]:  # non-first fragment: no transport header
+        return bool(self.filter_inbound([packet], now))
+
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]:
+        """note_outbound for each packet of a batch, the fast path inlined. Returns the packets
+        that opened a flow of ours or took one over (what another copy of the filter must learn)."""
+        flows = self._outbound
+        opened: list[bytes] = []
+        for packet in packets:
+            key = _fast_key(packet)
+            if key is not None:
+                flow = flows.get(key)
+                if flow is not None and flow.expiry >= now:
+                    if flow.ours:
+                        flow.expiry = now + flow.timeout
+                        continue
+                    # A reply in the peer's flow, unless it is our own SYN reusing the tuple.
+                    if not _tcp_syn(packet):
+                        continue
+            if self._note_outbound_slow(packet, now):
+                opened.append(packet)
+        return opened
+
+    def count(self, drops: dict[str, int], accepted: int, accepted_replies: int) -> None:
+        """Add what another copy of this filter (an agent's receive worker) counted."""
+        for reason, n in drops.items():
+            self.drops[reason] = self.drops.get(reason, 0) + n
+        self.accepted += accepted
+        self.accepted_replies += accepted_replies
+
+    def note_outbound(self, packet: bytes, now: float) -> bool:
+        """Record a packet this node sends, so that replies to it pass. Always True."""
+        self.note_outbound_batch([packet], now)
+        return True
+
+    # ---- the slow path ----
+
+    def _check_inbound_slow(self, packet: bytes, now: float) -> bool:
+        header = self._parse(packet)
+        if isinstance(header, str):
+            if header is _FRAGMENT:
                 self.accepted += 1
                 return True
-            proto = packet[9]
-            src = int.from_bytes(packet[12:16], "big")
-            dst = int.from_bytes(packet[16:20], "big")
-        elif version == 6:
-            if n < 40:
-                self.drops["malformed"] += 1
-                return False
-            proto = packet[6]
-            src = int.from_bytes(packet[8:24], "big")
-            dst = int.from_bytes(packet[24:40], "big")
-            off = 40
-            if proto in _V6_EXT or proto == _V6_FRAGMENT:
-                walked = self._walk_v6(packet, proto, off)
-                if walked is None:
-                    self.drops["malformed"] += 1
-                    return False
-                proto, off = walked
-                if proto < 0:  # non-first fragment
-                    self.accepted += 1
-                    return True
-        else:
-            self.drops["not_ip"] += 1
+            self.drops[header] += 1
             return False
-
-        port = 0
-        key: tuple[int, int, int, int, int] | None = None
-        if proto in PORT_PROTOS:
-            if n < off + 4:
-                self.drops["malformed"] += 1
-                return False
-            port = (packet[off + 2] << 8) | packet[off + 3]
-            key = (proto, src, dst, (packet[off] << 8) | packet[off + 1], port)
-        elif proto in (ICMP4, ICMP6):
-            if n < off + 8:
-                self.drops["malformed"] += 1
-                return False
-            icmp_type = packet[off]
-            if icmp_type == _ECHO_REPLY[version]:
-                key = (proto, src, dst, (packet[off + 4] << 8) | packet[off + 5], 0)
-            elif icmp_type in (_ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS):
-                key = self._icmp_error_key(packet, off + 8, version)
-        else:
-            key = (proto, src, dst, 0, 0)
-
-        if key is not None:
-            flows = self._flows
-            expiry = flows.get(key)
-            if expiry is not None and expiry >= now:
-                flows[key] = now + TIMEOUTS.get(key[0], OTHER_TIMEOUT)
+        if now >= self._next_sweep:
+            self.sweep(now)
+        if header.error_about is not None:
+            return self._check_icmp_error(header, now)
+        generation = self._generation
+        key = header.key
+        flow = self._inbound.get(key) if key is not None else None
+        if flow is not None and flow.expiry < now:
+            self._forget(flow)
+            flow = None
+        if flow is not None and (flow.ours or flow.generation == generation):
+            flow.expiry = now + flow.timeout
+            if flow.ours:
                 self.accepted_replies += 1
-                return True
-            expiry = self._passed.get(key)
-            if expiry is not None and expiry >= now:
-                self._admitted[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
+            else:
                 self.accepted += 1
-                return True
+            return True
+        if not (self.allow_all or self._rules_allow(header)):
+            # A denied flow of the peer's stays known as the peer's: our replies in it must
+            # not adopt it.
+            self.drops["no_rule"] += 1
+            return False
+        self.accepted += 1
+        if flow is not None:
+            flow.generation = generation
+            flow.expiry = now + flow.timeout
+        elif key is not None:
+            self._add(key, ours=False, generation=generation, now=now)
+        return True
 
-        # Taken before the rules are read: if new rules arrive meanwhile, this verdict lands
-        # in the cache they discarded.
-        passed = self._passed
-        if self.allow_all or self._rules_allow(version, proto, src, dst, port):
-            self.accepted += 1
-            if key is not None and proto not in (ICMP4, ICMP6):
-                admitted = self._admitted
-                if key not in admitted and len(admitted) >= self.max_flows:
-                    self._make_room(now)
-                expiry = admitted[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
-                if len(passed) >= self.max_flows:
-                    passed.clear()  # only a cache: the rules decide again
-                passed[key] = expiry
+    def _check_icmp_error(self, header: _Header, now: float) -> bool:
+        assert header.error_about is not None
+        quoted_key, quoted_destination = header.error_about
+        flow = self._outbound.get(quoted_key)
+        if (
+            flow is not None
+            and flow.expiry >= now
+            and (flow.ours or flow.generation == self._generation)
+            and header.src == quoted_destination  # only the far end of the flow may report on it
+        ):
+            self.accepted_replies += 1
             return True
         self.drops["no_rule"] += 1
         return False
 
-    def _rules_allow(self, version: int, proto: int, src: int, dst: int, port: int) -> bool:
+    def _note_outbound_slow(self, packet: bytes, now: float) -> bool:
+        header = self._parse(packet)
+        if isinstance(header, str) or header.key is None or header.error_about is not None:
+            return False  # nothing to remember: fragments, garbage, ICMP errors and echo replies
+        proto = header.proto
+        if proto in (ICMP4, ICMP6) and header.icmp_type != _ECHO_REQUEST[header.version]:
+            return False  # only echo requests open a flow
+        out_key = header.key
+        # A TCP SYN without ACK (or an echo request) opens a new flow of ours, whatever came before.
+        if proto == TCP:
+            opener = len(packet) >= header.off + 14 and packet[header.off + 13] & 0x12 == 0x02
+        else:
+            opener = proto in (ICMP4, ICMP6)
+        flow = self._outbound.get(out_key)
+        if flow is not None and flow.expiry < now:
+            self._forget(flow)
+            flow = None
+        changed = True
+        if flow is None:
+            # New, or older than our memory of it (evicted, expired): ours.
+            self._add(reverse_key(out_key), ours=True, generation=self._generation, now=now)
+        elif flow.ours or opener:
+            changed = not flow.ours or opener
+            flow.ours = True
+            flow.expiry = now + flow.timeout
+        else:
+            changed = False
+        if now >= self._next_sweep:
+            self.sweep(now)
+        return changed
+
+    def _parse(self, packet: bytes) -> _Header | str:
+        """The full parse: a _Header, _FRAGMENT for a non-first fragment, or a drop reason."""
+        n = len(packet)
+        if n == 0:
+            return "not_ip"
+        h = _Header()
+        version = packet[0] >> 4
+        if version == 4:
+            if n < 20:
+                return "malformed"
+            off = (packet[0] & 15) * 4
+            if off < 20 or n < off:
+                return "malformed"
+            if (packet[6] & 0x1F) or packet[7]:  # non-first fragment: no transport header
+                return _FRAGMENT
+            proto = packet[9]
+            h.src, h.dst = packet[12:16], packet[16:20]
+        elif version == 6:
+            if n < 40:
+                return "malformed"
+            proto = packet[6]
+            h.src, h.dst = packet[8:24], packet[24:40]
+            off = 40
+            if proto in _V6_EXT or proto == _V6_FRAGMENT:
+                walked = _walk_v6(packet, proto, off)
+                if walked is None:
+                    return "malformed"
+                proto, off = walked
+                if proto < 0:
+                    return _FRAGMENT
+        else:
+            return "not_ip"
+        h.version, h.proto, h.off = version, proto, off
+        addresses = h.src + h.dst
+        if proto in PORT_PROTOS:
+            if n < off + 4:
+                return "malformed"
+            h.port = (packet[off + 2] << 8) | packet[off + 3]
+            h.key = (proto, addresses + packet[off : off + 4])
+        elif proto in (ICMP4, ICMP6):
+            if n < off + 8:
+                return "malformed"
+            h.icmp_type = icmp_type = packet[off]
+            if icmp_type in (_ECHO_REQUEST[version], _ECHO_REPLY[version]):
+                ident = packet[off + 4 : off + 6]
+                h.key = (proto, addresses + ident + ident)
+            elif icmp_type in (_ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS):
+                h.error_about = _quoted(packet, off + 8, version)
+                if h.error_about is None:
+                    return "malformed"
+        else:
+            h.key = (proto, addresses + _NO_PORTS)
+        return h
+
+    def _rules_allow(self, h: _Header) -> bool:
+        version, proto = h.version, h.proto
+        src, dst, port = int.from_bytes(h.src, "big"), int.from_bytes(h.dst, "big"), h.port
         entries = self._by_proto.get(version * 256 + proto)
         if entries is None:
             entries = self._any_proto[version]
@@ -286,159 +454,110 @@ class Filter:
                     return True
         return False
 
-    def note_outbound(self, packet: bytes, now: float) -> bool:
-        """Record a packet this node sends, so that replies to it pass. Always True (it is
-        also the engine's outbound hook, which must not drop)."""
-        n = len(packet)
-        if n == 0:
-            return True
-        version = packet[0] >> 4
-        if version == 4:
-            if n < 20:
-                return True
-            off = (packet[0] & 15) * 4
-            if off < 20 or n < off or (packet[6] & 0x1F) or packet[7]:
-                return True
-            proto = packet[9]
-            local = int.from_bytes(packet[12:16], "big")
-            remote = int.from_bytes(packet[16:20], "big")
-        elif version == 6:
-            if n < 40:
-                return True
-            proto = packet[6]
-            local = int.from_bytes(packet[8:24], "big")
-            remote = int.from_bytes(packet[24:40], "big")
-            off = 40
-            if proto in _V6_EXT or proto == _V6_FRAGMENT:
-                walked = self._walk_v6(packet, proto, off)
-                if walked is None or walked[0] < 0:
-                    return True
-                proto, off = walked
-        else:
-            return True
-        opener = False
-        if proto in PORT_PROTOS:
-            if n < off + 4:
-                return True
-            key = (
-                proto,
-                remote,
-                local,
-                (packet[off + 2] << 8) | packet[off + 3],
-                (packet[off] << 8) | packet[off + 1],
-            )
-            # A TCP SYN without ACK opens a new connection of ours, whatever came before.
-            opener = proto == 6 and n >= off + 14 and packet[off + 13] & 0x12 == 0x02
-        elif proto in (ICMP4, ICMP6):
-            if n < off + 8 or packet[off] != _ECHO_REQUEST[version]:
-                return True  # only echo requests open a flow; replies and errors do not
-            key = (proto, remote, local, (packet[off + 4] << 8) | packet[off + 5], 0)
-        else:
-            key = (proto, remote, local, 0, 0)
-        if not opener:
-            admitted = self._admitted.get(key)
-            if admitted is not None and admitted >= now:
-                return True  # a reply within a flow the peer opened: not ours to vouch for
-        flows = self._flows
-        if key not in flows and len(flows) >= self.max_flows:
+    # ---- the flow table ----
+
+    def _add(self, inbound_key: FlowKey, *, ours: bool, generation: int, now: float) -> None:
+        if len(self._inbound) >= self.max_flows:
             self._make_room(now)
-        flows[key] = now + TIMEOUTS.get(proto, OTHER_TIMEOUT)
-        if now >= self._next_sweep:
-            self.sweep(now)
-        return True
+        flow = _Flow(inbound_key, ours, generation, TIMEOUTS.get(inbound_key[0], OTHER_TIMEOUT), now)
+        self._inbound[inbound_key] = flow
+        self._outbound[reverse_key(inbound_key)] = flow
 
-    # ---- helpers ----
-
-    @staticmethod
-    def _walk_v6(packet: bytes, proto: int, off: int) -> tuple[int, int] | None:
-        """Skip IPv6 extension headers: (upper protocol, offset), (-1, off) for a non-first
-        fragment, None if truncated."""
-        n = len(packet)
-        for _ in range(_MAX_EXT_HEADERS):
-            if proto == _V6_FRAGMENT:
-                if n < off + 8:
-                    return None
-                if ((packet[off + 2] << 8) | packet[off + 3]) & 0xFFF8:
-                    return -1, off
-                proto = packet[off]
-                off += 8
-            elif proto in _V6_EXT:
-                if n < off + 2:
-                    return None
-                proto, off = packet[off], off + (packet[off + 1] + 1) * 8
-            else:
-                return proto, off
-        return None
-
-    def _icmp_error_key(self, packet: bytes, off: int, version: int) -> tuple[int, int, int, int, int] | None:
-        """The flow key an ICMP error is about: its quoted packet is one we sent."""
-        n = len(packet)
-        if version == 4:
-            if n < off + 20 or packet[off] >> 4 != 4:
-                return None
-            inner_off = off + (packet[off] & 15) * 4
-            proto = packet[off + 9]
-            local = int.from_bytes(packet[off + 12 : off + 16], "big")
-            remote = int.from_bytes(packet[off + 16 : off + 20], "big")
-        else:
-            if n < off + 40 or packet[off] >> 4 != 6:
-                return None
-            inner_off = off + 40
-            proto = packet[off + 6]
-            local = int.from_bytes(packet[off + 8 : off + 24], "big")
-            remote = int.from_bytes(packet[off + 24 : off + 40], "big")
-        if proto in PORT_PROTOS:
-            if n < inner_off + 4:
-                return None
-            return (
-                proto,
-                remote,
-                local,
-                (packet[inner_off + 2] << 8) | packet[inner_off + 3],
-                (packet[inner_off] << 8) | packet[inner_off + 1],
-            )
-        if proto in (ICMP4, ICMP6):
-            if n < inner_off + 8:
-                return None
-            return (proto, remote, local, (packet[inner_off + 4] << 8) | packet[inner_off + 5], 0)
-        return (proto, remote, local, 0, 0)
+    def _forget(self, flow: _Flow) -> None:
+        key = flow.inbound_key
+        if self._inbound.get(key) is flow:
+            self._inbound.pop(key, None)
+        out_key = reverse_key(key)
+        if self._outbound.get(out_key) is flow:
+            self._outbound.pop(out_key, None)
 
     def sweep(self, now: float) -> int:
-        """Forget expired flows; returns how many. (Called from note_outbound periodically.)"""
+        """Forget expired flows; returns how many. (Called from the slow path periodically.)"""
         self._next_sweep = now + SWEEP_INTERVAL
-        count = 0
-        for table in (self._flows, self._admitted, self._passed):
-            # list() copies in one step under the GIL, so readers in other threads are safe.
-            expired = [k for k, exp in list(table.items()) if exp < now]
-            for k in expired:
-                table.pop(k, None)
-            count += len(expired)
-        return count
+        # list() copies in one step under the GIL, so packets in other threads are safe.
+        expired = [flow for flow in list(self._inbound.values()) if flow.expiry < now]
+        for flow in expired:
+            self._forget(flow)
+        return len(expired)
 
     def _make_room(self, now: float) -> None:
         self.sweep(now)
-        for table in (self._flows, self._admitted):
-            if len(table) >= self.max_flows:
-                # Full of live flows: forget the oldest one (insertion order).
-                try:
-                    oldest = next(iter(table))
-                except (StopIteration, RuntimeError):
-                    continue
-                table.pop(oldest, None)
-                self.flows_evicted += 1
+        while len(self._inbound) >= self.max_flows:
+            # Full of live flows: forget the oldest one (insertion order).
+            try:
+                oldest = next(iter(self._inbound.values()))
+            except (StopIteration, RuntimeError):
+                return
+            self._forget(oldest)
+            self.flows_evicted += 1
 
-    # ---- adapters for the engine's hooks (which pass only the packet) ----
 
-    def hooks(
-        self, clock: Callable[[], float] = time.monotonic
-    ) -> tuple[Callable[[bytes], bool], Callable[[bytes], bool]]:
-        """(inbound_filter, outbound_hook) callables for wiremesh.agent.engine.Engine."""
-        check, note = self.check_inbound, self.note_outbound
+def _fast_key(packet: bytes) -> FlowKey | None:
+    """The flow key of a TCP or UDP packet with a plain header (IPv4 without options, IPv6
+    without extension headers, not a later fragment): slices of the header as it is. None
+    sends the packet down the full parse."""
+    n = len(packet)
+    if n >= 24 and packet[0] == 0x45 and not (packet[6] & 0x1F or packet[7]):
+        proto = packet[9]
+        if proto in (TCP, UDP):
+            return proto, packet[12:24]
+    elif n >= 44 and packet[0] >> 4 == 6:
+        proto = packet[6]
+        if proto in (TCP, UDP):
+            return proto, packet[8:44]
+    return None
 
-        def inbound(packet: bytes) -> bool:
-            return check(packet, clock())
 
-        def outbound(packet: bytes) -> bool:
-            return note(packet, clock())
+def _tcp_syn(packet: bytes) -> bool:
+    """A plain-header TCP packet (see _fast_key) with SYN and without ACK."""
+    flags = 33 if packet[0] == 0x45 else 53
+    return packet[9 if flags == 33 else 6] == TCP and len(packet) > flags and packet[flags] & 0x12 == 0x02
 
-        return inbound, outbound
+
+def _walk_v6(packet: bytes, proto: int, off: int) -> tuple[int, int] | None:
+    """Skip IPv6 extension headers: (upper protocol, offset), (-1, off) for a non-first
+    fragment, None if truncated."""
+    n = len(packet)
+    for _ in range(_MAX_EXT_HEADERS):
+        if proto == _V6_FRAGMENT:
+            if n < off + 8:
+                return None
+            if ((packet[off + 2] << 8) | packet[off + 3]) & 0xFFF8:
+                return -1, off
+            proto = packet[off]
+            off += 8
+        elif proto in _V6_EXT:
+            if n < off + 2:
+                return None
+            proto, off = packet[off], off + (packet[off + 1] + 1) * 8
+        else:
+            return proto, off
+    return None
+
+
+def _quoted(packet: bytes, off: int, version: int) -> tuple[FlowKey, bytes] | None:
+    """An ICMP error's quoted packet (one we sent): its flow key as we sent it, and the address
+    it went to."""
+    n = len(packet)
+    if version == 4:
+        if n < off + 20 or packet[off] >> 4 != 4:
+            return None
+        inner_off = off + (packet[off] & 15) * 4
+        proto = packet[off + 9]
+        local, remote = packet[off + 12 : off + 16], packet[off + 16 : off + 20]
+    else:
+        if n < off + 40 or packet[off] >> 4 != 6:
+            return None
+        inner_off = off + 40
+        proto = packet[off + 6]
+        local, remote = packet[off + 8 : off + 24], packet[off + 24 : off + 40]
+    if proto in PORT_PROTOS:
+        if n < inner_off + 4:
+            return None
+        return (proto, local + remote + packet[inner_off : inner_off + 4]), remote
+    if proto in (ICMP4, ICMP6):
+        if n < inner_off + 8:
+            return None
+        ident = packet[inner_off + 4 : inner_off + 6]
+        return (proto, local + remote + ident + ident), remote
+    return (proto, local + remote + _NO_PORTS), remote

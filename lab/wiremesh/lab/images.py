@@ -42,7 +42,7 @@ BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "nftables")
 COMPONENTS = ("coord", "keys", "stun", "derp", "operator", "agent")
 # What the Dockerfile copies (and .dockerignore lets through); the component images' tag digests it.
 CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "README.md", "requirements.lock")
-CONTEXT_TREES = ("core", "services", "node-agent", "operator")
+CONTEXT_TREES = ("core", "shell", "services", "node-agent", "operator")
 PAUSE_SOURCE = Path(__file__).parent / "cluster_files" / "pause.c"
 STEP_TIMEOUT = 1800.0
 

@@ -745,6 +745,23 @@ class Lab:
                 if f"map {name} {{" in listing:
                     self._ns_exec(ns, ["nft", "flush", "map", "ip", TABLE, name])
 
+    def rebind(self, router: Router, ports: tuple[int, int] = (20000, 29999)) -> RuleHandle:
+        """A NAT rebinding that moves the LAN's UDP mappings to other public ports: the router
+        forgets every mapping, and new ones take a port from ``ports`` (until the returned rule
+        is removed)."""
+        ns = self.ns_of(router)
+        # Inserted first in postrouting, so it wins over the plain masquerade.
+        rule = f"ip saddr {router.lan_subnet} meta l4proto udp masquerade to :{ports[0]}-{ports[1]}"
+        out = self._ns_exec(
+            ns, ["nft", "--echo", "--handle", "insert", "rule", "ip", TABLE, "postrouting", *rule.split()]
+        )
+        match = re.search(r"# handle (\d+)", out)
+        if match is None:
+            raise LabError(f"nft did not report a rule handle: {out!r}")
+        handle = RuleHandle(ns=ns, rules=(("ip", "postrouting", int(match.group(1))),))
+        self.flush_conntrack(router)
+        return handle
+
     def _add_rules(self, ns: str, rules: Sequence[tuple[str, str, str]]) -> RuleHandle:
         added: list[tuple[str, str, int]] = []
         try:

@@ -24,8 +24,9 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
-from wiremesh.agent import mesh, metrics, netconf, tun, wgconfig
+from wiremesh.agent import metrics, netconf, tun, wgconfig
 from wiremesh.agent.engine import Engine, resolve_workers
+from wiremesh.agent.mesh import cli as mesh
 
 log = logging.getLogger("wiremesh.agent.daemon")
 
@@ -49,21 +50,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity"
     )
+    parser.add_argument(
+        "--workers",
+        default=os.environ.get("WIREMESH_WORKERS", "auto"),
+        choices=["0", "1", "auto"],
+        help="receive worker processes: 1 decrypts (and, in mesh mode, filters) in a second process"
+        " (a second core works on the tunnel), 0 keeps everything in this one; auto (the default, or"
+        " $WIREMESH_WORKERS) is 1 with 2+ CPUs",
+    )
 
 
 def add_static_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("static mode", "a fixed set of peers from a wg-quick style file")
     group.add_argument("--wg-config", metavar="FILE", help="wg-quick style configuration file")
-    group.add_argument(
-        "--workers",
-        default=os.environ.get("WIREMESH_WORKERS", "auto"),
-        choices=["0", "1", "auto"],
-        help="receive worker processes: 1 decrypts in a second process (a second core works on the"
-        " tunnel), 0 keeps everything in this one; auto (the default, or $WIREMESH_WORKERS) is 1 with 2+ CPUs;"
-        " static mode only (mesh mode's packet filter runs in this process). Measured with bench/throughput"
-        " on 2 CPUs: 1 carried ~5%% more when the machine was quiet and the same within noise when it was"
-        " busy with other work",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,9 +165,9 @@ def run_static(args: argparse.Namespace) -> int:
         args.tun,
         listen_port=config.interface.listen_port or 0,
         mtu=config.interface.mtu or DEFAULT_MTU,
-        metrics=registry,
         workers=resolve_workers(args.workers),
     )
+    registry.register(metrics.EngineCollector(engine))
     server = None
     try:
         engine.start()

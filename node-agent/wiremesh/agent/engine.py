@@ -1,59 +1,44 @@
 """The data plane: moves packets between a TUN interface and UDP, through the WireGuard Device.
 
-The Device (wiremesh.core.wireguard) is sans-I/O and not thread-safe; the Engine is the thin
-adapter that owns the file descriptors and threads and serialises every Device call with one lock
-(taken once per batch, not per packet):
+The Device (wiremesh.core.wireguard) is sans-I/O and not thread-safe; the Engine owns the file
+descriptors and threads and serialises every Device call with one lock, taken once per batch:
 
-- a TUN reader thread: drains up to TUN_READ_BATCH packets -> (outbound hook) -> Device.send ->
-  runs of equal-size datagrams to one endpoint leave in one sendmsg with UDP_SEGMENT (GSO); in
-  mesh mode the endpoint is a magicsock object, which `direct_resolver` turns into the peer's
-  current direct address for the run (a relayed peer's datagrams go to `transport` one by one)
-- one UDP reader thread per socket (IPv4, IPv6): with UDP_GRO one recvmsg returns many datagrams
-  -> Device.receive -> (inbound filter) -> consecutive TCP segments merged into one TUN write
-  with a virtio_net_hdr (software GRO, see gro.py)
+- a TUN reader thread: up to TUN_READ_BATCH packets -> packet filter -> Device.send -> runs of
+  equal-size datagrams to one address leave in one UDP_SEGMENT sendmsg (sender.py); in mesh mode
+  an endpoint is magicsock's object, resolved by path selection (paths.py) once per run
+- one UDP reader thread per socket (IPv4, IPv6), or the receive worker process (workers=1,
+  rxworker.py and workerlink.py): UDP_GRO receives -> Device.receive (the core's transport
+  receive path) -> packet filter -> TCP segments merged into one TUN write (gro.py)
 - a timer thread: Device.handle_timer at Device.next_timer(), flushing handshakes and keepalives
 
-Readers drain their descriptor without waiting and only poll() when it is empty; poll() also
-watches a wake pipe so that stop() returns promptly. Optional TUN TSO (gso.py) is off by default
-because segmenting in Python cost more than it saved here. The wiremesh_io_total metric shows how
-well batching works (system calls versus packets).
-
-The control plane reconfigures a running Engine with set_peers / set_addresses / set_routes.
-
-With `workers=1` (wiremeshd --workers) the inbound path moves to a receive worker process
-(rxworker.py): it reads the UDP sockets, decrypts with session keys this process exports as the
-Device creates them, and writes the TUN; everything else comes back here over a control pair.
-This process then runs no UDP reader threads; its Device still does handshakes, timers, roaming
-and the outbound path. The worker mode has no inbound_filter (the filter lives in this process),
-so setting one raises (mesh mode, which filters, keeps workers=0). other_datagram_handler,
-transport and receive_datagram keep working (non-WireGuard datagrams come back here; relayed
-transport goes to the worker). If the worker dies, this process receives again and the tunnel
-re-handshakes (the worker held the sessions' replay windows).
-
-The Device's clock is Unix time (time.time()): it also dates handshake initiations (TAI64N).
+Readers drain their descriptor and only poll() when it is empty; a wake pipe makes stop() prompt.
+TUN TSO (gso.py) is on where the native kernel segments (in Python it cost more than it saved). With a
+receive worker this process keeps handshakes, timers, roaming and the outbound path; it has no
+packet filter (setting one raises), and if the worker dies, this process receives again and the
+tunnel re-handshakes. The Device's clock is Unix time: it also dates handshake initiations.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import errno
 import functools
 import logging
 import os
-import pickle
 import select
 import socket
-import struct
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from wiremesh.agent import gro, gso, netconf, tun
+from wiremesh.agent import gro, gso, netconf, tun, wgreport
+from wiremesh.agent.paths import Paths
+from wiremesh.agent.sender import DatagramSender, open_sockets
+from wiremesh.agent.workerlink import ReceiveWorker
+from wiremesh.agent.workermessages import Decrypt, FilterCounts, FlowsSent
+from wiremesh.core.policy.model import FilterRule
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +48,29 @@ MAX_DATAGRAM = 65535
 TUN_TXQUEUELEN = 4096
 TUN_READ_BATCH = 64
 TUN_READ_SIZE = 65536 + 64  # a 64 KiB TSO super-packet plus its virtio_net_hdr
-# UDP segmentation offload (linux/udp.h); Python has no constants for these.
-SOL_UDP = gro.SOL_UDP
-UDP_SEGMENT = 103
-UDP_GRO = gro.UDP_GRO
-UDP_MAX_SEGMENTS = 64
-UDP_MAX_GSO_BYTES = 65000
-SOCKET_BUFFER = 4 << 20
 POLL_IDLE_MS = 1000
-WORKER_CONTROL_BUFFER = 4 << 20
-WORKER_CONTROL_MAX = MAX_DATAGRAM + 4096
-WORKER_STOP_TIMEOUT = 5.0
 _TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
+FLOW_HEADER_BYTES = 128  # enough of a packet for the filter to key its flow (IPv6 options too)
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
 
-InboundFilter = Callable[[bytes], bool]
-OutboundHook = Callable[[bytes], bool]
-Transport = Callable[[bytes, Hashable], None]
-DirectResolver = Callable[[Hashable], tuple[str, int] | None]
-OtherDatagramHandler = Callable[[bytes, tuple[str, int]], None]
+
+class PacketFilter(Protocol):
+    """What the Engine asks of a packet filter (wiremesh.core.packetfilter.Filter), per batch
+    and with the batch's clock: decrypted packets it may deliver, and the packets we send (it
+    returns those that opened a flow of ours). With a receive worker, the worker runs a copy of
+    it: the Engine hands over its rules and our new flows, and adds the worker's counts back."""
+
+    rules: tuple[FilterRule, ...]
+    allow_all: bool
+
+    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]: ...
+
+    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]: ...
+
+    def set_rules(self, rules: Iterable[FilterRule], allow_all: bool | None = None) -> None: ...
+
+    def count(self, drops: dict[str, int], accepted: int, accepted_replies: int) -> None: ...
 
 
 def looks_like_wireguard(data: bytes) -> bool:
@@ -100,10 +88,6 @@ def resolve_workers(value: str | int) -> int:
     return n
 
 
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode()
-
-
 class Engine:
     """Owns one Device, one TUN interface and the UDP sockets; see the module docstring."""
 
@@ -113,11 +97,10 @@ class Engine:
         tun_name: str,
         listen_port: int = 0,
         mtu: int = 1420,
-        metrics: Any = None,
         *,
         device: Any = None,
         offload: bool = True,
-        tso: bool = False,
+        tso: bool | None = None,
         workers: int = 0,
         route_table: int = netconf.MESH_TABLE,
     ) -> None:
@@ -139,18 +122,8 @@ class Engine:
         self._route_families: tuple[int, ...] | None = None
         # Everything the Device is asked goes through this lock (the Device is not thread-safe).
         self.lock = threading.Lock()
-        # Hooks the control plane and the packet filter plug in; None means "pass everything".
-        self._inbound_filter: InboundFilter | None = None
-        self.outbound_hook: OutboundHook | None = None
-        # Datagrams that are not WireGuard (disco, STUN) go here when set; otherwise to the Device.
-        self.other_datagram_handler: OtherDatagramHandler | None = None
-        # Sends to endpoints that are not (host, port) tuples, e.g. a DERP relay, go here.
-        self.transport: Transport | None = None
-        # For such an endpoint, the (host, port) this socket reaches it at right now, or None
-        # (magicsock: a trusted direct path). A run of datagrams to a resolved endpoint leaves in
-        # one UDP_SEGMENT send like a static peer's; unresolved ones go to `transport` one by one.
-        self.direct_resolver: DirectResolver | None = None
-        self.event_handlers: list[Callable[[object], None]] = []
+        # The packet filter sees every packet both ways; None means "pass everything".
+        self._packet_filter: PacketFilter | None = None
         # Drops the Engine itself counts (the Device counts its own in device.drops).
         self.drops: Counter[str] = Counter()
         # System calls and packets per direction, counted per batch: shows how well batching works.
@@ -167,33 +140,44 @@ class Engine:
         self._started = False
         # Receive worker (workers=1): its process, our end of the control pair, and the local
         # indices of the sessions whose receive side it holds (only it decrypts those).
-        self._worker: subprocess.Popen[bytes] | None = None
-        self._ctl: socket.socket | None = None
-        self._exported: set[int] = set()
-        self._gso = True
+        self._rx: ReceiveWorker | None = None
+        self._endpoint_tokens: dict[int, Hashable] = {}
+        # Sends datagrams (UDP_SEGMENT batches) and holds path selection; see sender.py.
+        self._sender = DatagramSender(self.drops, self.io)
         # With a virtio_net_hdr on the TUN, runs of TCP segments are written as one GSO packet.
         self._vnet = offload
         # With TSO the kernel hands over whole TCP sends and we segment them (finishing checksums).
-        # Off by default: measured here it cost more Python time per byte than the reads it saves
-        # (sender ~72-82 vs ~85-88 MB per CPU-second, even with numpy checksums).
-        self._tso = offload and tso
-        if metrics is not None:
-            from wiremesh.agent.metrics import EngineCollector
-
-            metrics.register(EngineCollector(self))
+        # By default on only where the native kernel segments: in Python it cost more per byte
+        # than the reads it saves (sender ~72-82 vs ~85-88 MB per CPU-second, even with numpy).
+        self._tso = offload and (gso.NATIVE if tso is None else tso)
 
     @property
-    def inbound_filter(self) -> InboundFilter | None:
-        """Called with each decrypted packet before it reaches the TUN; False drops it."""
-        return self._inbound_filter
+    def packet_filter(self) -> PacketFilter | None:
+        """Sees each batch we send (note_outbound_batch) and judges each decrypted batch before
+        it reaches the TUN (filter_inbound)."""
+        return self._packet_filter
 
-    @inbound_filter.setter
-    def inbound_filter(self, flt: InboundFilter | None) -> None:
-        if flt is not None and self.workers:
-            # The receive worker writes the TUN without asking this process: refuse rather than
-            # let packets bypass a filter the caller believes is in force.
-            raise ValueError("the receive worker mode does not run an inbound_filter")
-        self._inbound_filter = flt
+    @packet_filter.setter
+    def packet_filter(self, flt: PacketFilter | None) -> None:
+        self._packet_filter = flt
+        self._push_filter()
+
+    def set_filter_rules(self, rules: Iterable[FilterRule], allow_all: bool) -> None:
+        """New rules for the packet filter, wherever it runs (here, and in the receive worker)."""
+        flt = self._packet_filter
+        if flt is None:
+            raise ValueError("no packet filter to give rules to")
+        flt.set_rules(rules, allow_all=allow_all)
+        self._push_filter()
+
+    def _push_filter(self) -> None:
+        flt, rx = self._packet_filter, self._rx
+        if rx is None:
+            return
+        if flt is None:
+            rx.push_filter((), allow_all=True)  # a worker's filter that passes everything
+        else:
+            rx.push_filter(flt.rules, flt.allow_all)
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -201,22 +185,7 @@ class Engine:
         """Create the TUN interface, bind the sockets and start the packet threads."""
         if self._started:
             raise RuntimeError("engine already started")
-        try:
-            self._tun_fd = tun.open_tun(self.tun_name, vnet_hdr=self._vnet)
-        except tun.TunError:
-            if not self._vnet:
-                raise
-            log.info("tun_vnet_hdr_unavailable interface=%s", self.tun_name)
-            self._vnet = False
-            self._tun_fd = tun.open_tun(self.tun_name)
-        if self._vnet and self._tso:
-            try:
-                tun.set_offload(self._tun_fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6)
-            except tun.TunError as exc:
-                log.info("tun_tso_unavailable interface=%s error=%s", self.tun_name, exc)
-                self._tso = False
-        else:
-            self._tso = False
+        self._tun_fd, self._vnet, self._tso = tun.open_with_offloads(self.tun_name, self._vnet, self._tso)
         try:
             netconf.set_link(self.tun_name, mtu=self.mtu, up=True, txqueuelen=TUN_TXQUEUELEN)
             self._open_sockets()
@@ -233,7 +202,7 @@ class Engine:
             ("wm-tun", self._tun_loop),
             ("wm-timer", self._timer_loop),
         ]
-        if self._worker is not None:
+        if self._rx is not None:
             targets.append(("wm-worker", self._worker_loop))
         else:
             for sock in (self._sock4, self._sock6):
@@ -249,7 +218,7 @@ class Engine:
             self.listen_port,
             self.mtu,
             self._sock6 is not None,
-            self._worker.pid if self._worker is not None else "-",
+            self._rx.process.pid if self._rx is not None and self._rx.process is not None else "-",
         )
 
     def stop(self) -> None:
@@ -280,43 +249,18 @@ class Engine:
         log.info("engine_stopped interface=%s", self.tun_name)
 
     def _open_sockets(self) -> None:
-        s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._tune(s4)
-        s4.bind(("0.0.0.0", self.listen_port))
-        self._sock4 = s4
-        self.listen_port = s4.getsockname()[1]
-        try:
-            s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        except OSError:
-            return
-        try:
-            s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            self._tune(s6)
-            s6.bind(("::", self.listen_port))
-        except OSError as exc:
-            log.warning("ipv6_socket_unavailable port=%d error=%s", self.listen_port, exc)
-            s6.close()
-            return
-        self._sock6 = s6
-
-    @staticmethod
-    def _tune(sock: socket.socket) -> None:
-        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE as root
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        with contextlib.suppress(OSError):  # older kernels: datagrams simply arrive one by one
-            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        s4, s6, self.listen_port = open_sockets(self.listen_port)
+        self._sock4 = self._sender.sock4 = s4
+        self._sock6 = self._sender.sock6 = s6
 
     def _close_fds(self) -> None:
-        if self._ctl is not None:
-            self._ctl.close()
-            self._ctl = None
+        if self._rx is not None:
+            self._rx.close()
+            self._rx = None
         for sock in (self._sock4, self._sock6):
             if sock is not None:
                 sock.close()
-        self._sock4 = self._sock6 = None
+        self._sock4 = self._sock6 = self._sender.sock4 = self._sender.sock6 = None
         for fd in (self._tun_fd, self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -331,130 +275,77 @@ class Engine:
 
     # ----------------------------------------------------------------------- receive worker
 
+    @property
+    def paths(self) -> Paths:
+        """Who chooses peers' paths (static addresses, or magicsock); see paths.py."""
+        return self._sender.paths
+
+    @paths.setter
+    def paths(self, paths: Paths) -> None:
+        self._sender.paths = paths
+
+    @property
+    def worker_process(self) -> subprocess.Popen[bytes] | None:
+        """The receive worker's process while it runs (workers=1)."""
+        return self._rx.process if self._rx is not None else None
+
+    @property
+    def exported_sessions(self) -> set[int]:
+        """Local indices of the sessions whose receive side the worker holds."""
+        return self._rx.exported if self._rx is not None else set()
+
     def _start_worker(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            for s in (ours, theirs):
-                for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                    s.setsockopt(socket.SOL_SOCKET, opt, WORKER_CONTROL_BUFFER)
-            socks = [s for s in (self._sock4, self._sock6) if s is not None]
-            fds = [self._tun_fd, theirs.fileno(), *(s.fileno() for s in socks)]
-            argv = [sys.executable, "-m", "wiremesh.agent.rxworker", "--tun-fd", str(self._tun_fd)]
-            argv += ["--control-fd", str(theirs.fileno()), "--log-level", str(log.getEffectiveLevel())]
-            for s in socks:
-                argv += ["--sock-fd", str(s.fileno())]
-            if self._vnet:
-                argv.append("--vnet")
-            # A fresh interpreter rather than fork(): this process may already run other threads.
-            self._worker = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self._ctl = ours
-        self._exported.clear()
+        rx = ReceiveWorker(self.drops, self.io)
+        socks = [s for s in (self._sock4, self._sock6) if s is not None]
+        rx.start(self._tun_fd, socks, self._vnet, log.getEffectiveLevel())
+        self._rx = rx
+        self._push_filter()
         with self.lock:
-            self._push_peers()
-            self._sync_sessions()
+            rx.push_peers(self.allowed_ips)
+            rx.sync_sessions(self.device)
 
     def _stop_worker(self) -> None:
-        proc, ctl = self._worker, self._ctl
-        if ctl is not None:
-            with contextlib.suppress(OSError):
-                ctl.send(pickle.dumps(("stop",)), socket.MSG_DONTWAIT)
-            with contextlib.suppress(OSError):
-                ctl.shutdown(socket.SHUT_RDWR)  # also wakes our wm-worker thread
-        if proc is not None:
-            try:
-                proc.wait(timeout=WORKER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.warning("rx_worker_killed pid=%d", proc.pid)
-                proc.kill()
-                proc.wait()
-        self._worker = None
-
-    def _to_worker(self, message: tuple[object, ...], *, droppable: bool = False) -> None:
-        ctl = self._ctl
-        if ctl is None:
-            return
-        try:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            self.drops["worker_unpicklable"] += 1
-            return
-        try:
-            # Keys must arrive (blocking); a datagram for the worker may be dropped like any packet.
-            ctl.send(data, socket.MSG_DONTWAIT if droppable else 0)
-        except BlockingIOError:
-            self.drops["worker_control_full"] += 1
-        except OSError as exc:
-            if not self._stopping.is_set():
-                self.drops["worker_control_error"] += 1
-                log.warning("rx_worker_send_failed error=%s", exc)
-
-    def _push_peers(self) -> None:
-        """Caller holds the lock. The worker checks inner source addresses against AllowedIPs."""
-        if self._ctl is not None:
-            self._to_worker(("peers", dict(self.allowed_ips)))
+        if self._rx is not None:
+            self._rx.stop()
 
     def _sync_sessions(self) -> None:
-        """Caller holds the lock: hand new sessions' receive side to the worker, drop gone ones."""
-        if self._ctl is None:
-            return
-        live = self.device.session_indices()
-        exported = self._exported
-        gone = exported - live
-        if gone:
-            exported -= gone
-            self._to_worker(("forget", sorted(gone)))
-        for index in live - exported:
-            state = self.device.export_receive_state(index)
-            if state is not None:
-                exported.add(index)
-                self._to_worker(("session", index, *state))
+        """Caller holds the lock: the worker gets new sessions' receive side, forgets gone ones."""
+        if self._rx is not None:
+            self._rx.sync_sessions(self.device)
 
     def _worker_loop(self) -> None:
-        ctl = self._ctl
-        if ctl is None:
-            return
-        while not self._stopping.is_set():
-            try:
-                raw = ctl.recv(WORKER_CONTROL_MAX)
-            except OSError as exc:
-                if not self._stopping.is_set():
-                    log.error("rx_worker_control_failed error=%s", exc)
-                return
-            if not raw:
-                if not self._stopping.is_set():
-                    self._worker_died()
-                return
-            try:
-                message = pickle.loads(raw)
-                if message[0] == "stats":
-                    self._worker_stats(message[1], message[2], message[3])
-                elif message[0] == "other":
-                    self._main_receive(message[1], message[2])
-            except Exception:
-                self.drops["engine_error"] += 1
-                log.exception("rx_worker_message_failed")
+        if self._rx is not None:
+            self._rx.serve(self, self._stopping)
 
-    def _worker_died(self) -> None:
-        """The worker exited on its own: receive in this process from now on. The sessions it
-        held go too (their replay windows died with it), so fresh handshakes replace them."""
-        proc = self._worker
-        code = proc.poll() if proc is not None else None
-        self.drops["worker_exited"] += 1
-        log.error("rx_worker_exited returncode=%s fallback=in_process_receive", code)
+    # WorkerHost (workerlink.py)
+
+    def receive_here(self, datagram: bytes, source: Hashable) -> None:
+        self._main_receive(datagram, source)
+
+    def source_endpoint(self, address: Hashable) -> Hashable:
+        if type(address) is int:
+            return self._endpoint_tokens.get(address, address)
+        return self._source_endpoint(address)  # type: ignore[arg-type]
+
+    def count_filtered(self, counts: FilterCounts) -> None:
+        flt = self._packet_filter
+        if flt is not None:
+            flt.count(counts.drops, counts.accepted, counts.accepted_replies)
+
+    def send_all(self, out: list[tuple[bytes, Hashable]]) -> None:
+        self._sender.send_all(out)
+
+    def wake_timers(self) -> None:
+        self._timer_wake.set()
+
+    def worker_exited(self) -> None:
+        rx = self._rx
+        if rx is None:
+            return
         with self.lock:
-            ctl, self._ctl = self._ctl, None
-            self.device.expire_sessions(self._exported)
-            self._exported.clear()
-        if ctl is not None:
-            ctl.close()
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=WORKER_STOP_TIMEOUT)
+            self._rx = None
+            rx.abandon(self.device)
+        rx.reap()
         for sock in (self._sock4, self._sock6):
             if sock is not None:
                 t = threading.Thread(
@@ -463,57 +354,44 @@ class Engine:
                 t.start()
                 self._threads.append(t)
 
-    def _worker_stats(
-        self, records: list[tuple[int, Hashable, int, int, int]], drops: dict[str, int], io: dict[str, int]
-    ) -> None:
-        self.drops.update(drops)
-        self.io.update(io)
-        if not records:
-            return
-        dev = self.device
-        with self.lock:
-            now = time.time()
-            for index, source, nbytes, packets, data_packets in records:
-                dev.note_received(index, source, nbytes, packets, data_packets, now)
-            out = dev.datagrams_to_send()
-            self._sync_sessions()
-        if out:
-            self._send_all(out)
-        self._timer_wake.set()
-
     def _main_receive(self, data: bytes, endpoint: Hashable, from_socket: bool = True) -> bytes | None:
-        """Caller does not hold the lock. A datagram for this process's Device: transport for a
-        session the worker holds goes to the worker; the rest is handled here. Returns an inner
-        packet the Device decrypted (a session not exported), for the caller to deliver."""
-        other = self.other_datagram_handler if from_socket else None
-        if other is not None and isinstance(endpoint, tuple) and not looks_like_wireguard(data):
-            try:
-                other(data, endpoint)
-            except Exception:
-                self.drops["other_handler_error"] += 1
-                log.exception("other_datagram_handler_failed")
-            return None
+        """A datagram for this process's Device (caller does not hold the lock): transport for a
+        session the worker holds goes to the worker; the rest is handled here, and what it
+        decrypts is delivered."""
+        arrived_from = endpoint
+        if from_socket and type(endpoint) is tuple:
+            if not looks_like_wireguard(data) and self._receive_other(data, endpoint):
+                return None
+            endpoint = self._source_endpoint(endpoint)
         with self.lock:
+            rx = self._rx
             if (
-                data[:4] == _TRANSPORT_PREFIX
+                rx is not None
+                and data[:4] == _TRANSPORT_PREFIX
                 and len(data) >= 8
-                and int.from_bytes(data[4:8], "little") in self._exported
+                and int.from_bytes(data[4:8], "little") in rx.exported
             ):
-                self._to_worker(("decrypt", bytes(data), endpoint), droppable=True)
+                # An address travels as it is; an endpoint object (a relayed peer's) as a token
+                # the worker's report brings back.
+                if type(arrived_from) is not tuple:
+                    arrived_from = id(arrived_from)
+                    self._endpoint_tokens[arrived_from] = endpoint
+                rx.send(Decrypt(bytes(data), arrived_from), droppable=True)
                 return None
             packet = self.device.receive(data, endpoint, time.time())
             out = self.device.datagrams_to_send()
             self._sync_sessions()
         if out:
-            self._send_all(out)
-        self._timer_wake.set()
+            self._sender.send_all(out)
+        if out or not packet:
+            self._timer_wake.set()
         if packet:
             self._deliver(packet)
         return packet
 
     def _deliver(self, packet: bytes) -> None:
-        flt = self.inbound_filter
-        if flt is not None and not flt(packet):
+        flt = self._packet_filter
+        if flt is not None and not flt.filter_inbound([packet], time.time()):
             self.drops["inbound_filter"] += 1
             return
         try:
@@ -537,14 +415,15 @@ class Engine:
                 if key not in wanted:
                     self.device.remove_peer(key)
                     self.allowed_ips.pop(key, None)
-                    log.info("peer_removed peer=%s", _b64(key))
+                    log.info("peer_removed peer=%s", wgreport.b64(key))
             for key, cfg in wanted.items():
                 self.device.set_peer(cfg)
                 self.allowed_ips[key] = tuple(cfg.allowed_ips)
             out = self.device.datagrams_to_send()
-            self._push_peers()
+            if self._rx is not None:
+                self._rx.push_peers(self.allowed_ips)
             self._sync_sessions()
-        self._send_all(out)
+        self._sender.send_all(out)
         self._timer_wake.set()
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
@@ -562,42 +441,18 @@ class Engine:
     def receive_datagram(self, data: bytes, endpoint: Hashable) -> None:
         """Feed a WireGuard datagram that arrived another way (a DERP relay, a magicsock probe
         socket) as if it came from `endpoint`, and deliver what it decrypts to the TUN."""
-        if self._ctl is not None:
-            self._main_receive(data, endpoint, from_socket=False)
-            return
-        with self.lock:
-            packet = self.device.receive(data, endpoint, time.time())
-            out = self.device.datagrams_to_send()
-        if out:
-            self._send_all(out)
-        if packet:
-            self._deliver(packet)
-        if out or not packet:
-            self._timer_wake.set()
+        self._main_receive(data, endpoint, from_socket=False)
 
     def send_datagram(self, data: bytes, endpoint: Hashable) -> None:
         """Send a non-WireGuard datagram (disco, STUN) from the WireGuard socket."""
-        self._send(data, endpoint)
+        self._sender.send(data, endpoint)
 
     # ----------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
         now = time.time()
         with self.lock:
-            peers: dict[str, dict[str, Any]] = {}
-            for key, p in self.device.peers.items():
-                last = p.last_handshake
-                peers[_b64(key)] = {
-                    "endpoint": _format_endpoint(p.endpoint),
-                    "allowed_ips": list(self.allowed_ips.get(key, ())),
-                    "rx_bytes": p.rx_bytes,
-                    "tx_bytes": p.tx_bytes,
-                    "rx_packets": p.rx_packets,
-                    "tx_packets": p.tx_packets,
-                    "last_handshake_seconds_ago": None if last is None else round(now - last, 3),
-                    "handshakes_completed": p.handshakes_completed,
-                    "handshakes_failed": p.handshakes_failed,
-                }
+            peers = wgreport.peers_status(self.device.peers, self.allowed_ips, now)
             drops = dict(self.device.drops)
         for reason, n in self.drops.items():
             drops[reason] = drops.get(reason, 0) + n
@@ -611,28 +466,23 @@ class Engine:
 
     # ----------------------------------------------------------------------- packet path
 
-    def _send(self, data: bytes, endpoint: Hashable) -> None:
-        if type(endpoint) is tuple:
-            sock = self._sock6 if ":" in endpoint[0] else self._sock4
-            if sock is None:
-                self.drops["no_socket_for_family"] += 1
-                return
-            try:
-                sock.sendto(data, endpoint)
-            except OSError as exc:
-                self.drops[f"udp_send_{errno.errorcode.get(exc.errno or 0, 'error').lower()}"] += 1
-        elif self.transport is not None:
-            try:
-                self.transport(data, endpoint)
-            except Exception:
-                self.drops["transport_error"] += 1
-                log.exception("transport_send_failed endpoint=%r", endpoint)
-        else:
-            self.drops["no_transport"] += 1
+    def _receive_other(self, data: bytes, address: tuple[str, int]) -> bool:
+        """True when path selection took the datagram; else it is the Device's (as garbage)."""
+        try:
+            return self.paths.receive_other(data, address)
+        except Exception:
+            self.drops["other_datagram_error"] += 1
+            log.exception("other_datagram_failed")
+            return True
 
-    def _send_all(self, out: Iterable[tuple[bytes, Hashable]]) -> None:
-        for data, endpoint in out:
-            self._send(data, endpoint)
+    def _source_endpoint(self, address: tuple[str, int]) -> Hashable:
+        try:
+            return self.paths.source_endpoint(address)
+        except Exception:  # a path selection bug must not cost the datagrams: use the address
+            self.drops["source_endpoint_error"] += 1
+            if self.drops["source_endpoint_error"] == 1:
+                log.exception("source_endpoint_failed address=%r", address)
+            return address
 
     def _idle_wait(self, fd: int) -> bool:
         """Wait until `fd` is readable; False when the engine is stopping."""
@@ -688,98 +538,24 @@ class Engine:
         elif skip:
             # No TUN offloads are enabled, so the kernel's header is always "plain".
             batch = [p[skip:] for p in batch]
-        hook = self.outbound_hook
-        if hook is not None:
-            kept = [p for p in batch if hook(p)]
-            self.drops["outbound_hook"] += len(batch) - len(kept)
-            batch = kept
-        results: list[tuple[bytes, Hashable]] = []
-        flush = False
+        t = time.time()
+        flt = self._packet_filter
+        if flt is not None:
+            opened = flt.note_outbound_batch(batch, t)
+            rx = self._rx
+            if opened and rx is not None:
+                # Before the packets leave, so the worker knows the flows when replies arrive.
+                rx.send(FlowsSent(tuple(p[:FLOW_HEADER_BYTES] for p in opened)))
         dev = self.device
         with self.lock:
-            t = time.time()
-            for packet in batch:
-                result = dev.send(packet, t)
-                if result is None:
-                    flush = True
-                else:
-                    results.append(result)
+            results, flush = dev.send_batch(batch, t)
             # A successful send can produce output too (a rekey initiation): always drain.
             out = dev.datagrams_to_send()
-        self._send_batch(results)
+        self._sender.send_batch(results)
         if out:
-            self._send_all(out)
+            self._sender.send_all(out)
         if flush or out:
             self._timer_wake.set()
-
-    def _send_batch(self, results: list[tuple[bytes, Hashable]]) -> None:
-        """Send datagrams, coalescing runs of equal size to one endpoint into one UDP_SEGMENT send."""
-        n = len(results)
-        if n == 1 or not self._gso:
-            for data, endpoint in results:
-                self._send(data, endpoint)
-            return
-        i = 0
-        while i < n:
-            data, endpoint = results[i]
-            size = len(data)
-            j = i + 1
-            limit = min(n, i + min(UDP_MAX_SEGMENTS, UDP_MAX_GSO_BYTES // size))
-            while j < limit:
-                d2, e2 = results[j]
-                if e2 != endpoint:
-                    break
-                j += 1
-                if len(d2) != size:
-                    break  # a shorter datagram may end a run, never continue one
-            if j - i == 1:
-                self._send(data, endpoint)
-                i += 1
-                continue
-            address = endpoint if type(endpoint) is tuple else self._resolve_direct(endpoint)
-            if address is None:
-                # A relayed (or not yet trusted) path: the transport decides per datagram.
-                for data2, endpoint2 in results[i:j]:
-                    self._send(data2, endpoint2)
-                i = j
-                continue
-            sock = self._sock6 if ":" in address[0] else self._sock4
-            if sock is None:
-                self.drops["no_socket_for_family"] += j - i
-            else:
-                chunk = b"".join([r[0] for r in results[i:j]])
-                try:
-                    sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
-                    self.io["udp_gso_sends"] += 1
-                    self.io["udp_gso_datagrams"] += j - i
-                except OSError as exc:
-                    if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
-                        # No segmentation offload on this path: fall back to one send each, for good.
-                        log.info("udp_gso_disabled error=%s", exc)
-                        self._gso = False
-                        for data2, endpoint2 in results[i:j]:
-                            self._send(data2, endpoint2)
-                    else:
-                        self.drops[f"udp_send_{errno.errorcode.get(exc.errno or 0, 'error').lower()}"] += (
-                            j - i
-                        )
-            i = j
-
-    def _resolve_direct(self, endpoint: Hashable) -> tuple[str, int] | None:
-        resolve = self.direct_resolver
-        if resolve is None:
-            return None
-        try:
-            address = resolve(endpoint)
-        except Exception:  # a resolver bug costs batching, never the datagrams (they go one by one)
-            self.drops["direct_resolver_error"] += 1
-            if self.drops["direct_resolver_error"] == 1:  # once: it would repeat for every run
-                log.exception("direct_resolver_failed endpoint=%r", endpoint)
-            return None
-        if type(address) is not tuple:
-            return None
-        self.io["udp_gso_resolved_runs"] += 1
-        return address
 
     def _udp_loop(self, sock: socket.socket) -> None:
         v6 = sock.family == socket.AF_INET6
@@ -811,35 +587,21 @@ class Engine:
         """Datagrams from one receive -> Device.receive -> filter -> (coalesce) -> TUN."""
         io = self.io
         datagrams = gro.split_udp_gro(data, ancdata)
-        other = self.other_datagram_handler
-        if other is not None:
-            kept = []
-            for d in datagrams:
-                if looks_like_wireguard(d):
-                    kept.append(d)
-                    continue
-                try:
-                    other(d, addr)
-                except Exception:
-                    self.drops["other_handler_error"] += 1
-                    log.exception("other_datagram_handler_failed")
-            datagrams = kept
-        packets: list[bytes] = []
-        flush = False
+        wireguard = []
+        for d in datagrams:
+            if d[:4] == _TRANSPORT_PREFIX or looks_like_wireguard(d) or not self._receive_other(d, addr):
+                wireguard.append(d)
+        # One recvmsg holds datagrams of one source: one question to path selection.
+        source = self._source_endpoint(addr) if wireguard else addr
         dev = self.device
         with self.lock:
             t = time.time()
-            for d in datagrams:
-                packet = dev.receive(d, addr, t)
-                if packet:
-                    packets.append(packet)
-                else:
-                    flush = True
+            packets, flush = dev.receive_batch(wireguard, source, t) if wireguard else ([], False)
             # Decrypting can produce output too (a confirmed session's held packets, a rekey).
             out = dev.datagrams_to_send()
-        flt = self.inbound_filter
+        flt = self._packet_filter
         if flt is not None and packets:
-            kept = [p for p in packets if flt(p)]
+            kept = flt.filter_inbound(packets, t)
             self.drops["inbound_filter"] += len(packets) - len(kept)
             packets = kept
         io["udp_receives"] += 1
@@ -855,7 +617,7 @@ class Engine:
             except OSError:
                 self.drops["tun_write_error"] += 1
         if out:
-            self._send_all(out)
+            self._sender.send_all(out)
         if flush or out:
             self._timer_wake.set()
 
@@ -875,7 +637,7 @@ class Engine:
                         events.append(event)
                     deadline = dev.next_timer()
                     self._sync_sessions()
-                self._send_all(out)
+                self._sender.send_all(out)
                 for event in events:
                     self._dispatch(event)
             except Exception:  # keep the timers running: a missed tick beats a dead tunnel
@@ -888,27 +650,9 @@ class Engine:
             self._timer_wake.wait(timeout)
 
     def _dispatch(self, event: object) -> None:
-        fields = getattr(event, "__dataclass_fields__", {})
-        parts = []
-        for name in fields:
-            value = getattr(event, name)
-            if isinstance(value, bytes) and len(value) == 32:
-                value = _b64(value)
-            elif isinstance(value, tuple):
-                value = _format_endpoint(value)
-            parts.append(f"{name}={value}")
-        log.info("wg_event type=%s %s", type(event).__name__, " ".join(parts))
-        for handler in self.event_handlers:
-            try:
-                handler(event)
-            except Exception:
-                log.exception("event_handler_failed")
-
-
-def _format_endpoint(endpoint: object) -> str | None:
-    if endpoint is None:
-        return None
-    if isinstance(endpoint, tuple) and len(endpoint) >= 2:
-        host, port = endpoint[0], endpoint[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(endpoint)
+        log.info("wg_event %s", wgreport.describe_event(event))
+        try:
+            self.paths.wireguard_event(event)
+        except Exception:
+            self.drops["path_event_error"] += 1
+            log.exception("path_event_failed")

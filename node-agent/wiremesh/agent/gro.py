@@ -14,8 +14,10 @@ the kernel completes it if the packet is forwarded. Pure functions, no I/O.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
+from collections.abc import Callable
 
 # UDP receive offload (linux/udp.h); Python has no constants for these.
 SOL_UDP = 17
@@ -61,7 +63,7 @@ def _pseudo6(packet: bytes, tcp_length: int) -> int:
     return _fold(s + (tcp_length >> 16) + (tcp_length & 0xFFFF) + PROTO_TCP)
 
 
-def coalesce(packets: list[bytes]) -> list[bytes]:
+def coalesce_python(packets: list[bytes]) -> list[bytes]:
     """Turn decrypted IP packets into TUN writes (each prefixed with a virtio_net_hdr)."""
     out: list[bytes] = []
     append = out.append
@@ -181,3 +183,23 @@ def split_udp_gro(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[by
     if segment and len(data) > segment:
         return [data[k : k + segment] for k in range(0, len(data), segment)]
     return [data]
+
+
+def _native_coalesce() -> Callable[[list[bytes]], list[bytes]] | None:
+    """The native kernel's coalesce (native/wgkernel: the same bytes, without the interpreter
+    lock), unless absent or WIREMESH_NATIVE=0."""
+    if os.environ.get("WIREMESH_NATIVE", "1") == "0":
+        return None
+    try:
+        import wiremesh_wgkernel as native
+    except ImportError:
+        return None
+    fast: Callable[[list[bytes]], list[bytes]] = native.coalesce
+
+    def coalesce_native(packets: list[bytes]) -> list[bytes]:
+        return fast([p if type(p) is bytes else bytes(p) for p in packets])
+
+    return coalesce_native
+
+
+coalesce: Callable[[list[bytes]], list[bytes]] = _native_coalesce() or coalesce_python

@@ -14,6 +14,7 @@ Pure functions, no I/O.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -24,6 +25,18 @@ from wiremesh.agent.gro import (
     VIRTIO_NET_HDR_GSO_TCPV6,
     VNET_HDR_LEN,
 )
+
+_native_segment: Any = None
+if os.environ.get("WIREMESH_NATIVE", "1") != "0":
+    try:  # optional: the native kernel (native/wgkernel)
+        import wiremesh_wgkernel
+
+        _native_segment = wiremesh_wgkernel.segment_tcp
+    except ImportError:
+        pass
+
+# With the native kernel, segmenting costs less than the reads TSO saves: the Engine turns TSO on.
+NATIVE = _native_segment is not None
 
 np: Any
 try:  # optional: vectorised checksums; everything works without it
@@ -111,7 +124,18 @@ def from_tun(raw: bytes) -> list[bytes]:
 
 
 def segment_tcp(packet: bytes, mss: int) -> list[bytes]:
-    """Split one TCP super-packet into segments of `mss` payload bytes, as TSO hardware would."""
+    """Split one TCP super-packet into segments of `mss` payload bytes, as TSO hardware would
+    (the native kernel when present: the same bytes, without the interpreter lock)."""
+    if _native_segment is not None and type(packet) is bytes:
+        try:
+            return _native_segment(packet, mss)
+        except ValueError as exc:
+            raise SegmentationError(str(exc)) from None
+    return segment_tcp_python(packet, mss)
+
+
+def segment_tcp_python(packet: bytes, mss: int) -> list[bytes]:
+    """segment_tcp in Python."""
     n = len(packet)
     if n < 40 or mss <= 0:
         raise SegmentationError("super-packet too short")

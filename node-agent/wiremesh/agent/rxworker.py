@@ -6,15 +6,9 @@ roaming, events, reconfiguration) and the outbound path. Two processes use both 
 threads of one process share one interpreter lock.
 
 The Engine starts this module as `python -m wiremesh.agent.rxworker` with the TUN, the UDP
-sockets and one end of a SOCK_SEQPACKET control pair inherited. Over the control pair (pickled
-tuples; both ends are our own processes):
-
-  Engine -> worker   ("peers", {public_key: allowed_ips}), ("session", index, public_key, key,
-                     reject_deadline), ("forget", [index, ...]), ("decrypt", datagram, source),
-                     ("stop",)
-  worker -> Engine   ("other", datagram, source): anything that is not a transport message of a
-                     session we hold (handshakes, cookies, disco/STUN, unknown indices);
-                     ("stats", [(index, source, bytes, packets, data_packets), ...], drops, io)
+sockets and one end of a SOCK_SEQPACKET control pair inherited; the messages over it are the
+dataclasses of workermessages.py. Decryption is the WireGuard core's own receive path
+(wiremesh.core.wireguard.transport), with the sessions' receive side the Engine exports.
 
 A session is exported the moment the Device creates it, so only this process ever decrypts it
 and its replay window lives here. Stats go back at most every STATS_INTERVAL, at once for a
@@ -40,12 +34,24 @@ import time
 from collections import Counter
 from collections.abc import Hashable
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from wiremesh.agent import gro
+from wiremesh.agent.workermessages import (
+    Decrypt,
+    FilterCounts,
+    FilterRules,
+    FlowsSent,
+    FromWorker,
+    NotForWorker,
+    PeerRoutes,
+    Report,
+    SessionExported,
+    SessionsForgotten,
+    SessionTraffic,
+    Stop,
+)
 from wiremesh.core.allowedips import AllowedIPs
-from wiremesh.core.wireguard.replay import ReplayWindow
+from wiremesh.core.packetfilter import Filter
+from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transports
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +62,10 @@ POLL_IDLE_MS = 1000
 DRAIN_BURST = 32
 MESSAGE_TRANSPORT = 4
 TRANSPORT_MIN_SIZE = 32  # header (16) + an empty payload's tag (16)
-# Same as the core's timers.REJECT_AFTER_MESSAGES: counters at or past it are never valid.
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 
 ROUTE_CACHE_SIZE = 4096
 _UNKNOWN = b"?"  # not a 32-byte key, so never a peer
 _transport_unpack = struct.Struct("<IIQ").unpack_from
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-
-
-class _Session:
-    __slots__ = ("aead", "peer", "reject_deadline", "replay", "seen", "source")
-
-    def __init__(self, peer: bytes, key: bytes, reject_deadline: float) -> None:
-        self.peer = peer
-        self.aead = ChaCha20Poly1305(key)
-        self.reject_deadline = reject_deadline
-        self.replay = ReplayWindow()
-        self.seen = False  # has any packet of it been reported to the Engine yet
-        self.source: Hashable | None = None
 
 
 class Worker:
@@ -83,7 +74,9 @@ class Worker:
         self.socks = socks
         self.ctl = ctl
         self.vnet = vnet
-        self.sessions: dict[int, _Session] = {}
+        self.sessions: dict[int, ReceiveSession] = {}
+        # Per session: has any packet of it been reported, and from which source.
+        self.reported: dict[int, Hashable] = {}
         self.routes: AllowedIPs[bytes] = AllowedIPs()
         # Inner source address -> peer, from `routes` (a dict hit is ~10x cheaper than the trie).
         self.route_cache: dict[bytes, bytes | None] = {}
@@ -94,10 +87,16 @@ class Worker:
         self.urgent = False
         self.last_stats = 0.0
         self.running = True
+        # The packet filter (mesh mode): the Engine sends its rules and the flows we open; it
+        # judges what this process decrypts. None until the Engine installs one: pass everything.
+        self.filter: Filter | None = None
+        self._filter_seen = (0, 0, dict[str, int]())  # counts already reported
+        # Decrypt requests met while draining the control pair, run after it.
+        self.deferred: list[Decrypt] = []
 
     # ------------------------------------------------------------------ control
 
-    def _to_engine(self, message: tuple[object, ...]) -> bool:
+    def _to_engine(self, message: FromWorker) -> bool:
         try:
             self.ctl.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -122,31 +121,66 @@ class Worker:
                 self.running = False
                 return
             message = pickle.loads(raw)
-            kind = message[0]
-            if kind == "decrypt":
-                self._datagrams([message[1]], message[2], time.time(), forward_unknown=False)
-            elif kind == "session":
-                _, index, peer, key, reject_deadline = message
-                self.sessions[index] = _Session(peer, key, reject_deadline)
-            elif kind == "forget":
-                for index in message[1]:
+            if isinstance(message, Decrypt):
+                self.deferred.append(message)
+            elif isinstance(message, FlowsSent):
+                if self.filter is not None:
+                    self.filter.note_outbound_batch(list(message.headers), time.time())
+            elif isinstance(message, FilterRules):
+                if self.filter is None:
+                    self.filter = Filter(message.rules, allow_all=message.allow_all)
+                else:
+                    self.filter.set_rules(message.rules, allow_all=message.allow_all)
+            elif isinstance(message, SessionExported):
+                self.sessions[message.index] = ReceiveSession(
+                    message.peer, message.recv_key, message.reject_deadline
+                )
+            elif isinstance(message, SessionsForgotten):
+                for index in message.indices:
                     self.sessions.pop(index, None)
-            elif kind == "peers":
+                    self.reported.pop(index, None)
+            elif isinstance(message, PeerRoutes):
                 routes: AllowedIPs[bytes] = AllowedIPs()
-                for peer, prefixes in message[1].items():
+                for peer, prefixes in message.allowed_ips.items():
                     for prefix in prefixes:
                         routes.insert(prefix, peer)
                 self.routes = routes
                 self.route_cache = {}
-            elif kind == "stop":
+            elif isinstance(message, Stop):
                 self.running = False
                 return
+
+    def _filter_counts(self) -> FilterCounts | None:
+        """What the filter counted since the last report that reached the Engine."""
+        flt = self.filter
+        if flt is None:
+            return None
+        accepted, replies, drops = self._filter_seen
+        return FilterCounts(
+            {r: n - drops.get(r, 0) for r, n in flt.drops.items() if n != drops.get(r, 0)},
+            flt.accepted - accepted,
+            flt.accepted_replies - replies,
+        )
+
+    def _run_deferred(self) -> None:
+        while self.deferred:
+            batch, self.deferred = self.deferred, []
+            for message in batch:
+                self._datagrams([message.datagram], message.source, time.time(), forward_unknown=False)
 
     def _flush_stats(self, now: float) -> None:
         if not (self.pending or self.drops or self.io):
             return
-        records = [(index, source, v[0], v[1], v[2]) for (index, source), v in self.pending.items()]
-        if self._to_engine(("stats", records, dict(self.drops), dict(self.io))):
+        traffic = tuple(
+            SessionTraffic(index, source, v[0], v[1], v[2]) for (index, source), v in self.pending.items()
+        )
+        if self._to_engine(Report(traffic, dict(self.drops), dict(self.io), self._filter_counts())):
+            if self.filter is not None:
+                self._filter_seen = (
+                    self.filter.accepted,
+                    self.filter.accepted_replies,
+                    dict(self.filter.drops),
+                )
             self.pending.clear()
             self.drops.clear()
             self.io.clear()
@@ -156,78 +190,37 @@ class Worker:
     # ------------------------------------------------------------------ packet path
 
     def _datagrams(self, datagrams: list[bytes], source: Hashable, now: float, forward_unknown: bool) -> None:
-        sessions, drops, routes, cache = self.sessions, self.drops, self.routes, self.route_cache
-        pending = self.pending
         packets: list[bytes] = []
-        for d in datagrams:
-            n = len(d)
-            if n >= TRANSPORT_MIN_SIZE:
-                kind, receiver, counter = _transport_unpack(d, 0)
-                session = sessions.get(receiver) if kind == MESSAGE_TRANSPORT else None
-            else:
-                session = None
+        i, n = 0, len(datagrams)
+        while i < n:
+            d = datagrams[i]
+            j = i + 1
+            session = None
+            if len(d) >= TRANSPORT_MIN_SIZE:
+                kind, receiver, _counter = _transport_unpack(d, 0)
+                session = self.sessions.get(receiver) if kind == MESSAGE_TRANSPORT else None
             if session is None:
                 if not forward_unknown:
-                    drops["no_session"] += 1
-                elif not self._to_engine(("other", d, source)):
-                    drops["worker_forward_full"] += 1
+                    self.drops["no_session"] += 1
+                elif not self._to_engine(NotForWorker(d, source)):
+                    self.drops["worker_forward_full"] += 1
+                i = j
                 continue
-            if now >= session.reject_deadline:
-                drops["expired_session"] += 1
-                continue
-            replay = session.replay
-            if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
-                drops["replay"] += 1
-                continue
-            try:
-                plaintext = session.aead.decrypt(_NONCE_PREFIX + d[8:16], memoryview(d)[16:], None)
-            except InvalidTag:
-                drops["decrypt_failed"] += 1
-                continue
-            if not replay.update(counter):
-                drops["replay"] += 1
-                continue
-            if not session.seen or source != session.source:
-                session.seen = True
-                session.source = source
-                self.urgent = True
-            size = len(plaintext)
-            key = (receiver, source)
-            record = pending.get(key)
-            if record is None:
-                record = pending[key] = [0, 0, 0]
-            record[0] += n
-            record[1] += 1
-            if not size:
-                continue  # keepalive
-            record[2] += 1
-            version = plaintext[0] >> 4
-            if version == 4 and size >= 20:
-                length = (plaintext[2] << 8) | plaintext[3]
-                src = plaintext[12:16]
-                if length < 20:
-                    length = size + 1
-            elif version == 6 and size >= 40:
-                length = ((plaintext[4] << 8) | plaintext[5]) + 40
-                src = plaintext[8:24]
-            else:
-                drops["not_ip"] += 1
-                continue
-            if length > size:
-                drops["not_ip"] += 1
-                continue
-            owner = cache.get(src, _UNKNOWN)
-            if owner is _UNKNOWN:
-                if len(cache) >= ROUTE_CACHE_SIZE:
-                    cache.clear()
-                owner = cache[src] = routes.lookup(src)
-            if owner != session.peer:
-                drops["source_not_allowed"] += 1
-                continue
-            packets.append(plaintext if length == size else plaintext[:length])
+            prefix = d[:8]  # type and receiver index: one session
+            while j < n and datagrams[j][:8] == prefix and len(datagrams[j]) >= TRANSPORT_MIN_SIZE:
+                j += 1
+            self._session_run(session, receiver, datagrams[i:j], source, now, packets)
+            i = j
+        if packets and self.filter is not None:
+            # The flows we opened may have been reported just before their replies arrived:
+            # apply what is queued on the control pair first.
+            self._control()
+            kept = self.filter.filter_inbound(packets, now)
+            self.drops["inbound_filter"] += len(packets) - len(kept)
+            packets = kept
         if not packets:
             return
-        io = self.io
+        io, drops = self.io, self.drops
         io["tun_packets_written"] += len(packets)
         if self.vnet:
             packets = gro.coalesce(packets)
@@ -238,6 +231,58 @@ class Worker:
                 write(fd, packet)
             except OSError:
                 drops["tun_write_error"] += 1
+
+    def _session_run(
+        self,
+        session: ReceiveSession,
+        receiver: int,
+        run: list[bytes],
+        source: Hashable,
+        now: float,
+        packets: list[bytes],
+    ) -> None:
+        """Transport messages of one session, opened in one kernel call, counted for the Engine's
+        report; their IP packets from allowed sources appended to `packets`."""
+        drops, cache = self.drops, self.route_cache
+        nbytes = authenticated = 0
+        data: list[bytes] = []
+        for datagram, plaintext in zip(run, open_transports(session, run, now), strict=True):
+            if isinstance(plaintext, str):
+                drops[plaintext] += 1
+                continue
+            authenticated += 1
+            nbytes += len(datagram)
+            if plaintext:
+                data.append(plaintext)
+        if not authenticated:
+            return
+        if self.reported.get(receiver, _UNKNOWN) != source:
+            # A session's first packet confirms a responder's keypair, a new source is roaming:
+            # the Engine hears of both at once.
+            self.reported[receiver] = source
+            self.urgent = True
+        key = (receiver, source)
+        record = self.pending.get(key)
+        if record is None:
+            record = self.pending[key] = [0, 0, 0]
+        record[0] += nbytes
+        record[1] += authenticated
+        record[2] += len(data)
+        for plaintext in data:
+            inner = inner_packet(plaintext)
+            if isinstance(inner, str):
+                drops[inner] += 1
+                continue
+            packet, src = inner
+            owner = cache.get(src, _UNKNOWN)
+            if owner is _UNKNOWN:
+                if len(cache) >= ROUTE_CACHE_SIZE:
+                    cache.clear()
+                owner = cache[src] = self.routes.lookup(src)
+            if owner != session.peer:
+                drops["source_not_allowed"] += 1
+                continue
+            packets.append(packet)
 
     def _receive(self, sock: socket.socket) -> bool:
         """One recvmsg (many datagrams with UDP_GRO); False when the socket had nothing."""
@@ -279,6 +324,7 @@ class Worker:
             for fd, _events in poller.poll(timeout):
                 if fd == ctl_fd:
                     self._control()
+                    self._run_deferred()
                     continue
                 sock = by_fd[fd]
                 for _ in range(DRAIN_BURST):
@@ -286,6 +332,8 @@ class Worker:
                         break
                 else:
                     busy = True
+            if self.deferred:
+                self._run_deferred()
             now = time.time()
             if self.pending or self.drops or self.io:
                 wait = self.last_stats + STATS_INTERVAL - now

@@ -7,8 +7,11 @@ TUNSETPERSIST), so closing it is also how the interface is removed.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
+
+log = logging.getLogger("wiremesh.agent.engine")
 
 TUN_DEVICE = "/dev/net/tun"
 
@@ -66,3 +69,24 @@ def set_offload(fd: int, flags: int) -> None:
         fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
     except OSError as exc:
         raise TunError(exc.errno, f"TUNSETOFFLOAD {flags:#x} refused: {exc.strerror}") from exc
+
+
+def open_with_offloads(name: str, vnet_hdr: bool, tso: bool) -> tuple[int, bool, bool]:
+    """Open TUN `name` with the offloads asked for, or fewer where the kernel refuses them:
+    (fd, with virtio_net_hdr, with TSO). TSO needs the header."""
+    try:
+        fd = open_tun(name, vnet_hdr=vnet_hdr)
+    except TunError:
+        if not vnet_hdr:
+            raise
+        log.info("tun_vnet_hdr_unavailable interface=%s", name)
+        vnet_hdr = False
+        fd = open_tun(name)
+    if not (vnet_hdr and tso):
+        return fd, vnet_hdr, False
+    try:
+        set_offload(fd, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+    except TunError as exc:
+        log.info("tun_tso_unavailable interface=%s error=%s", name, exc)
+        return fd, vnet_hdr, False
+    return fd, vnet_hdr, True

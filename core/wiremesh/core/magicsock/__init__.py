@@ -4,7 +4,7 @@ See `wiremesh.core.magicsock.core` for the behaviour and `wiremesh.agent.magicso
 adapter that gives it sockets, relays and a clock.
 """
 
-from wiremesh.core.magicsock.core import MagicSock, PeerPath, is_lan_address
+from wiremesh.core.magicsock.core import PathSelector, PeerPath, is_lan_address
 from wiremesh.core.magicsock.home import choose_home_region
 from wiremesh.core.magicsock.types import (
     PRIMARY_SOCKET,
@@ -28,10 +28,10 @@ __all__ = [
     "Destination",
     "Direct",
     "Event",
-    "MagicSock",
     "MappingChanged",
     "OpenProbeSockets",
     "PathChanged",
+    "PathSelector",
     "PeerInfo",
     "PeerPath",
     "PingResult",

@@ -1,10 +1,10 @@
 """Path selection between direct UDP and the relay, sans-I/O.
 
-`MagicSock` holds, for every peer, its candidate endpoints (from the netmap, from its
+`PathSelector` holds, for every peer, its candidate endpoints (from the netmap, from its
 CallMeMaybe, and from addresses its pings came from), the disco pings in flight, the best
 direct path and how long it stays trusted. It never touches a socket or a clock:
 
-    ms = MagicSock(node_key, DiscoKey(), now)
+    ms = PathSelector(node_key, DiscoKey(), now)
     ms.set_peers([PeerInfo(...)], now)
     dest = ms.route(peer_node_key, now)          # where a WireGuard datagram goes: Direct or Relay
     ms.receive_disco(data, Direct(addr) or Relay(region, key), now)
@@ -197,7 +197,7 @@ class PeerPath:
         return self.home_region if self.home_region is not None else fallback
 
 
-class MagicSock:
+class PathSelector:
     """The sans-I/O path selector for all peers of one node. See the module docstring."""
 
     def __init__(
@@ -220,7 +220,7 @@ class MagicSock:
         self._spray: deque[tuple[bytes, Address]] = deque()  # (peer node key, destination)
         self._next_spray = 0.0
         self.local_endpoints: tuple[Endpoint, ...] = ()
-        self.mapping_varies = False
+        self.mapping_varies: bool | None = None  # None: not known (fewer than two STUN answers)
         self.home_region: int | None = None
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
@@ -263,8 +263,11 @@ class MagicSock:
         for tx in [tx for tx, p in self._pending.items() if p.node_key == key]:
             del self._pending[tx]
 
-    def set_local_endpoints(self, endpoints: Sequence[Endpoint], mapping_varies: bool, now: float) -> None:
-        """Our own endpoints (and whether our NAT maps per destination), sent in CallMeMaybe.
+    def set_local_endpoints(
+        self, endpoints: Sequence[Endpoint], mapping_varies: bool | None, now: float
+    ) -> None:
+        """Our own endpoints (and whether our NAT maps per destination; None when unknown, as
+        with a single STUN server), sent in CallMeMaybe.
 
         A change starts a discovery round for every active peer: our old endpoints may be gone.
         """
@@ -568,14 +571,22 @@ class MagicSock:
     def _birthday_wanted(self, path: PeerPath, now: float) -> bool:
         if path.mapping_varies or path.wants_birthday:
             return False
-        if not self.mapping_varies and not self._behind_shared_nat():
+        if not self.mapping_varies and not self._mapping_unknown() and not self._behind_shared_nat():
             return False
-        # Only after plain hole punching had one round to work, and only towards an address
-        # a STUN server or a port mapping vouched for.
+        # Only after plain hole punching had one round to work (three when our mapping is not
+        # known to vary), and only towards an address a STUN server or a port mapping vouched for.
         after = BIRTHDAY_AFTER_ROUNDS if self.mapping_varies else SHARED_NAT_BIRTHDAY_AFTER_ROUNDS
         if path.trusted(now) is not None or path.rounds < after or not path.active(now):
             return False
         return any(c.kind in (EndpointKind.STUN, EndpointKind.PORTMAP) for c in path.candidates.values())
+
+    def _mapping_unknown(self) -> bool:
+        """Whether UDP gets out (a STUN server saw us) but one server cannot tell whether our NAT
+        maps per destination. Plain punching that keeps failing then may be meeting a symmetric
+        NAT: a birthday round finds out, at a bounded cost."""
+        return self.mapping_varies is None and any(
+            ep.kind is EndpointKind.STUN for ep in self.local_endpoints
+        )
 
     def _behind_shared_nat(self) -> bool:
         """Whether another peer has an endpoint on our public (STUN) address's host: we share a NAT.
@@ -607,7 +618,7 @@ class MagicSock:
             return
         path.last_call_me_maybe = now
         self.counters["call_me_maybe_sent"] += 1
-        cmm = CallMeMaybe(self.advertised_endpoints(now), self.mapping_varies, birthday)
+        cmm = CallMeMaybe(self.advertised_endpoints(now), bool(self.mapping_varies), birthday)
         self._send(path, cmm, Relay(region, path.node_key))
 
     def probe_sockets_opened(self, node_key: bytes, sockets: Sequence[int], now: float) -> None:

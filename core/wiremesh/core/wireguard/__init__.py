@@ -9,7 +9,12 @@ deadline = device.next_timer(); device.handle_timer(now); event = device.next_ev
 """
 
 from wiremesh.core.wireguard.device import DROP_REASONS, Device
-from wiremesh.core.wireguard.events import EndpointChanged, HandshakeCompleted, HandshakeFailed
+from wiremesh.core.wireguard.events import (
+    EndpointChanged,
+    EndpointObserved,
+    HandshakeCompleted,
+    HandshakeFailed,
+)
 from wiremesh.core.wireguard.peer import Peer, PeerConfig
 from wiremesh.core.wireguard.timers import (
     KEEPALIVE_TIMEOUT,
@@ -32,6 +37,7 @@ __all__ = [
     "REKEY_TIMEOUT",
     "Device",
     "EndpointChanged",
+    "EndpointObserved",
     "HandshakeCompleted",
     "HandshakeFailed",
     "Peer",

@@ -17,13 +17,17 @@ import secrets
 import struct
 from collections.abc import Hashable
 
-from cryptography.exceptions import InvalidTag
-
 from wiremesh.core import crypto
 from wiremesh.core.allowedips import AllowedIPs
 from wiremesh.core.noise import HandshakeState, NoiseError
+from wiremesh.core.wireguard import kernel
 from wiremesh.core.wireguard.cookie import CookieChecker, HandshakeRateLimiter, add_macs, open_cookie_reply
-from wiremesh.core.wireguard.events import EndpointChanged, HandshakeCompleted, HandshakeFailed
+from wiremesh.core.wireguard.events import (
+    EndpointChanged,
+    EndpointObserved,
+    HandshakeCompleted,
+    HandshakeFailed,
+)
 from wiremesh.core.wireguard.messages import (
     CONSTRUCTION,
     COOKIE_REPLY_SIZE,
@@ -56,6 +60,7 @@ from wiremesh.core.wireguard.timers import (
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
 )
+from wiremesh.core.wireguard.transport import inner_packet, open_transports
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +235,73 @@ class Device:
             return self._send_to_peer(peer, packet, now)
         return self._seal(peer, session, packet, now), endpoint
 
+    def send_batch(self, packets: list[bytes], now: float) -> tuple[list[Datagram], bool]:
+        """send() for each packet, in order, with every run of packets to one peer over a live
+        session sealed by the transport kernel (kernel.py) in one call. Returns the datagrams
+        and whether any packet was dropped or held for a handshake (as send()'s None)."""
+        self._now = now
+        out: list[Datagram] = []
+        held = False
+        run: list[bytes] = []
+        run_peer: Peer | None = None
+        for packet in packets:
+            n = len(packet)
+            version = packet[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                peer = self._route(packet[16:20])
+            elif version == 6 and n >= 40:
+                peer = self._route(packet[24:40])
+            else:
+                self.drops["not_ip"] += 1
+                held = True
+                continue
+            if peer is None:
+                self.drops["no_route"] += 1
+                held = True
+                continue
+            if peer is not run_peer:
+                if run_peer is not None and run:
+                    self._seal_run(run_peer, run, now, out)
+                    run = []
+                run_peer = peer
+            session = peer.current
+            if (
+                session is None
+                or peer.endpoint is None
+                or now >= session.send_rekey_deadline
+                or session.send_counter + len(run) >= REKEY_AFTER_MESSAGES
+            ):
+                if run:
+                    self._seal_run(peer, run, now, out)
+                    run = []
+                result = self._send_to_peer(peer, packet, now)
+                if result is None:
+                    held = True
+                else:
+                    out.append(result)
+                continue
+            run.append(packet)
+        if run_peer is not None and run:
+            self._seal_run(run_peer, run, now, out)
+        return out, held
+
+    def _seal_run(self, peer: Peer, packets: list[bytes], now: float, out: list[Datagram]) -> None:
+        """Seal packets for `peer` over its current session (live and needing no rekey: the
+        caller checked) with one kernel call."""
+        session = peer.current
+        assert session is not None
+        counter = session.send_counter
+        session.send_counter = counter + len(packets)
+        datagrams = kernel.seal(session.send_key, session.send_aead, session.remote_index, counter, packets)
+        endpoint = peer.endpoint
+        size = 0
+        for datagram in datagrams:
+            out.append((datagram, endpoint))
+            size += len(datagram)
+        peer.tx_bytes += size
+        peer.tx_packets += len(datagrams)
+        self._sent(peer, now, data=True)
+
     def _route(self, address: bytes) -> Peer | None:
         cache = self._route_cache
         try:
@@ -288,10 +360,14 @@ class Device:
         )
         peer.tx_bytes += len(datagram)
         peer.tx_packets += 1
+        self._sent(peer, now, data=n > 0)
+        return datagram
+
+    def _sent(self, peer: Peer, now: float, data: bool) -> None:
         # Timers (whitepaper 6.5): anything we send makes a pending keepalive unnecessary; data we
         # send expects an answer within KEEPALIVE_TIMEOUT + REKEY_TIMEOUT or we start a handshake.
         peer.t_keepalive = None
-        if n and peer.t_new_handshake is None:
+        if data and peer.t_new_handshake is None:
             peer.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
             if peer.t_new_handshake < self._earliest:
                 self._earliest = peer.t_new_handshake
@@ -299,7 +375,6 @@ class Device:
             peer.t_persistent = now + peer.keepalive_interval
             if peer.t_persistent < self._earliest:
                 self._earliest = peer.t_persistent
-        return datagram
 
     def _flush_queue(self, peer: Peer, session: Session, now: float, keepalive_if_empty: bool) -> None:
         endpoint = peer.endpoint
@@ -336,73 +411,85 @@ class Device:
             self.drops["internal_error"] += 1
             return None
 
+    def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float) -> tuple[list[bytes], bool]:
+        """receive() for each datagram of one source, in order, with every run of transport
+        messages of one session opened by the transport kernel in one call. Returns the IP packets
+        for the TUN and whether anything but data arrived (handshakes, keepalives, drops: as
+        receive()'s None). Never raises."""
+        self._now = now
+        packets: list[bytes] = []
+        other = False
+        i, n = 0, len(datagrams)
+        while i < n:
+            datagram = datagrams[i]
+            j = i + 1
+            try:
+                if len(datagram) >= TRANSPORT_MIN_SIZE and datagram[:4] == _TYPE_TRANSPORT:
+                    prefix = datagram[:8]  # type and receiver index: one session
+                    while j < n and datagrams[j][:8] == prefix and len(datagrams[j]) >= TRANSPORT_MIN_SIZE:
+                        j += 1
+                    receiver = _u32_unpack(datagram, 4)[0]
+                    if not self._receive_run(datagrams[i:j], receiver, source, now, packets):
+                        other = True
+                else:
+                    other = True
+                    self._receive_other(datagram, source, now)
+            except Exception:  # a bug must cost these datagrams, never the data plane
+                log.exception("unexpected error processing %d datagram(s)", j - i)
+                self.drops["internal_error"] += j - i
+                other = True
+            i = j
+        return packets, other
+
     def _receive_transport(
         self, datagram: bytes, n: int, receiver: int, counter: int, source: Hashable, now: float
     ) -> bytes | None:
+        packets: list[bytes] = []
+        self._receive_run([datagram], receiver, source, now, packets)
+        return packets[0] if packets else None
+
+    def _receive_run(
+        self, run: list[bytes], receiver: int, source: Hashable, now: float, packets: list[bytes]
+    ) -> bool:
+        """Transport messages of one session -> their IP packets appended to `packets`; True
+        when every message was data that reached `packets`."""
         session = self._sessions.get(receiver)
         if session is None:
-            self.drops["unknown_peer" if receiver in self._retired else "no_session"] += 1
-            return None
-        if now >= session.reject_deadline:
-            self.drops["expired_session"] += 1
-            return None
-        replay = session.replay
-        if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
-            self.drops["replay"] += 1
-            return None
-        try:
-            plaintext = session.recv_aead.decrypt(
-                _NONCE_PREFIX + datagram[8:16], memoryview(datagram)[16:], None
-            )
-        except InvalidTag:
-            self.drops["decrypt_failed"] += 1
-            return None
-        if not replay.update(counter):
-            self.drops["replay"] += 1
-            return None
+            self.drops["unknown_peer" if receiver in self._retired else "no_session"] += len(run)
+            return False
+        clean = True
+        nbytes = authenticated = 0
+        data: list[bytes] = []
+        for datagram, plaintext in zip(run, open_transports(session, run, now), strict=True):
+            if isinstance(plaintext, str):
+                self.drops[plaintext] += 1
+                clean = False
+                continue
+            authenticated += 1
+            nbytes += len(datagram)
+            if plaintext:
+                data.append(plaintext)
+            else:
+                clean = False  # a keepalive
+        if not authenticated:
+            return False
+        # What authenticated messages mean (confirmation, counters, roaming, timers): the same
+        # whether they were decrypted here or by a worker.
+        self.note_received(receiver, source, nbytes, authenticated, len(data), now)
         peer = session.peer
-        if session is peer.next:
-            self._confirm_next(peer, session, now)
-        peer.rx_bytes += n
-        peer.rx_packets += 1
-        if source != peer.endpoint:
-            self._roam(peer, source)
-        # Timers: any authenticated packet answers our data; data in wants a keepalive back.
-        peer.t_new_handshake = None
-        if peer.keepalive_interval:
-            peer.t_persistent = now + peer.keepalive_interval
-            if peer.t_persistent < self._earliest:
-                self._earliest = peer.t_persistent
-        if now >= session.receive_rekey_deadline and session is peer.current and peer.handshake is None:
-            self._initiate(peer, now, retry=False)
-        size = len(plaintext)
-        if not size:
-            return None  # keepalive
-        if peer.t_keepalive is None:
-            peer.t_keepalive = now + KEEPALIVE_TIMEOUT
-            if peer.t_keepalive < self._earliest:
-                self._earliest = peer.t_keepalive
-        # The inner packet: an IP header whose length covers no more than we decrypted (the rest
-        # is padding), and a source address that AllowedIPs gives to this very peer.
-        version = plaintext[0] >> 4
-        if version == 4 and size >= 20:
-            length = (plaintext[2] << 8) | plaintext[3]
-            src = plaintext[12:16]
-            if length < 20:
-                length = size + 1  # invalid: fails the check below
-        elif version == 6 and size >= 40:
-            length = ((plaintext[4] << 8) | plaintext[5]) + 40
-            src = plaintext[8:24]
-        else:
-            self.drops["not_ip"] += 1
-            return None
-        if length > size:
-            self.drops["not_ip"] += 1
-            return None
-        if self._route(src) is not peer:
-            self.drops["source_not_allowed"] += 1
-            return None
-        return plaintext if length == size else plaintext[:length]
+        for plaintext in data:
+            inner = inner_packet(plaintext)
+            if isinstance(inner, str):
+                self.drops[inner] += 1
+                clean = False
+                continue
+            packet, src = inner
+            if self._route(src) is not peer:
+                self.drops["source_not_allowed"] += 1
+                clean = False
+                continue
+            packets.append(packet)
+        return clean
 
     def _receive_other(self, datagram: bytes, source: Hashable, now: float) -> None:
         datagram = bytes(datagram)  # handshake messages are small and rare; libraries below want bytes
@@ -600,10 +687,12 @@ class Device:
             self._flush_queue(peer, session, now, keepalive_if_empty=False)
 
     def _roam(self, peer: Peer, source: Hashable) -> None:
-        if not self.roaming and peer.endpoint is not None:
-            return
-        peer.endpoint = source
-        self._events.append(EndpointChanged(peer.public_key, source))
+        if peer.endpoint is None or (self.roaming and peer.config.roam):
+            peer.endpoint = source
+            self._events.append(EndpointChanged(peer.public_key, source))
+        elif not peer.config.roam and source != peer.observed_source:
+            peer.observed_source = source
+            self._events.append(EndpointObserved(peer.public_key, source))
 
     # ------------------------------------------------------------------ handshakes
 

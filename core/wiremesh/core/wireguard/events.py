@@ -23,3 +23,12 @@ class HandshakeFailed:
 class EndpointChanged:
     public_key: bytes
     endpoint: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointObserved:
+    """An authenticated packet of a peer that does not roam came from `endpoint`, not from the
+    endpoint it was given (reported once per new source: its path selection may adopt it)."""
+
+    public_key: bytes
+    endpoint: Hashable

@@ -25,6 +25,9 @@ class PeerConfig:
     allowed_ips: tuple[str, ...] = ()
     endpoint: Hashable | None = None  # opaque to the core: ("198.18.0.2", 51820) in static mode
     persistent_keepalive: int = 0  # seconds, 0 = off
+    # False when the caller chooses the peer's path (magicsock): an authenticated packet from
+    # elsewhere is reported (EndpointObserved) instead of moving the peer's endpoint there.
+    roam: bool = True
 
 
 class Session:
@@ -44,6 +47,7 @@ class Session:
         "replay",
         "send_aead",
         "send_counter",
+        "send_key",
         "send_rekey_deadline",
     )
 
@@ -64,7 +68,9 @@ class Session:
         # sealing a packet.
         self.send_aead = ChaCha20Poly1305(send_key)
         self.recv_aead = ChaCha20Poly1305(recv_key)
-        # Kept so an agent can hand this keypair's receive side to a decrypting worker process.
+        # The raw keys too: the native transport kernel takes them, and an agent hands the
+        # receive side to a decrypting worker process.
+        self.send_key = send_key
         self.recv_key = recv_key
         self.send_counter = 0
         self.replay = ReplayWindow()
@@ -98,6 +104,7 @@ class Peer:
         self.public_key = config.public_key
         self.config = config
         self.endpoint: Hashable | None = config.endpoint
+        self.observed_source: Hashable | None = None  # last EndpointObserved (roam=False)
         self.psk = config.preshared_key or _ZERO_PSK
         self.keepalive_interval = config.persistent_keepalive
         self.mac1_key = crypto.blake2s_hash(LABEL_MAC1, config.public_key)

@@ -34,10 +34,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wiremesh.coord import admin_keys, oidc_login, policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
-from wiremesh.core import bus, crypto, logs
+from wiremesh.core import bus, crypto
 from wiremesh.core.control import messages as cm
-from wiremesh.core.control import service
 from wiremesh.core.control.channel import MAX_REQUEST_BYTES, PROLOGUE, PROTOCOL, ControlError, ServerCall
+from wiremesh.shell import logs, service
 
 log = logging.getLogger("wiremesh.coord")
 MAX_ADMIN_BODY = 64 * 1024

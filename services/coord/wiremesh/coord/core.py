@@ -32,8 +32,8 @@ from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
 from wiremesh.core.busauth import BusAccess
 from wiremesh.core.control import messages as cm
-from wiremesh.core.control import service
 from wiremesh.core.control.channel import ControlError, HandshakeRefused, ReplayGuard, ServerCall
+from wiremesh.shell import service
 
 log = logging.getLogger("wiremesh.coord")
 # How long past its own freshness window a handshake's row is kept: replicas' clocks may disagree

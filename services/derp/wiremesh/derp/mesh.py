@@ -126,6 +126,9 @@ class Mesh:
             delta = self.table.disconnect(key, time.time())
         self._enqueue(self._lease_subjects["delta"], bus.encode(delta))
 
+    def lapsed(self, key: bytes) -> bool:
+        return key in self.table.lapsed
+
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Send to the replica that has `dst`; False if no replica has it."""
         replica = self.remote.get(dst)

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h11
 from nacl.public import PrivateKey
@@ -28,8 +28,18 @@ from wiremesh.core.derp.connection import ClientHello, Event, IdleTimeout, Serve
 from wiremesh.core.derp.frames import KEY_LEN, PROTOCOL_VERSION, FrameError, FrameType, PeerGoneReason
 from wiremesh.derp.keyauth import KeyAuthority, encode_key
 
-if TYPE_CHECKING:
-    from wiremesh.derp.mesh import Mesh
+
+class ReplicaMesh(Protocol):
+    """What the relay asks of the mesh between its region's replicas (wiremesh.derp.mesh.Mesh)."""
+
+    def announce(self, key: bytes, present: bool) -> None: ...
+
+    def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool: ...
+
+    def lapsed(self, key: bytes) -> bool:
+        """Whether `key` was on another replica whose lease lapsed (it may come back)."""
+        ...
+
 
 log = logging.getLogger("wiremesh.derp")
 
@@ -83,7 +93,7 @@ class Relay:
         self.clients: dict[bytes, DerpProtocol] = {}
         self.connections: set[DerpProtocol] = set()
         self.stats = Stats()
-        self.mesh: Mesh | None = None
+        self.mesh: ReplicaMesh | None = None
         self._dirty: list[DerpProtocol] = []
         authority.on_revoked = self.revoke
 
@@ -142,7 +152,7 @@ class Relay:
         if mesh is not None and mesh.forward(src, dst, packet):
             stats.cross_replica_sent += 1
             return
-        if mesh is not None and dst in mesh.table.lapsed:
+        if mesh is not None and mesh.lapsed(dst):
             stats.drops["peer_lease_expired"] += 1  # its replica died; the sender was told PeerGone
         else:
             stats.drops["no_such_peer"] += 1

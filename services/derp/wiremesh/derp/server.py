@@ -23,7 +23,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from wiremesh.core.busauth import BusAccess
 from wiremesh.core.derp import frames
-from wiremesh.core.logs import setup_logging
 from wiremesh.derp.keyauth import KeyAuthority
+from wiremesh.derp.mesh import Mesh, follow_registry
 from wiremesh.derp.relay import Relay, RelayConfig
+from wiremesh.shell.logs import setup_logging
 
 log = logging.getLogger("wiremesh.derp")
 
@@ -65,8 +66,9 @@ def load_or_create_key(path: Path) -> PrivateKey:
 class RelayCollector:
     """Reads the relay's plain counters at scrape time (nothing on the hot path)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, mesh: Callable[[], Mesh | None] = lambda: None) -> None:
         self.relay = relay
+        self.mesh = mesh  # the replicas' mesh, once the server has one
 
     def collect(self) -> Iterator[Any]:
         stats = self.relay.stats
@@ -109,7 +111,7 @@ class RelayCollector:
         yield GaugeMetricFamily(
             "derp_registry_keys", "Node keys the relay currently accepts", value=len(self.relay.authority)
         )
-        mesh = self.relay.mesh
+        mesh = self.mesh()
         if mesh is not None:
             table = mesh.table
             yield GaugeMetricFamily(
@@ -177,14 +179,14 @@ class DerpService:
         )
         self.relay = Relay(self.key, self.authority, config)
         self.registry = CollectorRegistry()
-        self.registry.register(RelayCollector(self.relay))
+        self.registry.register(RelayCollector(self.relay, lambda: self.mesh))
         self.servers: list[asyncio.AbstractServer] = []
         self.admin_server: Any = None
         self._admin_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._registry_task: asyncio.Task[Any] | None = None
         self.nc: Any = None
-        self.mesh: Any = None
+        self.mesh: Mesh | None = None
         self.derp_ports: list[int] = []
         self.admin_port = 0
 
@@ -201,8 +203,6 @@ class DerpService:
             )
         if args.nats:
             import nats
-
-            from wiremesh.derp.mesh import Mesh, follow_registry
 
             bus_access = self.bus_access()
             if not bus_access.authenticated:

@@ -25,10 +25,10 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from wiremesh.core import bus, busauth, logs
+from wiremesh.core import bus, busauth
 from wiremesh.core.busauth import BusAccess
-from wiremesh.core.control import service
 from wiremesh.keys import store
+from wiremesh.shell import logs, service
 
 log = logging.getLogger("wiremesh.keys")
 MIGRATIONS = str(pathlib.Path(__file__).parent / "migrations")

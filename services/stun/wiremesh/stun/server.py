@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from wiremesh.core import stun
-from wiremesh.core.logs import setup_logging
+from wiremesh.shell.logs import setup_logging
 
 log = logging.getLogger("wiremesh.stun")
 

@@ -1,16 +1,11 @@
-"""Mesh mode: log in to coord, follow the netmap, keep the Engine configured to match it.
+"""The mesh-mode controller: log in to coord, follow the netmap, keep the Engine configured to
+match it, and serve the local API's requests (up, down, logout, status).
 
-    wiremeshd --login-server URL --auth-key KEY --state-dir DIR --tun IFNAME
-
-Three layers:
-- `plan()` is pure: netmap + `now` (+ up/down) in, the wanted interface addresses, routes,
-  WireGuard peers and packet-filter rules out. Everything the agent decides lives here.
-- `MeshAgent` is the long-running controller (asyncio): it logs in with the keys from the state
-  directory, streams the netmap (the control client reconnects with backoff and resyncs in full),
-  and after every netmap change applies the difference between the new plan and the applied one
-  to the Engine, so a removed or expired peer leaves the Device at once. When coord or NATS is
-  away nothing is torn down: the data plane keeps the last netmap.
-- `run()` is the daemon mode: Engine, local API on a unix socket, metrics, signals.
+`MeshAgent` (asyncio) logs in with the keys from the state directory, streams the netmap (the
+control client reconnects with backoff and resyncs in full), and after every netmap change
+applies the difference between the new plan (plan.py) and the applied one to the Engine, so a
+removed or expired peer leaves the Device at once. When coord or NATS is away nothing is torn
+down: the data plane keeps the last netmap.
 
 The auth key is only offered until the first successful login of the process: a node that coord
 later deletes or expires stays cut off (NeedsLogin) instead of silently re-registering.
@@ -18,23 +13,18 @@ later deletes or expires stays cut off (NeedsLogin) instead of silently re-regis
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
 import enum
-import ipaddress
 import logging
-import os
-import pathlib
-import signal
 import socket
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from wiremesh.agent import netconf, subnetrouter
+from wiremesh.agent import hostnet, netconf
 from wiremesh.agent.control import (
     ControlClient,
     ControlRefused,
@@ -42,30 +32,23 @@ from wiremesh.agent.control import (
     LoginRequired,
     LoginResult,
 )
-from wiremesh.agent.state import Keys, Persisted, StateDir, StateError
+from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
+from wiremesh.agent.state import Keys, Persisted, StateDir
 from wiremesh.core import crypto
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.netmap import NetworkMap, Node
 from wiremesh.core.packetfilter import Filter
 from wiremesh.core.policy.model import FilterRule
-from wiremesh.core.wireguard import PeerConfig
 
 log = logging.getLogger("wiremesh.agent.mesh")
 T = TypeVar("T")
 
-DEFAULT_MESH_MTU = 1280
-DEFAULT_STATE_DIR = "/var/lib/wiremesh"
-SOCKET_NAME = "wiremeshd.sock"
-MESH_ROUTES = ("100.64.0.0/10", "fd7a:115c:a1e0::/48")
-PERSISTENT_KEEPALIVE = 25
 STREAM_KEEPALIVE = 5.0  # coord sends a frame at least this often; a silent stream is noticed in ~3x
 ENDPOINT_CHECK_INTERVAL = 10.0
 RELOGIN_INTERVAL = 10.0
 MAX_BACKOFF = 5.0
 MAX_AUTH_KEY_BYTES = 256
-EXIT_CONFIG = 2
-EXIT_RUNTIME = 1
 
 
 class BackendState(enum.StrEnum):
@@ -84,156 +67,16 @@ class MeshError(Exception):
         self.status = status
 
 
-# ----------------------------------------------------------------------------- the pure part
+class MeshPaths(Protocol):
+    """What the controller asks of path selection (magicsock, bound in binding.py)."""
 
+    def peer_endpoints(self, netmap: NetworkMap, usable: Sequence[Node]) -> Mapping[str, Hashable]:
+        """{node key: WireGuard endpoint} for the peers whose paths it chooses (may be none)."""
+        ...
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Plan:
-    """What the Engine should look like for one netmap."""
-
-    addresses: tuple[str, ...] = ()
-    routes: tuple[str, ...] = ()
-    peers: tuple[PeerConfig, ...] = ()
-    packet_filter: tuple[Mapping[str, Any], ...] = ()
-    next_expiry: float | None = None  # when a peer's key expires and the plan must be redone
-
-
-def peer_usable(node: Node, now: float) -> bool:
-    """Coord hides expired nodes, but a key can expire between two netmaps: check both."""
-    return not node.expired and (node.key_expiry is None or node.key_expiry > now)
-
-
-def parse_endpoint(text: str) -> tuple[str, int] | None:
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return host, int(port)
-
-
-def choose_endpoint(endpoints: Iterable[str]) -> tuple[str, int] | None:
-    """The first usable endpoint. Agents list the address of their default-route interface
-    first; path discovery (disco) replaces this guess where it runs."""
-    for text in endpoints:
-        endpoint = parse_endpoint(text)
-        if endpoint is not None:
-            return endpoint
-    return None
-
-
-def _valid_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
-    out = []
-    for prefix in prefixes:
-        try:
-            out.append(str(ipaddress.ip_network(prefix, strict=False)))
-        except ValueError:
-            log.warning("netmap_prefix_ignored prefix=%r", prefix[:64])
-    return tuple(dict.fromkeys(out))
-
-
-def plan(
-    netmap: NetworkMap | None,
-    now: float,
-    *,
-    running: bool = True,
-    own_routes: Iterable[str] = (),
-    accept_routes: bool = False,
-    endpoints: Mapping[str, Hashable] | None = None,
-) -> Plan:
-    """The Engine configuration for `netmap` at `now`; `running=False` is `wiremesh down`.
-
-    Peers' approved subnet routes are routed into the tunnel only with `accept_routes` (as
-    Tailscale's --accept-routes), and never our own (`own_routes`): we are their router. They stay
-    in the peer's allowed IPs either way, so replies from those subnets are accepted.
-
-    `endpoints` (node key -> WireGuard endpoint) overrides the first-listed-endpoint guess, for
-    a path selector such as magicsock that hands out its own endpoint objects.
-    """
-    if netmap is None:
-        return Plan()
-    addresses = _valid_prefixes(netmap.self_node.addresses)
-    if not running:
-        return Plan(addresses=addresses)
-    own = set(_valid_prefixes(own_routes))
-    peers: list[PeerConfig] = []
-    routes: list[str] = list(MESH_ROUTES)
-    seen_keys: set[bytes] = set()
-    next_expiry: float | None = None
-    for node in netmap.peers:
-        if not peer_usable(node, now):
-            continue
-        try:
-            key = crypto.decode_key(node.node_key)
-        except ValueError:
-            log.warning("netmap_peer_ignored peer=%s reason=bad_node_key", node.name)
-            continue
-        if key in seen_keys:
-            continue
-        seen_keys.add(key)
-        allowed = _valid_prefixes(node.allowed_ips)
-        peers.append(
-            PeerConfig(
-                public_key=key,
-                allowed_ips=allowed,
-                endpoint=(endpoints or {}).get(node.node_key) or choose_endpoint(node.endpoints),
-                persistent_keepalive=PERSISTENT_KEEPALIVE,
-            )
-        )
-        if accept_routes:
-            for prefix in _valid_prefixes(node.approved_routes):
-                if prefix in allowed and prefix not in own and prefix not in routes:
-                    routes.append(prefix)
-        if node.key_expiry is not None:
-            next_expiry = node.key_expiry if next_expiry is None else min(next_expiry, node.key_expiry)
-    peers.sort(key=lambda p: p.public_key)
-    return Plan(
-        addresses=addresses,
-        routes=tuple(routes),
-        peers=tuple(peers),
-        packet_filter=tuple(netmap.packet_filter),
-        next_expiry=next_expiry,
-    )
-
-
-# ----------------------------------------------------------------------------- endpoints
-
-
-def local_endpoints(listen_port: int, exclude: Iterable[str] = ()) -> tuple[str, ...]:
-    """ip:port for every global address of this namespace except loopback and `exclude` (the
-    TUN), the addresses of the interface holding the default route first."""
-    from pyroute2 import IPRoute
-
-    skip = set(exclude) | {"lo"}
-    first: set[int] = set()
-    found: list[tuple[int, str]] = []
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for route in ipr.get_default_routes(family=family):
-                oif = route.get_attr("RTA_OIF")
-                if oif is not None:
-                    first.add(int(oif))
-        for msg in ipr.get_addr():
-            if names.get(msg["index"]) in skip:
-                continue
-            addr = msg.get_attr("IFA_ADDRESS")
-            if addr is None:
-                continue
-            ip = ipaddress.ip_address(addr)
-            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
-                continue
-            text = f"[{ip}]:{listen_port}" if ip.version == 6 else f"{ip}:{listen_port}"
-            rank = (0 if msg["index"] in first else 2) + (0 if ip.version == 4 else 1)
-            found.append((rank, text))
-    found.sort(key=lambda item: item[0])  # stable: keeps kernel order within a rank
-    return tuple(dict.fromkeys(text for _, text in found))[:16]
-
-
-# ----------------------------------------------------------------------------- the controller
+    def endpoints(self) -> tuple[str, ...]:
+        """Our endpoints to publish (ip:port)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -249,8 +92,9 @@ class MeshConfig:
     snat_subnet_routes: bool = True  # a subnet router masquerades what it forwards (subnetrouter.py)
     listen_port: int = 0
     socket_path: str = ""
-    mtu: int = DEFAULT_MESH_MTU
+    mtu: int = hostnet.MIN_MTU
     metrics_listen: str | None = None
+    workers: int = 0  # receive worker processes (Engine workers)
 
 
 class MeshAgent:
@@ -265,7 +109,7 @@ class MeshAgent:
         *,
         client: ControlClient | None = None,
         clock: Callable[[], float] = time.time,
-        endpoints: Callable[[], tuple[str, ...]] | None = None,
+        paths: MeshPaths | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -277,16 +121,22 @@ class MeshAgent:
         self.backend_state = BackendState.STARTING
         self.netmap: NetworkMap | None = None
         self.applied = Plan()
+        # One filter for the interface's whole life, on every packet even with no policy, so
+        # that the first policy knows which flows were ours and cuts the peers' it does not allow.
         self.filter = Filter(allow_all=True)
+        engine.packet_filter = self.filter
         self.filter_errors = 0
         self.netmaps_received = 0
         self.last_error = ""
         self.endpoints: tuple[str, ...] = ()
-        # Optional path selector seam: usable peers -> {node key: WireGuard endpoint}.
-        self.peer_endpoints: Callable[[Sequence[Node]], Mapping[str, Hashable]] | None = None
-        self._endpoint_source = endpoints or (
-            lambda: local_endpoints(engine.listen_port, exclude=(config.tun,))
+        # Without path selection, a peer's endpoint is the first one it lists (plan.py).
+        self.paths = paths
+        self._endpoint_source = (
+            paths.endpoints
+            if paths is not None
+            else (lambda: hostnet.local_endpoints(engine.listen_port, exclude=(config.tun,)))
         )
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._auth_key = config.auth_key
         self._auth_key_usable = bool(config.auth_key)
         self.advertise_tags = config.advertise_tags
@@ -296,6 +146,7 @@ class MeshAgent:
         self._force_reauth = False
         self._logged_in = False
         self._apply_failed = False
+        self._ipv6: bool | None = None  # learnt at the first address or route change
         self._kick = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -305,6 +156,7 @@ class MeshAgent:
 
     async def run(self) -> None:
         """Until stop(): the control loop and the ticker."""
+        self._loop = asyncio.get_running_loop()
         self.endpoints = await self._discover_endpoints()
         if self.persisted.addresses and self.persisted.want_running:
             # Restarting with a known identity: take our addresses before coord answers.
@@ -326,6 +178,21 @@ class MeshAgent:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def report_paths(self, endpoints: tuple[str, ...], home_relay: int | None) -> None:
+        """Path selection found new endpoints or a new home relay: tell coord (any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def update() -> None:
+            try:
+                await self.client.update(self.keys.node_public, endpoints=endpoints, home_relay=home_relay)
+                log.info("reported endpoints=%s home_region=%s", ",".join(endpoints), home_relay)
+            except Exception as exc:
+                log.info("report_failed error=%r", str(exc))
+
+        loop.call_soon_threadsafe(lambda: loop.create_task(update()))
 
     # ---- control
 
@@ -484,9 +351,9 @@ class MeshAgent:
         """Bring the Engine in line with the current netmap (only what changed is touched)."""
         now = self.clock()
         chosen: Mapping[str, Hashable] | None = None
-        if self.peer_endpoints is not None and self.netmap is not None:
+        if self.paths is not None and self.netmap is not None:
             usable = [p for p in self.netmap.peers if peer_usable(p, now)]
-            chosen = self.peer_endpoints(usable)
+            chosen = self.paths.peer_endpoints(self.netmap, usable)
         wanted = plan(
             self.netmap,
             now,
@@ -512,7 +379,7 @@ class MeshAgent:
             if wanted.addresses and wanted.addresses != old.addresses:
                 self._set_addresses(wanted.addresses)
             if wanted.routes != old.routes:
-                self.engine.set_routes(wanted.routes)
+                self.engine.set_routes(self._families(wanted.routes))
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"applying the netmap failed: {exc}"
             log.error("apply_failed error=%r", str(exc))
@@ -525,19 +392,28 @@ class MeshAgent:
         if wanted.peers != old.peers:
             log.info("peers_configured count=%d routes=%s", len(wanted.peers), ",".join(wanted.routes))
 
+    def _families(self, prefixes: Iterable[str]) -> tuple[str, ...]:
+        """`prefixes` less the IPv6 ones when this host has IPv6 turned off (said once)."""
+        prefixes = tuple(prefixes)
+        if self._ipv6 is None:
+            self._ipv6 = hostnet.ipv6_enabled(self.config.tun)
+            if not self._ipv6:
+                log.warning("ipv6_unavailable interface=%s action=ipv4_only", self.config.tun)
+        if self._ipv6:
+            return prefixes
+        return tuple(p for p in prefixes if ":" not in p)
+
     def _set_addresses(self, addresses: Iterable[str]) -> None:
         try:
-            self.engine.set_addresses(tuple(addresses))
+            self.engine.set_addresses(self._families(addresses))
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"setting addresses failed: {exc}"
             log.error("addresses_failed error=%r", str(exc))
 
     def _install_filter(self, packet_filter: tuple[Mapping[str, Any], ...]) -> None:
         if not packet_filter:
-            # No policy: allow all, and keep the packet path free of per-packet hooks.
-            self.filter.set_rules((), allow_all=True)
-            self.engine.inbound_filter = None
-            self.engine.outbound_hook = None
+            self.engine.set_filter_rules((), allow_all=True)
+            log.info("packet_filter_installed rules=0 allow_all=true")
             return
         try:
             rules = [FilterRule.from_dict(dict(rule)) for rule in packet_filter]
@@ -546,11 +422,7 @@ class MeshAgent:
             self.filter_errors += 1
             log.error("packet_filter_invalid error=%r action=deny_new_inbound", str(exc))
             rules = []
-        self.filter.set_rules(rules, allow_all=False)
-        inbound, outbound = self.filter.hooks()
-        # Outbound first, so no reply to a flow we open is judged before it is noted.
-        self.engine.outbound_hook = outbound
-        self.engine.inbound_filter = inbound
+        self.engine.set_filter_rules(rules, allow_all=False)
         log.info("packet_filter_installed rules=%d", len(rules))
 
     def _save(self) -> None:
@@ -668,12 +540,6 @@ class MeshAgent:
         log.info("up")
         return self.status()
 
-    async def up_with_auth_key(self, auth_key: str) -> dict[str, Any]:
-        return await self.up(auth_key)
-
-    async def up_with_tags(self, auth_key: str, advertise_tags: Sequence[str]) -> dict[str, Any]:
-        return await self.up(auth_key, advertise_tags)
-
     async def up_force_reauth(self) -> dict[str, Any]:
         """Sign in again at the identity provider (`wiremesh up --force-reauth`): the node keeps
         working meanwhile; status shows the login URL until the user has signed in."""
@@ -740,235 +606,3 @@ def _default_hostname() -> str:
     name = socket.gethostname().split(".")[0].lower()
     cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-")
     return cleaned[:63] or "node"
-
-
-class MeshCollector:
-    """Scrape-time metrics of the controller and the packet filter (nothing on the packet path)."""
-
-    def __init__(self, agent: MeshAgent) -> None:
-        self.agent = agent
-
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        agent = self.agent
-        drops = CounterMetricFamily(
-            "wiremesh_filter_drops", "Inbound packets the ACL packet filter dropped", labels=["reason"]
-        )
-        for reason, count in agent.filter.drops.items():
-            drops.add_metric([reason], count)
-        yield drops
-        yield CounterMetricFamily(
-            "wiremesh_filter_accepted",
-            "Inbound packets the ACL packet filter let through",
-            value=agent.filter.accepted,
-        )
-        yield GaugeMetricFamily(
-            "wiremesh_filter_rules", "Packet-filter rules in force", value=len(agent.filter.rules)
-        )
-        yield GaugeMetricFamily(
-            "wiremesh_filter_flows", "Flows tracked for replies", value=agent.filter.flow_count
-        )
-        yield CounterMetricFamily(
-            "wiremesh_netmaps_received", "Netmaps (full or delta) applied", value=agent.netmaps_received
-        )
-        yield GaugeMetricFamily(
-            "wiremesh_mesh_peers", "WireGuard peers configured", value=len(agent.applied.peers)
-        )
-        state = GaugeMetricFamily("wiremesh_backend_state", "1 for the current state", labels=["state"])
-        for member in BackendState:
-            state.add_metric([str(member)], 1.0 if agent.backend_state is member else 0.0)
-        yield state
-
-
-# ----------------------------------------------------------------------------- wiremeshd mesh mode
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("mesh mode", "join a mesh through a coordination server")
-    group.add_argument("--login-server", metavar="URL", help="coord's URL, e.g. http://coord:8080")
-    group.add_argument(
-        "--auth-key",
-        metavar="KEY",
-        default=None,
-        help="pre-auth key for the first login; 'file:PATH' reads it from a file; "
-        "default: $WIREMESH_AUTH_KEY (keeps it out of ps)",
-    )
-    group.add_argument(
-        "--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR, help="keys and state (default %(default)s)"
-    )
-    group.add_argument("--hostname", metavar="NAME", default="", help="name to register (default: host name)")
-    group.add_argument(
-        "--advertise-routes", metavar="P1,P2", default="", help="subnets to offer the mesh (need approval)"
-    )
-    group.add_argument(
-        "--accept-routes",
-        action="store_true",
-        help="route the subnets other nodes advertise (and an admin approved) into the mesh;"
-        " off by default, as in Tailscale: the host's own routes always win over them",
-    )
-    group.add_argument(
-        "--snat-subnet-routes",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="as a subnet router, masquerade forwarded traffic: the subnet sees this node's"
-        " address on it and peers see its mesh address (default on; --no-snat-subnet-routes"
-        " keeps source addresses)",
-    )
-    group.add_argument(
-        "--advertise-tags",
-        metavar="TAG1,TAG2",
-        default="",
-        help="tags to ask coord for (tag:name); granted when this node's user owns them in the"
-        " policy's tagOwners, refused ones show in `wiremesh status`",
-    )
-    group.add_argument("--listen-port", metavar="N", type=int, default=0, help="UDP port (default: any)")
-    group.add_argument(
-        "--socket", metavar="PATH", default="", help=f"local API socket (default DIR/{SOCKET_NAME})"
-    )
-    group.add_argument("--mtu", type=int, default=DEFAULT_MESH_MTU, help="TUN MTU (default %(default)s)")
-
-
-def selected(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "login_server", None))
-
-
-def read_auth_key(value: str | None) -> str:
-    """--auth-key KEY | file:PATH, else $WIREMESH_AUTH_KEY; ValueError with the reason."""
-    if value is None:
-        value = os.environ.get("WIREMESH_AUTH_KEY", "")
-    if value.startswith("file:"):
-        path = pathlib.Path(value[5:])
-        try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_AUTH_KEY_BYTES + 1)
-        except OSError as exc:
-            raise ValueError(f"cannot read the auth key from {path}: {exc.strerror}") from None
-        value = raw.decode(errors="replace")
-    value = value.strip()
-    if len(value) > MAX_AUTH_KEY_BYTES:
-        raise ValueError(f"auth key longer than {MAX_AUTH_KEY_BYTES} bytes")
-    return value
-
-
-def config_from_args(args: argparse.Namespace) -> MeshConfig:
-    """ValueError with a clear reason for anything malformed."""
-    url = str(args.login_server).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--login-server must be an http:// or https:// URL, got {url!r}")
-    routes = tuple(r.strip() for r in str(args.advertise_routes).split(",") if r.strip())
-    for route in routes:
-        netconf.parse_prefix(route)
-    try:
-        tags = check_tags([t.strip() for t in str(args.advertise_tags).split(",") if t.strip()])
-    except ControlError as exc:
-        raise ValueError(f"--advertise-tags: {exc}") from None
-    if not 0 <= args.listen_port < 65536:
-        raise ValueError(f"--listen-port must be 0..65535, got {args.listen_port}")
-    if not 1280 <= args.mtu <= 65535:
-        raise ValueError(f"--mtu must be 1280..65535, got {args.mtu}")
-    state_dir = str(args.state_dir)
-    return MeshConfig(
-        login_server=url,
-        state_dir=state_dir,
-        tun=args.tun,
-        auth_key=read_auth_key(args.auth_key),
-        hostname=args.hostname,
-        advertise_routes=tuple(str(netconf.parse_prefix(r)) for r in routes),
-        advertise_tags=tags,
-        accept_routes=bool(args.accept_routes),
-        snat_subnet_routes=bool(args.snat_subnet_routes),
-        listen_port=args.listen_port,
-        socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
-        mtu=args.mtu,
-        metrics_listen=args.metrics_listen,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """wiremeshd in mesh mode; returns the exit code."""
-    from prometheus_client import CollectorRegistry
-
-    from wiremesh.agent import metrics
-    from wiremesh.agent.engine import Engine
-
-    try:
-        config = config_from_args(args)
-        state_dir = StateDir(config.state_dir)
-        keys = state_dir.load_or_create_keys()
-        state_dir.load()
-    except (ValueError, StateError, OSError) as exc:
-        log.error("config_invalid error=%r", str(exc))
-        return EXIT_CONFIG
-    if not config.auth_key and state_dir.load().node_id is None:
-        log.warning(
-            "no_auth_key hint=first login needs --auth-key, file:PATH or $WIREMESH_AUTH_KEY, unless coord"
-            " offers OIDC login: then a login_url is logged and `wiremesh up` shows it"
-        )
-    registry = CollectorRegistry()
-    engine = Engine(keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu, metrics=registry)
-    server = None
-    routing_subnets = False
-    try:
-        engine.start()
-        if config.advertise_routes:
-            routing_subnets = _start_subnet_router(config)
-        if config.metrics_listen:
-            server = metrics.serve(registry, config.metrics_listen)
-        return asyncio.run(_serve(config, state_dir, keys, engine, registry))
-    except (OSError, netconf.NetconfError, ValueError) as exc:
-        log.error("startup_failed interface=%s error=%r", config.tun, str(exc))
-        return EXIT_RUNTIME
-    finally:
-        if server is not None:
-            server.shutdown()
-        engine.stop()
-        if routing_subnets:
-            with contextlib.suppress(subnetrouter.SubnetRouterError):
-                subnetrouter.remove(config.tun)
-
-
-def _start_subnet_router(config: MeshConfig) -> bool:
-    """Masquerade and MSS clamping for the subnets we advertise; a failure is logged, not fatal
-    (the mesh itself still works, forwarding may not)."""
-    forwarding = subnetrouter.forwarding_enabled()
-    if not forwarding["ipv4"]:
-        log.warning("ip_forwarding_off family=ipv4 hint=sysctl -w net.ipv4.ip_forward=1 to route subnets")
-    try:
-        subnetrouter.install(config.tun, config.mtu, snat=config.snat_subnet_routes)
-    except subnetrouter.SubnetRouterError as exc:
-        log.error("subnet_router_rules_failed error=%r", str(exc))
-        return False
-    return True
-
-
-async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
-    from wiremesh.agent import metrics
-    from wiremesh.agent.localapi import LocalAPIServer
-    from wiremesh.agent.magicsock import attach_to_mesh
-
-    # magicsock (NAT traversal, relays) takes over peers' paths once coord sends a relay map.
-    magicsock = attach_to_mesh(engine, keys.node, keys.disco)
-    agent = MeshAgent(config, state_dir, keys, engine, endpoints=magicsock.endpoint_strings)
-    magicsock.bind(agent)
-    registry.register(MeshCollector(agent))
-    registry.register(metrics.MagicsockCollector(magicsock.magicsock))
-    api = LocalAPIServer(magicsock.local_api_backend(agent), config.socket_path)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
-    await api.start()
-    log.info(
-        "ready mode=mesh interface=%s listen_port=%d socket=%s login_server=%s",
-        config.tun,
-        engine.listen_port,
-        config.socket_path,
-        config.login_server,
-    )
-    try:
-        await agent.run()
-    finally:
-        await api.close()
-        magicsock.magicsock.stop()
-    log.info("shutting_down")
-    return 0

@@ -1,0 +1,7 @@
+"""Mesh mode: the agent joins a mesh through coord.
+
+plan.py (pure: netmap + now -> what the Engine should look like), controller.py (MeshAgent: login,
+netmap stream, applying plans, the local API's requests), binding.py (magicsock as the
+controller's path selection, and the local API backend), metrics.py, cli.py (wiremeshd's mesh
+arguments and process).
+"""

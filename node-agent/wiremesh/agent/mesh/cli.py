@@ -1,0 +1,242 @@
+"""wiremeshd in mesh mode: its arguments, and the process that runs the Engine, magicsock,
+the controller, the local API and metrics.
+
+    wiremeshd --login-server URL --auth-key KEY --state-dir DIR --tun IFNAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import signal
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from wiremesh.agent import hostnet, metrics, netconf, subnetrouter
+from wiremesh.agent.engine import Engine, resolve_workers
+from wiremesh.agent.localapi import LocalAPIServer
+from wiremesh.agent.magicsock import MagicSock
+from wiremesh.agent.mesh.binding import MagicsockPaths, MeshAPI
+from wiremesh.agent.mesh.controller import MAX_AUTH_KEY_BYTES, MeshAgent, MeshConfig
+from wiremesh.agent.mesh.metrics import MeshCollector
+from wiremesh.agent.state import Keys, StateDir, StateError
+from wiremesh.core.control.channel import ControlError
+from wiremesh.core.control.messages import check_tags
+from wiremesh.core.disco import DiscoKey
+
+log = logging.getLogger("wiremesh.agent.mesh")
+
+DEFAULT_STATE_DIR = "/var/lib/wiremesh"
+SOCKET_NAME = "wiremeshd.sock"
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mesh mode", "join a mesh through a coordination server")
+    group.add_argument("--login-server", metavar="URL", help="coord's URL, e.g. http://coord:8080")
+    group.add_argument(
+        "--auth-key",
+        metavar="KEY",
+        default=None,
+        help="pre-auth key for the first login; 'file:PATH' reads it from a file; "
+        "default: $WIREMESH_AUTH_KEY (keeps it out of ps)",
+    )
+    group.add_argument(
+        "--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR, help="keys and state (default %(default)s)"
+    )
+    group.add_argument("--hostname", metavar="NAME", default="", help="name to register (default: host name)")
+    group.add_argument(
+        "--advertise-routes", metavar="P1,P2", default="", help="subnets to offer the mesh (need approval)"
+    )
+    group.add_argument(
+        "--accept-routes",
+        action="store_true",
+        help="route the subnets other nodes advertise (and an admin approved) into the mesh;"
+        " off by default, as in Tailscale: the host's own routes always win over them",
+    )
+    group.add_argument(
+        "--snat-subnet-routes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="as a subnet router, masquerade forwarded traffic: the subnet sees this node's"
+        " address on it and peers see its mesh address (default on; --no-snat-subnet-routes"
+        " keeps source addresses)",
+    )
+    group.add_argument(
+        "--advertise-tags",
+        metavar="TAG1,TAG2",
+        default="",
+        help="tags to ask coord for (tag:name); granted when this node's user owns them in the"
+        " policy's tagOwners, refused ones show in `wiremesh status`",
+    )
+    group.add_argument("--listen-port", metavar="N", type=int, default=0, help="UDP port (default: any)")
+    group.add_argument(
+        "--socket", metavar="PATH", default="", help=f"local API socket (default DIR/{SOCKET_NAME})"
+    )
+    group.add_argument(
+        "--mtu",
+        default="auto",
+        help="TUN MTU; auto (the default): the default route's link MTU less WireGuard's 80 bytes"
+        " (1420 on a 1500-byte link), at least 1280",
+    )
+
+
+def resolve_mtu(value: str) -> int:
+    """--mtu as a number: "auto" asks the host (hostnet.mesh_mtu); ValueError if out of range."""
+    if value == "auto":
+        try:
+            link = hostnet.default_route_mtu()
+        except Exception:  # netlink unavailable: the conservative default
+            link = None
+        return hostnet.mesh_mtu(link)
+    if not value.isdigit() or not 1280 <= int(value) <= 65535:
+        raise ValueError(f"--mtu must be auto or 1280..65535, got {value!r}")
+    return int(value)
+
+
+def selected(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "login_server", None))
+
+
+def read_auth_key(value: str | None) -> str:
+    """--auth-key KEY | file:PATH, else $WIREMESH_AUTH_KEY; ValueError with the reason."""
+    if value is None:
+        value = os.environ.get("WIREMESH_AUTH_KEY", "")
+    if value.startswith("file:"):
+        path = pathlib.Path(value[5:])
+        try:
+            with path.open("rb") as f:
+                raw = f.read(MAX_AUTH_KEY_BYTES + 1)
+        except OSError as exc:
+            raise ValueError(f"cannot read the auth key from {path}: {exc.strerror}") from None
+        value = raw.decode(errors="replace")
+    value = value.strip()
+    if len(value) > MAX_AUTH_KEY_BYTES:
+        raise ValueError(f"auth key longer than {MAX_AUTH_KEY_BYTES} bytes")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> MeshConfig:
+    """ValueError with a clear reason for anything malformed."""
+    url = str(args.login_server).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--login-server must be an http:// or https:// URL, got {url!r}")
+    routes = tuple(r.strip() for r in str(args.advertise_routes).split(",") if r.strip())
+    for route in routes:
+        netconf.parse_prefix(route)
+    try:
+        tags = check_tags([t.strip() for t in str(args.advertise_tags).split(",") if t.strip()])
+    except ControlError as exc:
+        raise ValueError(f"--advertise-tags: {exc}") from None
+    if not 0 <= args.listen_port < 65536:
+        raise ValueError(f"--listen-port must be 0..65535, got {args.listen_port}")
+    mtu = resolve_mtu(str(args.mtu))
+    state_dir = str(args.state_dir)
+    return MeshConfig(
+        login_server=url,
+        state_dir=state_dir,
+        tun=args.tun,
+        auth_key=read_auth_key(args.auth_key),
+        hostname=args.hostname,
+        advertise_routes=tuple(str(netconf.parse_prefix(r)) for r in routes),
+        advertise_tags=tags,
+        accept_routes=bool(args.accept_routes),
+        snat_subnet_routes=bool(args.snat_subnet_routes),
+        listen_port=args.listen_port,
+        socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
+        mtu=mtu,
+        metrics_listen=args.metrics_listen,
+        workers=resolve_workers(str(getattr(args, "workers", "0"))),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """wiremeshd in mesh mode; returns the exit code."""
+    try:
+        config = config_from_args(args)
+        state_dir = StateDir(config.state_dir)
+        keys = state_dir.load_or_create_keys()
+        state_dir.load()
+    except (ValueError, StateError, OSError) as exc:
+        log.error("config_invalid error=%r", str(exc))
+        return EXIT_CONFIG
+    if not config.auth_key and state_dir.load().node_id is None:
+        log.warning(
+            "no_auth_key hint=first login needs --auth-key, file:PATH or $WIREMESH_AUTH_KEY, unless coord"
+            " offers OIDC login: then a login_url is logged and `wiremesh up` shows it"
+        )
+    registry = CollectorRegistry()
+    engine = Engine(
+        keys.node, config.tun, listen_port=config.listen_port, mtu=config.mtu, workers=config.workers
+    )
+    registry.register(metrics.EngineCollector(engine))
+    server = None
+    routing_subnets = False
+    try:
+        engine.start()
+        if config.advertise_routes:
+            routing_subnets = _start_subnet_router(config)
+        if config.metrics_listen:
+            server = metrics.serve(registry, config.metrics_listen)
+        return asyncio.run(_serve(config, state_dir, keys, engine, registry))
+    except (OSError, netconf.NetconfError, ValueError) as exc:
+        log.error("startup_failed interface=%s error=%r", config.tun, str(exc))
+        return EXIT_RUNTIME
+    finally:
+        if server is not None:
+            server.shutdown()
+        engine.stop()
+        if routing_subnets:
+            with contextlib.suppress(subnetrouter.SubnetRouterError):
+                subnetrouter.remove(config.tun)
+
+
+def _start_subnet_router(config: MeshConfig) -> bool:
+    """Masquerade and MSS clamping for the subnets we advertise; a failure is logged, not fatal
+    (the mesh itself still works, forwarding may not)."""
+    forwarding = subnetrouter.forwarding_enabled()
+    if not forwarding["ipv4"]:
+        log.warning("ip_forwarding_off family=ipv4 hint=sysctl -w net.ipv4.ip_forward=1 to route subnets")
+    try:
+        subnetrouter.install(config.tun, config.mtu, snat=config.snat_subnet_routes)
+    except subnetrouter.SubnetRouterError as exc:
+        log.error("subnet_router_rules_failed error=%r", str(exc))
+        return False
+    return True
+
+
+async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
+    # magicsock (NAT traversal, relays) takes over peers' paths once coord sends a relay map.
+    magicsock = MagicSock(engine, keys.node, None, disco_key=DiscoKey(keys.disco))
+    engine.paths = magicsock
+    magicsock.start(timeout=0)
+    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock))
+    magicsock.on_change = agent.report_paths
+    registry.register(MeshCollector(agent))
+    registry.register(metrics.MagicsockCollector(magicsock))
+    api = LocalAPIServer(MeshAPI(agent, magicsock), config.socket_path)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    await api.start()
+    log.info(
+        "ready mode=mesh interface=%s listen_port=%d socket=%s login_server=%s",
+        config.tun,
+        engine.listen_port,
+        config.socket_path,
+        config.login_server,
+    )
+    try:
+        await agent.run()
+    finally:
+        await api.close()
+        magicsock.stop()
+    log.info("shutting_down")
+    return 0
