@@ -36,7 +36,12 @@ from wiremesh.core.busauth import BusAccess
 from wiremesh.core.derp import frames
 from wiremesh.core.logs import setup_logging
 from wiremesh.derp.keyauth import KeyAuthority
-from wiremesh.derp.relay import Relay, RelayConfig
+from wiremesh.derp.relay import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_RATE_BYTES_PER_SECOND,
+    Relay,
+    RelayConfig,
+)
 
 log = logging.getLogger("wiremesh.derp")
 
@@ -174,6 +179,8 @@ class DerpService:
             max_queue_bytes=args.max_queue_bytes,
             keepalive_interval=args.keepalive,
             idle_timeout=args.idle_timeout or None,
+            require_challenge=not args.allow_unchallenged_clients,
+            max_connections_per_ip=args.max_connections_per_ip,
         )
         self.relay = Relay(self.key, self.authority, config)
         self.registry = CollectorRegistry()
@@ -379,9 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-allow-all", action="store_true", help="accept ANY node key (comparison benchmarks only)"
     )
     p.add_argument(
-        "--rate-bytes-per-second", type=int, default=0, help="per-client receive rate limit (0 = off)"
+        "--rate-bytes-per-second",
+        type=int,
+        default=DEFAULT_RATE_BYTES_PER_SECOND,
+        help="per-client receive rate limit (default %(default)s, 100 Mbit/s; 0 = off)",
     )
     p.add_argument("--rate-burst", type=int, default=0, help="token bucket burst in bytes (default = rate)")
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP,
+        help="open connections one source address may hold (default %(default)s; 0 = no cap)",
+    )
+    p.add_argument(
+        "--allow-unchallenged-clients",
+        action="store_true",
+        help="admit clients that do not answer the relay's handshake challenge (Tailscale's own DERP "
+        "client, e.g. the bench load generator); their captured ClientInfo can be replayed",
+    )
     p.add_argument("--max-queue-bytes", type=int, default=1 << 20, help="per-client send queue bound")
     p.add_argument("--keepalive", type=float, default=60.0, help="seconds between keepalives/pings")
     p.add_argument(
