@@ -14,6 +14,11 @@ Three layers:
 
 The auth key is only offered until the first successful login of the process: a node that coord
 later deletes or expires stays cut off (NeedsLogin) instead of silently re-registering.
+
+Coord's key is pinned (`coord_pin`): `--coord-key`, else the one state.json kept from the first
+successful login, else the fingerprint the pre-auth key carries; learning it from `GET /key` with
+nothing to check it against is allowed over https:// (TLS vouches for the server) or with
+`--insecure-learn-coord-key` (a lab), and refused over plain http://.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from wiremesh.agent.control import (
 )
 from wiremesh.agent.state import Keys, Persisted, StateDir, StateError
 from wiremesh.core import crypto
+from wiremesh.core.control import coordkey
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.netmap import NetworkMap, Node
@@ -251,6 +257,34 @@ class MeshConfig:
     socket_path: str = ""
     mtu: int = DEFAULT_MESH_MTU
     metrics_listen: str | None = None
+    coord_key: str = ""  # --coord-key: coord's control key, pinned
+    insecure_learn_coord_key: bool = False  # lab only: learn it over plain http://
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CoordPin:
+    key: bytes | None  # pinned: every request is sealed to it
+    fingerprint: str | None  # from the pre-auth key: the key from GET /key must match it
+
+
+def coord_pin(config: MeshConfig, persisted: Persisted) -> CoordPin:
+    """How this agent knows coord's key; ValueError (with what to do) if it would have to trust
+    plain HTTP for it."""
+    if config.coord_key:
+        return CoordPin(crypto.decode_key(config.coord_key), None)
+    if persisted.coord_key:
+        return CoordPin(crypto.decode_key(persisted.coord_key), None)
+    _secret, fingerprint = coordkey.split_auth_key(config.auth_key)
+    if fingerprint is not None:
+        return CoordPin(None, fingerprint)
+    if config.login_server.startswith("https://") or config.insecure_learn_coord_key:
+        return CoordPin(None, None)
+    raise ValueError(
+        f"coord's key is not pinned and {config.login_server} is plain http://, where anyone on the path "
+        "could pose as coord: give --coord-key KEY (from `wiremesh admin coord-key` or coord's GET /key "
+        "read over a trusted path), or an auth key created by this coord (it carries the key's "
+        "fingerprint), or use https://; in a lab, --insecure-learn-coord-key"
+    )
 
 
 class MeshAgent:
@@ -273,7 +307,15 @@ class MeshAgent:
         self.engine = engine
         self.clock = clock
         self.persisted = state_dir.load()
-        self.client = client or ControlClient(config.login_server, keys.machine)
+        if client is None:
+            pin = coord_pin(config, self.persisted)
+            client = ControlClient(
+                config.login_server,
+                keys.machine,
+                server_public_key=pin.key,
+                server_key_fingerprint=pin.fingerprint,
+            )
+        self.client = client
         self.backend_state = BackendState.STARTING
         self.netmap: NetworkMap | None = None
         self.applied = Plan()
@@ -343,12 +385,15 @@ class MeshAgent:
         self.refused_tags, self.tags_error = result.refused_tags, result.tags_error
         if result.refused_tags:
             log.warning("tags_refused tags=%s reason=%r", ",".join(result.refused_tags), result.tags_error)
+        server_key = self.client.server_public_key
         self.persisted = dataclasses.replace(
             self.persisted,
             login_server=self.config.login_server,
             node_id=result.node_id,
             name=result.name,
             addresses=tuple(result.addresses),
+            # Pinned from now on: the key this login was sealed to and answered under.
+            coord_key=crypto.encode_key(server_key) if server_key else self.persisted.coord_key,
         )
         self._save()
         log.info(
@@ -749,6 +794,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mesh mode", "join a mesh through a coordination server")
     group.add_argument("--login-server", metavar="URL", help="coord's URL, e.g. http://coord:8080")
     group.add_argument(
+        "--coord-key",
+        metavar="KEY",
+        default=os.environ.get("WIREMESH_COORD_KEY", ""),
+        help="coord's control public key, pinned (`wiremesh admin coord-key` prints it; default "
+        "$WIREMESH_COORD_KEY). Not needed with an auth key from `wiremesh admin authkeys create` (it "
+        "carries the key's fingerprint) or once joined (state.json keeps the key of the first login); "
+        "give it to accept a coord whose key was replaced",
+    )
+    group.add_argument(
+        "--insecure-learn-coord-key",
+        action="store_true",
+        help="LAB ONLY: over plain http://, trust whatever key the login server presents at the first "
+        "login (anyone on the path could pose as coord)",
+    )
+    group.add_argument(
         "--auth-key",
         metavar="KEY",
         default=None,
@@ -828,6 +888,14 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         raise ValueError(f"--listen-port must be 0..65535, got {args.listen_port}")
     if not 1280 <= args.mtu <= 65535:
         raise ValueError(f"--mtu must be 1280..65535, got {args.mtu}")
+    coord_key = str(args.coord_key or "").strip()
+    if coord_key:
+        try:
+            crypto.decode_key(coord_key)
+        except ValueError:
+            raise ValueError(
+                f"--coord-key is not a key (want 44 base64 characters): {coord_key[:60]!r}"
+            ) from None
     state_dir = str(args.state_dir)
     return MeshConfig(
         login_server=url,
@@ -843,6 +911,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=args.mtu,
         metrics_listen=args.metrics_listen,
+        coord_key=coord_key,
+        insecure_learn_coord_key=bool(args.insecure_learn_coord_key),
     )
 
 
@@ -857,7 +927,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         state_dir = StateDir(config.state_dir)
         keys = state_dir.load_or_create_keys()
-        state_dir.load()
+        coord_pin(config, state_dir.load())
     except (ValueError, StateError, OSError) as exc:
         log.error("config_invalid error=%r", str(exc))
         return EXIT_CONFIG

@@ -34,9 +34,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wiremesh.coord import policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
+from wiremesh.coord.limits import DEFAULT_BURST, DEFAULT_RATE, AgentRateLimit, SourceLimits
 from wiremesh.core import bus, crypto, logs
+from wiremesh.core.control import coordkey, service
 from wiremesh.core.control import messages as cm
-from wiremesh.core.control import service
 from wiremesh.core.control.channel import MAX_REQUEST_BYTES, PROLOGUE, PROTOCOL, ControlError, ServerCall
 
 log = logging.getLogger("wiremesh.coord")
@@ -143,12 +144,12 @@ class MapStreams:
         try:
             body = await service.read_body(Request(scope, receive), MAX_REQUEST_BYTES)
             call = await self.coord.open_call(body)
+            status, reply, stream = await self.coord.open_stream(call)
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         except ControlError as exc:
             response = JSONResponse({"detail": str(exc)}, status_code=exc.status)
         else:
-            status, reply, stream = await self.coord.open_stream(call)
             first = call.respond(cm.encode(reply))
             if stream is None:
                 response = Response(first, status_code=status, media_type=FRAMES)
@@ -202,6 +203,11 @@ def create_app(coord: Coordinator) -> FastAPI:
     app = FastAPI(title="wiremesh-coord", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=MAX_ADMIN_BODY)
     app.add_middleware(MapStreams, coord=coord)  # POST /machine/map, see MapStreams
+    app.add_middleware(  # outermost: refused before anything else is spent on the request
+        AgentRateLimit,
+        limits=SourceLimits(coord.config.agent_rate, coord.config.agent_burst),
+        on_refused=lambda: coord.refused.labels("rate_limited").inc(),
+    )
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -297,6 +303,14 @@ def create_app(coord: Coordinator) -> FastAPI:
         return checked
 
     policy_store.add_routes(app, coord, guarded, api)  # GET/PUT/DELETE /api/v1/policy
+
+    @app.get(f"{api}/key", dependencies=guarded)
+    async def admin_key_view() -> dict[str, str]:
+        """Coord's control key as the admin API vouches for it (wiremeshd --coord-key)."""
+        return {
+            "public_key": crypto.encode_key(coord.public_key),
+            "fingerprint": coordkey.fingerprint(coord.public_key),
+        }
 
     @app.get(f"{api}/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:
@@ -402,7 +416,8 @@ def create_app(coord: Coordinator) -> FastAPI:
         if reply.error or reply.key is None:
             raise HTTPException(400, reply.error or "no key created")
         out = key_json(reply.key)
-        out["key"] = reply.secret
+        # Agents joining with it pin coord's key by this fingerprint (wiremesh.core.control.coordkey).
+        out["key"] = coordkey.with_fingerprint(reply.secret, coord.public_key)
         return out
 
     @app.get(f"{api}/authkeys", dependencies=guarded)
@@ -468,6 +483,20 @@ def main(argv: list[str] | None = None) -> None:
         help="do not announce accepted agent handshakes on NATS (the shared database still refuses "
         "every replay; announcements only let other replicas refuse one from memory)",
     )
+    parser.add_argument(
+        "--agent-rate-limit",
+        type=float,
+        default=_env("AGENT_RATE_LIMIT", DEFAULT_RATE),
+        help="agent requests per second one source address may make, sustained (default %(default)s; "
+        "0 turns the limit off); behind a proxy, the source is its X-Forwarded-For when the proxy is "
+        "trusted (--forwarded-allow-ips)",
+    )
+    parser.add_argument(
+        "--agent-rate-burst",
+        type=float,
+        default=_env("AGENT_RATE_BURST", DEFAULT_BURST),
+        help="agent requests one source address may make at once (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "coord")
     logs.setup_logging(settings.log_level, settings.log_json)
@@ -483,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
         control_key_file=args.control_key_file,
         derp_map_file=args.derp_map,
         share_handshakes=not args.no_handshake_sharing,
+        agent_rate=args.agent_rate_limit,
+        agent_burst=args.agent_rate_burst,
     )
     coord = Coordinator(config)
     service.serve(create_app(coord), settings, on_exit=coord.begin_shutdown)

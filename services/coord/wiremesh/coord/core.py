@@ -25,18 +25,21 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.exc import IntegrityError
 
-from wiremesh.coord import store
+from wiremesh.coord import limits, store
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
 from wiremesh.core.busauth import BusAccess
+from wiremesh.core.control import coordkey, service
 from wiremesh.core.control import messages as cm
-from wiremesh.core.control import service
 from wiremesh.core.control.channel import ControlError, HandshakeRefused, ReplayGuard, ServerCall
 
 log = logging.getLogger("wiremesh.coord")
 # How long past its own freshness window a handshake's row is kept: replicas' clocks may disagree
 # by this much, and one whose clock runs behind still finds the handshake fresh.
 HANDSHAKE_CLOCK_MARGIN = 60.0
+# Open netmap streams one node may hold on a replica; a newer one closes the oldest. One is what an
+# agent needs; the second covers a reconnect whose old stream coord has not noticed gone yet.
+MAX_STREAMS_PER_NODE = 2
 MIGRATIONS = str(pathlib.Path(__file__).parent / "migrations")
 VERSION_TABLE = "coord_alembic_version"
 T = TypeVar("T")
@@ -58,6 +61,12 @@ class CoordConfig:
     # Announce accepted handshakes on NATS so other replicas refuse a replay from memory; the
     # database refuses it either way (off only to test exactly that).
     share_handshakes: bool = True
+    agent_rate: float = limits.DEFAULT_RATE  # agent requests per second per source address; 0: off
+    agent_burst: float = limits.DEFAULT_BURST
+
+
+class ClaimRefused(ControlError):
+    """The request's handshake could not be claimed (a replay, or no database): answered as is."""
 
 
 class Stream:
@@ -72,11 +81,15 @@ class Stream:
         "full",
         "keepalive",
         "node_id",
+        "opened",
         "self_dirty",
         "wake",
     )
+    _opened = 0
 
     def __init__(self, node_id: int, call: ServerCall, keepalive: float) -> None:
+        Stream._opened += 1
+        self.opened = Stream._opened  # order of opening, to find a node's oldest stream
         self.node_id = node_id
         self.call = call
         self.keepalive = keepalive
@@ -305,29 +318,39 @@ class Coordinator:
     # agent requests ----------------------------------------------------------------------
 
     async def open_call(self, body: bytes) -> ServerCall:
-        """The request's handshake, accepted by exactly one replica, or ControlError (403 and why).
+        """The request's handshake, decrypted and fresh, or ControlError (403 and why).
 
         This replica's memory refuses a stale handshake or one it saw already (or heard of over
-        NATS) without a database write; the shared database then decides races between replicas.
+        NATS); nothing is written. Each handler then claims the handshake (`claim`) once the caller
+        is known (its machine key is registered, or it presented a valid auth key) and before it
+        acts: so a stranger's requests cost no database write, and the shared database still
+        decides, exactly, races between replicas over every request that changes anything.
         """
         try:
-            call = ServerCall(self.private_key, body, self.clock(), self.guard)
-            await self._record_handshake(call)
-            if self.config.share_handshakes and self.nc is not None and self.nc.is_connected:
-                # Other replicas learn this handshake too, so a replay sent to them is refused
-                # from memory, before it costs them a database write.
-                task = asyncio.get_running_loop().create_task(
-                    self.nc.publish(bus.HANDSHAKE_SEEN, call.ephemeral)
-                )
-                self._announcements.add(task)
-                task.add_done_callback(self._announcements.discard)
-            return call
+            return ServerCall(self.private_key, body, self.clock(), self.guard)
         except ControlError as exc:
-            reason = str(exc).split(":")[0].split(" ")[0]
-            self.refused.labels(
-                reason if reason in ("stale", "replayed", "handshake", "malformed", "database") else "other"
-            ).inc()
+            self._count_refusal(exc)
             raise
+
+    def _count_refusal(self, exc: ControlError) -> None:
+        reason = str(exc).split(":")[0].split(" ")[0]
+        self.refused.labels(
+            reason if reason in ("stale", "replayed", "handshake", "malformed", "database") else "other"
+        ).inc()
+
+    async def claim(self, call: ServerCall) -> None:
+        """Claim the handshake for this replica, or ClaimRefused (403 replayed, 503 no database)."""
+        try:
+            await self._record_handshake(call)
+        except ControlError as exc:
+            self._count_refusal(exc)
+            raise ClaimRefused(str(exc), exc.status) from None
+        if self.config.share_handshakes and self.nc is not None and self.nc.is_connected:
+            # Other replicas learn this handshake too, so a replay sent to them is refused
+            # from memory, before it costs them a database write.
+            task = asyncio.get_running_loop().create_task(self.nc.publish(bus.HANDSHAKE_SEEN, call.ephemeral))
+            self._announcements.add(task)
+            task.add_done_callback(self._announcements.discard)
 
     async def _record_handshake(self, call: ServerCall) -> None:
         """Claim the handshake in the shared database before acting on it: a replay that reached
@@ -355,10 +378,18 @@ class Coordinator:
             endpoints = cm.check_endpoints(req.endpoints)
             if len(req.auth_key) > 256:
                 raise ControlError("auth key too long")
+            auth_key, key_fingerprint = coordkey.split_auth_key(req.auth_key)
+            if key_fingerprint is not None and not coordkey.matches(self.public_key, key_fingerprint):
+                raise ControlError(
+                    "this auth key was issued by another coord (its key fingerprint differs)", 401
+                )
+            req = dataclasses.replace(req, auth_key=auth_key)
             requested = cm.check_tags(req.request_tags)
             record, refused, why = await self._login(
                 call, req, node_key, disco_key, hostname, routes, endpoints, requested
             )
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             status = exc.status
             self.logins.labels(f"refused_{status}").inc()
@@ -393,6 +424,20 @@ class Coordinator:
         """The node's record, and the requested tags refused with why."""
         machine_key = crypto.encode_key(call.machine_key)
         existing = await self._db(lambda s: store.node_by_machine_key(s, machine_key))
+        if existing is not None:
+            await self.claim(call)  # a known machine
+        elif not req.auth_key:
+            raise ControlError("unknown machine: an auth key is required to register", 401)
+        else:
+            # A stranger: its auth key is checked (nothing written) before its handshake is claimed.
+            check = await self.keys_request(
+                bus.AUTH_KEY_CONSUME,
+                bus.AuthKeyConsume(secret=req.auth_key, machine_key=machine_key, check_only=True),
+                bus.AuthKeyGrant,
+            )
+            if check.error:
+                raise ControlError(check.error, 401)
+            await self.claim(call)
         now = self.clock()
         if existing is not None and not existing.expired and existing.node_key == node_key:
             tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
@@ -527,6 +572,7 @@ class Coordinator:
         try:
             req = cm.decode(cm.UpdateRequest, call.payload)
             record = await self.authorize(call, req.node_key)
+            await self.claim(call)
             values: dict[str, Any] = {}
             if req.endpoints is not None:
                 values["endpoints"] = cm.check_endpoints(req.endpoints)
@@ -541,6 +587,8 @@ class Coordinator:
             await self._update_node(
                 record, values, "endpoints" if set(values) == {"endpoints"} else "updated"
             )
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             return exc.status, cm.Reply(error=str(exc))
         return 200, cm.Reply()
@@ -559,10 +607,13 @@ class Coordinator:
         try:
             req = cm.decode(cm.LogoutRequest, call.payload)
             record = await self.authorize(call, req.node_key)
+            await self.claim(call)
             if record.ephemeral:
                 await self.delete_node(record.id)
             else:
                 await self.expire_node(record.id)
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             return exc.status, cm.Reply(error=str(exc))
         return 200, cm.Reply()
@@ -571,6 +622,7 @@ class Coordinator:
         try:
             req = cm.decode(cm.MapRequest, call.payload)
             record = await self.authorize(call, req.node_key)
+            await self.claim(call)
             if req.endpoints is not None:
                 record = await self._update_node(
                     record, {"endpoints": cm.check_endpoints(req.endpoints)}, "endpoints"
@@ -579,6 +631,8 @@ class Coordinator:
                 raise ControlError("keepalive must be a number of seconds")
             if self._stopping:
                 raise ControlError("coord is shutting down", 503)
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             return exc.status, cm.Reply(error=str(exc)), None
         stream = Stream(record.id, call, min(max(req.keepalive, 0.5), 60.0))
@@ -586,7 +640,13 @@ class Coordinator:
 
     async def run_stream(self, stream: Stream) -> AsyncIterator[bytes]:
         """Sealed frames for one stream: the full netmap, then deltas, keepalives, a final error."""
-        self.streams.setdefault(stream.node_id, set()).add(stream)
+        streams = self.streams.setdefault(stream.node_id, set())
+        while len(streams) >= MAX_STREAMS_PER_NODE:
+            oldest = min(streams, key=lambda s: s.opened)
+            streams.discard(oldest)
+            oldest.close("superseded by a newer netmap stream of this node", 409)
+            self.refused.labels("streams").inc()
+        streams.add(stream)
         try:
             await self._set_online(stream.node_id, True)
             yield stream.call.seal_frame(self.full_netmap(stream.node_id))
@@ -620,10 +680,10 @@ class Coordinator:
                 )
                 self.frames.labels("error").inc()
         finally:
-            streams = self.streams.get(stream.node_id)
-            if streams is not None:
-                streams.discard(stream)
-                if not streams:
+            remaining = self.streams.get(stream.node_id)
+            if remaining is not None:
+                remaining.discard(stream)
+                if not remaining:
                     del self.streams[stream.node_id]
                     if not self._stopping and self.mesh.get(stream.node_id) is not None:
                         await self._set_online(stream.node_id, False)

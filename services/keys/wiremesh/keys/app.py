@@ -167,7 +167,10 @@ class KeysService:
             now = self.clock()
 
             def consume(session: Any) -> bus.AuthKeyGrant:
-                row = store.consume_auth_key(session, req.secret, now)
+                if req.check_only:
+                    row = store.check_auth_key(session, req.secret, now)
+                else:
+                    row = store.consume_auth_key(session, req.secret, now)
                 return bus.AuthKeyGrant(
                     auth_key_id=row.id, user=row.user, tags=tuple(row.tags), ephemeral=row.ephemeral
                 )
@@ -177,6 +180,8 @@ class KeysService:
             await self._reply(msg, bus.AuthKeyGrant(error=str(exc)))
             return
         await self._reply(msg, grant)
+        if req.check_only:
+            return
         await self._publish(
             bus.AUTH_KEY_CHANGED, bus.AuthKeyEvent(auth_key_id=grant.auth_key_id, action="used")
         )
