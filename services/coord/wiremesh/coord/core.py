@@ -14,7 +14,9 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -63,6 +65,28 @@ class CoordConfig:
     share_handshakes: bool = True
     agent_rate: float = limits.DEFAULT_RATE  # agent requests per second per source address; 0: off
     agent_burst: float = limits.DEFAULT_BURST
+
+
+def create_private_key_file(path: pathlib.Path) -> None:
+    """A new private key at `path`, 0600 from its first byte and whole when it appears: written to a
+    temporary file created 0600 (whatever the umask), then linked into place, so no reader ever
+    sees it loose or half written, and of two processes racing only one key wins (the other's link
+    fails and it reads the winner's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (crypto.encode_key(crypto.generate_private_key()) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 class ClaimRefused(ControlError):
@@ -203,9 +227,7 @@ class Coordinator:
         if self.config.control_key_file:
             path = pathlib.Path(self.config.control_key_file)
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(crypto.encode_key(crypto.generate_private_key()) + "\n")
-                path.chmod(0o600)
+                create_private_key_file(path)
             return crypto.decode_key(path.read_text())
         # Replicas share one control key through the database, so an agent may reach any of them.
         fresh = crypto.encode_key(crypto.generate_private_key())

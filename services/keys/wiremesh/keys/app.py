@@ -236,7 +236,7 @@ class KeysService:
                 log.exception("node key expiry sweep failed")
 
 
-def create_app(keys: KeysService) -> FastAPI:
+def create_app(keys: KeysService, *, api_docs: bool = False) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await keys.start()
@@ -245,7 +245,8 @@ def create_app(keys: KeysService) -> FastAPI:
         finally:
             await keys.stop()
 
-    app = FastAPI(title="wiremesh-keys", lifespan=lifespan)
+    docs: dict[str, Any] = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="wiremesh-keys", lifespan=lifespan, **docs)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -271,4 +272,4 @@ def main(argv: list[str] | None = None) -> None:
     settings = service.settings_from_args(args, "keys")
     logs.setup_logging(settings.log_level, settings.log_json)
     keys = KeysService(settings.database_url, settings.bus, settings.replica_id)
-    service.serve(create_app(keys), settings)
+    service.serve(create_app(keys, api_docs=settings.api_docs), settings)
