@@ -170,3 +170,19 @@ async def test_a_client_holding_another_coords_fingerprint_refuses_to_talk(contr
             await client.login("n" * 43 + "=", "d" * 43 + "=", "x", auth_key=control_plane.auth_key())
     finally:
         await client.aclose()
+
+
+async def test_a_second_node_cannot_register_another_nodes_disco_key(control_plane):
+    from wiremesh.agent.control import ControlRefused
+
+    first, second = make_agent(control_plane.url, "owner"), make_agent(control_plane.url, "copycat")
+    second.disco_key_private = first.disco_key_private
+    try:
+        await first.login(control_plane.auth_key())
+        with pytest.raises(ControlRefused, match="disco key already in use") as refused:
+            await second.login(control_plane.auth_key())
+        assert refused.value.status == 409
+        await first.login()  # the owner logs in again with its own disco key: still fine
+    finally:
+        await first.close()
+        await second.close()

@@ -460,6 +460,10 @@ class Coordinator:
             if check.error:
                 raise ControlError(check.error, 401)
             await self.claim(call)
+        # Peers find a node's disco messages by its disco key: two nodes must never share one.
+        holder = await self._db(lambda s: store.node_id_by_disco_key(s, disco_key))
+        if holder is not None and (existing is None or holder != existing.id):
+            raise ControlError("disco key already in use by another node: generate a new one", 409)
         now = self.clock()
         if existing is not None and not existing.expired and existing.node_key == node_key:
             tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested)
