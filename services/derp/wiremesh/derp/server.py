@@ -127,6 +127,11 @@ class RelayCollector:
                 "Other replicas of the region whose presence lease is current",
                 value=len(table.peers),
             )
+            yield GaugeMetricFamily(
+                "derp_mesh_outbox_bytes",
+                "Packet bytes waiting to be forwarded to other replicas over NATS",
+                value=mesh.outbox_bytes,
+            )
             yield CounterMetricFamily(
                 "derp_mesh_leases_expired",
                 "Replicas dropped after missing their presence beats",
@@ -233,6 +238,7 @@ class DerpService:
                 args.replica_id,
                 interval=args.presence_interval,
                 lease=args.presence_lease,
+                max_outbox_bytes=args.mesh_outbox_bytes,
             )
             self.relay.mesh = self.mesh
             await self.mesh.start()
@@ -405,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         "client, e.g. the bench load generator); their captured ClientInfo can be replayed",
     )
     p.add_argument("--max-queue-bytes", type=int, default=1 << 20, help="per-client send queue bound")
+    p.add_argument(
+        "--mesh-outbox-bytes",
+        type=int,
+        default=16 << 20,
+        help="packet bytes waiting to be forwarded to other replicas over NATS; past it, dropped and "
+        "counted (mesh_backlog)",
+    )
     p.add_argument("--keepalive", type=float, default=60.0, help="seconds between keepalives/pings")
     p.add_argument(
         "--idle-timeout", type=float, default=180.0, help="close ping-capable clients silent this long"
