@@ -941,8 +941,7 @@ def run(args: argparse.Namespace) -> int:
         engine.start()
         if config.advertise_routes:
             routing_subnets = _start_subnet_router(config)
-        if config.metrics_listen:
-            server = metrics.serve(registry, config.metrics_listen)
+        server = metrics.serve_if_wanted(registry, config.metrics_listen)
         return asyncio.run(_serve(config, state_dir, keys, engine, registry))
     except (OSError, netconf.NetconfError, ValueError) as exc:
         log.error("startup_failed interface=%s error=%r", config.tun, str(exc))
