@@ -237,3 +237,15 @@ def test_the_relay_rate_limits_clients_by_default(start_relay) -> None:  # type:
     sock, _conn, _info, connected = handshake(relay.port, key)
     assert connected.info.get("TokenBucketBytesPerSecond") == 12_500_000
     sock.close()
+
+
+@pytest.mark.parametrize("sent", [b"GET /derp HTTP/1.1\r\nHost: relay\r\n", b"", UPGRADE])
+def test_a_client_too_slow_to_upgrade_or_shake_hands_is_disconnected(start_relay, sent: bytes) -> None:  # type: ignore[no-untyped-def]
+    relay = start_relay(extra=("--handshake-timeout", "1"))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as sock:
+        sock.sendall(sent)  # a head that never ends, nothing at all, or an upgrade with no ClientInfo
+        started = time.monotonic()
+        while sock.recv(4096):
+            pass
+        assert time.monotonic() - started < 15
+    assert relay.metric("derp_connections_closed", "handshake_timeout") == 1

@@ -67,6 +67,8 @@ class RelayConfig:
     # Tailscale's own clients (the bench load generator) do not answer the challenge.
     require_challenge: bool = True
     max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP  # 0 = no cap
+    # From connect to admitted: the HTTP upgrade and the DERP handshake, however slowly sent.
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 class Stats:
@@ -259,7 +261,7 @@ class DerpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=high, low=high // 4)
         relay.connections.add(self)
         relay.stats.connections_total += 1
-        self._arm_timer(relay.clock() + HANDSHAKE_TIMEOUT)
+        self._arm_timer(relay.clock() + relay.config.handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -550,7 +552,9 @@ class DerpProtocol(asyncio.Protocol):
             return
         conn = self.conn
         if conn is None or conn.state is not State.ESTABLISHED:
-            log.info("closing %s: handshake not finished in %.0f s", self.peer, HANDSHAKE_TIMEOUT)
+            log.info(
+                "closing %s: handshake not finished in %.0f s", self.peer, self.relay.config.handshake_timeout
+            )
             self.close("handshake_timeout")
             return
         events = conn.handle_timer(self.relay.clock())

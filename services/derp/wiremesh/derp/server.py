@@ -186,6 +186,7 @@ class DerpService:
             idle_timeout=args.idle_timeout or None,
             require_challenge=not args.allow_unchallenged_clients,
             max_connections_per_ip=args.max_connections_per_ip,
+            handshake_timeout=args.handshake_timeout,
         )
         self.relay = Relay(self.key, self.authority, config)
         self.registry = CollectorRegistry()
@@ -403,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_CONNECTIONS_PER_IP,
         help="open connections one source address may hold (default %(default)s; 0 = no cap)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds from connecting to being admitted (HTTP upgrade and DERP handshake); slower "
+        "clients are disconnected (default %(default)s)",
     )
     p.add_argument(
         "--allow-unchallenged-clients",
