@@ -239,6 +239,9 @@ def test_the_relay_rate_limits_clients_by_default(start_relay) -> None:  # type:
     relay = start_relay(key)
     sock, _conn, _info, connected = handshake(relay.port, key)
     assert connected.info.get("TokenBucketBytesPerSecond") == 12_500_000
+    # The burst in force (one second's worth), never 0: Tailscale's client limits its own sends
+    # with these two numbers, and a burst of 0 made it send nothing at all.
+    assert connected.info.get("TokenBucketBytesBurst") == 12_500_000
     sock.close()
 
 

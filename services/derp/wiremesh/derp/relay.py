@@ -440,8 +440,12 @@ class DerpProtocol(asyncio.Protocol):
             return
         assert self.conn is not None
         cfg = relay.config
+        # Advertise the burst in force: Tailscale's client builds its own limiter from these two
+        # numbers, and with a burst of 0 it would send nothing at all.
         pipelined = self.conn.accept(
-            now, rate_bytes_per_second=cfg.rate_bytes_per_second, rate_burst=cfg.rate_burst
+            now,
+            rate_bytes_per_second=cfg.rate_bytes_per_second,
+            rate_burst=cfg.rate_burst or cfg.rate_bytes_per_second,
         )
         self._tokens = float(cfg.rate_burst or cfg.rate_bytes_per_second)
         self._tokens_at = now
