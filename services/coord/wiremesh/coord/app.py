@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = service.settings_from_args(args, "coord")
     admin_listen = service.parse_listen(args.admin_listen, "--admin-listen") if args.admin_listen else None
+    if admin_listen is not None and admin_listen[1] == settings.listen_port:
+        raise SystemExit("wiremesh-coord: --admin-listen needs a port of its own, not --listen's")
     logs.setup_logging(settings.log_level, settings.log_json)
     config = CoordConfig(
         database_url=settings.database_url,
