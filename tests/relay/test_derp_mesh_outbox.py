@@ -7,53 +7,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import nats
 import pytest
+from fixtures_services import NatsServer
 from nacl.public import PrivateKey
-from relay_helpers import RegistryStandIn, free_port
+from relay_helpers import RegistryStandIn, StartRelay
 
 from wiremesh.agent.derpclient import DerpClient
-from wiremesh.lab.support import nats_server_binary
 
 pytestmark = pytest.mark.timeout(120)
 OUTBOX = 1 << 20
 
 
-@pytest.fixture
-def stoppable_nats(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-l", str(tmp_path / "nats.log")]
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-                time.sleep(0.02)
-        yield f"nats://127.0.0.1:{port}", proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        proc.wait(10)
-
-
 async def test_packets_for_another_replica_queue_only_up_to_the_byte_bound(
-    stoppable_nats, start_relay
+    nats_server: NatsServer, registry: RegistryStandIn, start_relay: StartRelay
 ) -> None:
-    url, nats_proc = stoppable_nats
-    nc = await nats.connect(url)
-    registry = RegistryStandIn(nc)
-    await registry.start()
+    url = nats_server.url
+    assert nats_server.proc is not None
+    nats_pid = nats_server.proc.pid
     a, b = registry.register(PrivateKey.generate()), registry.register(PrivateKey.generate())
     common = ("--nats", url, "--region", "eu", "--rate-bytes-per-second", "0")
     r1 = await start_relay(*common, "--replica-id", "eu-1", "--mesh-outbox-bytes", str(OUTBOX))
@@ -64,7 +36,7 @@ async def test_packets_for_another_replica_queue_only_up_to_the_byte_bound(
     while bytes(b.public_key) not in r1.mesh.remote:
         assert time.monotonic() < deadline, "replica eu-1 never heard of b"
         await asyncio.sleep(0.02)
-    os.kill(nats_proc.pid, signal.SIGSTOP)  # NATS takes nothing more (well within the 6 s lease)
+    os.kill(nats_pid, signal.SIGSTOP)  # NATS takes nothing more (well within the 6 s lease)
     try:
         packet = os.urandom(60 << 10)
         for _ in range(50):  # 3 MB of packets each round; NATS' client buffers ~2 MB, then blocks
@@ -77,7 +49,6 @@ async def test_packets_for_another_replica_queue_only_up_to_the_byte_bound(
         assert r1.relay.stats.drops["mesh_backlog"] > 0
         assert r1.mesh.outbox_bytes <= OUTBOX
     finally:
-        os.kill(nats_proc.pid, signal.SIGCONT)
+        os.kill(nats_pid, signal.SIGCONT)
     await ca.close()
     await cb.close()
-    await nc.close()
