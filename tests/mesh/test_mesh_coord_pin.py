@@ -31,7 +31,11 @@ def replace_coord_with_impostor(mesh: MeshLab) -> None:
     """Another coord (fresh database, so a fresh key) on the same address and port."""
     mesh.stop_process(mesh.coord)
     mesh.coord = mesh._service(
-        "wiremesh.coord.app", "impostor", f"{mesh.ctl.address}:{COORD_PORT}", ["--replica-id", "impostor"]
+        "wiremesh.coord.app",
+        "impostor",
+        f"{mesh.ctl.address}:{COORD_PORT}",
+        ["--replica-id", "impostor"],
+        role="coord",
     )
     mesh.wait_services()
 

@@ -122,6 +122,12 @@ class Mesh:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def abandon(self) -> None:
+        """Stop at once, without goodbyes (after stop() could not finish)."""
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+
     # --- outgoing ---------------------------------------------------------------------
 
     def announce(self, key: bytes, present: bool) -> None:

@@ -315,7 +315,12 @@ class DerpService:
             if task is not None:
                 task.cancel()
         if self.mesh is not None:
-            await self.mesh.stop()
+            # Goodbyes are best effort: a NATS that does not take them must not hold up the exit.
+            try:
+                await asyncio.wait_for(self.mesh.stop(), 5.0)
+            except TimeoutError:
+                log.warning("NATS did not take the goodbye within 5 s; stopping without it")
+                self.mesh.abandon()
         self.relay.close_all("shutdown", restarting=frames.Restarting(reconnect_in_ms=1000, try_for_ms=30000))
         for server in self.servers:
             with contextlib.suppress(Exception):
