@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all demo demo-static demo-k8s test lint unit sysdeps venv native bench clean lock
+.PHONY: all demo demo-static demo-k8s test lint unit sysdeps venv native bench clean lock fuzz
 
 all: test
 
@@ -61,6 +61,18 @@ demo-static: sysdeps venv
 
 bench: sysdeps venv
 	$(PY) bench/throughput
+
+# Every fuzz target for FUZZ_SECONDS each (coverage-guided, atheris); new inputs grow fuzz/corpus/,
+# crashes land in fuzz/artifacts/ (see fuzz/README.md). `make test` runs each for a few seconds.
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	@mkdir -p fuzz/artifacts
+	@for t in $$($(PY) -c "import sys; sys.path.insert(0, 'fuzz'); import targets; print(*targets.TARGETS)"); do \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	  $(PY) fuzz/run.py $$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -timeout=10 \
+	    -artifact_prefix=fuzz/artifacts/$$t- fuzz/corpus/$$t 2>&1 | grep -E "^(Done|stat::number_of_executed_units|==[0-9]+==|.*Error)" || true; \
+	  test -z "$$(ls fuzz/artifacts/ 2>/dev/null)" || { echo "found: fuzz/artifacts/"; exit 1; }; \
+	done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache native/wgkernel/target

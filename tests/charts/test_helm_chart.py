@@ -406,14 +406,24 @@ def test_operator_may_read_nodes_and_write_events_cluster_wide(helm):
     assert _allowed(rules, "", "events", "create")
 
 
-def test_operator_writes_secrets_only_in_its_namespace(helm):
+def test_operator_writes_secrets_only_in_the_meshnode_keys_namespace(helm):
     docs = render(helm)
     assert not any(r == "secrets" for _, r, _ in _rules(docs, "ClusterRole"))
-    assert _allowed(_rules(docs, "Role"), "", "secrets", "create")
+    role = one(docs, "Role", "wm-wiremesh-operator")
+    assert role["metadata"]["namespace"] == "mesh-meshnode-keys"
+    assert _allowed(_rules(docs, "Role", "wm-wiremesh-operator"), "", "secrets", "create")
     binding = one(docs, "RoleBinding", "wm-wiremesh-operator")
+    assert binding["metadata"]["namespace"] == "mesh-meshnode-keys"
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "wm-wiremesh-operator", "namespace": "mesh"}
     ]
+    assert "mesh-meshnode-keys" in objects(docs, "Namespace")
+    (operator,) = containers(one(docs, "Deployment", "wm-wiremesh-operator"))
+    assert env_of(operator)["WIREMESH_OPERATOR_NAMESPACE"]["value"] == "mesh-meshnode-keys"
+    # Nothing binds the operator to a Role in the release namespace, where the admin key lives.
+    for name, rb in objects(docs, "RoleBinding").items():
+        if any(sub["name"] == "wm-wiremesh-operator" for sub in rb["subjects"]):
+            assert rb["metadata"].get("namespace") in ("mesh-meshnode-keys", "mesh-node-keys"), name
 
 
 # ---------------------------------------------------------------------- per-node agent keys
@@ -502,7 +512,9 @@ def test_node_keys_namespace_can_be_named_and_left_to_the_user(helm):
         "--set", "agent.authKey.nodeKeysNamespace=keys-only",
         "--set", "agent.authKey.createNodeKeysNamespace=false",
     )  # fmt: skip
-    assert objects(docs, "Namespace") == {}
+    assert "keys-only" not in objects(docs, "Namespace") and "mesh-node-keys" not in objects(
+        docs, "Namespace"
+    )
     assert one(docs, "Role", "wm-wiremesh-agent-read-node-key")["metadata"]["namespace"] == "keys-only"
 
 

@@ -126,9 +126,12 @@ def test_operator_may_watch_nodes_and_record_events(cluster):
     assert cluster.can("create", "", "events", namespace="default")
 
 
-def test_operator_may_write_secrets_only_in_its_own_namespace(cluster):
-    assert cluster.can("create", "", "secrets", namespace=NAMESPACE)
+def test_operator_may_write_secrets_only_in_the_meshnode_keys_namespace(cluster):
+    assert cluster.can("create", "", "secrets", namespace=f"{NAMESPACE}-meshnode-keys")
     assert not cluster.can("get", "", "secrets", namespace="kube-system")
+    # The release namespace holds the admin key (and database and bus credentials): out of reach.
+    assert not cluster.can("get", "", "secrets", namespace=NAMESPACE)
+    assert not cluster.can("list", "", "secrets", namespace=NAMESPACE)
 
 
 def test_operator_may_not_change_nodes(cluster):

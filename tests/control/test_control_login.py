@@ -138,3 +138,51 @@ def test_wrong_admin_key_gets_401(control_plane):
     with pytest.raises(urllib.error.HTTPError) as err:
         control_plane.admin("GET", "/nodes", key="not-the-key")
     assert err.value.code == 401
+
+
+async def test_auth_keys_carry_coords_key_fingerprint_and_one_from_another_coord_is_refused(control_plane):
+    from wiremesh.core import crypto
+    from wiremesh.core.control import coordkey
+
+    key = control_plane.auth_key()
+    registry_form, fingerprint = coordkey.split_auth_key(key)
+    assert fingerprint is not None and registry_form.count("-") == 2
+    agent = make_agent(control_plane.url, "pinned")
+    try:
+        assert coordkey.matches(await agent.client.fetch_server_key(), fingerprint)
+        foreign = coordkey.with_fingerprint(registry_form, crypto.public_key(crypto.generate_private_key()))
+        with pytest.raises(LoginRequired, match="issued by another coord"):
+            await agent.login(foreign)
+        await agent.login(registry_form)  # the registry's own form still works (pinned elsewhere)
+    finally:
+        await agent.close()
+
+
+async def test_a_client_holding_another_coords_fingerprint_refuses_to_talk(control_plane):
+    from wiremesh.agent.control import ControlClient, CoordKeyChanged
+    from wiremesh.core import crypto
+    from wiremesh.core.control import coordkey
+
+    other = coordkey.fingerprint(crypto.public_key(crypto.generate_private_key()))
+    client = ControlClient(control_plane.url, crypto.generate_private_key(), server_key_fingerprint=other)
+    try:
+        with pytest.raises(CoordKeyChanged, match="not the coord that issued the key"):
+            await client.login("n" * 43 + "=", "d" * 43 + "=", "x", auth_key=control_plane.auth_key())
+    finally:
+        await client.aclose()
+
+
+async def test_a_second_node_cannot_register_another_nodes_disco_key(control_plane):
+    from wiremesh.agent.control import ControlRefused
+
+    first, second = make_agent(control_plane.url, "owner"), make_agent(control_plane.url, "copycat")
+    second.disco_key_private = first.disco_key_private
+    try:
+        await first.login(control_plane.auth_key())
+        with pytest.raises(ControlRefused, match="disco key already in use") as refused:
+            await second.login(control_plane.auth_key())
+        assert refused.value.status == 409
+        await first.login()  # the owner logs in again with its own disco key: still fine
+    finally:
+        await first.close()
+        await second.close()

@@ -107,11 +107,14 @@ class MeshLab:
             )
         wait_until(lambda: self._port_open(NATS_PORT), 15, "nats-server in ctl")
 
-    def _service(self, module: str, name: str, listen: str, extra: list[str]) -> subprocess.Popen[Any]:
+    def _service(
+        self, module: str, name: str, listen: str, extra: list[str], role: str | None = None
+    ) -> subprocess.Popen[Any]:
+        """`name` names its log and database, and its bus role unless `role` is given."""
         code = f"import sys; from {module} import main; sys.exit(main())"
         argv = [sys.executable, "-c", code, "--listen", listen, "--log-format", "text"]
         argv += ["--nats-url", f"nats://127.0.0.1:{NATS_PORT}", "--state-dir", str(self.dir)]
-        argv += ["--nats-credentials", str(self.bus.credentials[name])]
+        argv += ["--nats-credentials", str(self.bus.credentials[role or name])]
         argv += ["--database-url", f"sqlite:///{self.dir / (name + '.db')}", *extra]
         env = {**os.environ, "WIREMESH_ADMIN_KEY": self.admin_key}
         with self._log(name) as log:

@@ -64,3 +64,33 @@ def test_auth_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
         read_auth_key(f"file:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="longer than"):
         read_auth_key("x" * 1000)
+
+
+def test_coord_pin_prefers_the_flag_then_state_then_the_auth_keys_fingerprint():
+    import dataclasses
+
+    from wiremesh.agent.mesh import MeshConfig, coord_pin
+    from wiremesh.core import crypto
+    from wiremesh.core.control import coordkey
+
+    flag, kept = (crypto.public_key(crypto.generate_private_key()) for _ in range(2))
+    key_with_fp = coordkey.with_fingerprint("wmauth-abc-def", flag)
+    http = MeshConfig(login_server="http://coord:8080", state_dir="/s", tun="wm0", auth_key=key_with_fp)
+    pinned = Persisted(coord_key=crypto.encode_key(kept))
+    assert coord_pin(dataclasses.replace(http, coord_key=crypto.encode_key(flag)), pinned).key == flag
+    assert coord_pin(http, pinned).key == kept
+    assert coord_pin(http, Persisted()).fingerprint == coordkey.fingerprint(flag)
+
+
+def test_learning_coords_key_is_refused_over_plain_http_unless_https_or_a_lab_says_so():
+    import dataclasses
+
+    from wiremesh.agent.mesh import MeshConfig, coord_pin
+
+    http = MeshConfig(login_server="http://coord:8080", state_dir="/s", tun="wm0", auth_key="wmauth-abc-def")
+    with pytest.raises(ValueError, match="coord's key is not pinned"):
+        coord_pin(http, Persisted())
+    assert coord_pin(dataclasses.replace(http, login_server="https://coord"), Persisted()).key is None
+    assert (
+        coord_pin(dataclasses.replace(http, insecure_learn_coord_key=True), Persisted()).fingerprint is None
+    )

@@ -292,6 +292,30 @@ def test_birthday_call_makes_the_peer_spray_a_bounded_number_of_ports():
     assert {host for host, _ in sprayed} == {a.public[0]}
 
 
+def test_a_birthday_call_naming_a_host_outside_the_netmap_sprays_nothing_there():
+    """A peer's CallMeMaybe cannot aim our ~1400-packet spray at a third party: only hosts coord
+    published for that peer (its STUN results) are sprayed."""
+    a, b, _ = pair(birthday_sockets=8, birthday_spray=50)
+    victim = "203.0.113.9"
+    forged = disco.CallMeMaybe(
+        (Endpoint((victim, 41641), EndpointKind.STUN), Endpoint(a.public, EndpointKind.STUN)),
+        mapping_varies=True,
+        birthday=True,
+    )
+    sealed = a.disco.seal(forged, b.disco.public_key)
+    b.ms.receive_disco(sealed, Relay(REGION, a.node_key), 1.0)
+    sprayed = set()
+    t = 1.0
+    while t < 3.0:
+        b.ms.handle_timer(t)
+        sprayed |= {d.address for _, d in b.ms.datagrams_to_send() if isinstance(d, Direct)}
+        t += 0.01
+    # At most the one ordinary discovery ping to the endpoint it named, never a spray of ports.
+    assert {addr for addr in sprayed if addr[0] == victim} <= {(victim, 41641)}
+    assert len({addr for addr in sprayed if addr[0] == a.public[0]}) >= 25  # a's netmap host still is
+    assert b.ms.drops["birthday_host_not_in_netmap"] == 1
+
+
 def test_birthday_hit_becomes_the_path_and_closes_the_other_probe_sockets():
     a, b, _ = pair(birthday_sockets=4, birthday_spray=10)
     a.ms.set_local_endpoints(a.endpoints, True, 0.0)

@@ -13,6 +13,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from wiremesh.core.derp import frames
 from wiremesh.core.derp.connection import (
+    ChallengeFailed,
     ClientConnection,
     ClientHello,
     Connected,
@@ -41,9 +42,48 @@ def test_server_key_frame_starts_with_the_derp_magic() -> None:
     key = PrivateKey.generate()
     data = ServerConnection(key, now=0).data_to_send()
     assert data[0] == FrameType.SERVER_KEY
-    assert struct.unpack("!I", data[1:5])[0] == 40
+    assert struct.unpack("!I", data[1:5])[0] == 40 + frames.CHALLENGE_LEN
     assert data[5:13] == "DERP🔑".encode() == bytes.fromhex("44455250f09f9491")
     assert data[13:45] == bytes(key.public_key)
+
+
+def test_server_key_carries_a_fresh_challenge_per_connection() -> None:
+    key = PrivateKey.generate()
+    first, second = (ServerConnection(key, now=0).data_to_send()[45:] for _ in range(2))
+    assert len(first) == len(second) == frames.CHALLENGE_LEN
+    assert first != second
+
+
+def test_client_info_of_one_connection_is_refused_on_another() -> None:
+    server_key, client_key = PrivateKey.generate(), PrivateKey.generate()
+    first = ServerConnection(server_key, now=0)
+    client = ClientConnection(client_key, now=0)
+    client.receive_data(first.data_to_send(), 0)
+    captured = client.data_to_send()
+    with pytest.raises(ChallengeFailed, match="another connection's challenge"):
+        ServerConnection(server_key, now=0).receive_data(captured, 0)
+
+
+def test_client_info_without_an_answer_is_refused_unless_allowed() -> None:
+    server_key, client_key = PrivateKey.generate(), PrivateKey.generate()
+    sealed = Box(client_key, server_key.public_key).encrypt(b'{"version":2}', os.urandom(24))
+    client_info = frames.encode_frame(FrameType.CLIENT_INFO, bytes(client_key.public_key) + sealed)
+    with pytest.raises(ChallengeFailed, match="does not answer"):
+        ServerConnection(server_key, now=0).receive_data(client_info, 0)
+    lenient = ServerConnection(server_key, now=0, require_challenge=False)
+    [hello] = lenient.receive_data(client_info, 0)
+    assert isinstance(hello, ClientHello)
+
+
+def test_a_server_key_without_a_challenge_gets_a_client_info_without_an_answer() -> None:
+    """Tailscale's derper sends no challenge; our client then sends the plain ClientInfo."""
+    server_key, client_key = PrivateKey.generate(), PrivateKey.generate()
+    client = ClientConnection(client_key, now=0)
+    client.receive_data(frames.encode(frames.ServerKey(bytes(server_key.public_key))), 0)
+    [hello] = ServerConnection(server_key, now=0, require_challenge=False).receive_data(
+        client.data_to_send(), 0
+    )
+    assert isinstance(hello, ClientHello) and "challenge" not in hello.info
 
 
 def test_handshake_proves_the_client_key() -> None:

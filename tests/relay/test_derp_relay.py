@@ -96,7 +96,7 @@ async def test_client_cannot_claim_a_key_it_does_not_hold(registry, start_relay,
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.derp_ports[0])
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
     await reader.readuntil(b"\r\n\r\n")
-    server_key_frame = await reader.readexactly(5 + 40)
+    server_key_frame = await reader.readexactly(5 + 40 + frames.CHALLENGE_LEN)
     conn = ClientConnection(impostor, now=0)
     conn.receive_data(server_key_frame, 0)
     hello = bytearray(conn.data_to_send())
@@ -231,7 +231,7 @@ async def test_full_send_queue_drops_and_counts_without_blocking_others(
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
     await reader.readuntil(b"\r\n\r\n")
     conn = ClientConnection(stuck, now=0)
-    conn.receive_data(await reader.readexactly(45), 0)
+    conn.receive_data(await reader.readexactly(45 + frames.CHALLENGE_LEN), 0)
     writer.write(conn.data_to_send())
     await eventually(lambda: bytes(stuck.public_key) in relay.relay.clients)
     packet = os.urandom(1400)
@@ -274,7 +274,7 @@ async def test_client_that_stops_answering_pings_is_closed_as_idle(registry, sta
     writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
     await reader.readuntil(b"\r\n\r\n")
     conn = ClientConnection(silent, now=0)  # says CanAckPings, then never answers
-    conn.receive_data(await reader.readexactly(45), 0)
+    conn.receive_data(await reader.readexactly(45 + frames.CHALLENGE_LEN), 0)
     writer.write(conn.data_to_send())
     with contextlib.suppress(ConnectionError):
         while await asyncio.wait_for(reader.read(4096), 5):

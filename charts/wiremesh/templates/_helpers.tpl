@@ -138,6 +138,12 @@ app.kubernetes.io/part-of: wiremesh
 {{- default (printf "%s-node-keys" .Release.Namespace) .Values.agent.authKey.nodeKeysNamespace | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The namespace of the MeshNodes' auth-key Secrets: the only Secrets the operator may touch
+besides the per-node ones (not the admin key, database or bus credentials in the release's). */}}
+{{- define "wiremesh.meshNodeKeysNamespace" -}}
+{{- default (printf "%s-meshnode-keys" .Release.Namespace) .Values.operator.meshNodeKeysNamespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "wiremesh.agentServiceAccount" -}}
 {{- include "wiremesh.componentName" (dict "root" . "component" "agent") }}
 {{- end }}

@@ -122,10 +122,14 @@ class AuthKeyExpire:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AuthKeyConsume:
-    """Validate an auth key and count one use of it, on behalf of `machine_key`."""
+    """Validate an auth key and count one use of it, on behalf of `machine_key`.
+
+    With `check_only` the key is validated and nothing is counted or written: coord asks this
+    before it spends a database write on a login from a machine it does not know yet."""
 
     secret: str
     machine_key: str
+    check_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

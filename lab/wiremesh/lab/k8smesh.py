@@ -31,6 +31,9 @@ log = logging.getLogger("wiremesh.lab.k8smesh")
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "wiremesh"
 NAMESPACE = "wiremesh"
+# The chart keeps the MeshNodes' pre-auth key Secrets in a namespace of their own (the operator's
+# Secret rights reach nothing else): operator.meshNodeKeysNamespace, default RELEASE_NAMESPACE-meshnode-keys.
+MESHNODE_KEYS_NAMESPACE = f"{NAMESPACE}-meshnode-keys"
 RELEASE = "wiremesh"
 COORD_NODE_PORT = 30080
 DERP_NODE_PORT = 30340
@@ -196,7 +199,10 @@ class MeshOnCluster:
         import base64
 
         try:
-            data = self.cluster.kubectl_json("get", "secret", secret, "-n", NAMESPACE).get("data") or {}
+            data = (
+                self.cluster.kubectl_json("get", "secret", secret, "-n", MESHNODE_KEYS_NAMESPACE).get("data")
+                or {}
+            )
         except ClusterError:
             return None
         value = data.get(key)

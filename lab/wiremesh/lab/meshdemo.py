@@ -441,7 +441,10 @@ class MeshDemo:
         key_file = self.state / "authkey"
         key_file.write_text(str(created["key"]))
         key_file.chmod(0o600)
-        self.step("pre-auth key created with `wiremesh admin authkeys create --reusable`")
+        self.step(
+            "pre-auth key created with `wiremesh admin authkeys create --reusable`; it ends with"
+            " coord's key fingerprint, so agents pin coord's key over plain http://"
+        )
         for agent in self.agents.values():
             argv = [
                 str(VENV_BIN / "wiremeshd"),

@@ -11,6 +11,13 @@ the keys it is given, so wiremeshd and benchmark simulators can both use it:
 
 `NetmapWatcher` runs `netmaps()` in a task and keeps the latest netmap, for callers that
 would rather poll or wait for a condition.
+
+Coord's key: with `server_public_key` (pinned) every request is sealed to it, and coord's
+`GET /key` is checked once against it so that a different server at the URL is refused with a
+clear error (`CoordKeyChanged`) rather than a failed handshake; with `server_key_fingerprint`
+(from a pre-auth key) the key from `GET /key` is accepted only if its fingerprint matches;
+with neither it is learned from `GET /key` (wiremeshd allows that only over https:// or when
+told to; see wiremesh.agent.mesh).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import httpx
 
 from wiremesh.core import crypto
+from wiremesh.core.control import coordkey
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control.channel import ClientCall, ControlError, FrameReader
 from wiremesh.core.netmap import MapDelta, NetmapError, NetworkMap
@@ -47,6 +55,13 @@ class ControlRefused(Exception):
 
 class LoginRequired(ControlRefused):
     """The node is unknown, deleted or expired: only a new login (maybe with an auth key) helps."""
+
+
+class CoordKeyChanged(ControlRefused):
+    """The server at the login URL is not the coord whose key this agent pinned."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
 
 
 class ControlUnavailable(Exception):
@@ -80,6 +95,7 @@ class ControlClient:
         *,
         http: httpx.AsyncClient | None = None,
         server_public_key: bytes | None = None,
+        server_key_fingerprint: str | None = None,
         clock: Callable[[], float] = time.time,
         timeout: float = 10.0,
     ) -> None:
@@ -87,6 +103,8 @@ class ControlClient:
         self.machine_private_key = machine_private_key
         self.machine_public_key = crypto.public_key(machine_private_key)
         self.server_public_key = server_public_key
+        self.server_key_fingerprint = server_key_fingerprint
+        self._key_checked = False
         self.clock = clock
         self.timeout = timeout
         self._own_http = http is None
@@ -103,18 +121,39 @@ class ControlClient:
         await self.aclose()
 
     async def fetch_server_key(self) -> bytes:
-        """Coord's control key (GET /key). Pass `server_public_key` to pin it instead."""
+        """Coord's control key (GET /key), checked against the pin or the fingerprint if any;
+        CoordKeyChanged when it differs."""
         try:
             response = await self.http.get(f"{self.server_url}/key", timeout=self.timeout)
             response.raise_for_status()
-            self.server_public_key = crypto.decode_key(response.json()["public_key"])
+            offered = crypto.decode_key(response.json()["public_key"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             raise ControlUnavailable(f"could not fetch coord's key from {self.server_url}: {exc}") from exc
-        return self.server_public_key
+        pinned = self.server_public_key
+        if pinned is not None and offered != pinned:
+            raise CoordKeyChanged(
+                f"coord's key changed: {self.server_url} offers {crypto.encode_key(offered)} but this agent "
+                f"pinned {crypto.encode_key(pinned)}; refusing to talk to it. If coord's key was replaced on "
+                "purpose, start wiremeshd with --coord-key NEWKEY"
+            )
+        fingerprint = self.server_key_fingerprint
+        if pinned is None and fingerprint is not None and not coordkey.matches(offered, fingerprint):
+            raise CoordKeyChanged(
+                f"{self.server_url} offers key {crypto.encode_key(offered)}, whose fingerprint is not the "
+                f"one in the auth key ({fingerprint}): not the coord that issued the key; refusing to talk to it"
+            )
+        self.server_public_key = offered
+        self._key_checked = True
+        return offered
 
     async def _call(self, payload: Any) -> ClientCall:
         if self.server_public_key is None:
             await self.fetch_server_key()
+        elif not self._key_checked:
+            # Pinned: check once that the URL still serves that key, to say clearly if it does not.
+            # Unreachable /key is no reason to stop: the sealed request authenticates coord anyway.
+            with contextlib.suppress(ControlUnavailable):
+                await self.fetch_server_key()
         assert self.server_public_key is not None
         return ClientCall(self.machine_private_key, self.server_public_key, cm.encode(payload), self.clock())
 

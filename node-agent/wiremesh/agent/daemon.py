@@ -44,8 +44,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        default=None,
-        help=f"serve Prometheus /metrics here (e.g. 127.0.0.1:{metrics.DEFAULT_METRICS_PORT}); off by default",
+        default=metrics.DEFAULT_METRICS_LISTEN,
+        help="serve Prometheus /metrics here (default %(default)s: loopback only, as the metrics name "
+        "peers and endpoints; 'off' serves none)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity"
@@ -174,8 +175,7 @@ def run_static(args: argparse.Namespace) -> int:
         engine.set_addresses(config.interface.addresses)
         engine.set_routes(routes)
         engine.set_peers(peers)
-        if args.metrics_listen:
-            server = metrics.serve(registry, args.metrics_listen)
+        server = metrics.serve_if_wanted(registry, args.metrics_listen)
         log.info(
             "ready mode=static interface=%s listen_port=%d peers=%d addresses=%s",
             args.tun,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = 9586
+DEFAULT_METRICS_LISTEN = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
 
 
 class EngineCollector(Collector):
@@ -91,6 +92,18 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"metrics listen address must be host:port, got {text!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def serve_if_wanted(registry: CollectorRegistry, listen: str | None) -> Any:
+    """`serve` unless `listen` is off; a port already taken (another agent on this host) is a
+    warning, not a reason for the agent to stop."""
+    if not listen or listen == "off":
+        return None
+    try:
+        return serve(registry, listen)
+    except OSError as exc:
+        log.warning("metrics_unavailable address=%s error=%r", listen, str(exc))
+        return None
 
 
 def serve(registry: CollectorRegistry, listen: str) -> Any:

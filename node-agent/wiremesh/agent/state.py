@@ -4,7 +4,7 @@
       machine.key            0600  identifies the machine to coord (survives node-key rotation)
       node.key               0600  the WireGuard key of this node
       disco.key              0600  seals disco messages between agents
-      state.json             0600  node id, name, addresses, login server, wanted up/down
+      state.json             0600  node id, name, addresses, login server, coord's key, wanted up/down
 
 Keys are created on first run and never leave this directory: coord is only ever told the
 public halves. Files are written to a temporary name and renamed, so a crash mid-write never
@@ -62,6 +62,7 @@ class Persisted:
     name: str = ""
     addresses: tuple[str, ...] = ()
     want_running: bool = True
+    coord_key: str = ""  # coord's control key, pinned at the first successful login
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -78,13 +79,25 @@ class Persisted:
             raise ValueError("node_id is not an integer")
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError("addresses is not a list of strings")
+        coord_key = raw.get("coord_key", "")
+        if not isinstance(coord_key, str) or (coord_key and not _is_key(coord_key)):
+            raise ValueError("coord_key is not a key")
         return cls(
             login_server=str(raw.get("login_server", "")),
             node_id=node_id,
             name=str(raw.get("name", "")),
             addresses=tuple(addresses),
             want_running=bool(raw.get("want_running", True)),
+            coord_key=coord_key,
         )
+
+
+def _is_key(text: str) -> bool:
+    try:
+        crypto.decode_key(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _write_private(path: pathlib.Path, data: bytes) -> None:

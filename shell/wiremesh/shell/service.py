@@ -16,16 +16,19 @@ import dataclasses
 import logging
 import os
 import pathlib
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import h11
 import nats
 import uvicorn
 from fastapi import HTTPException, Request
 from nats.aio.client import Client as NATS
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from wiremesh.core.busauth import BusAccess
 
@@ -45,6 +48,10 @@ class ServiceSettings:
     log_level: str
     log_json: bool
     extra: dict[str, Any]
+    api_docs: bool = False  # serve /docs and /openapi.json
+    request_read_timeout: float = 10.0  # a request's head and body must arrive within this
+    idle_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    forwarded_allow_ips: str = "127.0.0.1"  # proxies whose X-Forwarded-For names the client
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str, default_port: int) -> None:
@@ -70,6 +77,31 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, default_por
     parser.add_argument("--replica-id", default=env("WIREMESH_REPLICA_ID", ""))
     parser.add_argument("--log-level", default=env("WIREMESH_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", choices=("json", "text"), default=env("WIREMESH_LOG_FORMAT", "json"))
+    parser.add_argument(
+        "--api-docs",
+        action="store_true",
+        default=env("WIREMESH_API_DOCS", "") == "1",
+        help="serve the OpenAPI schema and docs (/openapi.json, /docs); off by default",
+    )
+    parser.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=float(env("WIREMESH_REQUEST_READ_TIMEOUT", "10")),
+        help="seconds a client has to send a whole request (head and body) once it starts one, or "
+        "after connecting; slower clients are disconnected (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=float(env("WIREMESH_IDLE_TIMEOUT", "75")),
+        help="seconds an idle keep-alive connection stays open (default %(default)s)",
+    )
+    parser.add_argument(
+        "--forwarded-allow-ips",
+        default=env("WIREMESH_FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        help="comma-separated proxy addresses trusted to set X-Forwarded-For (the client address that "
+        "per-source limits use); default %(default)s",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, name: str) -> ServiceSettings:
@@ -98,7 +130,18 @@ def settings_from_args(args: argparse.Namespace, name: str) -> ServiceSettings:
         log_level=args.log_level,
         log_json=args.log_format == "json",
         extra={k: v for k, v in vars(args).items()},
+        api_docs=bool(args.api_docs),
+        request_read_timeout=float(args.request_read_timeout),
+        idle_timeout=float(args.idle_timeout),
+        forwarded_allow_ips=str(args.forwarded_allow_ips),
     )
+
+
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(f"{flag} must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def make_engine(url: str) -> Engine:
@@ -229,6 +272,50 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class SlowClientTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for reading each request.
+
+    uvicorn times out idle keep-alive connections but not a client that is slow to send: one byte
+    of a request head every few seconds holds a connection forever (slowloris). Here a request's
+    head and body must arrive within `read_timeout` seconds of the connection opening or of the
+    request's first byte; otherwise the connection is closed. Streaming responses are not limited
+    (the timer stops once the whole request is in).
+    """
+
+    read_timeout = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is None and self.conn.their_state is h11.IDLE:
+            self._arm_read_timer()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+        if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
+            self._cancel_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def _arm_read_timer(self) -> None:
+        self._cancel_read_timer()
+        self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            log.info("closing a slow client", extra={"client": str(self.client)})
+            self.transport.close()
+
+
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
         super().__init__(config)
@@ -247,19 +334,44 @@ class _Server(uvicorn.Server):
             captured.clear()
 
 
-def serve(app: Any, settings: ServiceSettings, on_exit: Callable[[], None] | None = None) -> None:
-    """Run uvicorn; SIGTERM and SIGINT finish in-flight requests, run shutdown, and exit 0."""
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    app: Any,
+    settings: ServiceSettings,
+    on_exit: Callable[[], None] | None = None,
+    extra_listen: tuple[str, int] | None = None,
+) -> None:
+    """Run uvicorn; SIGTERM and SIGINT finish in-flight requests, run shutdown, and exit 0.
+    `extra_listen` is a second address served by the same app (e.g. coord's --admin-listen)."""
+    protocol = type(
+        "SlowClientTimeout", (SlowClientTimeout,), {"read_timeout": settings.request_read_timeout}
+    )
     config = uvicorn.Config(
         app,
         host=settings.listen_host,
         port=settings.listen_port,
         log_config=None,
         access_log=False,
+        http=protocol,
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=75,  # longer than clients keep idle pooled connections, as nginx does
+        timeout_keep_alive=int(settings.idle_timeout),  # longer than clients keep idle pooled connections
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         limit_concurrency=None,
         backlog=4096,
     )
+    sockets = [_bind(settings.listen_host, settings.listen_port)]
+    if extra_listen is not None:
+        sockets.append(_bind(*extra_listen))
+    for sock in sockets:
+        sock.listen(4096)
     server = _Server(config, on_exit)
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=sockets)

@@ -5,16 +5,25 @@ Neither class touches a socket or a clock: bytes and `now` go in; bytes to send
 protocol violation raises `FrameError`; the adapter then closes that one connection.
 
 Handshake (Tailscale DERP v2):
-  server -> ServerKey(magic, server public key)
+  server -> ServerKey(magic, server public key, challenge)
   client -> ClientInfo(client public key, nonce, box(json) from client to server)
   server -> ServerInfo(nonce, box(json) from server to client)
 Opening the ClientInfo box proves the client holds the private half of the key it
 claims, so the relay only ever delivers a packet to the holder of its destination key.
+
+The box alone is not fresh: both keys are static, so a ClientInfo captured on the wire
+(plain TCP, or TLS terminated somewhere) opens again on any later connection. Our server
+therefore sends a fresh random challenge in ServerKey's trailing bytes (which Tailscale's
+frame layout reserves for future use and its client ignores) and our client puts it, hex,
+in the sealed JSON ("challenge"); a ClientInfo carrying another connection's challenge is
+a replay and is refused. Clients that know nothing of the challenge (Tailscale's own) are
+refused too unless the server is told to admit them (`require_challenge=False`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import os
 import struct
@@ -26,6 +35,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from wiremesh.core.derp import frames
 from wiremesh.core.derp.frames import (
+    CHALLENGE_LEN,
     KEY_LEN,
     MAGIC,
     MAX_FRAME_LEN,
@@ -40,6 +50,10 @@ from wiremesh.core.derp.frames import (
 
 _HEADER = struct.Struct("!BI")
 MAX_PENDING_FRAMES = 64  # frames a client may pipeline before it is admitted
+
+
+class ChallengeFailed(FrameError):
+    """A ClientInfo that does not answer this connection's challenge: replayed, or an old client."""
 
 
 # --- events ------------------------------------------------------------------------------
@@ -150,9 +164,13 @@ class ServerConnection(_Base):
         now: float,
         keepalive_interval: float = frames.KEEPALIVE_INTERVAL,
         idle_timeout: float | None = 3 * frames.KEEPALIVE_INTERVAL,
+        challenge: bytes | None = None,
+        require_challenge: bool = True,
     ) -> None:
         super().__init__(now, keepalive_interval)
         self._server_key = server_key
+        self.challenge = os.urandom(CHALLENGE_LEN) if challenge is None else challenge
+        self.require_challenge = require_challenge
         self.idle_timeout = idle_timeout
         self.state = State.AWAIT_CLIENT_INFO
         self.client_key: bytes | None = None
@@ -161,7 +179,7 @@ class ServerConnection(_Base):
         self._reader = FrameReader(MAX_HANDSHAKE_FRAME_LEN)
         self._box: Box | None = None
         self._pending: list[tuple[int, bytes]] = []
-        self._write(frames.encode(frames.ServerKey(bytes(server_key.public_key))))
+        self._write(frames.encode(frames.ServerKey(bytes(server_key.public_key), self.challenge)))
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         if self.state is State.CLOSED:
@@ -223,6 +241,17 @@ class ServerConnection(_Base):
         except (CryptoError, ValueError) as exc:
             raise FrameError(f"ClientInfo key unusable: {exc}") from exc
         info = _open_json(box, payload[KEY_LEN:])
+        answer = _field(info, "challenge")
+        if answer is None:
+            if self.require_challenge:
+                raise ChallengeFailed(
+                    "ClientInfo does not answer the relay's challenge: a replayed handshake, or a client "
+                    "that predates it (run the relay with --allow-unchallenged-clients for those)"
+                )
+        elif not isinstance(answer, str) or not hmac.compare_digest(
+            answer.encode(), self.challenge.hex().encode()
+        ):
+            raise ChallengeFailed("ClientInfo answers another connection's challenge: a replayed handshake")
         self._box = box
         self.client_key = key
         self.can_ack_pings = bool(_field(info, "CanAckPings"))
@@ -349,7 +378,11 @@ class ClientConnection(_Base):
             raise FrameError("server key differs from the one expected")
         self.server_key = key
         self._box = Box(self._private_key, PublicKey(key))
-        sealed = _seal_json(self._box, self._info)
+        info = dict(self._info)
+        challenge = bytes(payload[len(MAGIC) + KEY_LEN :])
+        if len(challenge) == CHALLENGE_LEN:
+            info["challenge"] = challenge.hex()  # binds this ClientInfo to this connection
+        sealed = _seal_json(self._box, info)
         self._write(frames.encode_frame(FrameType.CLIENT_INFO, self.public_key + sealed))
         self.last_sent = now
         self.state = State.AWAIT_SERVER_INFO

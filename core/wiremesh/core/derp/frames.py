@@ -24,12 +24,15 @@ MAX_HANDSHAKE_FRAME_LEN = 16 << 10  # a real ClientInfo is well under 1 KiB
 MAX_FRAME_LEN = 2 * KEY_LEN + MAX_PACKET_SIZE
 KEEPALIVE_INTERVAL = 60.0  # seconds; Tailscale's server sends a keepalive this often
 PING_LEN = 8
+# Our relay appends a fresh random challenge to ServerKey (in the bytes Tailscale's layout keeps
+# for future use, which its client ignores); our client answers it inside the sealed ClientInfo.
+CHALLENGE_LEN = 32
 
 _HEADER = struct.Struct("!BI")
 
 
 class FrameType(IntEnum):
-    SERVER_KEY = 0x01  # 8B magic + 32B server public key (+ future bytes)
+    SERVER_KEY = 0x01  # 8B magic + 32B server public key (+ future bytes: our 32B challenge)
     CLIENT_INFO = 0x02  # 32B client public key + 24B nonce + naclbox(json)
     SERVER_INFO = 0x03  # 24B nonce + naclbox(json)
     SEND_PACKET = 0x04  # 32B destination key + packet
@@ -69,6 +72,7 @@ class FrameError(ValueError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerKey:
     public_key: bytes
+    challenge: bytes = b""  # CHALLENGE_LEN bytes from our relay; empty from Tailscale's
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -195,7 +199,9 @@ def encode(frame: Frame) -> bytes:
         return encode_frame(FrameType.FORWARD_PACKET, frame.src + frame.dst + frame.packet)
     if isinstance(frame, ServerKey):
         _check_key(frame.public_key)
-        return encode_frame(FrameType.SERVER_KEY, MAGIC + frame.public_key)
+        if frame.challenge and len(frame.challenge) != CHALLENGE_LEN:
+            raise FrameError(f"challenge is {len(frame.challenge)} bytes, want {CHALLENGE_LEN}")
+        return encode_frame(FrameType.SERVER_KEY, MAGIC + frame.public_key + frame.challenge)
     if isinstance(frame, KeepAlive):
         return encode_frame(FrameType.KEEP_ALIVE)
     if isinstance(frame, NotePreferred):
@@ -302,7 +308,10 @@ def parse(frame_type: int, payload: bytes) -> Frame:
     if frame_type == FrameType.SERVER_KEY:
         if n < len(MAGIC) + KEY_LEN or bytes(payload[: len(MAGIC)]) != MAGIC:
             raise FrameError("ServerKey without the DERP magic and a key")
-        return ServerKey(bytes(payload[len(MAGIC) : len(MAGIC) + KEY_LEN]))
+        start = len(MAGIC) + KEY_LEN
+        # Bytes past the key are for future use: a challenge only when it is exactly ours.
+        extra = bytes(payload[start:])
+        return ServerKey(bytes(payload[len(MAGIC) : start]), extra if len(extra) == CHALLENGE_LEN else b"")
     raise FrameError(f"unexpected frame type {frame_type:#x}")
 
 

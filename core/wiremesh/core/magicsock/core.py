@@ -153,6 +153,7 @@ class PeerPath:
         "last_call_me_maybe",
         "last_send",
         "mapping_varies",
+        "netmap_hosts",
         "next_discovery",
         "next_upgrade",
         "node_key",
@@ -166,6 +167,9 @@ class PeerPath:
         self.node_key = info.node_key
         self.disco_key = info.disco_key
         self.home_region = info.home_region
+        # The peer's addresses as coord published them (its STUN results among them): the only
+        # hosts a birthday spray may aim at, whatever a CallMeMaybe claims.
+        self.netmap_hosts = frozenset(ep.address[0] for ep in info.endpoints)
         self.derp_route: int | None = None  # the region the peer last reached us through
         self.candidates: dict[Direct, Candidate] = {}
         self.best: Candidate | None = None
@@ -249,6 +253,7 @@ class PathSelector:
                 self._by_disco.pop(path.disco_key or b"", None)
                 path.disco_key = info.disco_key
             path.home_region = info.home_region
+            path.netmap_hosts = frozenset(ep.address[0] for ep in info.endpoints)
             if info.disco_key is not None:
                 self._by_disco[info.disco_key] = path
             for ep in info.endpoints:
@@ -639,7 +644,12 @@ class PathSelector:
         self._call_me_maybe(path, now, birthday=True)
 
     def _start_spray(self, path: PeerPath, endpoints: Sequence[Endpoint]) -> None:
-        hosts = sorted({ep.address[0] for ep in endpoints if ep.kind is EndpointKind.STUN})
+        claimed = {ep.address[0] for ep in endpoints if ep.kind is EndpointKind.STUN}
+        # A spray is ~1400 packets: only at a host the netmap gave for this peer, so a peer's
+        # CallMeMaybe cannot aim them at anyone else.
+        hosts = sorted(claimed & path.netmap_hosts)
+        if len(hosts) < len(claimed):
+            self.drops["birthday_host_not_in_netmap"] += len(claimed) - len(hosts)
         if not hosts:
             return
         low, high = BIRTHDAY_PORTS

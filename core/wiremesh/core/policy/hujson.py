@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -54,6 +55,7 @@ class Document:
         return self.positions.get((*path, KEY))
 
 
+MAX_NUMBER_CHARS = 64
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _STRING_BODY = re.compile(r'(?:[^"\\\x00-\x1f]|\\.)*', re.DOTALL)
 _LITERALS = {"true": True, "false": False, "null": None}
@@ -107,9 +109,16 @@ class _Parser:
             return self.string()
         m = _NUMBER.match(self.text, self.i)
         if m and m.end() > self.i:
-            self.i = m.end()
             s = m.group()
-            return float(s) if any(ch in s for ch in ".eE") else int(s)
+            # No number in a policy needs more: and int() of thousands of digits costs quadratic
+            # time (Python refuses past 4300), a float past 1e308 becomes inf.
+            if len(s) > MAX_NUMBER_CHARS:
+                raise self.error(f"number longer than {MAX_NUMBER_CHARS} characters")
+            self.i = m.end()
+            value = float(s) if any(ch in s for ch in ".eE") else int(s)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.error("number out of range")
+            return value
         for word, val in _LITERALS.items():
             if self.text.startswith(word, self.i):
                 self.i += len(word)

@@ -82,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     unapprove.set_defaults(func=_routes_unapprove)
 
     admin_policy.register(groups)  # policy get|set FILE|clear
+    groups.add_parser(
+        "coord-key", help="coord's control public key, for wiremeshd --coord-key (read with the admin key)"
+    ).set_defaults(func=_coord_key)
 
     adminkeys = groups.add_parser("adminkeys", help="scoped admin API keys").add_subparsers(
         dest="action", metavar="ACTION"
@@ -188,6 +191,12 @@ def _authkeys_create(args: argparse.Namespace) -> int:
     }
     data = _call(args, "POST", "/authkeys", body)
     return _emit(args, data, data["key"])
+
+
+@_guard
+def _coord_key(args: argparse.Namespace) -> int:
+    data = _call(args, "GET", "/key")
+    return _emit(args, data, data["public_key"])
 
 
 @_guard

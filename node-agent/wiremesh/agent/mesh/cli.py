@@ -22,9 +22,10 @@ from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.agent.localapi import LocalAPIServer
 from wiremesh.agent.magicsock import MagicSock
 from wiremesh.agent.mesh.binding import MagicsockPaths, MeshAPI
-from wiremesh.agent.mesh.controller import MAX_AUTH_KEY_BYTES, MeshAgent, MeshConfig
+from wiremesh.agent.mesh.controller import MAX_AUTH_KEY_BYTES, MeshAgent, MeshConfig, coord_pin
 from wiremesh.agent.mesh.metrics import MeshCollector
 from wiremesh.agent.state import Keys, StateDir, StateError
+from wiremesh.core import crypto
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.disco import DiscoKey
@@ -41,6 +42,21 @@ EXIT_RUNTIME = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("mesh mode", "join a mesh through a coordination server")
     group.add_argument("--login-server", metavar="URL", help="coord's URL, e.g. http://coord:8080")
+    group.add_argument(
+        "--coord-key",
+        metavar="KEY",
+        default=os.environ.get("WIREMESH_COORD_KEY", ""),
+        help="coord's control public key, pinned (`wiremesh admin coord-key` prints it; default "
+        "$WIREMESH_COORD_KEY). Not needed with an auth key from `wiremesh admin authkeys create` (it "
+        "carries the key's fingerprint) or once joined (state.json keeps the key of the first login); "
+        "give it to accept a coord whose key was replaced",
+    )
+    group.add_argument(
+        "--insecure-learn-coord-key",
+        action="store_true",
+        help="LAB ONLY: over plain http://, trust whatever key the login server presents at the first "
+        "login (anyone on the path could pose as coord)",
+    )
     group.add_argument(
         "--auth-key",
         metavar="KEY",
@@ -138,6 +154,12 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
     if not 0 <= args.listen_port < 65536:
         raise ValueError(f"--listen-port must be 0..65535, got {args.listen_port}")
     mtu = resolve_mtu(str(args.mtu))
+    coord_key = str(args.coord_key or "").strip()
+    if coord_key:
+        try:
+            crypto.decode_key(coord_key)
+        except ValueError:
+            raise ValueError(f"--coord-key is not a key (want 44 base64 characters): {coord_key[:60]!r}") from None
     state_dir = str(args.state_dir)
     return MeshConfig(
         login_server=url,
@@ -154,6 +176,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         mtu=mtu,
         metrics_listen=args.metrics_listen,
         workers=resolve_workers(str(getattr(args, "workers", "0"))),
+        coord_key=coord_key,
+        insecure_learn_coord_key=bool(args.insecure_learn_coord_key),
     )
 
 
@@ -163,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         state_dir = StateDir(config.state_dir)
         keys = state_dir.load_or_create_keys()
-        state_dir.load()
+        coord_pin(config, state_dir.load())
     except (ValueError, StateError, OSError) as exc:
         log.error("config_invalid error=%r", str(exc))
         return EXIT_CONFIG
@@ -183,8 +207,7 @@ def run(args: argparse.Namespace) -> int:
         engine.start()
         if config.advertise_routes:
             routing_subnets = _start_subnet_router(config)
-        if config.metrics_listen:
-            server = metrics.serve(registry, config.metrics_listen)
+        server = metrics.serve_if_wanted(registry, config.metrics_listen)
         return asyncio.run(_serve(config, state_dir, keys, engine, registry))
     except (OSError, netconf.NetconfError, ValueError) as exc:
         log.error("startup_failed interface=%s error=%r", config.tun, str(exc))

@@ -9,6 +9,11 @@ down: the data plane keeps the last netmap.
 
 The auth key is only offered until the first successful login of the process: a node that coord
 later deletes or expires stays cut off (NeedsLogin) instead of silently re-registering.
+
+Coord's key is pinned (`coord_pin`): `--coord-key`, else the one state.json kept from the first
+successful login, else the fingerprint the pre-auth key carries; learning it from `GET /key` with
+nothing to check it against is allowed over https:// (TLS vouches for the server) or with
+`--insecure-learn-coord-key` (a lab), and refused over plain http://.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from wiremesh.agent.control import (
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
 from wiremesh.core import crypto
+from wiremesh.core.control import coordkey
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.netmap import NetworkMap, Node
@@ -95,6 +101,34 @@ class MeshConfig:
     mtu: int = hostnet.MIN_MTU
     metrics_listen: str | None = None
     workers: int = 0  # receive worker processes (Engine workers)
+    coord_key: str = ""  # --coord-key: coord's control key, pinned
+    insecure_learn_coord_key: bool = False  # lab only: learn it over plain http://
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CoordPin:
+    key: bytes | None  # pinned: every request is sealed to it
+    fingerprint: str | None  # from the pre-auth key: the key from GET /key must match it
+
+
+def coord_pin(config: MeshConfig, persisted: Persisted) -> CoordPin:
+    """How this agent knows coord's key; ValueError (with what to do) if it would have to trust
+    plain HTTP for it."""
+    if config.coord_key:
+        return CoordPin(crypto.decode_key(config.coord_key), None)
+    if persisted.coord_key:
+        return CoordPin(crypto.decode_key(persisted.coord_key), None)
+    _secret, fingerprint = coordkey.split_auth_key(config.auth_key)
+    if fingerprint is not None:
+        return CoordPin(None, fingerprint)
+    if config.login_server.startswith("https://") or config.insecure_learn_coord_key:
+        return CoordPin(None, None)
+    raise ValueError(
+        f"coord's key is not pinned and {config.login_server} is plain http://, where anyone on the path "
+        "could pose as coord: give --coord-key KEY (from `wiremesh admin coord-key` or coord's GET /key "
+        "read over a trusted path), or an auth key created by this coord (it carries the key's "
+        "fingerprint), or use https://; in a lab, --insecure-learn-coord-key"
+    )
 
 
 class MeshAgent:
@@ -117,7 +151,15 @@ class MeshAgent:
         self.engine = engine
         self.clock = clock
         self.persisted = state_dir.load()
-        self.client = client or ControlClient(config.login_server, keys.machine)
+        if client is None:
+            pin = coord_pin(config, self.persisted)
+            client = ControlClient(
+                config.login_server,
+                keys.machine,
+                server_public_key=pin.key,
+                server_key_fingerprint=pin.fingerprint,
+            )
+        self.client = client
         self.backend_state = BackendState.STARTING
         self.netmap: NetworkMap | None = None
         self.applied = Plan()
@@ -214,12 +256,15 @@ class MeshAgent:
         self.refused_tags, self.tags_error = result.refused_tags, result.tags_error
         if result.refused_tags:
             log.warning("tags_refused tags=%s reason=%r", ",".join(result.refused_tags), result.tags_error)
+        server_key = self.client.server_public_key
         self.persisted = dataclasses.replace(
             self.persisted,
             login_server=self.config.login_server,
             node_id=result.node_id,
             name=result.name,
             addresses=tuple(result.addresses),
+            # Pinned from now on: the key this login was sealed to and answered under.
+            coord_key=crypto.encode_key(server_key) if server_key else self.persisted.coord_key,
         )
         self._save()
         log.info(

@@ -22,9 +22,9 @@ import os
 import pathlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
@@ -34,7 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wiremesh.coord import admin_keys, oidc_login, policy_store, store
 from wiremesh.coord.core import CoordConfig, Coordinator, Stream
+from wiremesh.coord.limits import DEFAULT_BURST, DEFAULT_RATE, AgentRateLimit, SourceLimits
 from wiremesh.core import bus, crypto
+from wiremesh.core.control import coordkey
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control.channel import MAX_REQUEST_BYTES, PROLOGUE, PROTOCOL, ControlError, ServerCall
 from wiremesh.shell import logs, service
@@ -43,6 +45,8 @@ log = logging.getLogger("wiremesh.coord")
 MAX_ADMIN_BODY = 64 * 1024
 FRAMES = "application/x-wiremesh-frames"
 _DURATION = re.compile(r"^(\d+)([smhd])$")
+# Ids are database integers: anything past 64 bits is a 422 here, not an overflow (500) below.
+RowId = Annotated[int, Path(ge=0, le=2**63 - 1)]
 
 
 class BodyLimit:
@@ -143,12 +147,12 @@ class MapStreams:
         try:
             body = await service.read_body(Request(scope, receive), MAX_REQUEST_BYTES)
             call = await self.coord.open_call(body)
+            status, reply, stream = await self.coord.open_stream(call)
         except HTTPException as exc:
             response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         except ControlError as exc:
             response = JSONResponse({"detail": str(exc)}, status_code=exc.status)
         else:
-            status, reply, stream = await self.coord.open_stream(call)
             first = call.respond(cm.encode(reply))
             if stream is None:
                 response = Response(first, status_code=status, media_type=FRAMES)
@@ -190,9 +194,39 @@ def parse_duration(value: str | float | None) -> float | None:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> FastAPI:
+class SplitListeners:
+    """ASGI middleware for --admin-listen: the admin API only on the admin port, the agent API only
+    on the other one (probes and /metrics on both), so the admin port can stay off the internet."""
+
+    def __init__(self, app: ASGIApp, admin_port: int) -> None:
+        self.app = app
+        self.admin_port = admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = str(scope.get("path", ""))
+            server = scope.get("server")
+            on_admin = server is not None and server[1] == self.admin_port
+            admin_path = path.startswith("/api/")
+            agent_path = path.startswith("/machine/") or path == "/key"
+            if (admin_path and not on_admin) or (agent_path and on_admin):
+                await JSONResponse({"detail": "not found on this listener"}, status_code=404)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    coord: Coordinator,
+    provisioned_keys: tuple[tuple[str, tuple[str, ...]], ...] = (),
+    *,
+    api_docs: bool = False,
+    admin_port: int | None = None,
+) -> FastAPI:
     """coord's FastAPI app. `provisioned_keys`: (key, scopes) pairs made sure of at start (a key
-    the chart hands the operator, say); see admin_keys."""
+    the chart hands the operator, say); see admin_keys. `api_docs` serves /docs and /openapi.json,
+    `admin_port` splits the listeners."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -205,9 +239,17 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         finally:
             await coord.stop()
 
-    app = FastAPI(title="wiremesh-coord", lifespan=lifespan)
+    docs: dict[str, Any] = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="wiremesh-coord", lifespan=lifespan, **docs)
     app.add_middleware(BodyLimit, limit=MAX_ADMIN_BODY)
     app.add_middleware(MapStreams, coord=coord)  # POST /machine/map, see MapStreams
+    app.add_middleware(  # outermost: refused before anything else is spent on the request
+        AgentRateLimit,
+        limits=SourceLimits(coord.config.agent_rate, coord.config.agent_burst),
+        on_refused=lambda: coord.refused.labels("rate_limited").inc(),
+    )
+    if admin_port is not None:
+        app.add_middleware(SplitListeners, admin_port=admin_port)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -304,28 +346,36 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
     if coord.interactive is not None:
         oidc_login.add_routes(app, coord.interactive)  # /login/{id} and /oidc/callback, for browsers
 
+    @app.get(f"{api}/key", dependencies=guarded)
+    async def admin_key_view() -> dict[str, str]:
+        """Coord's control key as the admin API vouches for it (wiremeshd --coord-key)."""
+        return {
+            "public_key": crypto.encode_key(coord.public_key),
+            "fingerprint": coordkey.fingerprint(coord.public_key),
+        }
+
     @app.get(f"{api}/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:
         records = await coord._db(store.load_all)
         return [r.to_admin_json() for r in sorted(records, key=lambda r: r.id)]
 
     @app.get(f"{api}/nodes/{{node_id}}", dependencies=guarded)
-    async def get_node(node_id: int) -> dict[str, Any]:
+    async def get_node(node_id: RowId) -> dict[str, Any]:
         record = await coord._db(lambda s: store.load_node(s, node_id))
         if record is None:
             raise HTTPException(404, f"no node with id {node_id}")
         return record.to_admin_json()
 
     @app.delete(f"{api}/nodes/{{node_id}}", dependencies=guarded)
-    async def delete_node(node_id: int) -> dict[str, Any]:
+    async def delete_node(node_id: RowId) -> dict[str, Any]:
         return (await coord.delete_node(node_id)).to_admin_json()
 
     @app.post(f"{api}/nodes/{{node_id}}/expire", dependencies=guarded)
-    async def expire_node(node_id: int) -> dict[str, Any]:
+    async def expire_node(node_id: RowId) -> dict[str, Any]:
         return (await coord.expire_node(node_id)).to_admin_json()
 
     @app.post(f"{api}/nodes/{{node_id}}/rename", dependencies=guarded)
-    async def rename_node(node_id: int, body: RenameBody) -> dict[str, Any]:
+    async def rename_node(node_id: RowId, body: RenameBody) -> dict[str, Any]:
         try:
             name = cm.check_hostname(body.name)
         except ControlError as exc:
@@ -335,7 +385,7 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         return (await coord.admin_update(node_id, name=name)).to_admin_json()
 
     @app.post(f"{api}/nodes/{{node_id}}/tags", dependencies=guarded)
-    async def tag_node(node_id: int, body: TagsBody) -> dict[str, Any]:
+    async def tag_node(node_id: RowId, body: TagsBody) -> dict[str, Any]:
         tags = admin_tags(body.tags)
         return (await coord.admin_update(node_id, tags=tags)).to_admin_json()
 
@@ -357,7 +407,7 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         return out
 
     @app.post(f"{api}/nodes/{{node_id}}/routes/approve", dependencies=guarded)
-    async def approve_routes(node_id: int, body: ApproveBody) -> dict[str, Any]:
+    async def approve_routes(node_id: RowId, body: ApproveBody) -> dict[str, Any]:
         record = await coord._db(lambda s: store.load_node(s, node_id))
         if record is None:
             raise HTTPException(404, f"no node with id {node_id}")
@@ -374,7 +424,7 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
 
     @app.post(f"{api}/nodes/{{node_id}}/routes/unapprove", dependencies=guarded)
-    async def unapprove_routes(node_id: int, body: ApproveBody) -> dict[str, Any]:
+    async def unapprove_routes(node_id: RowId, body: ApproveBody) -> dict[str, Any]:
         """Withdraw approvals: the prefixes leave the node's allowed IPs in every peer's netmap
         (the same change path as approve). Withdrawing one that is not approved is a no-op, so
         callers (the operator) may repeat it; the node keeps advertising it."""
@@ -408,7 +458,8 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         if reply.error or reply.key is None:
             raise HTTPException(400, reply.error or "no key created")
         out = key_json(reply.key)
-        out["key"] = reply.secret
+        # Agents joining with it pin coord's key by this fingerprint (wiremesh.core.control.coordkey).
+        out["key"] = coordkey.with_fingerprint(reply.secret, coord.public_key)
         return out
 
     @app.get(f"{api}/authkeys", dependencies=guarded)
@@ -419,7 +470,7 @@ def create_app(coord: Coordinator, provisioned_keys: tuple[tuple[str, tuple[str,
         return [key_json(k) for k in reply.keys]
 
     @app.post(f"{api}/authkeys/{{auth_key_id}}/expire", dependencies=guarded)
-    async def expire_authkey(auth_key_id: int) -> dict[str, Any]:
+    async def expire_authkey(auth_key_id: RowId) -> dict[str, Any]:
         reply = await coord.keys_request(
             bus.AUTH_KEY_EXPIRE, bus.AuthKeyExpire(auth_key_id=auth_key_id), bus.AuthKeyReply
         )
@@ -483,6 +534,27 @@ def main(argv: list[str] | None = None) -> None:
         "(repeatable); a key revoked through the API stays revoked",
     )
     oidc_login.add_arguments(parser)
+    parser.add_argument(
+        "--agent-rate-limit",
+        type=float,
+        default=_env("AGENT_RATE_LIMIT", DEFAULT_RATE),
+        help="agent requests per second one source address may make, sustained (default %(default)s; "
+        "0 turns the limit off); behind a proxy, the source is its X-Forwarded-For when the proxy is "
+        "trusted (--forwarded-allow-ips)",
+    )
+    parser.add_argument(
+        "--agent-rate-burst",
+        type=float,
+        default=_env("AGENT_RATE_BURST", DEFAULT_BURST),
+        help="agent requests one source address may make at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--admin-listen",
+        default=os.environ.get("WIREMESH_ADMIN_LISTEN", ""),
+        metavar="HOST:PORT",
+        help="serve the admin API (/api/v1) on this address only, and the agent API only on --listen "
+        "(default: both on --listen)",
+    )
     args = parser.parse_args(argv)
     provisioned = _provisioned_keys(parser, args.provision_admin_key)
     settings = service.settings_from_args(args, "coord")
@@ -490,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
         oidc, server_url = oidc_login.config_from_args(args, f"{settings.listen_host}:{settings.listen_port}")
     except ValueError as exc:
         parser.error(str(exc))
+    admin_listen = service.parse_listen(args.admin_listen, "--admin-listen") if args.admin_listen else None
+    if admin_listen is not None and admin_listen[1] == settings.listen_port:
+        raise SystemExit("wiremesh-coord: --admin-listen needs a port of its own, not --listen's")
     logs.setup_logging(settings.log_level, settings.log_json)
     config = CoordConfig(
         database_url=settings.database_url,
@@ -505,9 +580,14 @@ def main(argv: list[str] | None = None) -> None:
         share_handshakes=not args.no_handshake_sharing,
         oidc=oidc,
         server_url=server_url,
+        agent_rate=args.agent_rate_limit,
+        agent_burst=args.agent_rate_burst,
     )
     coord = Coordinator(config)
-    service.serve(create_app(coord, provisioned), settings, on_exit=coord.begin_shutdown)
+    app = create_app(
+        coord, provisioned, api_docs=settings.api_docs, admin_port=admin_listen[1] if admin_listen else None
+    )
+    service.serve(app, settings, on_exit=coord.begin_shutdown, extra_listen=admin_listen)
 
 
 def _provisioned_keys(

@@ -14,7 +14,9 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -25,12 +27,13 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.exc import IntegrityError
 
-from wiremesh.coord import store
+from wiremesh.coord import limits, store
 from wiremesh.coord.oidc import OidcConfig
 from wiremesh.coord.oidc_login import InteractiveLogins, LoginPending
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
 from wiremesh.core import bus, crypto
 from wiremesh.core.busauth import BusAccess
+from wiremesh.core.control import coordkey
 from wiremesh.core.control import messages as cm
 from wiremesh.core.control.channel import ControlError, HandshakeRefused, ReplayGuard, ServerCall
 from wiremesh.shell import service
@@ -39,6 +42,9 @@ log = logging.getLogger("wiremesh.coord")
 # How long past its own freshness window a handshake's row is kept: replicas' clocks may disagree
 # by this much, and one whose clock runs behind still finds the handshake fresh.
 HANDSHAKE_CLOCK_MARGIN = 60.0
+# Open netmap streams one node may hold on a replica; a newer one closes the oldest. One is what an
+# agent needs; the second covers a reconnect whose old stream coord has not noticed gone yet.
+MAX_STREAMS_PER_NODE = 2
 MIGRATIONS = str(pathlib.Path(__file__).parent / "migrations")
 VERSION_TABLE = "coord_alembic_version"
 T = TypeVar("T")
@@ -64,6 +70,34 @@ class CoordConfig:
     # as browsers reach it.
     oidc: OidcConfig | None = None
     server_url: str = ""
+    agent_rate: float = limits.DEFAULT_RATE  # agent requests per second per source address; 0: off
+    agent_burst: float = limits.DEFAULT_BURST
+
+
+def create_private_key_file(path: pathlib.Path) -> None:
+    """A new private key at `path`, 0600 from its first byte and whole when it appears: written to a
+    temporary file created 0600 (whatever the umask), then linked into place, so no reader ever
+    sees it loose or half written, and of two processes racing only one key wins (the other's link
+    fails and it reads the winner's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (crypto.encode_key(crypto.generate_private_key()) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+class ClaimRefused(ControlError):
+    """The request's handshake could not be claimed (a replay, or no database): answered as is."""
 
 
 class Stream:
@@ -78,11 +112,15 @@ class Stream:
         "full",
         "keepalive",
         "node_id",
+        "opened",
         "self_dirty",
         "wake",
     )
+    _opened = 0
 
     def __init__(self, node_id: int, call: ServerCall, keepalive: float) -> None:
+        Stream._opened += 1
+        self.opened = Stream._opened  # order of opening, to find a node's oldest stream
         self.node_id = node_id
         self.call = call
         self.keepalive = keepalive
@@ -203,9 +241,7 @@ class Coordinator:
         if self.config.control_key_file:
             path = pathlib.Path(self.config.control_key_file)
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(crypto.encode_key(crypto.generate_private_key()) + "\n")
-                path.chmod(0o600)
+                create_private_key_file(path)
             return crypto.decode_key(path.read_text())
         # Replicas share one control key through the database, so an agent may reach any of them.
         fresh = crypto.encode_key(crypto.generate_private_key())
@@ -318,29 +354,39 @@ class Coordinator:
     # agent requests ----------------------------------------------------------------------
 
     async def open_call(self, body: bytes) -> ServerCall:
-        """The request's handshake, accepted by exactly one replica, or ControlError (403 and why).
+        """The request's handshake, decrypted and fresh, or ControlError (403 and why).
 
         This replica's memory refuses a stale handshake or one it saw already (or heard of over
-        NATS) without a database write; the shared database then decides races between replicas.
+        NATS); nothing is written. Each handler then claims the handshake (`claim`) once the caller
+        is known (its machine key is registered, or it presented a valid auth key) and before it
+        acts: so a stranger's requests cost no database write, and the shared database still
+        decides, exactly, races between replicas over every request that changes anything.
         """
         try:
-            call = ServerCall(self.private_key, body, self.clock(), self.guard)
-            await self._record_handshake(call)
-            if self.config.share_handshakes and self.nc is not None and self.nc.is_connected:
-                # Other replicas learn this handshake too, so a replay sent to them is refused
-                # from memory, before it costs them a database write.
-                task = asyncio.get_running_loop().create_task(
-                    self.nc.publish(bus.HANDSHAKE_SEEN, call.ephemeral)
-                )
-                self._announcements.add(task)
-                task.add_done_callback(self._announcements.discard)
-            return call
+            return ServerCall(self.private_key, body, self.clock(), self.guard)
         except ControlError as exc:
-            reason = str(exc).split(":")[0].split(" ")[0]
-            self.refused.labels(
-                reason if reason in ("stale", "replayed", "handshake", "malformed", "database") else "other"
-            ).inc()
+            self._count_refusal(exc)
             raise
+
+    def _count_refusal(self, exc: ControlError) -> None:
+        reason = str(exc).split(":")[0].split(" ")[0]
+        self.refused.labels(
+            reason if reason in ("stale", "replayed", "handshake", "malformed", "database") else "other"
+        ).inc()
+
+    async def claim(self, call: ServerCall) -> None:
+        """Claim the handshake for this replica, or ClaimRefused (403 replayed, 503 no database)."""
+        try:
+            await self._record_handshake(call)
+        except ControlError as exc:
+            self._count_refusal(exc)
+            raise ClaimRefused(str(exc), exc.status) from None
+        if self.config.share_handshakes and self.nc is not None and self.nc.is_connected:
+            # Other replicas learn this handshake too, so a replay sent to them is refused
+            # from memory, before it costs them a database write.
+            task = asyncio.get_running_loop().create_task(self.nc.publish(bus.HANDSHAKE_SEEN, call.ephemeral))
+            self._announcements.add(task)
+            task.add_done_callback(self._announcements.discard)
 
     async def _record_handshake(self, call: ServerCall) -> None:
         """Claim the handshake in the shared database before acting on it: a replay that reached
@@ -368,10 +414,18 @@ class Coordinator:
             endpoints = cm.check_endpoints(req.endpoints)
             if len(req.auth_key) > 256:
                 raise ControlError("auth key too long")
+            auth_key, key_fingerprint = coordkey.split_auth_key(req.auth_key)
+            if key_fingerprint is not None and not coordkey.matches(self.public_key, key_fingerprint):
+                raise ControlError(
+                    "this auth key was issued by another coord (its key fingerprint differs)", 401
+                )
+            req = dataclasses.replace(req, auth_key=auth_key)
             requested = cm.check_tags(req.request_tags)
             record, refused, why = await self._login(
                 call, req, node_key, disco_key, hostname, routes, endpoints, requested
             )
+        except ClaimRefused:
+            raise
         except LoginPending as pending:
             self.logins.labels("pending").inc()
             return 200, cm.LoginResponse(auth_url=pending.auth_url, login_id=pending.login_id)
@@ -409,6 +463,24 @@ class Coordinator:
         """The node's record, and the requested tags refused with why."""
         machine_key = crypto.encode_key(call.machine_key)
         existing = await self._db(lambda s: store.node_by_machine_key(s, machine_key))
+        if existing is not None:
+            await self.claim(call)  # a known machine
+        elif not req.auth_key:
+            raise ControlError("unknown machine: an auth key is required to register", 401)
+        else:
+            # A stranger: its auth key is checked (nothing written) before its handshake is claimed.
+            check = await self.keys_request(
+                bus.AUTH_KEY_CONSUME,
+                bus.AuthKeyConsume(secret=req.auth_key, machine_key=machine_key, check_only=True),
+                bus.AuthKeyGrant,
+            )
+            if check.error:
+                raise ControlError(check.error, 401)
+            await self.claim(call)
+        # Peers find a node's disco messages by its disco key: two nodes must never share one.
+        holder = await self._db(lambda s: store.node_id_by_disco_key(s, disco_key))
+        if holder is not None and (existing is None or holder != existing.id):
+            raise ControlError("disco key already in use by another node: generate a new one", 409)
         now = self.clock()
         grant: bus.AuthKeyGrant | None = None
         groups: tuple[str, ...] = existing.user_groups if existing is not None else ()
@@ -556,6 +628,7 @@ class Coordinator:
         try:
             req = cm.decode(cm.UpdateRequest, call.payload)
             record = await self.authorize(call, req.node_key)
+            await self.claim(call)
             values: dict[str, Any] = {}
             if req.endpoints is not None:
                 values["endpoints"] = cm.check_endpoints(req.endpoints)
@@ -570,6 +643,8 @@ class Coordinator:
             await self._update_node(
                 record, values, "endpoints" if set(values) == {"endpoints"} else "updated"
             )
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             return exc.status, cm.Reply(error=str(exc))
         return 200, cm.Reply()
@@ -588,10 +663,13 @@ class Coordinator:
         try:
             req = cm.decode(cm.LogoutRequest, call.payload)
             record = await self.authorize(call, req.node_key)
+            await self.claim(call)
             if record.ephemeral:
                 await self.delete_node(record.id)
             else:
                 await self.expire_node(record.id)
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             return exc.status, cm.Reply(error=str(exc))
         return 200, cm.Reply()
@@ -600,6 +678,7 @@ class Coordinator:
         try:
             req = cm.decode(cm.MapRequest, call.payload)
             record = await self.authorize(call, req.node_key)
+            await self.claim(call)
             if req.endpoints is not None:
                 record = await self._update_node(
                     record, {"endpoints": cm.check_endpoints(req.endpoints)}, "endpoints"
@@ -608,6 +687,8 @@ class Coordinator:
                 raise ControlError("keepalive must be a number of seconds")
             if self._stopping:
                 raise ControlError("coord is shutting down", 503)
+        except ClaimRefused:
+            raise
         except (ControlError, store.StoreError) as exc:
             return exc.status, cm.Reply(error=str(exc)), None
         stream = Stream(record.id, call, min(max(req.keepalive, 0.5), 60.0))
@@ -615,7 +696,13 @@ class Coordinator:
 
     async def run_stream(self, stream: Stream) -> AsyncIterator[bytes]:
         """Sealed frames for one stream: the full netmap, then deltas, keepalives, a final error."""
-        self.streams.setdefault(stream.node_id, set()).add(stream)
+        streams = self.streams.setdefault(stream.node_id, set())
+        while len(streams) >= MAX_STREAMS_PER_NODE:
+            oldest = min(streams, key=lambda s: s.opened)
+            streams.discard(oldest)
+            oldest.close("superseded by a newer netmap stream of this node", 409)
+            self.refused.labels("streams").inc()
+        streams.add(stream)
         try:
             await self._set_online(stream.node_id, True)
             yield stream.call.seal_frame(self.full_netmap(stream.node_id))
@@ -649,10 +736,10 @@ class Coordinator:
                 )
                 self.frames.labels("error").inc()
         finally:
-            streams = self.streams.get(stream.node_id)
-            if streams is not None:
-                streams.discard(stream)
-                if not streams:
+            remaining = self.streams.get(stream.node_id)
+            if remaining is not None:
+                remaining.discard(stream)
+                if not remaining:
                     del self.streams[stream.node_id]
                     if not self._stopping and self.mesh.get(stream.node_id) is not None:
                         await self._set_online(stream.node_id, False)

@@ -398,6 +398,10 @@ def node_by_key(session: Session, node_key: str) -> NodeRecord | None:
     return None if row is None else load_node(session, row.id)
 
 
+def node_id_by_disco_key(session: Session, disco_key: str) -> int | None:
+    return session.scalars(select(NodeRow.id).where(NodeRow.disco_key == disco_key)).first()
+
+
 def counts(session: Session) -> dict[str, int]:
     return {
         "nodes": session.scalar(select(func.count(NodeRow.id))) or 0,

@@ -36,7 +36,10 @@ from wiremesh.derp.relay import Relay
 
 log = logging.getLogger("wiremesh.derp.mesh")
 
-MAX_OUTBOX = 65536  # messages waiting for NATS; beyond this, forwards are dropped and counted
+MAX_OUTBOX = 65536  # packets waiting for NATS; beyond this, forwards are dropped and counted
+# Packet bytes waiting for NATS (plus at most the batch being published): a count alone would
+# let 65536 packets of 64 KiB (4 GiB) pile up while NATS is slow or away.
+DEFAULT_MAX_OUTBOX_BYTES = 16 << 20
 MAX_BATCH_BYTES = 512 << 10  # well under NATS's default 1 MiB max payload
 MAX_TALKERS = 4096  # clients here remembered per remote key, to tell them it is gone
 LEASE_SUBJECT = bus.DERP_LEASE
@@ -58,6 +61,7 @@ class Mesh:
         *,
         interval: float = presence.DEFAULT_INTERVAL,
         lease: float = presence.DEFAULT_LEASE,
+        max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
     ) -> None:
         if interval <= 0 or lease <= interval:
             raise ValueError("the presence lease must be longer than the beat interval")
@@ -78,6 +82,8 @@ class Mesh:
         self._full_queued = False
         self._forwards: dict[str, list[bytes]] = {}  # replica -> flat records (4 parts each)
         self._forward_count = 0
+        self._forward_bytes = 0
+        self.max_outbox_bytes = max_outbox_bytes
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
@@ -116,6 +122,12 @@ class Mesh:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def abandon(self) -> None:
+        """Stop at once, without goodbyes (after stop() could not finish)."""
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+
     # --- outgoing ---------------------------------------------------------------------
 
     def announce(self, key: bytes, present: bool) -> None:
@@ -139,7 +151,8 @@ class Mesh:
             talkers = self._talkers[dst] = set()
         if len(talkers) < MAX_TALKERS:
             talkers.add(src)
-        if self._forward_count >= MAX_OUTBOX:
+        size = 4 + 64 + len(packet)
+        if self._forward_count >= MAX_OUTBOX or self._forward_bytes + size > self.max_outbox_bytes:
             self.relay.stats.drops["mesh_backlog"] += 1
             return True
         records = self._forwards.get(replica)
@@ -150,8 +163,14 @@ class Mesh:
         records.append(dst)
         records.append(packet)
         self._forward_count += 1
+        self._forward_bytes += size
         self._wake.set()
         return True
+
+    @property
+    def outbox_bytes(self) -> int:
+        """Packet bytes waiting for NATS (not counting the batch being published)."""
+        return self._forward_bytes
 
     def _enqueue(self, subject: str, payload: bytes) -> None:
         self._outbox.append((subject, payload))
@@ -181,6 +200,7 @@ class Mesh:
                 out.append((subject, b"".join(batch)))
         self._forwards.clear()
         self._forward_count = 0
+        self._forward_bytes = 0
         return out
 
     async def _drain_once(self) -> None:

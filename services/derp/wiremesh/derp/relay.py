@@ -7,7 +7,14 @@ that batch is written with one `transport.write`. No task per client, no await p
 
 Bounded queues: a client's send queue is its transport's write buffer plus frames
 gathered in the current batch. Past `max_queue_bytes` new packets to that client are
-dropped and counted; the sender and every other client go on unaffected.
+dropped and counted; the sender and every other client go on unaffected. Control frames
+the relay owes a client (Pong, PeerGone, ...) count against the same bound, and a client
+whose write buffer passes half of it is not read from until it drains: a client that
+floods Pings and never reads the Pongs stops itself, not the relay's memory.
+
+Admission: each connection's handshake answers a fresh server challenge (see
+wiremesh.core.derp.connection), reading is rate-limited per client by default, and one
+source address may hold at most `max_connections_per_ip` connections.
 """
 
 from __future__ import annotations
@@ -24,7 +31,14 @@ import h11
 from nacl.public import PrivateKey
 
 from wiremesh.core.derp import frames
-from wiremesh.core.derp.connection import ClientHello, Event, IdleTimeout, ServerConnection, State
+from wiremesh.core.derp.connection import (
+    ChallengeFailed,
+    ClientHello,
+    Event,
+    IdleTimeout,
+    ServerConnection,
+    State,
+)
 from wiremesh.core.derp.frames import KEY_LEN, PROTOCOL_VERSION, FrameError, FrameType, PeerGoneReason
 from wiremesh.derp.keyauth import KeyAuthority, encode_key
 
@@ -49,13 +63,22 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_PEER_GONE_MEMORY = 4096
 
 
+DEFAULT_RATE_BYTES_PER_SECOND = 12_500_000  # 100 Mbit/s per client: DERP is the fallback path
+DEFAULT_MAX_CONNECTIONS_PER_IP = 100
+
+
 @dataclasses.dataclass(slots=True)
 class RelayConfig:
-    rate_bytes_per_second: int = 0  # 0 = unlimited
-    rate_burst: int = 0
-    max_queue_bytes: int = 1 << 20  # per client
+    rate_bytes_per_second: int = DEFAULT_RATE_BYTES_PER_SECOND  # 0 = unlimited
+    rate_burst: int = 0  # 0 = one second's worth
+    max_queue_bytes: int = 1 << 20  # per client, packets and control frames alike
     keepalive_interval: float = frames.KEEPALIVE_INTERVAL
     idle_timeout: float | None = 3 * frames.KEEPALIVE_INTERVAL
+    # Tailscale's own clients (the bench load generator) do not answer the challenge.
+    require_challenge: bool = True
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP  # 0 = no cap
+    # From connect to admitted: the HTTP upgrade and the DERP handshake, however slowly sent.
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 class Stats:
@@ -92,6 +115,7 @@ class Relay:
         self.clock = clock
         self.clients: dict[bytes, DerpProtocol] = {}
         self.connections: set[DerpProtocol] = set()
+        self.per_address: Counter[str] = Counter()  # open connections by source address
         self.stats = Stats()
         self.mesh: ReplicaMesh | None = None
         self._dirty: list[DerpProtocol] = []
@@ -219,7 +243,9 @@ class DerpProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tokens = 0.0
         self._tokens_at = 0.0
-        self._paused = False
+        self._paused = False  # by the rate limit
+        self._write_blocked = False  # by our own write buffer to this client
+        self._address: str | None = None  # counted in relay.per_address
 
     # --- asyncio callbacks --------------------------------------------------------------
 
@@ -228,12 +254,33 @@ class DerpProtocol(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.relay.connections.add(self)
-        self.relay.stats.connections_total += 1
-        self._arm_timer(self.relay.clock() + HANDSHAKE_TIMEOUT)
+        relay = self.relay
+        address = str(peer[0]) if isinstance(peer, tuple) else self.peer
+        cap = relay.config.max_connections_per_ip
+        if cap and relay.per_address[address] >= cap:
+            # Refused before a byte is read: no HTTP parser, no handshake, no timer.
+            relay.stats.refused["too_many_connections_from_address"] += 1
+            self.closed = True
+            transport.abort()
+            return
+        relay.per_address[address] += 1
+        self._address = address
+        # Past half the client's queue bound, stop reading it until it drains (pause_writing):
+        # what it sends next would only add to what it does not read.
+        high = relay.config.max_queue_bytes // 2
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        relay.connections.add(self)
+        relay.stats.connections_total += 1
+        self._arm_timer(relay.clock() + relay.config.handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._address is not None:
+            per_address = self.relay.per_address
+            per_address[self._address] -= 1
+            if per_address[self._address] <= 0:
+                del per_address[self._address]
+            self._address = None
         if self._timer is not None:
             self._timer.cancel()
         self.relay.connections.discard(self)
@@ -315,6 +362,7 @@ class DerpProtocol(asyncio.Protocol):
             now=self.relay.clock(),
             keepalive_interval=cfg.keepalive_interval,
             idle_timeout=cfg.idle_timeout,
+            require_challenge=cfg.require_challenge,
         )
         self._write(self.conn.data_to_send())
         if rest:
@@ -352,13 +400,21 @@ class DerpProtocol(asyncio.Protocol):
         try:
             events = conn.receive_data(data, now)
             self._handle_events(events, now)
+        except ChallengeFailed as exc:
+            log.info("refusing %s (%s): %s", self.peer, self._key_text(), exc)
+            relay.stats.refused["challenge_failed"] += 1
+            self.close("challenge_failed", count=False)
         except FrameError as exc:
             log.info("closing %s (%s): %s", self.peer, self._key_text(), exc)
             relay.stats.closes["protocol_error"] += 1
             self.close("protocol_error", count=False)
-        out = conn.data_to_send()
+        out = conn.data_to_send()  # the handshake's ServerInfo, Pongs
         if out:
-            self._write(out)
+            # At most one read's worth past the bound: that write pauses reading (pause_writing).
+            if self.queued_bytes() > relay.config.max_queue_bytes:
+                relay.stats.drops["control_queue_full"] += 1
+            else:
+                self._write(out)
         relay.flush()
 
     def _handle_events(self, events: list[Event], now: float) -> None:
@@ -394,8 +450,12 @@ class DerpProtocol(asyncio.Protocol):
             return
         assert self.conn is not None
         cfg = relay.config
+        # Advertise the burst in force: Tailscale's client builds its own limiter from these two
+        # numbers, and with a burst of 0 it would send nothing at all.
         pipelined = self.conn.accept(
-            now, rate_bytes_per_second=cfg.rate_bytes_per_second, rate_burst=cfg.rate_burst
+            now,
+            rate_bytes_per_second=cfg.rate_bytes_per_second,
+            rate_burst=cfg.rate_burst or cfg.rate_bytes_per_second,
         )
         self._tokens = float(cfg.rate_burst or cfg.rate_bytes_per_second)
         self._tokens_at = now
@@ -417,12 +477,30 @@ class DerpProtocol(asyncio.Protocol):
             # TCP backpressure instead of drops: the sender slows down, nobody else does.
             self._paused = True
             self.relay.stats.drops["rate_limited_pause"] += 1
-            self.transport.pause_reading()
+            self._update_reading()
             asyncio.get_running_loop().call_later(-self._tokens / rate, self._resume)
 
     def _resume(self) -> None:
         self._paused = False
-        if not self.closed and self.transport is not None:
+        self._update_reading()
+
+    # --- back-pressure: asyncio calls these as our write buffer to the client passes its marks
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+        self.relay.stats.drops["write_blocked_pause"] += 1
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self._paused or self._write_blocked:
+            self.transport.pause_reading()
+        else:
             self.transport.resume_reading()
 
     # --- output -----------------------------------------------------------------------
@@ -444,6 +522,9 @@ class DerpProtocol(asyncio.Protocol):
     def write_frame(self, data: bytes) -> None:
         """A control frame (PeerGone, ...) for this client, sent with the next flush."""
         if self.closed:
+            return
+        if self.queued_bytes() + len(data) > self.relay.config.max_queue_bytes:
+            self.relay.stats.drops["control_queue_full"] += 1
             return
         if not self.pending:
             self.relay._dirty.append(self)
@@ -485,7 +566,9 @@ class DerpProtocol(asyncio.Protocol):
             return
         conn = self.conn
         if conn is None or conn.state is not State.ESTABLISHED:
-            log.info("closing %s: handshake not finished in %.0f s", self.peer, HANDSHAKE_TIMEOUT)
+            log.info(
+                "closing %s: handshake not finished in %.0f s", self.peer, self.relay.config.handshake_timeout
+            )
             self.close("handshake_timeout")
             return
         events = conn.handle_timer(self.relay.clock())

@@ -36,7 +36,12 @@ from wiremesh.core.busauth import BusAccess
 from wiremesh.core.derp import frames
 from wiremesh.derp.keyauth import KeyAuthority
 from wiremesh.derp.mesh import Mesh, follow_registry
-from wiremesh.derp.relay import Relay, RelayConfig
+from wiremesh.derp.relay import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_RATE_BYTES_PER_SECOND,
+    Relay,
+    RelayConfig,
+)
 from wiremesh.shell.logs import setup_logging
 
 log = logging.getLogger("wiremesh.derp")
@@ -124,6 +129,11 @@ class RelayCollector:
                 "Other replicas of the region whose presence lease is current",
                 value=len(table.peers),
             )
+            yield GaugeMetricFamily(
+                "derp_mesh_outbox_bytes",
+                "Packet bytes waiting to be forwarded to other replicas over NATS",
+                value=mesh.outbox_bytes,
+            )
             yield CounterMetricFamily(
                 "derp_mesh_leases_expired",
                 "Replicas dropped after missing their presence beats",
@@ -176,6 +186,9 @@ class DerpService:
             max_queue_bytes=args.max_queue_bytes,
             keepalive_interval=args.keepalive,
             idle_timeout=args.idle_timeout or None,
+            require_challenge=not args.allow_unchallenged_clients,
+            max_connections_per_ip=args.max_connections_per_ip,
+            handshake_timeout=args.handshake_timeout,
         )
         self.relay = Relay(self.key, self.authority, config)
         self.registry = CollectorRegistry()
@@ -226,6 +239,7 @@ class DerpService:
                 args.replica_id,
                 interval=args.presence_interval,
                 lease=args.presence_lease,
+                max_outbox_bytes=args.mesh_outbox_bytes,
             )
             self.relay.mesh = self.mesh
             await self.mesh.start()
@@ -301,7 +315,12 @@ class DerpService:
             if task is not None:
                 task.cancel()
         if self.mesh is not None:
-            await self.mesh.stop()
+            # Goodbyes are best effort: a NATS that does not take them must not hold up the exit.
+            try:
+                await asyncio.wait_for(self.mesh.stop(), 5.0)
+            except TimeoutError:
+                log.warning("NATS did not take the goodbye within 5 s; stopping without it")
+                self.mesh.abandon()
         self.relay.close_all("shutdown", restarting=frames.Restarting(reconnect_in_ms=1000, try_for_ms=30000))
         for server in self.servers:
             with contextlib.suppress(Exception):
@@ -379,10 +398,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-allow-all", action="store_true", help="accept ANY node key (comparison benchmarks only)"
     )
     p.add_argument(
-        "--rate-bytes-per-second", type=int, default=0, help="per-client receive rate limit (0 = off)"
+        "--rate-bytes-per-second",
+        type=int,
+        default=DEFAULT_RATE_BYTES_PER_SECOND,
+        help="per-client receive rate limit (default %(default)s, 100 Mbit/s; 0 = off)",
     )
     p.add_argument("--rate-burst", type=int, default=0, help="token bucket burst in bytes (default = rate)")
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP,
+        help="open connections one source address may hold (default %(default)s; 0 = no cap)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds from connecting to being admitted (HTTP upgrade and DERP handshake); slower "
+        "clients are disconnected (default %(default)s)",
+    )
+    p.add_argument(
+        "--allow-unchallenged-clients",
+        action="store_true",
+        help="admit clients that do not answer the relay's handshake challenge (Tailscale's own DERP "
+        "client, e.g. the bench load generator); their captured ClientInfo can be replayed",
+    )
     p.add_argument("--max-queue-bytes", type=int, default=1 << 20, help="per-client send queue bound")
+    p.add_argument(
+        "--mesh-outbox-bytes",
+        type=int,
+        default=16 << 20,
+        help="packet bytes waiting to be forwarded to other replicas over NATS; past it, dropped and "
+        "counted (mesh_backlog)",
+    )
     p.add_argument("--keepalive", type=float, default=60.0, help="seconds between keepalives/pings")
     p.add_argument(
         "--idle-timeout", type=float, default=180.0, help="close ping-capable clients silent this long"

@@ -167,7 +167,10 @@ class KeysService:
             now = self.clock()
 
             def consume(session: Any) -> bus.AuthKeyGrant:
-                row = store.consume_auth_key(session, req.secret, now)
+                if req.check_only:
+                    row = store.check_auth_key(session, req.secret, now)
+                else:
+                    row = store.consume_auth_key(session, req.secret, now)
                 return bus.AuthKeyGrant(
                     auth_key_id=row.id, user=row.user, tags=tuple(row.tags), ephemeral=row.ephemeral
                 )
@@ -177,6 +180,8 @@ class KeysService:
             await self._reply(msg, bus.AuthKeyGrant(error=str(exc)))
             return
         await self._reply(msg, grant)
+        if req.check_only:
+            return
         await self._publish(
             bus.AUTH_KEY_CHANGED, bus.AuthKeyEvent(auth_key_id=grant.auth_key_id, action="used")
         )
@@ -231,7 +236,7 @@ class KeysService:
                 log.exception("node key expiry sweep failed")
 
 
-def create_app(keys: KeysService) -> FastAPI:
+def create_app(keys: KeysService, *, api_docs: bool = False) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await keys.start()
@@ -240,7 +245,8 @@ def create_app(keys: KeysService) -> FastAPI:
         finally:
             await keys.stop()
 
-    app = FastAPI(title="wiremesh-keys", lifespan=lifespan)
+    docs: dict[str, Any] = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="wiremesh-keys", lifespan=lifespan, **docs)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -266,4 +272,4 @@ def main(argv: list[str] | None = None) -> None:
     settings = service.settings_from_args(args, "keys")
     logs.setup_logging(settings.log_level, settings.log_json)
     keys = KeysService(settings.database_url, settings.bus, settings.replica_id)
-    service.serve(create_app(keys), settings)
+    service.serve(create_app(keys, api_docs=settings.api_docs), settings)

@@ -144,8 +144,15 @@ def expire_auth_key(session: Session, auth_key_id: int, now: float) -> bus.AuthK
     return row.info(now)
 
 
-def consume_auth_key(session: Session, secret: str, now: float) -> AuthKey:
-    """Validate `secret` and count one use, atomically (two replicas cannot both use a one-off key)."""
+def check_auth_key(session: Session, secret: str, now: float) -> AuthKey:
+    """The auth key `secret` names if it could be used now (nothing is written)."""
+    row = _usable_auth_key(session, secret, now)
+    if not row.reusable and row.used_count:
+        raise RegistryError("auth key already used")
+    return row
+
+
+def _usable_auth_key(session: Session, secret: str, now: float) -> AuthKey:
     parts = secret.split("-")
     if len(parts) != 3 or parts[0] != AUTH_KEY_PREFIX or len(secret) > 128:
         raise RegistryError("unknown auth key")
@@ -154,6 +161,12 @@ def consume_auth_key(session: Session, secret: str, now: float) -> AuthKey:
         raise RegistryError("unknown auth key")
     if row.expired_at is not None or (row.expires_at is not None and row.expires_at <= now):
         raise RegistryError("auth key expired")
+    return row
+
+
+def consume_auth_key(session: Session, secret: str, now: float) -> AuthKey:
+    """Validate `secret` and count one use, atomically (two replicas cannot both use a one-off key)."""
+    row = _usable_auth_key(session, secret, now)
     guard: Any = AuthKey.reusable.is_(True) if row.reusable else AuthKey.used_count == 0
     result = session.execute(
         update(AuthKey)
