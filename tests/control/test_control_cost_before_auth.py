@@ -17,8 +17,8 @@ from sqlalchemy import MetaData, func, select
 from wiremesh.agent.control import ControlRefused
 from wiremesh.core import crypto
 from wiremesh.core.control import messages as cm
-from wiremesh.core.control import service
 from wiremesh.core.control.channel import ClientCall
+from wiremesh.shell import service
 
 pytestmark = pytest.mark.timeout(180)
 

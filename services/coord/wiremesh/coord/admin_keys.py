@@ -25,9 +25,9 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Path, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import JSON, Float, Integer, String, func, select
 from sqlalchemy.exc import IntegrityError
@@ -53,6 +53,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/authkeys"): AUTHKEYS,
     ("POST", "/authkeys"): AUTHKEYS,
     ("POST", "/authkeys/{auth_key_id}/expire"): AUTHKEYS,
+    # coord's public key (`wiremesh admin coord-key`): whoever hands out auth keys pins agents to it.
+    ("GET", "/key"): AUTHKEYS,
     ("GET", "/policy"): POLICY,
     ("PUT", "/policy"): POLICY,
     ("DELETE", "/policy"): POLICY,
@@ -60,6 +62,8 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("POST", "/adminkeys"): ALL,
     ("POST", "/adminkeys/{admin_key_id}/revoke"): ALL,
 }
+# Ids are database integers: anything past 64 bits is a 422 at the API, not an overflow (500) below.
+RowId = Annotated[int, Path(ge=0, le=2**63 - 1)]
 KEY_PREFIX = "wmadm-"
 _KEY = re.compile(r"^wmadm-([a-z0-9]{12})-([A-Za-z0-9]{32,128})$")
 MAX_ACTIVE_KEYS = 1000  # bounds the table an `all` key can grow
@@ -378,7 +382,7 @@ def add_routes(
         return await keys.list()
 
     @app.post(f"{prefix}/adminkeys/{{admin_key_id}}/revoke", dependencies=guarded)
-    async def revoke_admin_key(admin_key_id: int, request: Request) -> dict[str, Any]:
+    async def revoke_admin_key(admin_key_id: RowId, request: Request) -> dict[str, Any]:
         return await keys.revoke(admin_key_id, caller(request).name)
 
 

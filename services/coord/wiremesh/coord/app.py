@@ -22,9 +22,9 @@ import os
 import pathlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import generate_latest
@@ -45,8 +45,7 @@ log = logging.getLogger("wiremesh.coord")
 MAX_ADMIN_BODY = 64 * 1024
 FRAMES = "application/x-wiremesh-frames"
 _DURATION = re.compile(r"^(\d+)([smhd])$")
-# Ids are database integers: anything past 64 bits is a 422 here, not an overflow (500) below.
-RowId = Annotated[int, Path(ge=0, le=2**63 - 1)]
+RowId = admin_keys.RowId
 
 
 class BodyLimit:

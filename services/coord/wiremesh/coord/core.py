@@ -466,7 +466,11 @@ class Coordinator:
         if existing is not None:
             await self.claim(call)  # a known machine
         elif not req.auth_key:
-            raise ControlError("unknown machine: an auth key is required to register", 401)
+            if self.interactive is None:
+                raise ControlError("unknown machine: an auth key is required to register", 401)
+            # An interactive (OIDC) login: the only state a stranger may create is its one pending
+            # login (one row per machine key, expiring, capped: oidc_login); its handshake is
+            # claimed below, once the user has signed in and the node is about to be registered.
         else:
             # A stranger: its auth key is checked (nothing written) before its handshake is claimed.
             check = await self.keys_request(
@@ -492,6 +496,8 @@ class Coordinator:
             grant, groups = await self.interactive.grant(
                 machine_key, node_key, req.followup, req.force_reauth
             )
+            if existing is None:
+                await self.claim(call)
         if grant is None and existing is not None and not existing.expired and existing.node_key == node_key:
             tags, refused, why = self._with_requested_tags(existing.user, existing.tags, requested, groups)
             if (
