@@ -183,6 +183,9 @@ class Coordinator:
             "stale handshakes deleted from the shared replay table",
             registry=r,
         )
+        self.auto_approvals = Counter(
+            "wiremesh_coord_routes_auto_approved", "routes approved by the policy's autoApprovers", registry=r
+        )
         self.fanout = Histogram(
             "wiremesh_coord_change_fanout",
             "nodes affected by one change",
@@ -503,7 +506,9 @@ class Coordinator:
             same_key: dict[str, Any] = {
                 "disco_key": disco_key,
                 "advertised_routes": routes,
-                "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
+                "approved_routes": self._approved(
+                    existing.user, tags, routes, existing.approved_routes, groups
+                ),
             }
             if tags != existing.tags:
                 same_key["tags"] = tags
@@ -544,6 +549,7 @@ class Coordinator:
                 key_expiry=self._expiry_for(tags, now),
                 endpoints=endpoints,
                 advertised_routes=routes,
+                approved_routes=self._approved(grant.user, tags, routes, (), groups),
             )
             record = await self._db(lambda s: store.create_node(s, new, now))
             try:
@@ -561,7 +567,6 @@ class Coordinator:
             "node_key": node_key,
             "disco_key": disco_key,
             "advertised_routes": routes,
-            "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
             "expired": False,
         }
         if grant is not None:
@@ -571,6 +576,7 @@ class Coordinator:
         if user != existing.user:  # re-authenticated as another user: the node is theirs now
             values["user"] = user
         tags, refused, why = self._with_requested_tags(user, existing.tags, requested, groups)
+        values["approved_routes"] = self._approved(user, tags, routes, existing.approved_routes, groups)
         if tags != existing.tags:
             values["tags"] = tags
         if grant is not None or existing.expired or tags != existing.tags:
@@ -583,6 +589,37 @@ class Coordinator:
         await self.changed(updated, updated.id, "updated")
         log.info("node key rotated", extra={"node_id": updated.id, "node": updated.name})
         return updated, refused, why
+
+    def _approved(
+        self,
+        user: str,
+        tags: tuple[str, ...],
+        advertised: tuple[str, ...],
+        approved: tuple[str, ...],
+        groups: tuple[str, ...] = (),
+    ) -> tuple[str, ...]:
+        """The approvals a node keeps (those it still advertises) plus what the policy's
+        autoApprovers grant it now (its user's IdP `groups` count as in acls)."""
+        kept = tuple(r for r in approved if r in advertised)
+        auto = self.policy.auto_approved(user, tags, advertised, groups)
+        added = [r for r in auto if r not in kept]
+        if added:
+            self.auto_approvals.inc(len(added))
+            log.info("routes auto-approved", extra={"user": user, "tags": list(tags), "routes": added})
+        return tuple(dict.fromkeys(kept + auto))
+
+    async def apply_auto_approvals(self) -> int:
+        """Approve what the policy in force auto-approves for every node (after a policy change);
+        returns how many nodes changed."""
+        changed = 0
+        for record in list(self.mesh.records.values()):
+            approved = self._approved(
+                record.user, record.tags, record.advertised_routes, record.approved_routes, record.user_groups
+            )
+            if approved != record.approved_routes:
+                await self._update_node(record, {"approved_routes": approved}, "updated")
+                changed += 1
+        return changed
 
     def _with_requested_tags(
         self, user: str, carried: tuple[str, ...], requested: tuple[str, ...], groups: tuple[str, ...] = ()
@@ -635,7 +672,9 @@ class Coordinator:
             if req.advertised_routes is not None:
                 routes = cm.check_routes(req.advertised_routes)
                 values["advertised_routes"] = routes
-                values["approved_routes"] = tuple(r for r in record.approved_routes if r in routes)
+                values["approved_routes"] = self._approved(
+                    record.user, record.tags, routes, record.approved_routes, record.user_groups
+                )
             if req.hostname is not None:
                 values["hostname"] = cm.check_hostname(req.hostname)
             if req.home_relay is not None:
@@ -830,6 +869,15 @@ class Coordinator:
         record = await self._db(lambda s: store.load_node(s, node_id))
         if record is None:
             raise store.StoreError(f"no node with id {node_id}", 404)
+        if "tags" in values and "approved_routes" not in values:
+            # A new identity may be one the policy's autoApprovers name.
+            values["approved_routes"] = self._approved(
+                record.user,
+                values["tags"],
+                record.advertised_routes,
+                record.approved_routes,
+                record.user_groups,
+            )
         return await self._update_node(record, values, "updated")
 
     # housekeeping ------------------------------------------------------------------------
