@@ -159,7 +159,9 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         try:
             crypto.decode_key(coord_key)
         except ValueError:
-            raise ValueError(f"--coord-key is not a key (want 44 base64 characters): {coord_key[:60]!r}") from None
+            raise ValueError(
+                f"--coord-key is not a key (want 44 base64 characters): {coord_key[:60]!r}"
+            ) from None
     state_dir = str(args.state_dir)
     return MeshConfig(
         login_server=url,

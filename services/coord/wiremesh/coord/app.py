@@ -394,6 +394,7 @@ def create_app(
         records = await coord._db(store.load_all)
         out = []
         for r in sorted(records, key=lambda r: r.id):
+            primary = coord.mesh.primary_routes(r.id)
             for prefix in sorted(set(r.advertised_routes) | set(r.approved_routes)):
                 out.append(
                     {
@@ -402,6 +403,8 @@ def create_app(
                         "prefix": prefix,
                         "advertised": prefix in r.advertised_routes,
                         "approved": prefix in r.approved_routes,
+                        # Of the nodes routing an approved prefix, the one peers send it to.
+                        "primary": prefix in primary,
                     }
                 )
         return out
@@ -520,6 +523,14 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON file with the DERP map sent in every netmap",
     )
     parser.add_argument(
+        "--dead-connection-timeout",
+        type=float,
+        default=_env("DEAD_CONNECTION_TIMEOUT", 10.0),
+        help="seconds a netmap stream's data may go unacknowledged before coord drops the connection"
+        " and takes the node offline (a vanished host sends no FIN; HA subnet routers fail over"
+        " then); 0 = leave it to TCP (~15 min)",
+    )
+    parser.add_argument(
         "--no-handshake-sharing",
         action="store_true",
         help="do not announce accepted agent handshakes on NATS (the shared database still refuses "
@@ -587,7 +598,13 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(
         coord, provisioned, api_docs=settings.api_docs, admin_port=admin_listen[1] if admin_listen else None
     )
-    service.serve(app, settings, on_exit=coord.begin_shutdown, extra_listen=admin_listen)
+    service.serve(
+        app,
+        settings,
+        on_exit=coord.begin_shutdown,
+        extra_listen=admin_listen,
+        dead_connection_timeout=args.dead_connection_timeout or None,
+    )
 
 
 def _provisioned_keys(

@@ -288,6 +288,22 @@ class Coordinator:
             for stream in self.streams.get(viewer, ()):
                 stream.dirty.add(node_id)
                 stream.wake.set()
+        # Subnet routers an election moved a prefix to or from (the primary went offline, say).
+        for router in self.mesh.take_entries_changed():
+            other = self.mesh.get(router)
+            if other is None:
+                continue
+            log.info(
+                "primary routes changed",
+                extra={"node_id": router, "routes": list(self.mesh.primary_routes(router))},
+            )
+            for viewer in self.mesh.viewers(other):
+                for stream in self.streams.get(viewer, ()):
+                    stream.dirty.add(router)
+                    stream.wake.set()
+            for stream in self.streams.get(router, ()):
+                stream.self_dirty = True
+                stream.wake.set()
         self.policy.flush_filter_changes()
 
     async def _publish(self, node_id: int, change: str) -> None:

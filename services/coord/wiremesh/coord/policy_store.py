@@ -188,7 +188,7 @@ class PolicyService:
     """Loads, validates, stores, applies and announces the policy for one coord replica.
 
     `coord` is the Coordinator (duck-typed to avoid an import cycle): it provides `mesh`
-    (a PolicyMesh), `streams`, `db`, `nc` and `config.replica_id`.
+    (a PolicyMesh), `streams`, `db`, `nc`, `config.replica_id` and `apply_auto_approvals()`.
     """
 
     def __init__(self, coord: Any) -> None:
