@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from wiremesh.agent import hostnet, metrics, netconf, subnetrouter
+from wiremesh.agent import exitnode, hostnet, metrics, netconf, subnetrouter
 from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.agent.localapi import LocalAPIServer
 from wiremesh.agent.magicsock import MagicSock
@@ -29,6 +29,7 @@ from wiremesh.core import crypto
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.disco import DiscoKey
+from wiremesh.core.policy.model import EXIT_ROUTES
 
 log = logging.getLogger("wiremesh.agent.mesh")
 
@@ -84,6 +85,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="as a subnet router, masquerade forwarded traffic: the subnet sees this node's"
         " address on it and peers see its mesh address (default on; --no-snat-subnet-routes"
         " keeps source addresses)",
+    )
+    group.add_argument(
+        "--advertise-exit-node",
+        action="store_true",
+        help="offer to be an exit node (advertises 0.0.0.0/0 and ::/0; approved like a route or by the"
+        " policy's autoApprovers.exitNode; needs IP forwarding, and masquerades what it forwards)",
+    )
+    group.add_argument(
+        "--exit-node",
+        metavar="NAME|IP",
+        default=None,
+        help="send all non-mesh traffic through this peer (an approved exit node); '' stops; default:"
+        " the choice saved in the state directory (`wiremesh up --exit-node` changes it at run time)",
+    )
+    group.add_argument(
+        "--exit-node-allow-lan-access",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with an exit node, keep reaching this host's connected subnets directly (default: off,"
+        " they go through the exit node too, as in Tailscale)",
     )
     group.add_argument(
         "--advertise-tags",
@@ -147,6 +168,11 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
     routes = tuple(r.strip() for r in str(args.advertise_routes).split(",") if r.strip())
     for route in routes:
         netconf.parse_prefix(route)
+    if getattr(args, "advertise_exit_node", False):
+        routes = tuple(dict.fromkeys((*routes, *EXIT_ROUTES)))
+    exit_node = getattr(args, "exit_node", None)
+    if exit_node is not None:
+        exit_node = exitnode.check_selector(str(exit_node))
     try:
         tags = check_tags([t.strip() for t in str(args.advertise_tags).split(",") if t.strip()])
     except ControlError as exc:
@@ -173,6 +199,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         advertise_tags=tags,
         accept_routes=bool(args.accept_routes),
         snat_subnet_routes=bool(args.snat_subnet_routes),
+        exit_node=exit_node,
+        exit_node_allow_lan_access=getattr(args, "exit_node_allow_lan_access", None),
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=mtu,
@@ -229,6 +257,10 @@ def _start_subnet_router(config: MeshConfig) -> bool:
     forwarding = subnetrouter.forwarding_enabled()
     if not forwarding["ipv4"]:
         log.warning("ip_forwarding_off family=ipv4 hint=sysctl -w net.ipv4.ip_forward=1 to route subnets")
+    if "::/0" in config.advertise_routes and not forwarding["ipv6"]:
+        log.warning("ip_forwarding_off family=ipv6 hint=sysctl -w net.ipv6.conf.all.forwarding=1 (exit node)")
+    if "0.0.0.0/0" in config.advertise_routes and not config.snat_subnet_routes:
+        log.warning("exit_node_without_snat hint=internet hosts cannot answer mesh addresses; keep SNAT on")
     try:
         subnetrouter.install(config.tun, config.mtu, snat=config.snat_subnet_routes)
     except subnetrouter.SubnetRouterError as exc:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from wiremesh.agent import hostnet, netconf
+from wiremesh.agent import exitnode, hostnet, netconf
 from wiremesh.agent.control import (
     ControlClient,
     ControlRefused,
@@ -96,6 +96,9 @@ class MeshConfig:
     advertise_tags: tuple[str, ...] = ()  # asked of coord at login; granted per tagOwners
     accept_routes: bool = False  # route peers' approved subnets into the tunnel
     snat_subnet_routes: bool = True  # a subnet router masquerades what it forwards (subnetrouter.py)
+    # The exit node to use (a peer's name or mesh address; "" none); None keeps the saved choice.
+    exit_node: str | None = None
+    exit_node_allow_lan_access: bool | None = None
     listen_port: int = 0
     socket_path: str = ""
     mtu: int = hostnet.MIN_MTU
@@ -185,6 +188,13 @@ class MeshAgent:
         self.refused_tags: tuple[str, ...] = ()  # what coord did not grant at the last login, and why
         self.tags_error = ""
         self.auth_url = ""  # where the user signs in, while an interactive (OIDC) login waits
+        self.lan_prefixes: tuple[str, ...] = ()  # the host's connected subnets (exitnode.py)
+        if config.exit_node is not None or config.exit_node_allow_lan_access is not None:
+            self.persisted = dataclasses.replace(
+                self.persisted,
+                exit_node=self.persisted.exit_node if config.exit_node is None else config.exit_node,
+                exit_node_allow_lan_access=bool(config.exit_node_allow_lan_access),
+            )
         self._force_reauth = False
         self._logged_in = False
         self._apply_failed = False
@@ -200,6 +210,7 @@ class MeshAgent:
         """Until stop(): the control loop and the ticker."""
         self._loop = asyncio.get_running_loop()
         self.endpoints = await self._discover_endpoints()
+        await self._check_lan()
         if self.persisted.addresses and self.persisted.want_running:
             # Restarting with a known identity: take our addresses before coord answers.
             await self._blocking(self._set_addresses, self.persisted.addresses)
@@ -364,6 +375,19 @@ class MeshAgent:
             if now - last_endpoint_check >= ENDPOINT_CHECK_INTERVAL:
                 last_endpoint_check = now
                 await self._check_endpoints()
+                await self._check_lan()
+
+    async def _check_lan(self) -> None:
+        """Re-read the host's connected subnets (a laptop changes networks); re-plan if they moved."""
+        try:
+            lan = await self._blocking(netconf.connected_prefixes, (self.config.tun,))
+        except (OSError, netconf.NetconfError) as exc:
+            log.warning("lan_discovery_failed error=%r", str(exc))
+            return
+        if lan != self.lan_prefixes:
+            self.lan_prefixes = lan
+            if self.persisted.exit_node:
+                await self.apply()
 
     async def _check_endpoints(self) -> None:
         endpoints = await self._discover_endpoints()
@@ -406,7 +430,12 @@ class MeshAgent:
             own_routes=self.config.advertise_routes,
             accept_routes=self.config.accept_routes,
             endpoints=chosen,
+            exit_node=self.persisted.exit_node,
+            lan_prefixes=self.lan_prefixes,
+            allow_lan=self.persisted.exit_node_allow_lan_access,
         )
+        if wanted.exit != self.applied.exit and wanted.exit.error:
+            log.warning("exit_node_unusable error=%r", wanted.exit.error)
         await self._blocking(self._apply_plan, wanted)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -425,6 +454,8 @@ class MeshAgent:
                 self._set_addresses(wanted.addresses)
             if wanted.routes != old.routes:
                 self.engine.set_routes(self._families(wanted.routes))
+            if wanted.lan_rules != old.lan_rules:
+                netconf.set_lan_rules(wanted.lan_rules, self.engine.route_table)
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"applying the netmap failed: {exc}"
             log.error("apply_failed error=%r", str(exc))
@@ -503,6 +534,9 @@ class MeshAgent:
                         "last_seen": node.last_seen,
                         "endpoint": live.get("endpoint"),
                         "active": node.node_key in engine_peers,
+                        "exit_node_option": exitnode.offers_exit(node),
+                        "exit_node": self.applied.exit.node is not None
+                        and self.applied.exit.node.id == node.id,
                         "rx_bytes": live.get("rx_bytes", 0),
                         "tx_bytes": live.get("tx_bytes", 0),
                         "last_handshake_seconds_ago": live.get("last_handshake_seconds_ago"),
@@ -533,6 +567,12 @@ class MeshAgent:
                 "advertised_routes": list(self.config.advertise_routes),
                 "approved_routes": list(me.approved_routes) if me else [],
                 "accept_routes": self.config.accept_routes,
+                "exit_node": {
+                    "selected": self.persisted.exit_node,
+                    "name": self.applied.exit.node.name if self.applied.exit.node else "",
+                    "allow_lan_access": self.persisted.exit_node_allow_lan_access,
+                    "error": self.applied.exit.error,
+                },
                 "key_expiry": me.key_expiry if me else None,
             },
             "peers": peers,
@@ -583,6 +623,21 @@ class MeshAgent:
             self._kick.set()  # try to log in again now rather than at the next retry
         await self.apply()
         log.info("up")
+        return self.status()
+
+    async def set_exit_node(self, selector: str, allow_lan_access: bool) -> dict[str, Any]:
+        """`wiremesh up --exit-node NAME|IP [--exit-node-allow-lan-access]` ("" stops using one)."""
+        try:
+            selector = exitnode.check_selector(selector)
+        except ValueError as exc:
+            raise MeshError(400, str(exc)) from None
+        self.persisted = dataclasses.replace(
+            self.persisted, exit_node=selector, exit_node_allow_lan_access=allow_lan_access
+        )
+        self._save()
+        await self._check_lan()
+        await self.apply()
+        log.info("exit_node_set exit_node=%r allow_lan_access=%s", selector, allow_lan_access)
         return self.status()
 
     async def up_force_reauth(self) -> dict[str, Any]:
