@@ -114,22 +114,49 @@ def get_addresses(ifname: str) -> list[Interface]:
         return out
 
 
-def set_addresses(ifname: str, addresses: Iterable[str | Interface]) -> None:
-    """Make the interface's (non-link-local) addresses exactly `addresses`."""
-    wanted = {a if not isinstance(a, str) else parse_interface_address(a) for a in addresses}
+def set_addresses(
+    ifname: str, addresses: Iterable[str | Interface], *, never_source: Iterable[str | Interface] = ()
+) -> None:
+    """Make the interface's (non-link-local) addresses exactly `addresses` plus `never_source`.
+
+    `never_source` addresses (MagicDNS's 100.100.100.100 and fd7a:115c:a1e0::53) are local
+    destinations that must never become the source of traffic leaving through the interface:
+    IPv6 ones are added deprecated (preferred lifetime 0), and IPv4 ones after every other
+    address, since the kernel picks the interface's first address as a source.
+    """
+
+    def parsed(items: Iterable[str | Interface]) -> list[Interface]:
+        return list(dict.fromkeys(a if not isinstance(a, str) else parse_interface_address(a) for a in items))
+
+    regular, special = parsed(addresses), parsed(never_source)
+    wanted = set(regular) | set(special)
     current = set(get_addresses(ifname))
+    added = [a for a in regular if a not in current]
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
-        for iface in current - wanted:
+        stale = current - wanted
+        if any(a.version == 4 for a in added):
+            # Re-add IPv4 never-source addresses behind the new ones.
+            stale |= {a for a in special if a.version == 4 and a in current}
+        for iface in stale:
             try:
                 ipr.addr("del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             except NetlinkError as exc:
                 raise NetconfError(f"cannot remove {iface} from {ifname}: {exc}") from exc
-        for iface in sorted(wanted - current, key=str):
+        current -= stale
+        for iface in [*added, *(a for a in special if a not in current)]:
             family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+            extra: dict[str, object] = {}
+            if iface in special and iface.version == 6:
+                extra["IFA_CACHEINFO"] = {"ifa_preferred": 0, "ifa_valid": 0xFFFFFFFF}
             try:
                 ipr.addr(
-                    "add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, family=family
+                    "add",
+                    index=idx,
+                    address=str(iface.ip),
+                    prefixlen=iface.network.prefixlen,
+                    family=family,
+                    **extra,
                 )
             except NetlinkError as exc:
                 raise NetconfError(f"cannot add {iface} to {ifname}: {exc}") from exc

@@ -298,14 +298,20 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"{v4:<16}{me.get('name') or '-':<20}{me.get('user') or '-':<12}self")
     for peer in status.get("peers", []):
         addr = next((a for a in peer.get("addresses", []) if ":" not in a), "-")
+        name = peer.get("name", "-")
         online = "online" if peer.get("online") else "offline"
         if peer.get("exit_node"):
             online += "; exit node"
         elif peer.get("exit_node_option"):
             online += "; offers exit node"
         lines.append(
-            f"{addr:<16}{peer.get('name', '-'):<20}{peer.get('user') or '-':<12}{online:<8} "
+            f"{addr:<16}{name:<20}{peer.get('user') or '-':<12}{online:<8} "
             f"{peer.get('endpoint') or '-':<22} rx {_bytes(peer.get('rx_bytes'))} tx {_bytes(peer.get('tx_bytes'))}"
             f"  handshake {_ago(peer.get('last_handshake_seconds_ago'))}"
         )
+    dns = status.get("dns") or {}
+    if dns.get("magic_dns") and dns.get("resolver"):
+        # Names above are MagicDNS names under the tailnet's domain (like Tailscale's short names).
+        via = f"; this host uses it ({dns['host_config']})" if dns.get("host_config") else ""
+        lines.append(f"# MagicDNS: NAME.{dns.get('domain')} at {', '.join(dns['resolver'])}{via}")
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from wiremesh.agent import exitnode, hostnet, metrics, netconf, subnetrouter
+from wiremesh.agent.agentdns import AgentDNS
 from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.agent.localapi import LocalAPIServer
 from wiremesh.agent.magicsock import MagicSock
@@ -85,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="as a subnet router, masquerade forwarded traffic: the subnet sees this node's"
         " address on it and peers see its mesh address (default on; --no-snat-subnet-routes"
         " keeps source addresses)",
+    )
+    group.add_argument(
+        "--accept-dns",
+        action="store_true",
+        help="point this host's resolver at MagicDNS (systemd-resolved where present, /etc/resolv.conf"
+        " otherwise), restored at stop; MagicDNS answers at 100.100.100.100 either way",
     )
     group.add_argument(
         "--advertise-exit-node",
@@ -201,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         snat_subnet_routes=bool(args.snat_subnet_routes),
         exit_node=exit_node,
         exit_node_allow_lan_access=getattr(args, "exit_node_allow_lan_access", None),
+        accept_dns=bool(getattr(args, "accept_dns", False)),
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=mtu,
@@ -274,7 +282,9 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
     magicsock = MagicSock(engine, keys.node, None, disco_key=DiscoKey(keys.disco))
     engine.paths = magicsock
     magicsock.start(timeout=0)
-    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock))
+    dns = AgentDNS(config.state_dir, config.tun, accept_dns=config.accept_dns)
+    await dns.start()
+    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock), dns=dns)
     magicsock.on_change = agent.report_paths
     registry.register(MeshCollector(agent))
     registry.register(metrics.MagicsockCollector(magicsock))
@@ -294,6 +304,7 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
         await agent.run()
     finally:
         await api.close()
+        await dns.close()
         magicsock.stop()
     log.info("shutting_down")
     return 0

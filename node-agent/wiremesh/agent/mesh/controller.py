@@ -30,6 +30,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from wiremesh.agent import exitnode, hostnet, netconf
+from wiremesh.agent.agentdns import AgentDNS
 from wiremesh.agent.control import (
     ControlClient,
     ControlRefused,
@@ -99,6 +100,7 @@ class MeshConfig:
     # The exit node to use (a peer's name or mesh address; "" none); None keeps the saved choice.
     exit_node: str | None = None
     exit_node_allow_lan_access: bool | None = None
+    accept_dns: bool = False  # point the host's resolver at MagicDNS (agentdns.py)
     listen_port: int = 0
     socket_path: str = ""
     mtu: int = hostnet.MIN_MTU
@@ -147,12 +149,14 @@ class MeshAgent:
         client: ControlClient | None = None,
         clock: Callable[[], float] = time.time,
         paths: MeshPaths | None = None,
+        dns: AgentDNS | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.keys = keys
         self.engine = engine
         self.clock = clock
+        self.dns = dns  # MagicDNS: kept in step with every netmap
         self.persisted = state_dir.load()
         if client is None:
             pin = coord_pin(config, self.persisted)
@@ -437,6 +441,8 @@ class MeshAgent:
         if wanted.exit != self.applied.exit and wanted.exit.error:
             log.warning("exit_node_unusable error=%r", wanted.exit.error)
         await self._blocking(self._apply_plan, wanted)
+        if self.dns is not None:
+            await self.dns.update(self.netmap if self.running else None)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the one netlink worker thread: pyroute2 cannot run inside a running event
@@ -480,8 +486,14 @@ class MeshAgent:
         return tuple(p for p in prefixes if ":" not in p)
 
     def _set_addresses(self, addresses: Iterable[str]) -> None:
+        addresses = tuple(addresses)
+        # MagicDNS answers on the TUN (local to this host only), never a source of our traffic.
+        resolver = self.dns.addresses if addresses and self.dns is not None else ()
         try:
-            self.engine.set_addresses(self._families(addresses))
+            if resolver:
+                self.engine.set_addresses(self._families(addresses), never_source=self._families(resolver))
+            else:
+                self.engine.set_addresses(self._families(addresses))
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"setting addresses failed: {exc}"
             log.error("addresses_failed error=%r", str(exc))
@@ -524,6 +536,7 @@ class MeshAgent:
                     {
                         "id": node.id,
                         "name": node.name,
+                        "dns_name": self.dns.dns_name(node.name) if self.dns else "",
                         "hostname": node.hostname,
                         "user": node.user,
                         "tags": list(node.tags),
@@ -554,6 +567,7 @@ class MeshAgent:
             "self": {
                 "id": self.persisted.node_id,
                 "name": me.name if me else self.persisted.name,
+                "dns_name": self.dns.dns_name(me.name) if self.dns and me else "",
                 "hostname": me.hostname if me else (self.config.hostname or _default_hostname()),
                 "user": me.user if me else "",
                 "tags": list(me.tags) if me else [],
@@ -583,6 +597,7 @@ class MeshAgent:
                 "errors": self.filter_errors,
             },
             "drops": engine_status.get("drops", {}),
+            "dns": self.dns.status() if self.dns is not None else {},
         }
 
     def ip(self) -> list[str]:

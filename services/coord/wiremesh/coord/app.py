@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wiremesh.coord import admin_keys, oidc_login, policy_store, store
-from wiremesh.coord.core import CoordConfig, Coordinator, Stream
+from wiremesh.coord.core import CoordConfig, Coordinator, Stream, load_dns_config
 from wiremesh.coord.limits import DEFAULT_BURST, DEFAULT_RATE, AgentRateLimit, SourceLimits
 from wiremesh.core import bus, crypto
 from wiremesh.core.control import coordkey
@@ -523,6 +523,13 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON file with the DERP map sent in every netmap",
     )
     parser.add_argument(
+        "--dns-config",
+        default=os.environ.get("WIREMESH_DNS_CONFIG", ""),
+        help="JSON file with the tailnet's DNS configuration sent in every netmap: magic_dns, domain,"
+        " routes (split DNS: suffix -> resolvers), nameservers, search_domains"
+        " (default: MagicDNS on wiremesh.internal, everything else to each host's resolvers)",
+    )
+    parser.add_argument(
         "--dead-connection-timeout",
         type=float,
         default=_env("DEAD_CONNECTION_TIMEOUT", 10.0),
@@ -567,6 +574,10 @@ def main(argv: list[str] | None = None) -> None:
         "(default: both on --listen)",
     )
     args = parser.parse_args(argv)
+    try:
+        load_dns_config(args.dns_config)  # refuse a bad file before anything starts
+    except ValueError as exc:
+        parser.error(str(exc))
     provisioned = _provisioned_keys(parser, args.provision_admin_key)
     settings = service.settings_from_args(args, "coord")
     try:
@@ -588,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval=args.heartbeat_interval,
         control_key_file=args.control_key_file,
         derp_map_file=args.derp_map,
+        dns_config_file=args.dns_config,
         share_handshakes=not args.no_handshake_sharing,
         oidc=oidc,
         server_url=server_url,

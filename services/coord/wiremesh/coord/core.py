@@ -31,7 +31,7 @@ from wiremesh.coord import limits, store
 from wiremesh.coord.oidc import OidcConfig
 from wiremesh.coord.oidc_login import InteractiveLogins, LoginPending
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
-from wiremesh.core import bus, crypto
+from wiremesh.core import bus, crypto, dnsconfig
 from wiremesh.core.busauth import BusAccess
 from wiremesh.core.control import coordkey
 from wiremesh.core.control import messages as cm
@@ -63,6 +63,7 @@ class CoordConfig:
     heartbeat_interval: float = 10.0
     control_key_file: str = ""
     derp_map_file: str = ""
+    dns_config_file: str = ""  # JSON (wiremesh.core.dnsconfig); default: MagicDNS on DEFAULT_DOMAIN
     # Announce accepted handshakes on NATS so other replicas refuse a replay from memory; the
     # database refuses it either way (off only to test exactly that).
     share_handshakes: bool = True
@@ -98,6 +99,20 @@ def create_private_key_file(path: pathlib.Path) -> None:
 
 class ClaimRefused(ControlError):
     """The request's handshake could not be claimed (a replay, or no database): answered as is."""
+
+
+def load_dns_config(path: str) -> dnsconfig.DNSConfig:
+    """The DNS configuration from a JSON file ("" = the defaults); ValueError says what is wrong."""
+    if not path:
+        return dnsconfig.DNSConfig()
+    try:
+        raw = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the DNS configuration {path}: {exc}") from None
+    try:
+        return dnsconfig.DNSConfig.from_json(raw)
+    except dnsconfig.DNSConfigError as exc:
+        raise ValueError(f"DNS configuration {path}: {exc}") from None
 
 
 class Stream:
@@ -158,6 +173,8 @@ class Coordinator:
         self.private_key = b""
         self.public_key = b""
         self.derp_map: dict[str, Any] = {}
+        self.dns = dnsconfig.DNSConfig()
+        self._dns_json = json.dumps(self.dns.to_json(), separators=(",", ":")).encode()
         self.packet_filter: list[dict[str, Any]] = []
         self._version = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -203,6 +220,8 @@ class Coordinator:
         self.public_key = crypto.public_key(self.private_key)
         if self.config.derp_map_file:
             self.derp_map = json.loads(pathlib.Path(self.config.derp_map_file).read_text())
+        self.dns = load_dns_config(self.config.dns_config_file)
+        self._dns_json = json.dumps(self.dns.to_json(), separators=(",", ":")).encode()
         for record in await self.db.run(store.load_all):
             self.mesh.upsert(record)
         await self.policy.load()
@@ -812,6 +831,8 @@ class Coordinator:
                 json.dumps(self.derp_map).encode(),
                 b',"packet_filter":',
                 self.mesh.packet_filter_json(node_id),
+                b',"dns":',
+                self._dns_json,
                 b"}",
             )
         )
