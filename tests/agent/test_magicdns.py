@@ -156,3 +156,38 @@ def test_resolv_conf_is_read_like_glibc_and_rewritten_around_magicdns():
     assert "search mesh.test extra.test lab.example corp.example\n" in text
     assert "options ndots:2 edns0\n" in text
     assert "192.0.2.53" not in text
+
+
+async def test_garbage_gets_formerr_with_its_id_and_a_short_packet_is_dropped():
+    from wiremesh.agent.dnsserver import DNSServer
+
+    server = DNSServer(resolver())
+    reply = await server.answer(b"\x12\x34\x01\x00" + b"\xff" * 20, over_tcp=False)
+    assert reply is not None and reply[:2] == b"\x12\x34"
+    assert dns.message.from_wire(reply).rcode() == dns.rcode.FORMERR
+    assert await server.answer(b"\x01\x02", over_tcp=False) is None
+    assert server.counters["malformed"] == 2
+
+
+async def test_a_response_too_big_for_udp_is_truncated_and_whole_over_tcp():
+    from wiremesh.agent.dnsserver import DNSServer
+
+    wide = Node(
+        id=2,
+        name="wide",
+        hostname="wide",
+        user="alice",
+        node_key="k2",
+        disco_key="d2",
+        addresses=tuple(f"100.64.1.{i}/32" for i in range(1, 100)),
+        allowed_ips=(),
+    )
+    r = Resolver()
+    r.update(NetworkMap(version=1, self_node=node(1, "laptop"), peers=(wide,)), CONFIG)
+    server = DNSServer(r)
+    query = dns.message.make_query("wide.mesh.test", "A").to_wire()
+    udp = await server.answer(query, over_tcp=False)
+    assert udp is not None and len(udp) <= 512 and dns.message.from_wire(udp).flags & dns.flags.TC
+    tcp = await server.answer(query, over_tcp=True)
+    assert tcp is not None and len(dns.message.from_wire(tcp).answer[0]) == 99
+    assert server.counters["truncated"] == 1
