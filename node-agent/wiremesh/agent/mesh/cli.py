@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import pathlib
@@ -26,6 +27,7 @@ from wiremesh.agent.mesh.binding import MagicsockPaths, MeshAPI
 from wiremesh.agent.mesh.controller import MAX_AUTH_KEY_BYTES, MeshAgent, MeshConfig, coord_pin
 from wiremesh.agent.mesh.metrics import MeshCollector
 from wiremesh.agent.state import Keys, StateDir, StateError
+from wiremesh.agent.svcproxy import ServiceProxy
 from wiremesh.core import crypto
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
@@ -92,6 +94,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="point this host's resolver at MagicDNS (systemd-resolved where present, /etc/resolv.conf"
         " otherwise), restored at stop; MagicDNS answers at 100.100.100.100 either way",
+    )
+    group.add_argument(
+        "--ingress-to",
+        metavar="IP",
+        default="",
+        help="proxy mode (the operator's Service proxies): forward TCP/UDP the mesh sends to this node's"
+        " mesh address on to IP (a Service's cluster IP), masqueraded; needs IP forwarding",
+    )
+    group.add_argument(
+        "--egress-to",
+        metavar="NAME|IP",
+        default="",
+        help="proxy mode: forward TCP/UDP arriving at this host from outside the mesh on to this mesh"
+        " device (a peer's name or mesh address), masqueraded to this node's mesh address",
     )
     group.add_argument(
         "--advertise-exit-node",
@@ -209,6 +225,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         exit_node=exit_node,
         exit_node_allow_lan_access=getattr(args, "exit_node_allow_lan_access", None),
         accept_dns=bool(getattr(args, "accept_dns", False)),
+        ingress_to=_ipv4_or_empty(getattr(args, "ingress_to", ""), "--ingress-to"),
+        egress_to=exitnode.check_selector(str(getattr(args, "egress_to", "") or "")),
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=mtu,
@@ -217,6 +235,15 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         coord_key=coord_key,
         insecure_learn_coord_key=bool(args.insecure_learn_coord_key),
     )
+
+
+def _ipv4_or_empty(value: str, flag: str) -> str:
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{flag} must be an IPv4 address, got {value[:64]!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -277,6 +304,22 @@ def _start_subnet_router(config: MeshConfig) -> bool:
     return True
 
 
+def _service_proxy(config: MeshConfig, engine: Any) -> ServiceProxy | None:
+    """The forwarding rules of a Service proxy (--ingress-to / --egress-to), if this is one."""
+    if not (config.ingress_to or config.egress_to):
+        return None
+    if not subnetrouter.forwarding_enabled()["ipv4"]:
+        log.warning("ip_forwarding_off family=ipv4 hint=a Service proxy forwards: net.ipv4.ip_forward=1")
+    metrics_port = int(config.metrics_listen.rsplit(":", 1)[1]) if config.metrics_listen else 0
+    return ServiceProxy(
+        config.tun,
+        ingress_to=config.ingress_to,
+        egress_to=config.egress_to,
+        keep_udp=(engine.listen_port,),
+        keep_tcp=(metrics_port,) if metrics_port else (),
+    )
+
+
 async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
     # magicsock (NAT traversal, relays) takes over peers' paths once coord sends a relay map.
     magicsock = MagicSock(engine, keys.node, None, disco_key=DiscoKey(keys.disco))
@@ -284,7 +327,8 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
     magicsock.start(timeout=0)
     dns = AgentDNS(config.state_dir, config.tun, accept_dns=config.accept_dns)
     await dns.start()
-    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock), dns=dns)
+    proxy = _service_proxy(config, engine)
+    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock), dns=dns, proxy=proxy)
     magicsock.on_change = agent.report_paths
     registry.register(MeshCollector(agent))
     registry.register(metrics.MagicsockCollector(magicsock))
@@ -305,6 +349,8 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
     finally:
         await api.close()
         await dns.close()
+        if proxy is not None:
+            proxy.close()
         magicsock.stop()
     log.info("shutting_down")
     return 0

@@ -40,6 +40,7 @@ from wiremesh.agent.control import (
 )
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
+from wiremesh.agent.svcproxy import ServiceProxy
 from wiremesh.core import crypto
 from wiremesh.core.control import coordkey
 from wiremesh.core.control.channel import ControlError
@@ -101,6 +102,8 @@ class MeshConfig:
     exit_node: str | None = None
     exit_node_allow_lan_access: bool | None = None
     accept_dns: bool = False  # point the host's resolver at MagicDNS (agentdns.py)
+    ingress_to: str = ""  # a proxy pod: forward what the mesh sends us to this cluster address (svcproxy.py)
+    egress_to: str = ""  # a proxy pod: forward what the cluster sends us to this mesh device
     listen_port: int = 0
     socket_path: str = ""
     mtu: int = hostnet.MIN_MTU
@@ -150,6 +153,7 @@ class MeshAgent:
         clock: Callable[[], float] = time.time,
         paths: MeshPaths | None = None,
         dns: AgentDNS | None = None,
+        proxy: ServiceProxy | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -157,6 +161,7 @@ class MeshAgent:
         self.engine = engine
         self.clock = clock
         self.dns = dns  # MagicDNS: kept in step with every netmap
+        self.proxy = proxy  # a Service proxy's forwarding rules, likewise
         self.persisted = state_dir.load()
         if client is None:
             pin = coord_pin(config, self.persisted)
@@ -443,6 +448,8 @@ class MeshAgent:
         await self._blocking(self._apply_plan, wanted)
         if self.dns is not None:
             await self.dns.update(self.netmap if self.running else None)
+        if self.proxy is not None:
+            await self._blocking(self.proxy.update, self.netmap if self.running else None)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the one netlink worker thread: pyroute2 cannot run inside a running event
@@ -598,6 +605,7 @@ class MeshAgent:
             },
             "drops": engine_status.get("drops", {}),
             "dns": self.dns.status() if self.dns is not None else {},
+            "proxy": self.proxy.status() if self.proxy is not None else {},
         }
 
     def ip(self) -> list[str]:
