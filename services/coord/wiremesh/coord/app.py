@@ -342,6 +342,14 @@ def create_app(
             )
         return checked
 
+    def node_json(record: store.NodeRecord) -> dict[str, Any]:
+        """A node as the admin API shows it, with the approvals the policy in force makes itself
+        (its autoApprovers): the operator leaves those be when a MeshNode does not list them."""
+        out = record.to_admin_json()
+        auto = coord.policy.auto_approved(record.user, record.tags, record.advertised_routes)
+        out["auto_approved_routes"] = [r for r in record.approved_routes if r in auto]
+        return out
+
     policy_store.add_routes(app, coord, guarded, api)  # GET/PUT/DELETE /api/v1/policy
     if coord.interactive is not None:
         oidc_login.add_routes(app, coord.interactive)  # /login/{id} and /oidc/callback, for browsers
@@ -357,22 +365,22 @@ def create_app(
     @app.get(f"{api}/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:
         records = await coord._db(store.load_all)
-        return [r.to_admin_json() for r in sorted(records, key=lambda r: r.id)]
+        return [node_json(r) for r in sorted(records, key=lambda r: r.id)]
 
     @app.get(f"{api}/nodes/{{node_id}}", dependencies=guarded)
     async def get_node(node_id: RowId) -> dict[str, Any]:
         record = await coord._db(lambda s: store.load_node(s, node_id))
         if record is None:
             raise HTTPException(404, f"no node with id {node_id}")
-        return record.to_admin_json()
+        return node_json(record)
 
     @app.delete(f"{api}/nodes/{{node_id}}", dependencies=guarded)
     async def delete_node(node_id: RowId) -> dict[str, Any]:
-        return (await coord.delete_node(node_id)).to_admin_json()
+        return node_json(await coord.delete_node(node_id))
 
     @app.post(f"{api}/nodes/{{node_id}}/expire", dependencies=guarded)
     async def expire_node(node_id: RowId) -> dict[str, Any]:
-        return (await coord.expire_node(node_id)).to_admin_json()
+        return node_json(await coord.expire_node(node_id))
 
     @app.post(f"{api}/nodes/{{node_id}}/rename", dependencies=guarded)
     async def rename_node(node_id: RowId, body: RenameBody) -> dict[str, Any]:
@@ -382,12 +390,12 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
         if name != body.name:
             raise HTTPException(400, f"invalid name {body.name!r}: use lowercase letters, digits and -")
-        return (await coord.admin_update(node_id, name=name)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, name=name))
 
     @app.post(f"{api}/nodes/{{node_id}}/tags", dependencies=guarded)
     async def tag_node(node_id: RowId, body: TagsBody) -> dict[str, Any]:
         tags = admin_tags(body.tags)
-        return (await coord.admin_update(node_id, tags=tags)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, tags=tags))
 
     @app.get(f"{api}/routes", dependencies=guarded)
     async def list_routes() -> list[dict[str, Any]]:
@@ -424,7 +432,7 @@ def create_app(
         if missing:
             raise HTTPException(400, f"node {record.name} does not advertise {', '.join(missing)}")
         approved = tuple(dict.fromkeys(record.approved_routes + tuple(prefixes)))
-        return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, approved_routes=approved))
 
     @app.post(f"{api}/nodes/{{node_id}}/routes/unapprove", dependencies=guarded)
     async def unapprove_routes(node_id: RowId, body: ApproveBody) -> dict[str, Any]:
@@ -441,7 +449,7 @@ def create_app(
             except ValueError:
                 raise HTTPException(400, f"invalid prefix {prefix[:64]!r}") from None
         approved = tuple(p for p in record.approved_routes if p not in withdrawn)
-        return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, approved_routes=approved))
 
     def key_json(info: bus.AuthKeyInfo) -> dict[str, Any]:
         out: dict[str, Any] = {f: getattr(info, f) for f in info.__dataclass_fields__}
