@@ -23,6 +23,7 @@ import re
 
 from wiremesh.agent import exitnode
 from wiremesh.agent.subnetrouter import SubnetRouterError, run_nft
+from wiremesh.core.dnsconfig import DEFAULT_DOMAIN
 from wiremesh.core.netmap import NetworkMap
 
 log = logging.getLogger("wiremesh.agent.svcproxy")
@@ -105,7 +106,8 @@ def wanted(
         try:
             target = str(ipaddress.IPv4Address(egress_to))
         except ValueError:
-            peer = next((p for p in netmap.peers if exitnode.matches(p, egress_to)), None)
+            name = _without_domain(egress_to, netmap)
+            peer = next((p for p in netmap.peers if exitnode.matches(p, name)), None)
             target = _ipv4(peer.addresses) if peer is not None else ""
     return ProxyRules(
         ingress_from=mine if ingress_to else "",
@@ -114,6 +116,13 @@ def wanted(
         keep_udp=keep_udp,
         keep_tcp=keep_tcp,
     )
+
+
+def _without_domain(name: str, netmap: NetworkMap) -> str:
+    """`laptop.wiremesh.internal.` -> `laptop` (the tailnet's MagicDNS domain, from the netmap)."""
+    name = name.strip().lower().rstrip(".")
+    domain = str((netmap.dns or {}).get("domain") or DEFAULT_DOMAIN).lower().rstrip(".")
+    return name.removesuffix("." + domain)
 
 
 def _ipv4(addresses: tuple[str, ...]) -> str:
