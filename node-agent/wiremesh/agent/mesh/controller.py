@@ -38,6 +38,7 @@ from wiremesh.agent.control import (
     LoginRequired,
     LoginResult,
 )
+from wiremesh.agent.mesh import report
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
 from wiremesh.agent.svcproxy import ServiceProxy
@@ -539,29 +540,9 @@ class MeshAgent:
                 if not peer_usable(node, now):
                     continue
                 live = engine_peers.get(node.node_key, {})
-                peers.append(
-                    {
-                        "id": node.id,
-                        "name": node.name,
-                        "dns_name": self.dns.dns_name(node.name) if self.dns else "",
-                        "hostname": node.hostname,
-                        "user": node.user,
-                        "tags": list(node.tags),
-                        "node_key": node.node_key,
-                        "addresses": [a.split("/")[0] for a in node.addresses],
-                        "allowed_ips": list(node.allowed_ips),
-                        "online": node.online,
-                        "last_seen": node.last_seen,
-                        "endpoint": live.get("endpoint"),
-                        "active": node.node_key in engine_peers,
-                        "exit_node_option": exitnode.offers_exit(node),
-                        "exit_node": self.applied.exit.node is not None
-                        and self.applied.exit.node.id == node.id,
-                        "rx_bytes": live.get("rx_bytes", 0),
-                        "tx_bytes": live.get("tx_bytes", 0),
-                        "last_handshake_seconds_ago": live.get("last_handshake_seconds_ago"),
-                    }
-                )
+                dns_name = self.dns.dns_name(node.name) if self.dns else ""
+                active = node.node_key in engine_peers
+                peers.append(report.peer_entry(node, live, active, dns_name, self.applied.exit))
         me = netmap.self_node if netmap is not None else None
         return {
             "backend_state": str(self.backend_state),
@@ -588,12 +569,9 @@ class MeshAgent:
                 "advertised_routes": list(self.config.advertise_routes),
                 "approved_routes": list(me.approved_routes) if me else [],
                 "accept_routes": self.config.accept_routes,
-                "exit_node": {
-                    "selected": self.persisted.exit_node,
-                    "name": self.applied.exit.node.name if self.applied.exit.node else "",
-                    "allow_lan_access": self.persisted.exit_node_allow_lan_access,
-                    "error": self.applied.exit.error,
-                },
+                "exit_node": report.exit_node_entry(
+                    self.persisted.exit_node, self.persisted.exit_node_allow_lan_access, self.applied.exit
+                ),
                 "key_expiry": me.key_expiry if me else None,
             },
             "peers": peers,
