@@ -11,7 +11,8 @@ that give it; `proxycontrol.py` creates them).
   `wiremeshd --egress-to <device>` behind a ClusterIP Service with the same ports, and its
   `externalName` is pointed at that Service: pods reach the mesh device at the Service's name.
 
-Proxies live in the operator's namespace (their MeshNodes' Secrets are there). Their state is the
+Proxies live in the namespace of the MeshNodes' key Secrets (`--namespace`; the chart's
+RELEASE-meshnode-keys), since a pod can take its key only from a Secret of its own namespace. Their state is the
 pod's own (an emptyDir): a pod that is recreated comes back as a new node only after its MeshNode
 is recreated (delete it; the operator makes a new one).
 """
