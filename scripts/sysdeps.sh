@@ -4,7 +4,7 @@
 set -euo pipefail
 # gcc, libc6-dev: the OIDC tests build Ory Hydra with cgo (its in-memory SQLite), see lab/idp.py.
 pkgs=(nftables iproute2 iperf3 iputils-ping conntrack wireguard-go postgresql stun-client miniupnpd procps psmisc
-      buildah mmdebstrap containerd runc containernetworking-plugins prometheus iptables dnsutils gcc libc6-dev)
+      buildah mmdebstrap containerd runc containernetworking-plugins prometheus iptables dnsutils gcc libc6-dev dnsmasq-base)
 norec=(wireguard-tools)
 missing() { for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done; }
 need=$(missing "${pkgs[@]}")

@@ -30,6 +30,8 @@ async def routed(control_plane):
         await b.login(key)
         rid = router.login_result.node_id
         control_plane.admin("POST", f"/nodes/{rid}/routes/approve", {"prefixes": [ROUTE, OTHER]})
+        # Online (streaming), so the election makes it primary over earlier tests' routers of ROUTE.
+        router.watch(keepalive=1)
         for viewer in (a, b):
             viewer.watch(keepalive=1)
             await viewer.watcher.wait_for(

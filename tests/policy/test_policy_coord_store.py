@@ -143,6 +143,9 @@ class _StubCoord:
         self.streams: dict[int, set[object]] = {}
         self.nc = None
 
+    async def apply_auto_approvals(self) -> int:
+        return 0
+
 
 @pytest.fixture
 def stub_coord(tmp_path: pathlib.Path):

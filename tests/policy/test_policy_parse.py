@@ -171,12 +171,10 @@ def test_unknown_section_is_an_error() -> None:
 
 
 def test_unimplemented_harmless_sections_are_warnings() -> None:
-    policy, diags = check_policy(
-        '{"ssh": [], "nodeAttrs": [], "autoApprovers": {}, "derpMap": {}, "acls": []}'
-    )
+    policy, diags = check_policy('{"ssh": [], "nodeAttrs": [], "derpMap": {}, "acls": []}')
     assert policy is not None
     warned = {d.message.split("'")[1] for d in diags if d.severity == "warning"}
-    assert warned == {"ssh", "nodeAttrs", "autoApprovers", "derpMap"}
+    assert warned == {"ssh", "nodeAttrs", "derpMap"}
 
 
 def test_posture_conditions_are_errors_because_ignoring_them_would_widen_access() -> None:
@@ -203,9 +201,9 @@ def test_bad_grant_ip_entry_points_at_it() -> None:
     assert err.pos is not None and err.pos.line == 2
 
 
-def test_autogroup_internet_is_reported_unsupported() -> None:
-    err = only_error('{"acls": [{"action": "accept", "src": ["*"], "dst": ["autogroup:internet:*"]}]}')
-    assert "autogroup:internet is not supported" in err.message
+def test_autogroup_internet_is_a_destination_only() -> None:
+    err = only_error('{"acls": [{"action": "accept", "src": ["autogroup:internet"], "dst": ["*:*"]}]}')
+    assert "autogroup:internet can only be used as a destination" in err.message
 
 
 def test_autogroup_self_as_source_is_rejected() -> None:

@@ -85,6 +85,7 @@ class NetworkMap:
     peers: tuple[Node, ...] = ()
     derp_map: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # filled by the relay issue
     packet_filter: tuple[Mapping[str, Any], ...] = ()  # empty = allow all; filled by the ACL issue
+    dns: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # wiremesh.core.dnsconfig, as JSON
 
     def peer(self, node_id: int) -> Node | None:
         for peer in self.peers:
@@ -105,6 +106,7 @@ class NetworkMap:
             "peers": [p.to_json() for p in self.peers],
             "derp_map": dict(self.derp_map),
             "packet_filter": [dict(r) for r in self.packet_filter],
+            "dns": dict(self.dns),
         }
 
     @classmethod
@@ -121,6 +123,7 @@ class NetworkMap:
                 peers=tuple(Node.from_json(p) for p in peers),
                 derp_map=_obj(raw.get("derp_map", {})),
                 packet_filter=tuple(_obj(r) for r in _list(raw.get("packet_filter", []))),
+                dns=_obj(raw.get("dns", {})),
             )
         except KeyError as exc:
             raise NetmapError(f"netmap lacks {exc}") from exc
@@ -150,6 +153,7 @@ class MapDelta:
             peers=tuple(peers),
             derp_map=netmap.derp_map if self.derp_map is None else self.derp_map,
             packet_filter=netmap.packet_filter if self.packet_filter is None else self.packet_filter,
+            dns=netmap.dns,
         )
 
     def to_json(self) -> JSON:

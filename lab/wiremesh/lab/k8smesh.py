@@ -16,6 +16,7 @@ advertises the node's pod CIDR. The laptop gets its key from a MeshNode of its o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -53,6 +54,7 @@ class MeshOnCluster:
         self.cluster = cluster
         self.lab = cluster.lab
         self.laptops: dict[str, tuple[Host, Router]] = {}
+        self.netns_dirs: list[Path] = []  # /etc/netns/NS directories made for laptops' resolv.conf
 
     @property
     def relay_node(self) -> Any:
@@ -147,8 +149,18 @@ class MeshOnCluster:
 
     # ---- laptops
 
-    def join_laptop(self, name: str = "laptop", kind: NatKind = NatKind.EIM_APDF) -> Host:
-        """A MeshNode for the laptop, and wiremeshd behind a NAT router joined with its key."""
+    def join_laptop(
+        self,
+        name: str = "laptop",
+        kind: NatKind = NatKind.EIM_APDF,
+        *,
+        flags: tuple[str, ...] = (),
+        resolv_conf: str | None = None,
+    ) -> Host:
+        """A MeshNode for the laptop, and wiremeshd behind a NAT router joined with its key.
+
+        `resolv_conf`: the laptop's own /etc/resolv.conf (/etc/netns/NS/resolv.conf, which
+        `ip netns exec` mounts; the host's file is never touched), and wiremeshd --accept-dns."""
         self.cluster.apply(
             {
                 "apiVersion": "wiremesh.dev/v1alpha1",
@@ -166,6 +178,12 @@ class MeshOnCluster:
         key_file = state.parent / f"{name}.authkey"
         key_file.write_text(key)
         key_file.chmod(0o600)
+        if resolv_conf is not None:
+            directory = Path("/etc/netns") / self.lab.ns_of(host)
+            directory.mkdir(parents=True)
+            self.netns_dirs.append(directory)
+            (directory / "resolv.conf").write_text(resolv_conf)
+            flags = (*flags, "--accept-dns")
         with open(state.parent / f"{name}.log", "ab") as out:
             self.lab.popen(
                 host,
@@ -174,6 +192,7 @@ class MeshOnCluster:
                     "--login-server", self.login_server, "--auth-key", f"file:{key_file}",
                     "--state-dir", str(state), "--socket", str(state / "wiremeshd.sock"),
                     "--tun", "wm0", "--hostname", name, "--listen-port", str(AGENT_PORT), "--accept-routes",
+                    *flags,
                 ],
                 stdout=out,
                 stderr=out,
@@ -183,6 +202,16 @@ class MeshOnCluster:
             lambda: name in self.online_meshnodes(), f"MeshNode {name} online", READY_TIMEOUT
         )
         return host
+
+    def remove_netns_dirs(self) -> None:
+        """Remove the /etc/netns/NS directories join_laptop made (call after the lab closed)."""
+        import shutil
+
+        for directory in self.netns_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self.netns_dirs.clear()
+        with contextlib.suppress(OSError):
+            Path("/etc/netns").rmdir()  # only if empty
 
     def laptop_socket(self, name: str = "laptop") -> str:
         return str(Path(self.lab.tmpdir) / f"{name}-state" / "wiremeshd.sock")

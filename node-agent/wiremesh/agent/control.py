@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from wiremesh.agent import bypass
 from wiremesh.core import crypto
 from wiremesh.core.control import coordkey
 from wiremesh.core.control import messages as cm
@@ -108,7 +109,10 @@ class ControlClient:
         self.clock = clock
         self.timeout = timeout
         self._own_http = http is None
-        self.http = http or httpx.AsyncClient(timeout=timeout)
+        # Marked connections: coord stays reachable while an exit node routes everything else.
+        self.http = http or httpx.AsyncClient(
+            timeout=timeout, transport=httpx.AsyncHTTPTransport(socket_options=bypass.socket_options())
+        )
 
     async def aclose(self) -> None:
         if self._own_http:

@@ -19,6 +19,7 @@ from typing import Any
 
 from nacl.public import PrivateKey
 
+from wiremesh.agent import bypass
 from wiremesh.core.derp import frames
 from wiremesh.core.derp.connection import ClientConnection, Connected, Event, State
 from wiremesh.core.derp.frames import FrameError
@@ -70,7 +71,7 @@ class DerpClient:
         fast_start: bool = False,
         timeout: float = 10.0,
     ) -> DerpClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ssl), timeout)
+        reader, writer = await asyncio.wait_for(bypass.open_connection(host, port, ssl=ssl), timeout)
         try:
             request = (
                 f"GET /derp HTTP/1.1\r\nHost: {host}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"

@@ -426,8 +426,8 @@ class Engine:
         self._sender.send_all(out)
         self._timer_wake.set()
 
-    def set_addresses(self, addresses: Iterable[str]) -> None:
-        netconf.set_addresses(self.tun_name, list(addresses))
+    def set_addresses(self, addresses: Iterable[str], never_source: Iterable[str] = ()) -> None:
+        netconf.set_addresses(self.tun_name, list(addresses), never_source=list(never_source))
 
     def set_routes(self, prefixes: Iterable[str]) -> None:
         """Route `prefixes` into the tunnel, in our own table (netconf's docstring says why)."""

@@ -6,6 +6,8 @@
                       body {"auth_key": "..."} (optional) re-authenticates an expired node;
                       {"advertise_tags": ["tag:x"]} (optional) asks coord for these tags now;
                       {"force_reauth": true} signs in again at coord's identity provider
+                      {"exit_node": "NAME|IP"|"", "exit_node_allow_lan_access": bool} (optional)
+                      selects the exit node ("" stops using one)
     POST /v0/down     stop forwarding, stay logged in
     POST /v0/logout   deregister from coord and remove the state
     POST /v0/netcheck     probe UDP, public address, NAT mapping, relays (backends with netcheck())
@@ -193,6 +195,15 @@ class LocalAPIServer:
             auth_key = options.get("auth_key", "")
             if not isinstance(auth_key, str):
                 raise _BadRequest(400, "auth_key must be a string")
+            if "exit_node" in options:
+                exit_node, allow_lan = options["exit_node"], options.get("exit_node_allow_lan_access", False)
+                if not isinstance(exit_node, str) or not isinstance(allow_lan, bool):
+                    raise _BadRequest(400, "exit_node must be a string, exit_node_allow_lan_access a boolean")
+                # Optional capability: only a mesh daemon has peers to exit through.
+                set_exit_node = getattr(backend, "set_exit_node", None)
+                if set_exit_node is None:
+                    raise _BadRequest(400, "this daemon does not log in to a coordination server")
+                await set_exit_node(exit_node, allow_lan)
             tags = options.get("advertise_tags")
             if tags is not None:
                 if not isinstance(tags, list) or len(tags) > 64 or not all(isinstance(t, str) for t in tags):

@@ -12,7 +12,7 @@ import struct
 from collections import Counter
 from collections.abc import Hashable, Iterable
 
-from wiremesh.agent import gro
+from wiremesh.agent import bypass, gro
 from wiremesh.agent.paths import Paths, StaticPaths
 
 log = logging.getLogger("wiremesh.agent.engine")
@@ -152,6 +152,7 @@ def open_sockets(port: int) -> tuple[socket.socket, socket.socket | None, int]:
 
 
 def _tune(sock: socket.socket) -> None:
+    bypass.mark(sock)  # WireGuard, disco and STUN never enter the tunnel they carry
     for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE as root
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)

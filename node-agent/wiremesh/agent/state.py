@@ -63,6 +63,8 @@ class Persisted:
     addresses: tuple[str, ...] = ()
     want_running: bool = True
     coord_key: str = ""  # coord's control key, pinned at the first successful login
+    exit_node: str = ""  # the peer to send all non-mesh traffic through ("" none)
+    exit_node_allow_lan_access: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -89,6 +91,8 @@ class Persisted:
             addresses=tuple(addresses),
             want_running=bool(raw.get("want_running", True)),
             coord_key=coord_key,
+            exit_node=str(raw.get("exit_node", ""))[:255],
+            exit_node_allow_lan_access=bool(raw.get("exit_node_allow_lan_access", False)),
         )
 
 

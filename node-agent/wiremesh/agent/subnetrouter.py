@@ -84,7 +84,8 @@ def ruleset(tun: str, mtu: int, *, snat: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nft(script: str) -> None:
+def run_nft(script: str) -> None:
+    """Run an nft script (`nft -f -`); SubnetRouterError with nft's complaint if refused."""
     # /usr/sbin may be missing from a service's PATH.
     nft = shutil.which("nft") or next(
         (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None
@@ -105,13 +106,13 @@ def install(tun: str, mtu: int, *, snat: bool) -> None:
     """Create or atomically replace our table (the first two lines make `delete` safe when the
     table does not exist yet)."""
     name = table_name(tun)
-    _nft(f"table inet {name}\ndelete table inet {name}\n{ruleset(tun, mtu, snat=snat)}")
+    run_nft(f"table inet {name}\ndelete table inet {name}\n{ruleset(tun, mtu, snat=snat)}")
     log.info("subnet_router_rules_installed table=%s snat=%s mss_v4=%d", name, snat, mtu - IPV4_TCP_OVERHEAD)
 
 
 def remove(tun: str) -> None:
     name = table_name(tun)
-    _nft(f"table inet {name}\ndelete table inet {name}\n")
+    run_nft(f"table inet {name}\ndelete table inet {name}\n")
     log.info("subnet_router_rules_removed table=%s", name)
 
 

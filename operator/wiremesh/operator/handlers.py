@@ -23,6 +23,8 @@ import kopf
 from wiremesh.operator import acl as aclmod
 from wiremesh.operator import meshnode as mn
 from wiremesh.operator.coord import CoordAdmin, CoordError
+from wiremesh.operator.proxycontrol import ProxyConfig, ProxyController
+from wiremesh.operator.proxycontrol import register as register_proxies
 
 GROUP = "wiremesh.dev"
 VERSION = "v1alpha1"
@@ -49,6 +51,11 @@ class OperatorConfig:
     mirror_nodes: bool = True  # a MeshNode per cluster Node, advertising its pod CIDR
     approve_pod_routes: bool = True  # and approving it (see mirror_spec)
     node_tags: tuple[str, ...] = ("tag:k8s-node",)
+    # Routes every mirrored Node also advertises (and approves with approve_pod_routes): the
+    # cluster's Service CIDR, so mesh devices reach cluster IPs and the cluster DNS. Every node
+    # offers them; coord elects one primary (HA subnet routers).
+    service_routes: tuple[str, ...] = ()
+    proxies: ProxyConfig | None = None  # Services on the mesh (proxies.py); None: off
 
 
 def _now() -> str:
@@ -481,7 +488,9 @@ class Operator:
 
     async def mirror_node(self, name: str, uid: str, spec: dict[str, Any]) -> None:
         """Create or update the MeshNode that mirrors cluster Node `name`."""
-        wanted = mn.mirror_spec(name, spec, self.config.node_tags, self.config.approve_pod_routes)
+        wanted = mn.mirror_spec(
+            name, spec, self.config.node_tags, self.config.approve_pod_routes, self.config.service_routes
+        )
         if self.mirrored.get(name) == wanted:
             return  # most Node updates are status heartbeats
         body: dict[str, Any] = {
@@ -566,6 +575,9 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
     @kopf.on.delete(GROUP, VERSION, MESHNODES, registry=registry)
     async def meshnode_deleted(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, **_: Any) -> None:
         await op.delete_meshnode(body, spec, status)
+
+    if op.config.proxies is not None:
+        register_proxies(registry, ProxyController(op.config.proxies), interval)
 
     if op.config.mirror_nodes:
         # Raw watch events: kopf then keeps no bookkeeping (annotations, finalizers) on Nodes.

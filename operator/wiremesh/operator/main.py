@@ -15,6 +15,7 @@ from pathlib import Path
 import kopf
 
 from wiremesh.operator.handlers import Operator, OperatorConfig, make_registry
+from wiremesh.operator.proxycontrol import ProxyConfig
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -69,6 +70,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated tags for mirrored cluster Nodes",
     )
     p.add_argument(
+        "--service-routes",
+        default=env("WIREMESH_SERVICE_ROUTES", ""),
+        help="comma-separated routes every mirrored Node also advertises (approved with"
+        " --approve-pod-routes): the cluster's Service CIDR, so mesh devices reach cluster IPs and"
+        " the cluster DNS (coord makes one node primary for it)",
+    )
+    p.add_argument(
+        "--proxy-image",
+        default=env("WIREMESH_PROXY_IMAGE", ""),
+        help="the agent image for Service proxies (Services annotated wiremesh.dev/expose or"
+        " wiremesh.dev/tailnet-ip|tailnet-fqdn); empty: Services are not put on the mesh",
+    )
+    p.add_argument(
+        "--proxy-image-pull-policy", default=env("WIREMESH_PROXY_IMAGE_PULL_POLICY", "IfNotPresent")
+    )
+    p.add_argument(
+        "--proxy-forwarding",
+        choices=("init", "sysctls"),
+        default=env("WIREMESH_PROXY_FORWARDING", "init"),
+        help="how proxy pods turn on IP forwarding: a privileged init container (init), or the pod's"
+        " securityContext.sysctls (needs the kubelet's --allowed-unsafe-sysctls=net.ipv4.ip_forward)",
+    )
+    p.add_argument(
+        "--proxy-tags",
+        default=env("WIREMESH_PROXY_TAGS", "tag:k8s-proxy"),
+        help="comma-separated tags for Service proxies' MeshNodes (define them in the policy's tagOwners)",
+    )
+    p.add_argument(
+        "--dns-domain",
+        default=env("WIREMESH_DNS_DOMAIN", "wiremesh.internal"),
+        help="coord's MagicDNS domain, for the names written on exposed Services",
+    )
+    p.add_argument("--cluster-domain", default=env("WIREMESH_CLUSTER_DOMAIN", "cluster.local"))
+    p.add_argument(
         "--health-listen",
         default=env("WIREMESH_HEALTH_LISTEN", "0.0.0.0:8080"),
         help="HOST:PORT for the liveness probe (/healthz); empty to disable",
@@ -104,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         mirror_nodes=args.mirror_nodes,
         approve_pod_routes=args.approve_pod_routes,
         node_tags=tuple(t.strip() for t in args.node_tags.split(",") if t.strip()),
+        service_routes=tuple(r.strip() for r in args.service_routes.split(",") if r.strip()),
+        proxies=ProxyConfig(
+            namespace=args.namespace,
+            image=args.proxy_image,
+            login_server=args.login_server or args.coord_url,
+            pull_policy=args.proxy_image_pull_policy,
+            forwarding=args.proxy_forwarding,
+            tags=tuple(t.strip() for t in args.proxy_tags.split(",") if t.strip()),
+            dns_domain=args.dns_domain,
+            cluster_domain=args.cluster_domain,
+        )
+        if args.proxy_image
+        else None,
     )
     liveness = f"http://{args.health_listen}/healthz" if args.health_listen else None
 

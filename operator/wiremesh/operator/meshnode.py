@@ -106,8 +106,10 @@ def changes(desired: Desired, node: dict[str, Any], manage_tags: bool = True) ->
     approve = tuple(p for p in desired.approved_routes if p in advertised and p not in approved)
     waiting = tuple(p for p in desired.approved_routes if p not in advertised)
     # The spec is the whole truth about approvals, as it is about tags: an approval it does not
-    # list (dropped from approvedRoutes, or given by hand in coord) is withdrawn.
-    unapprove = tuple(sorted(p for p in approved if p not in desired.approved_routes))
+    # list (dropped from approvedRoutes, or given by hand in coord) is withdrawn; except one the
+    # policy's autoApprovers make (coord would make it again at the node's next advertisement).
+    automatic = set(node.get("auto_approved_routes") or [])
+    unapprove = tuple(sorted(p for p in approved if p not in desired.approved_routes and p not in automatic))
     return Changes(tags=tags, approve=approve, unapprove=unapprove, waiting_routes=waiting)
 
 
@@ -184,13 +186,18 @@ def pod_cidrs(node_spec: dict[str, Any]) -> tuple[str, ...]:
 
 
 def mirror_spec(
-    node_name: str, node_spec: dict[str, Any], tags: tuple[str, ...], approve_routes: bool = True
+    node_name: str,
+    node_spec: dict[str, Any],
+    tags: tuple[str, ...],
+    approve_routes: bool = True,
+    extra_routes: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """The MeshNode for a cluster Node: it advertises the Node's pod CIDRs. With
-    `approve_routes` they are approved at once (the cluster vouches for its own nodes), which
-    is what lets laptops reach pods; without, the spec leaves `approvedRoutes` to an admin (the
-    operator then never writes that field, so an approval given by hand stays)."""
-    routes = list(pod_cidrs(node_spec))
+    """The MeshNode for a cluster Node: it advertises the Node's pod CIDRs (and `extra_routes`,
+    the cluster's Service CIDR, which every node can reach). With `approve_routes` they are
+    approved at once (the cluster vouches for its own nodes), which is what lets laptops reach
+    pods; without, the spec leaves `approvedRoutes` to an admin (the operator then never writes
+    that field, so an approval given by hand stays)."""
+    routes = list(dict.fromkeys((*pod_cidrs(node_spec), *extra_routes)))
     spec: dict[str, Any] = {
         "hostname": node_hostname(node_name),
         "tags": list(tags),

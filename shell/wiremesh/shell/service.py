@@ -343,14 +343,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+TCP_USER_TIMEOUT = 18  # Linux, <netinet/tcp.h>; Python 3.11 has no constant for it
+
+
 def serve(
     app: Any,
     settings: ServiceSettings,
     on_exit: Callable[[], None] | None = None,
     extra_listen: tuple[str, int] | None = None,
+    dead_connection_timeout: float | None = None,
 ) -> None:
     """Run uvicorn; SIGTERM and SIGINT finish in-flight requests, run shutdown, and exit 0.
-    `extra_listen` is a second address served by the same app (e.g. coord's --admin-listen)."""
+    `extra_listen` is a second address served by the same app (e.g. coord's --admin-listen).
+
+    `dead_connection_timeout`: a connection whose sent data goes unacknowledged this long is
+    aborted (TCP_USER_TIMEOUT on the listening sockets, which accepted connections inherit). A
+    peer that vanished without a FIN (power loss, a cut cable) is noticed then instead of after
+    TCP's own retries (~15 minutes): what lets coord take a node behind a long-lived stream
+    offline.
+    """
     protocol = type(
         "SlowClientTimeout", (SlowClientTimeout,), {"read_timeout": settings.request_read_timeout}
     )
@@ -371,6 +382,8 @@ def serve(
     if extra_listen is not None:
         sockets.append(_bind(*extra_listen))
     for sock in sockets:
+        if dead_connection_timeout:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(dead_connection_timeout * 1000))
         sock.listen(4096)
     server = _Server(config, on_exit)
     with contextlib.suppress(KeyboardInterrupt):

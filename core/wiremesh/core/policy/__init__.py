@@ -10,6 +10,7 @@ Typical use (coord):
     compiler.compiled(node_id).peers / .packet_filter()
 """
 
+from wiremesh.core.policy.approve import auto_approved
 from wiremesh.core.policy.compile import CompiledNode, PolicyCompiler
 from wiremesh.core.policy.evaluate import Evaluator, TestFailure, evaluate, run_tests
 from wiremesh.core.policy.hujson import HujsonError, Pos
@@ -36,6 +37,7 @@ __all__ = [
     "Pos",
     "TestFailure",
     "allow_all_policy",
+    "auto_approved",
     "check_policy",
     "check_policy_obj",
     "evaluate",

@@ -31,6 +31,7 @@ from wiremesh.core.policy.model import (
     FilterRule,
     GroupSel,
     IdpGroupSel,
+    InternetSel,
     IPNetwork,
     MemberSel,
     Policy,
@@ -43,6 +44,7 @@ from wiremesh.core.policy.model import (
     TagSel,
     UserSel,
     allow_all_policy,
+    internet_prefixes,
 )
 from wiremesh.core.policy.prefixes import Span, compress_hosts, compress_spans, span_of
 
@@ -93,7 +95,19 @@ class CompiledNode:
 class _Node:
     """A PolicyNode with its addresses parsed once."""
 
-    __slots__ = ("addr_prefixes", "addr_spans", "addr_strs", "addrs", "node", "own", "routes", "v4", "v6")
+    __slots__ = (
+        "addr_prefixes",
+        "addr_spans",
+        "addr_strs",
+        "addrs",
+        "exit_routes",
+        "node",
+        "own",
+        "reached",
+        "routes",
+        "v4",
+        "v6",
+    )
 
     def __init__(self, node: PolicyNode) -> None:
         self.node = node
@@ -103,13 +117,26 @@ class _Node:
         self.addr_spans: tuple[Span, ...] = tuple((a.version, int(a), int(a)) for a in self.addrs)
         self.v4 = tuple(lo for v, lo, _ in self.addr_spans if v == 4)
         self.v6 = tuple(lo for v, lo, _ in self.addr_spans if v == 6)
-        self.routes: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(r, strict=False) for r in node.routes)
-        # Everything this node can be reached at.
+        approved = tuple(ipaddress.ip_network(r, strict=False) for r in node.routes)
+        # An exit node's 0.0.0.0/0 and ::/0 are not subnets it is reached at: they make it a
+        # destination for `*`, literal addresses and autogroup:internet, never a source.
+        self.routes: tuple[IPNetwork, ...] = tuple(r for r in approved if r.prefixlen)
+        self.exit_routes: tuple[IPNetwork, ...] = tuple(r for r in approved if not r.prefixlen)
+        # Everything this node can be reached at (its own addresses and subnets)...
         self.own = self.addr_prefixes + self.routes
+        # ... and everything it forwards to, as an exit node too.
+        self.reached = self.own + self.exit_routes
 
-    def overlaps(self, prefixes: tuple[IPNetwork, ...], with_routes: bool = True) -> bool:
-        mine = self.own if with_routes else self.addr_prefixes
+    def overlaps(
+        self, prefixes: tuple[IPNetwork, ...], with_routes: bool = True, exits: bool = False
+    ) -> bool:
+        mine = (self.reached if exits else self.own) if with_routes else self.addr_prefixes
         return any(a.version == p.version and a.overlaps(p) for a in mine for p in prefixes)
+
+    def internet(self) -> tuple[IPNetwork, ...]:
+        """autogroup:internet on this node: the internet's prefixes of the families it exits."""
+        versions = {r.version for r in self.exit_routes}
+        return tuple(p for p in internet_prefixes() if p.version in versions)
 
 
 def _intersect(mine: tuple[IPNetwork, ...], prefixes: tuple[IPNetwork, ...]) -> list[IPNetwork]:
@@ -220,7 +247,10 @@ class _RuleState:
     def dst_member(self, n: _Node) -> bool:
         for d in self.dst:
             if isinstance(d, PrefixSel):
-                if n.overlaps(d.prefixes):
+                if n.overlaps(d.prefixes, exits=True):
+                    return True
+            elif isinstance(d, InternetSel):
+                if n.exit_routes:
                     return True
             elif isinstance(d, AnySel) or identity_matches(d, n.node):
                 return True
@@ -232,9 +262,11 @@ class _RuleState:
         ident = False
         for d in self.dst:
             if isinstance(d, AnySel):
-                return tuple(str(p) for p in n.own)
+                return tuple(str(p) for p in n.reached)
             if isinstance(d, PrefixSel):
-                out.extend(_intersect(n.own, d.prefixes))
+                out.extend(_intersect(n.reached, d.prefixes))
+            elif isinstance(d, InternetSel):
+                out.extend(n.internet())
             elif not ident and identity_matches(d, n.node):
                 ident = True
         if not out:
@@ -350,7 +382,7 @@ class PolicyCompiler:
                     if _self_eligible(n):
                         st.self_src.setdefault(n.user, set()).add(nid)
                 continue
-            _, st.dst_nodes = self._resolve(st.dst, with_routes=True)
+            _, st.dst_nodes = self._resolve(st.dst, with_routes=True, exits=True)
             for nid in st.dst_nodes:
                 self._dst_rules[nid].append(i)
             for nid in st.src_nodes:
@@ -367,6 +399,7 @@ class PolicyCompiler:
         self._tagged: set[int] = set()
         self._addr_index: list[tuple[int, int, int]] = []  # sorted (version, int address, node id)
         self._routed: list[tuple[IPNetwork, int]] = []
+        self._exits: set[int] = set()  # nodes with an approved exit route
         for n in self._nodes.values():
             self._index_add(n, bulk=True)
         self._addr_index.sort()
@@ -389,6 +422,8 @@ class PolicyCompiler:
                 bisect.insort(self._addr_index, (a.version, int(a), nid))
         for r in n.routes:
             self._routed.append((r, nid))
+        if n.exit_routes:
+            self._exits.add(nid)
 
     def _index_remove(self, n: _Node) -> None:
         nid = n.node.id
@@ -405,9 +440,15 @@ class PolicyCompiler:
             if i < len(self._addr_index) and self._addr_index[i] == key:
                 del self._addr_index[i]
         self._routed = [(r, x) for r, x in self._routed if x != nid]
+        self._exits.discard(nid)
 
-    def _prefix_nodes(self, prefixes: tuple[IPNetwork, ...], with_routes: bool) -> set[int]:
+    def _prefix_nodes(self, prefixes: tuple[IPNetwork, ...], with_routes: bool, exits: bool) -> set[int]:
         out: set[int] = set()
+        if exits and prefixes:
+            families = {p.version for p in prefixes}
+            out.update(
+                nid for nid in self._exits if families & {r.version for r in self._nodes[nid].exit_routes}
+            )
         index = self._addr_index
         for p in prefixes:
             lo = bisect.bisect_left(index, (p.version, int(p.network_address)))
@@ -419,15 +460,20 @@ class PolicyCompiler:
                         out.add(nid)
         return out
 
-    def _resolve(self, sels: tuple[Selector, ...], with_routes: bool) -> tuple[set[int], set[int]]:
-        """(nodes named by identity, all nodes covered) for a src or dst list."""
+    def _resolve(
+        self, sels: tuple[Selector, ...], with_routes: bool, exits: bool = False
+    ) -> tuple[set[int], set[int]]:
+        """(nodes named by identity, all nodes covered) for a src or dst list (`exits`: a dst
+        list, which exit nodes are covered by as forwarders)."""
         ident: set[int] = set()
         covered: set[int] = set()
         for s in sels:
             if isinstance(s, AnySel):
                 covered.update(self._nodes)
             elif isinstance(s, PrefixSel):
-                covered |= self._prefix_nodes(s.prefixes, with_routes)
+                covered |= self._prefix_nodes(s.prefixes, with_routes, exits and with_routes)
+            elif isinstance(s, InternetSel):
+                covered |= self._exits
             elif isinstance(s, UserSel):
                 ident |= self._by_user.get(s.user, set())
                 if s.user.endswith("@"):

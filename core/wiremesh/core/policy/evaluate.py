@@ -18,6 +18,7 @@ from wiremesh.core.policy.model import (
     AnySel,
     GroupSel,
     IdpGroupSel,
+    InternetSel,
     IPAddress,
     MemberSel,
     Policy,
@@ -29,6 +30,7 @@ from wiremesh.core.policy.model import (
     TaggedSel,
     TagSel,
     UserSel,
+    internet_prefixes,
     user_matches,
 )
 
@@ -67,6 +69,9 @@ class Evaluator:
             return True
         if isinstance(sel, PrefixSel):
             return any(ip in p for p in sel.prefixes)
+        if isinstance(sel, InternetSel):
+            # Internet addresses belong to no node; an exit node forwards to them.
+            return node is None and any(ip in p for p in internet_prefixes() if p.version == ip.version)
         if isinstance(sel, SelfSel):
             return False  # handled by the caller: it depends on both ends
         return node is not None and identity_matches(sel, node)

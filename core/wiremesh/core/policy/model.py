@@ -9,6 +9,7 @@ against the node set, or to literal prefixes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -54,6 +55,48 @@ ANY_PROTO: frozenset[int] = frozenset()
 
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 ANY_V6 = ipaddress.IPv6Network("::/0")
+# What an exit node advertises (both, as Tailscale's --advertise-exit-node): its "routes" to
+# everything. They are approved through `autoApprovers.exitNode` (or by an admin), never as
+# ordinary subnet routes.
+EXIT_ROUTES = (str(ANY_V4), str(ANY_V6))
+# autogroup:internet: the public address space reached through exit nodes. Private, shared
+# (CGNAT, the mesh's own 100.64.0.0/10), loopback, link-local, multicast and reserved ranges are
+# not "the internet"; a LAN behind an exit node is reached as an ordinary subnet route.
+NOT_INTERNET = tuple(
+    ipaddress.ip_network(p)
+    for p in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/3",
+    )
+)
+INTERNET_V6 = ipaddress.IPv6Network("2000::/3")  # global unicast; the mesh's fd7a::/48 is outside
+
+
+def is_exit_route(prefix: str) -> bool:
+    return prefix in EXIT_ROUTES
+
+
+@functools.cache
+def internet_prefixes() -> tuple[IPNetwork, ...]:
+    """autogroup:internet as CIDR prefixes: IPv4 minus NOT_INTERNET, and 2000::/3."""
+    v4: list[IPNetwork] = [ANY_V4]
+    for cut in NOT_INTERNET:
+        out: list[IPNetwork] = []
+        for net in v4:
+            if net.overlaps(cut):
+                if net.subnet_of(cut):  # type: ignore[arg-type]
+                    continue
+                out.extend(net.address_exclude(cut))  # type: ignore[arg-type]
+            else:
+                out.append(net)
+        v4 = out
+    return (*sorted(v4, key=lambda n: int(n.network_address)), INTERNET_V6)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,6 +180,11 @@ class SelfSel:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class InternetSel:
+    """autogroup:internet (destination only): the public internet, through exit nodes."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PrefixSel:
     """Literal addresses: an IP, a CIDR, a host alias or an ipset (`label` says which)."""
 
@@ -144,7 +192,18 @@ class PrefixSel:
     label: str
 
 
-Selector = AnySel | UserSel | GroupSel | IdpGroupSel | TagSel | MemberSel | TaggedSel | SelfSel | PrefixSel
+Selector = (
+    AnySel
+    | UserSel
+    | GroupSel
+    | IdpGroupSel
+    | TagSel
+    | MemberSel
+    | TaggedSel
+    | SelfSel
+    | PrefixSel
+    | InternetSel
+)
 IdentitySel = UserSel | GroupSel | IdpGroupSel | TagSel | MemberSel | TaggedSel
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -240,6 +299,18 @@ class PolicyTest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AutoApprovers:
+    """The policy's `autoApprovers`: whose advertisements coord approves without an admin.
+
+    `routes` maps a prefix to the identities that may advertise it or anything inside it;
+    `exit_node` lists the identities whose exit-node advertisement is approved.
+    """
+
+    routes: tuple[tuple[IPNetwork, tuple[IdentitySel, ...]], ...] = ()
+    exit_node: tuple[IdentitySel, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...]
     groups: dict[str, tuple[str, ...]]
@@ -249,6 +320,7 @@ class Policy:
     tests: tuple[PolicyTest, ...]
     warnings: tuple[Diagnostic, ...] = ()
     source: str = ""  # the text it was parsed from, kept so coord can hand it back verbatim
+    auto_approvers: AutoApprovers = AutoApprovers()
 
     def tag_owner_allows(
         self, user: str, tag: str, node_tags: Iterable[str] = (), user_groups: Iterable[str] = ()

@@ -22,9 +22,12 @@ from wiremesh.core.policy.model import (
     DEFAULT_PROTOS,
     PORT_PROTOS,
     AnySel,
+    AutoApprovers,
     Diagnostic,
     GroupSel,
+    IdentitySel,
     IdpGroupSel,
+    InternetSel,
     IPNetwork,
     MemberSel,
     Policy,
@@ -51,13 +54,12 @@ from wiremesh.core.policy.syntax import (
     subtract_prefixes,
 )
 
-SECTIONS = {"groups", "hosts", "tagOwners", "ipsets", "acls", "grants", "tests"}
+SECTIONS = {"groups", "hosts", "tagOwners", "ipsets", "acls", "grants", "tests", "autoApprovers"}
 # Ignoring these cannot let more traffic through our filter: warn.
 HARMLESS_SECTIONS = {
     "ssh": "Tailscale SSH rules are not supported yet; the section is ignored",
     "sshTests": "SSH tests are not supported yet; the section is ignored",
     "nodeAttrs": "node attributes are not supported yet; the section is ignored",
-    "autoApprovers": "auto approvers are not supported yet; routes need approval through the admin API",
     "derpMap": "the relay map is configured on coord, not in the policy; the section is ignored",
     "disableIPv4": "disableIPv4 is not supported yet; the setting is ignored",
     "randomizeClientPort": "randomizeClientPort is not supported yet; the setting is ignored",
@@ -70,7 +72,7 @@ UNSAFE_SECTIONS = {
     "defaultSrcPosture": "defaultSrcPosture is not supported yet (ignoring it would allow "
     "devices that fail the posture check)",
 }
-SUPPORTED_AUTOGROUPS = {"autogroup:member", "autogroup:tagged", "autogroup:self"}
+SUPPORTED_AUTOGROUPS = {"autogroup:member", "autogroup:tagged", "autogroup:self", "autogroup:internet"}
 
 _TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _GROUP_RE = re.compile(r"^group:[^\s:]+$")
@@ -163,6 +165,7 @@ class _Builder:
         self.parse_ipsets(top.get("ipsets", {}))
         rules = self.parse_acls(top.get("acls", [])) + self.parse_grants(top.get("grants", []))
         tests = self.parse_tests(top.get("tests", []))
+        approvers = self.parse_auto_approvers(top.get("autoApprovers", {}))
         if any(d.severity == "error" for d in self.diags):
             return None
         return Policy(
@@ -173,6 +176,7 @@ class _Builder:
             tag_owners=self.tag_owners,
             tests=tuple(tests),
             warnings=tuple(self.diags),
+            auto_approvers=approvers,
         )
 
     def parse_groups(self, value: Any) -> None:
@@ -309,6 +313,60 @@ class _Builder:
             self.error(f"ipset entry {target!r} is not an IP, CIDR, host alias or ipset", path)
             return None
 
+    # -- autoApprovers --
+
+    def parse_auto_approvers(self, value: Any) -> AutoApprovers:
+        """`{"routes": {prefix: [approvers]}, "exitNode": [approvers]}`; approvers are users,
+        groups, tags and autogroup:member / autogroup:tagged (identities: a tagged node is
+        approved by its tags only, as everywhere in the policy)."""
+        section = self.obj(value, ("autoApprovers",), "autoApprovers")
+        if section is None:
+            return AutoApprovers()
+        self.check_keys(section, ("autoApprovers",), {"routes", "exitNode"}, "autoApprovers")
+        routes: list[tuple[IPNetwork, tuple[IdentitySel, ...]]] = []
+        table = section.get("routes", {})
+        if self.obj(table, ("autoApprovers", "routes"), "autoApprovers.routes") is not None:
+            for text, approvers in table.items():
+                path: Path = ("autoApprovers", "routes", text)
+                prefixes = self.approver_prefixes(text, path)
+                who = self.approvers(approvers, path)
+                routes.extend((p, who) for p in prefixes)
+        exit_node = self.approvers(section.get("exitNode", []), ("autoApprovers", "exitNode"))
+        return AutoApprovers(tuple(routes), exit_node)
+
+    def approver_prefixes(self, text: str, path: Path) -> tuple[IPNetwork, ...]:
+        host = text.removeprefix("host:")
+        if host in self.hosts:
+            return self.hosts[host]
+        if text in self.ipsets:
+            return self.ipsets[text]
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            self.error(f"autoApprovers route {text!r} is not a CIDR, host alias or ipset", path, key=True)
+            return ()
+        if net.prefixlen == 0:
+            self.error(
+                f"autoApprovers route {text!r}: exit nodes are approved by 'exitNode', not by a route",
+                path,
+                key=True,
+            )
+            return ()
+        return (net,)
+
+    def approvers(self, value: Any, path: Path) -> tuple[IdentitySel, ...]:
+        out: list[IdentitySel] = []
+        for text, apath in self.str_list(value, path, "approvers"):
+            sel = self.target(text, apath, "approver")
+            if isinstance(sel, UserSel | GroupSel | IdpGroupSel | TagSel | MemberSel | TaggedSel):
+                out.append(sel)
+            elif sel is not None:
+                self.error(
+                    f"approver {text!r} must be a user, group:, tag:, autogroup:member or autogroup:tagged",
+                    apath,
+                )
+        return tuple(out)
+
     # -- targets --
 
     def target(self, text: str, path: Path, role: str) -> Selector | None:
@@ -343,7 +401,10 @@ class _Builder:
             if text == "autogroup:tagged":
                 return TaggedSel()
             if text == "autogroup:internet":
-                self.error("autogroup:internet is not supported yet (wiremesh has no exit nodes)", path)
+                if role != "dst":
+                    self.error("autogroup:internet can only be used as a destination", path)
+                    return None
+                return InternetSel()
             else:
                 self.error(
                     f"{text!r} is not supported (supported: {', '.join(sorted(SUPPORTED_AUTOGROUPS))})", path

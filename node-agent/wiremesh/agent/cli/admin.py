@@ -2,7 +2,7 @@
 
     wiremesh admin [--server URL] [--admin-key KEY] [--json] authkeys create|list|expire
     wiremesh admin nodes list|expire ID|delete ID|rename ID NAME|tag ID tag:a,tag:b
-    wiremesh admin routes list|approve NODE PREFIX|unapprove NODE PREFIX
+    wiremesh admin routes list|approve NODE PREFIX...|unapprove NODE PREFIX...
     wiremesh admin policy get|set FILE|clear
     wiremesh admin adminkeys create --scopes read|nodes|authkeys|policy|all,...|list|revoke ID
 
@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from wiremesh.agent.cli import admin_policy
+from wiremesh.core.policy.model import EXIT_ROUTES
 
 
 class AdminError(Exception):
@@ -72,13 +73,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     routes = groups.add_parser("routes", help="subnet routes").add_subparsers(dest="action", metavar="ACTION")
     routes.required = True
     routes.add_parser("list", help="list advertised and approved routes").set_defaults(func=_routes_list)
-    approve = routes.add_parser("approve", help="approve a route a node advertises")
+    approve = routes.add_parser("approve", help="approve routes a node advertises")
     approve.add_argument("node", help="node id or name")
-    approve.add_argument("prefix")
+    approve.add_argument("prefix", nargs="+", help="prefixes; 'exit-node' stands for 0.0.0.0/0 and ::/0")
     approve.set_defaults(func=_routes_approve)
-    unapprove = routes.add_parser("unapprove", help="withdraw a route's approval (peers drop it)")
+    unapprove = routes.add_parser("unapprove", help="withdraw routes' approval (peers drop them)")
     unapprove.add_argument("node", help="node id or name")
-    unapprove.add_argument("prefix")
+    unapprove.add_argument("prefix", nargs="+", help="prefixes; 'exit-node' stands for 0.0.0.0/0 and ::/0")
     unapprove.set_defaults(func=_routes_unapprove)
 
     admin_policy.register(groups)  # policy get|set FILE|clear
@@ -290,25 +291,35 @@ def _routes_list(args: argparse.Namespace) -> int:
             r["prefix"],
             "yes" if r["advertised"] else "no",
             "yes" if r["approved"] else "no",
+            "yes" if r.get("primary") else "-",
         ]
         for r in routes
     ]
-    _table(rows, ["NODE ID", "NODE", "PREFIX", "ADVERTISED", "APPROVED"])
+    _table(rows, ["NODE ID", "NODE", "PREFIX", "ADVERTISED", "APPROVED", "PRIMARY"])
     return 0
+
+
+def _prefixes(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for prefix in args.prefix:
+        out.extend(EXIT_ROUTES if prefix == "exit-node" else (prefix,))
+    return list(dict.fromkeys(out))
 
 
 @_guard
 def _routes_approve(args: argparse.Namespace) -> int:
     node_id = _resolve(args, args.node)
-    data = _call(args, "POST", f"/nodes/{node_id}/routes/approve", {"prefixes": [args.prefix]})
-    return _emit(args, data, f"approved {args.prefix} via {data['name']}")
+    prefixes = _prefixes(args)
+    data = _call(args, "POST", f"/nodes/{node_id}/routes/approve", {"prefixes": prefixes})
+    return _emit(args, data, f"approved {', '.join(prefixes)} via {data['name']}")
 
 
 @_guard
 def _routes_unapprove(args: argparse.Namespace) -> int:
     node_id = _resolve(args, args.node)
-    data = _call(args, "POST", f"/nodes/{node_id}/routes/unapprove", {"prefixes": [args.prefix]})
-    return _emit(args, data, f"withdrew approval of {args.prefix} via {data['name']}")
+    prefixes = _prefixes(args)
+    data = _call(args, "POST", f"/nodes/{node_id}/routes/unapprove", {"prefixes": prefixes})
+    return _emit(args, data, f"withdrew approval of {', '.join(prefixes)} via {data['name']}")
 
 
 @_guard

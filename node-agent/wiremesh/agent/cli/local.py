@@ -80,6 +80,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="how long to wait for an interactive login (default %(default)s)",
     )
+    up.add_argument(
+        "--exit-node",
+        default=None,
+        metavar="NAME|IP",
+        help="send all non-mesh traffic through this peer (an approved exit node); '' stops",
+    )
+    up.add_argument(
+        "--exit-node-allow-lan-access",
+        action="store_true",
+        help="with --exit-node, keep reaching this host's connected subnets directly",
+    )
     up.set_defaults(func=_action, action="up")
     add("down", "stop forwarding; stay logged in").set_defaults(func=_action, action="down")
     add("logout", "deregister this node and remove its keys").set_defaults(func=_action, action="logout")
@@ -150,6 +161,16 @@ def _action(args: argparse.Namespace) -> int:
         body = {**(body or {}), "advertise_tags": [t.strip() for t in tags.split(",") if t.strip()]}
     if getattr(args, "force_reauth", False):
         body = {"force_reauth": True}
+    exit_node = getattr(args, "exit_node", None)
+    if exit_node is not None:
+        body = {
+            **(body or {}),
+            "exit_node": exit_node,
+            "exit_node_allow_lan_access": bool(args.exit_node_allow_lan_access),
+        }
+    elif getattr(args, "exit_node_allow_lan_access", False):
+        print("wiremesh: --exit-node-allow-lan-access goes with --exit-node NAME|IP", file=sys.stderr)
+        return 2
     got = _request(args, "POST", args.action, body)
     if got is None:
         return 1
@@ -164,6 +185,10 @@ def _action(args: argparse.Namespace) -> int:
             return 1
         payload = finished
     print(f"{args.action}: {payload.get('backend_state', 'ok')}")
+    exit_error = _exit_node_error(payload)
+    if exit_node and exit_error:
+        print(f"wiremesh: {exit_error}", file=sys.stderr)
+        return 1
     refused = _refused_tags(payload)
     if tags is not None and refused:
         print(f"wiremesh: {refused}", file=sys.stderr)
@@ -195,6 +220,12 @@ def _wait_for_login(args: argparse.Namespace, payload: dict[str, Any]) -> dict[s
         if got is None or _failed(*got):
             return None
         payload = got[1]
+
+
+def _exit_node_error(status: dict[str, Any]) -> str:
+    me = status.get("self") if isinstance(status, dict) else None
+    chosen = me.get("exit_node") if isinstance(me, dict) else None
+    return str(chosen.get("error") or "") if isinstance(chosen, dict) else ""
 
 
 def _refused_tags(status: dict[str, Any]) -> str:
@@ -256,14 +287,31 @@ def format_status(status: dict[str, Any]) -> str:
     expiry = _expiry_warning(me.get("key_expiry"), time.time())
     if expiry:
         lines.append(f"# {expiry}")
+    chosen = me.get("exit_node") or {}
+    if chosen.get("selected"):
+        lan = "with" if chosen.get("allow_lan_access") else "without"
+        via = chosen.get("name") or chosen["selected"]
+        lines.append(
+            f"# exit node: {via} ({lan} LAN access)" + (f": {chosen['error']}" if chosen.get("error") else "")
+        )
     v4 = next((a for a in me.get("addresses", []) if ":" not in a), "-")
     lines.append(f"{v4:<16}{me.get('name') or '-':<20}{me.get('user') or '-':<12}self")
     for peer in status.get("peers", []):
         addr = next((a for a in peer.get("addresses", []) if ":" not in a), "-")
+        name = peer.get("name", "-")
         online = "online" if peer.get("online") else "offline"
+        if peer.get("exit_node"):
+            online += "; exit node"
+        elif peer.get("exit_node_option"):
+            online += "; offers exit node"
         lines.append(
-            f"{addr:<16}{peer.get('name', '-'):<20}{peer.get('user') or '-':<12}{online:<8} "
+            f"{addr:<16}{name:<20}{peer.get('user') or '-':<12}{online:<8} "
             f"{peer.get('endpoint') or '-':<22} rx {_bytes(peer.get('rx_bytes'))} tx {_bytes(peer.get('tx_bytes'))}"
             f"  handshake {_ago(peer.get('last_handshake_seconds_ago'))}"
         )
+    dns = status.get("dns") or {}
+    if dns.get("magic_dns") and dns.get("resolver"):
+        # Names above are MagicDNS names under the tailnet's domain (like Tailscale's short names).
+        via = f"; this host uses it ({dns['host_config']})" if dns.get("host_config") else ""
+        lines.append(f"# MagicDNS: NAME.{dns.get('domain')} at {', '.join(dns['resolver'])}{via}")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 
+from wiremesh.agent import bypass
 from wiremesh.core import portmap
 
 NATPMP_TIMEOUT = 0.5
@@ -33,7 +34,7 @@ def pcp_map(
 ) -> tuple[str, int] | None:
     """Ask the gateway for a UDP mapping with PCP (RFC 6887 MAP): (public IP, port) or None."""
     nonce = os.urandom(portmap.PCP_NONCE_LEN)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with bypass.mark(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as sock:
         sock.settimeout(NATPMP_TIMEOUT)
         try:
             sock.connect((gateway, portmap.PORT))
@@ -49,7 +50,7 @@ def natpmp_map(
     gateway: str, internal_port: int, lifetime: int = portmap.DEFAULT_LIFETIME
 ) -> tuple[str, int] | None:
     """Ask the gateway for a UDP mapping to `internal_port` (RFC 6886): (public IP, port) or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with bypass.mark(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as sock:
         sock.settimeout(NATPMP_TIMEOUT)
         try:
             sock.sendto(portmap.natpmp_address_request(), (gateway, portmap.PORT))

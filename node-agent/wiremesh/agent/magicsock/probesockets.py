@@ -12,6 +12,7 @@ import socket
 from collections import Counter
 from typing import Protocol
 
+from wiremesh.agent import bypass
 from wiremesh.core.magicsock import Direct
 
 log = logging.getLogger("wiremesh.agent.magicsock")
@@ -43,7 +44,7 @@ class ProbeSockets:
         ids: list[int] = []
         for _ in range(max(count, 0)):
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock = bypass.mark(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
                 sock.setblocking(False)
                 sock.bind(("0.0.0.0", 0))
             except OSError as exc:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from nacl.public import PrivateKey
 
+from wiremesh.agent import bypass
 from wiremesh.core.derp.connection import PacketReceived
 from wiremesh.core.magicsock import Relay, choose_home_region
 from wiremesh.core.magicsock.derpmap import Region
@@ -169,7 +170,7 @@ class RelayPool:
         try:
             if client is None:
                 started = time.monotonic()
-                _, writer = await asyncio.wait_for(asyncio.open_connection(*region.relay), 2.0)
+                _, writer = await asyncio.wait_for(bypass.open_connection(*region.relay), 2.0)
                 writer.close()
                 return time.monotonic() - started
             return float(await client.ping(2.0))

@@ -2,6 +2,6 @@
 
 plan.py (pure: netmap + now -> what the Engine should look like), controller.py (MeshAgent: login,
 netmap stream, applying plans, the local API's requests), binding.py (magicsock as the
-controller's path selection, and the local API backend), metrics.py, cli.py (wiremeshd's mesh
-arguments and process).
+controller's path selection, and the local API backend), report.py (status entries), metrics.py,
+cli.py (wiremeshd's mesh arguments and process).
 """

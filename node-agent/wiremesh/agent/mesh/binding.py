@@ -94,6 +94,9 @@ class MeshAPI:
     async def up_force_reauth(self) -> dict[str, Any]:
         return await self.agent.up_force_reauth()
 
+    async def set_exit_node(self, selector: str, allow_lan_access: bool) -> dict[str, Any]:
+        return await self.agent.set_exit_node(selector, allow_lan_access)
+
     async def down(self) -> dict[str, Any]:
         return await self.agent.down()
 

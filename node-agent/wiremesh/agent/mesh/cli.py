@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import pathlib
@@ -17,7 +18,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from wiremesh.agent import hostnet, metrics, netconf, subnetrouter
+from wiremesh.agent import exitnode, hostnet, metrics, netconf, subnetrouter
+from wiremesh.agent.agentdns import AgentDNS
 from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.agent.localapi import LocalAPIServer
 from wiremesh.agent.magicsock import MagicSock
@@ -25,10 +27,12 @@ from wiremesh.agent.mesh.binding import MagicsockPaths, MeshAPI
 from wiremesh.agent.mesh.controller import MAX_AUTH_KEY_BYTES, MeshAgent, MeshConfig, coord_pin
 from wiremesh.agent.mesh.metrics import MeshCollector
 from wiremesh.agent.state import Keys, StateDir, StateError
+from wiremesh.agent.svcproxy import ServiceProxy
 from wiremesh.core import crypto
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.disco import DiscoKey
+from wiremesh.core.policy.model import EXIT_ROUTES
 
 log = logging.getLogger("wiremesh.agent.mesh")
 
@@ -84,6 +88,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="as a subnet router, masquerade forwarded traffic: the subnet sees this node's"
         " address on it and peers see its mesh address (default on; --no-snat-subnet-routes"
         " keeps source addresses)",
+    )
+    group.add_argument(
+        "--accept-dns",
+        action="store_true",
+        help="point this host's resolver at MagicDNS (systemd-resolved where present, /etc/resolv.conf"
+        " otherwise), restored at stop; MagicDNS answers at 100.100.100.100 either way",
+    )
+    group.add_argument(
+        "--ingress-to",
+        metavar="IP",
+        default="",
+        help="proxy mode (the operator's Service proxies): forward TCP/UDP the mesh sends to this node's"
+        " mesh address on to IP (a Service's cluster IP), masqueraded; needs IP forwarding",
+    )
+    group.add_argument(
+        "--egress-to",
+        metavar="NAME|IP",
+        default="",
+        help="proxy mode: forward TCP/UDP arriving at this host from outside the mesh on to this mesh"
+        " device (a peer's name or mesh address), masqueraded to this node's mesh address",
+    )
+    group.add_argument(
+        "--advertise-exit-node",
+        action="store_true",
+        help="offer to be an exit node (advertises 0.0.0.0/0 and ::/0; approved like a route or by the"
+        " policy's autoApprovers.exitNode; needs IP forwarding, and masquerades what it forwards)",
+    )
+    group.add_argument(
+        "--exit-node",
+        metavar="NAME|IP",
+        default=None,
+        help="send all non-mesh traffic through this peer (an approved exit node); '' stops; default:"
+        " the choice saved in the state directory (`wiremesh up --exit-node` changes it at run time)",
+    )
+    group.add_argument(
+        "--exit-node-allow-lan-access",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with an exit node, keep reaching this host's connected subnets directly (default: off,"
+        " they go through the exit node too, as in Tailscale)",
     )
     group.add_argument(
         "--advertise-tags",
@@ -147,6 +191,11 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
     routes = tuple(r.strip() for r in str(args.advertise_routes).split(",") if r.strip())
     for route in routes:
         netconf.parse_prefix(route)
+    if getattr(args, "advertise_exit_node", False):
+        routes = tuple(dict.fromkeys((*routes, *EXIT_ROUTES)))
+    exit_node = getattr(args, "exit_node", None)
+    if exit_node is not None:
+        exit_node = exitnode.check_selector(str(exit_node))
     try:
         tags = check_tags([t.strip() for t in str(args.advertise_tags).split(",") if t.strip()])
     except ControlError as exc:
@@ -173,6 +222,11 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         advertise_tags=tags,
         accept_routes=bool(args.accept_routes),
         snat_subnet_routes=bool(args.snat_subnet_routes),
+        exit_node=exit_node,
+        exit_node_allow_lan_access=getattr(args, "exit_node_allow_lan_access", None),
+        accept_dns=bool(getattr(args, "accept_dns", False)),
+        ingress_to=_ipv4_or_empty(getattr(args, "ingress_to", ""), "--ingress-to"),
+        egress_to=exitnode.check_selector(str(getattr(args, "egress_to", "") or "")),
         listen_port=args.listen_port,
         socket_path=args.socket or str(pathlib.Path(state_dir) / SOCKET_NAME),
         mtu=mtu,
@@ -181,6 +235,15 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         coord_key=coord_key,
         insecure_learn_coord_key=bool(args.insecure_learn_coord_key),
     )
+
+
+def _ipv4_or_empty(value: str, flag: str) -> str:
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{flag} must be an IPv4 address, got {value[:64]!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,6 +292,10 @@ def _start_subnet_router(config: MeshConfig) -> bool:
     forwarding = subnetrouter.forwarding_enabled()
     if not forwarding["ipv4"]:
         log.warning("ip_forwarding_off family=ipv4 hint=sysctl -w net.ipv4.ip_forward=1 to route subnets")
+    if "::/0" in config.advertise_routes and not forwarding["ipv6"]:
+        log.warning("ip_forwarding_off family=ipv6 hint=sysctl -w net.ipv6.conf.all.forwarding=1 (exit node)")
+    if "0.0.0.0/0" in config.advertise_routes and not config.snat_subnet_routes:
+        log.warning("exit_node_without_snat hint=internet hosts cannot answer mesh addresses; keep SNAT on")
     try:
         subnetrouter.install(config.tun, config.mtu, snat=config.snat_subnet_routes)
     except subnetrouter.SubnetRouterError as exc:
@@ -237,12 +304,31 @@ def _start_subnet_router(config: MeshConfig) -> bool:
     return True
 
 
+def _service_proxy(config: MeshConfig, engine: Any) -> ServiceProxy | None:
+    """The forwarding rules of a Service proxy (--ingress-to / --egress-to), if this is one."""
+    if not (config.ingress_to or config.egress_to):
+        return None
+    if not subnetrouter.forwarding_enabled()["ipv4"]:
+        log.warning("ip_forwarding_off family=ipv4 hint=a Service proxy forwards: net.ipv4.ip_forward=1")
+    metrics_port = int(config.metrics_listen.rsplit(":", 1)[1]) if config.metrics_listen else 0
+    return ServiceProxy(
+        config.tun,
+        ingress_to=config.ingress_to,
+        egress_to=config.egress_to,
+        keep_udp=(engine.listen_port,),
+        keep_tcp=(metrics_port,) if metrics_port else (),
+    )
+
+
 async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: Any, registry: Any) -> int:
     # magicsock (NAT traversal, relays) takes over peers' paths once coord sends a relay map.
     magicsock = MagicSock(engine, keys.node, None, disco_key=DiscoKey(keys.disco))
     engine.paths = magicsock
     magicsock.start(timeout=0)
-    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock))
+    dns = AgentDNS(config.state_dir, config.tun, accept_dns=config.accept_dns)
+    await dns.start()
+    proxy = _service_proxy(config, engine)
+    agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock), dns=dns, proxy=proxy)
     magicsock.on_change = agent.report_paths
     registry.register(MeshCollector(agent))
     registry.register(metrics.MagicsockCollector(magicsock))
@@ -262,6 +348,9 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
         await agent.run()
     finally:
         await api.close()
+        await dns.close()
+        if proxy is not None:
+            proxy.close()
         magicsock.stop()
     log.info("shutting_down")
     return 0

@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from wiremesh.agent import hostnet, netconf
+from wiremesh.agent import exitnode, hostnet, netconf
+from wiremesh.agent.agentdns import AgentDNS
 from wiremesh.agent.control import (
     ControlClient,
     ControlRefused,
@@ -37,8 +38,10 @@ from wiremesh.agent.control import (
     LoginRequired,
     LoginResult,
 )
+from wiremesh.agent.mesh import report
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
+from wiremesh.agent.svcproxy import ServiceProxy
 from wiremesh.core import crypto
 from wiremesh.core.control import coordkey
 from wiremesh.core.control.channel import ControlError
@@ -96,6 +99,12 @@ class MeshConfig:
     advertise_tags: tuple[str, ...] = ()  # asked of coord at login; granted per tagOwners
     accept_routes: bool = False  # route peers' approved subnets into the tunnel
     snat_subnet_routes: bool = True  # a subnet router masquerades what it forwards (subnetrouter.py)
+    # The exit node to use (a peer's name or mesh address; "" none); None keeps the saved choice.
+    exit_node: str | None = None
+    exit_node_allow_lan_access: bool | None = None
+    accept_dns: bool = False  # point the host's resolver at MagicDNS (agentdns.py)
+    ingress_to: str = ""  # a proxy pod: forward what the mesh sends us to this cluster address (svcproxy.py)
+    egress_to: str = ""  # a proxy pod: forward what the cluster sends us to this mesh device
     listen_port: int = 0
     socket_path: str = ""
     mtu: int = hostnet.MIN_MTU
@@ -144,12 +153,16 @@ class MeshAgent:
         client: ControlClient | None = None,
         clock: Callable[[], float] = time.time,
         paths: MeshPaths | None = None,
+        dns: AgentDNS | None = None,
+        proxy: ServiceProxy | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.keys = keys
         self.engine = engine
         self.clock = clock
+        self.dns = dns  # MagicDNS: kept in step with every netmap
+        self.proxy = proxy  # a Service proxy's forwarding rules, likewise
         self.persisted = state_dir.load()
         if client is None:
             pin = coord_pin(config, self.persisted)
@@ -185,6 +198,13 @@ class MeshAgent:
         self.refused_tags: tuple[str, ...] = ()  # what coord did not grant at the last login, and why
         self.tags_error = ""
         self.auth_url = ""  # where the user signs in, while an interactive (OIDC) login waits
+        self.lan_prefixes: tuple[str, ...] = ()  # the host's connected subnets (exitnode.py)
+        if config.exit_node is not None or config.exit_node_allow_lan_access is not None:
+            self.persisted = dataclasses.replace(
+                self.persisted,
+                exit_node=self.persisted.exit_node if config.exit_node is None else config.exit_node,
+                exit_node_allow_lan_access=bool(config.exit_node_allow_lan_access),
+            )
         self._force_reauth = False
         self._logged_in = False
         self._apply_failed = False
@@ -200,6 +220,7 @@ class MeshAgent:
         """Until stop(): the control loop and the ticker."""
         self._loop = asyncio.get_running_loop()
         self.endpoints = await self._discover_endpoints()
+        await self._check_lan()
         if self.persisted.addresses and self.persisted.want_running:
             # Restarting with a known identity: take our addresses before coord answers.
             await self._blocking(self._set_addresses, self.persisted.addresses)
@@ -364,6 +385,19 @@ class MeshAgent:
             if now - last_endpoint_check >= ENDPOINT_CHECK_INTERVAL:
                 last_endpoint_check = now
                 await self._check_endpoints()
+                await self._check_lan()
+
+    async def _check_lan(self) -> None:
+        """Re-read the host's connected subnets (a laptop changes networks); re-plan if they moved."""
+        try:
+            lan = await self._blocking(netconf.connected_prefixes, (self.config.tun,))
+        except (OSError, netconf.NetconfError) as exc:
+            log.warning("lan_discovery_failed error=%r", str(exc))
+            return
+        if lan != self.lan_prefixes:
+            self.lan_prefixes = lan
+            if self.persisted.exit_node:
+                await self.apply()
 
     async def _check_endpoints(self) -> None:
         endpoints = await self._discover_endpoints()
@@ -406,8 +440,17 @@ class MeshAgent:
             own_routes=self.config.advertise_routes,
             accept_routes=self.config.accept_routes,
             endpoints=chosen,
+            exit_node=self.persisted.exit_node,
+            lan_prefixes=self.lan_prefixes,
+            allow_lan=self.persisted.exit_node_allow_lan_access,
         )
+        if wanted.exit != self.applied.exit and wanted.exit.error:
+            log.warning("exit_node_unusable error=%r", wanted.exit.error)
         await self._blocking(self._apply_plan, wanted)
+        if self.dns is not None:
+            await self.dns.update(self.netmap if self.running else None)
+        if self.proxy is not None:
+            await self._blocking(self.proxy.update, self.netmap if self.running else None)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the one netlink worker thread: pyroute2 cannot run inside a running event
@@ -425,6 +468,8 @@ class MeshAgent:
                 self._set_addresses(wanted.addresses)
             if wanted.routes != old.routes:
                 self.engine.set_routes(self._families(wanted.routes))
+            if wanted.lan_rules != old.lan_rules:
+                netconf.set_lan_rules(wanted.lan_rules, self.engine.route_table)
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"applying the netmap failed: {exc}"
             log.error("apply_failed error=%r", str(exc))
@@ -449,8 +494,14 @@ class MeshAgent:
         return tuple(p for p in prefixes if ":" not in p)
 
     def _set_addresses(self, addresses: Iterable[str]) -> None:
+        addresses = tuple(addresses)
+        # MagicDNS answers on the TUN (local to this host only), never a source of our traffic.
+        resolver = self.dns.addresses if addresses and self.dns is not None else ()
         try:
-            self.engine.set_addresses(self._families(addresses))
+            if resolver:
+                self.engine.set_addresses(self._families(addresses), never_source=self._families(resolver))
+            else:
+                self.engine.set_addresses(self._families(addresses))
         except (OSError, ValueError, netconf.NetconfError) as exc:
             self.last_error = f"setting addresses failed: {exc}"
             log.error("addresses_failed error=%r", str(exc))
@@ -489,25 +540,9 @@ class MeshAgent:
                 if not peer_usable(node, now):
                     continue
                 live = engine_peers.get(node.node_key, {})
-                peers.append(
-                    {
-                        "id": node.id,
-                        "name": node.name,
-                        "hostname": node.hostname,
-                        "user": node.user,
-                        "tags": list(node.tags),
-                        "node_key": node.node_key,
-                        "addresses": [a.split("/")[0] for a in node.addresses],
-                        "allowed_ips": list(node.allowed_ips),
-                        "online": node.online,
-                        "last_seen": node.last_seen,
-                        "endpoint": live.get("endpoint"),
-                        "active": node.node_key in engine_peers,
-                        "rx_bytes": live.get("rx_bytes", 0),
-                        "tx_bytes": live.get("tx_bytes", 0),
-                        "last_handshake_seconds_ago": live.get("last_handshake_seconds_ago"),
-                    }
-                )
+                dns_name = self.dns.dns_name(node.name) if self.dns else ""
+                active = node.node_key in engine_peers
+                peers.append(report.peer_entry(node, live, active, dns_name, self.applied.exit))
         me = netmap.self_node if netmap is not None else None
         return {
             "backend_state": str(self.backend_state),
@@ -520,6 +555,7 @@ class MeshAgent:
             "self": {
                 "id": self.persisted.node_id,
                 "name": me.name if me else self.persisted.name,
+                "dns_name": self.dns.dns_name(me.name) if self.dns and me else "",
                 "hostname": me.hostname if me else (self.config.hostname or _default_hostname()),
                 "user": me.user if me else "",
                 "tags": list(me.tags) if me else [],
@@ -533,6 +569,9 @@ class MeshAgent:
                 "advertised_routes": list(self.config.advertise_routes),
                 "approved_routes": list(me.approved_routes) if me else [],
                 "accept_routes": self.config.accept_routes,
+                "exit_node": report.exit_node_entry(
+                    self.persisted.exit_node, self.persisted.exit_node_allow_lan_access, self.applied.exit
+                ),
                 "key_expiry": me.key_expiry if me else None,
             },
             "peers": peers,
@@ -543,6 +582,8 @@ class MeshAgent:
                 "errors": self.filter_errors,
             },
             "drops": engine_status.get("drops", {}),
+            "dns": self.dns.status() if self.dns is not None else {},
+            "proxy": self.proxy.status() if self.proxy is not None else {},
         }
 
     def ip(self) -> list[str]:
@@ -583,6 +624,21 @@ class MeshAgent:
             self._kick.set()  # try to log in again now rather than at the next retry
         await self.apply()
         log.info("up")
+        return self.status()
+
+    async def set_exit_node(self, selector: str, allow_lan_access: bool) -> dict[str, Any]:
+        """`wiremesh up --exit-node NAME|IP [--exit-node-allow-lan-access]` ("" stops using one)."""
+        try:
+            selector = exitnode.check_selector(selector)
+        except ValueError as exc:
+            raise MeshError(400, str(exc)) from None
+        self.persisted = dataclasses.replace(
+            self.persisted, exit_node=selector, exit_node_allow_lan_access=allow_lan_access
+        )
+        self._save()
+        await self._check_lan()
+        await self.apply()
+        log.info("exit_node_set exit_node=%r allow_lan_access=%s", selector, allow_lan_access)
         return self.status()
 
     async def up_force_reauth(self) -> dict[str, Any]:

@@ -10,8 +10,10 @@ import logging
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
+from wiremesh.agent import exitnode
 from wiremesh.core import crypto
 from wiremesh.core.netmap import NetworkMap, Node
+from wiremesh.core.policy.model import is_exit_route
 from wiremesh.core.wireguard import PeerConfig
 
 log = logging.getLogger("wiremesh.agent.mesh")
@@ -29,6 +31,8 @@ class Plan:
     peers: tuple[PeerConfig, ...] = ()
     packet_filter: tuple[Mapping[str, Any], ...] = ()
     next_expiry: float | None = None  # when a peer's key expires and the plan must be redone
+    exit: exitnode.ExitChoice = exitnode.NO_EXIT  # the exit node in use (exitnode.py)
+    lan_rules: tuple[str, ...] = ()  # connected subnets sent to the exit node (no LAN access)
 
 
 def peer_usable(node: Node, now: float) -> bool:
@@ -76,6 +80,9 @@ def plan(
     own_routes: Iterable[str] = (),
     accept_routes: bool = False,
     endpoints: Mapping[str, Hashable] | None = None,
+    exit_node: str = "",
+    lan_prefixes: Iterable[str] = (),
+    allow_lan: bool = False,
 ) -> Plan:
     """The Engine configuration for `netmap` at `now`; `running=False` is `wiremesh down`.
 
@@ -85,6 +92,10 @@ def plan(
 
     `endpoints` (node key -> WireGuard endpoint) overrides the first-listed-endpoint guess, for
     a path selector such as magicsock that hands out its own endpoint objects.
+
+    `exit_node` selects a peer as the exit node (exitnode.py: only it keeps exit routes in its
+    allowed IPs, and the default routes go into the mesh's table); `lan_prefixes` are the host's
+    connected subnets, sent to the exit node too unless `allow_lan`.
     """
     if netmap is None:
         return Plan()
@@ -92,6 +103,7 @@ def plan(
     if not running:
         return Plan(addresses=addresses)
     own = set(_valid_prefixes(own_routes))
+    choice = exitnode.choose([n for n in netmap.peers if peer_usable(n, now)], exit_node)
     peers: list[PeerConfig] = []
     routes: list[str] = list(MESH_ROUTES)
     seen_keys: set[bytes] = set()
@@ -107,7 +119,7 @@ def plan(
         if key in seen_keys:
             continue
         seen_keys.add(key)
-        allowed = _valid_prefixes(node.allowed_ips)
+        allowed = exitnode.peer_allowed_ips(node, _valid_prefixes(node.allowed_ips), choice)
         chosen = (endpoints or {}).get(node.node_key)
         peers.append(
             PeerConfig(
@@ -120,15 +132,24 @@ def plan(
         )
         if accept_routes:
             for prefix in _valid_prefixes(node.approved_routes):
-                if prefix in allowed and prefix not in own and prefix not in routes:
+                # Exit routes only through the exit node selected (below), never by accepting routes.
+                if (
+                    prefix in allowed
+                    and prefix not in own
+                    and prefix not in routes
+                    and not is_exit_route(prefix)
+                ):
                     routes.append(prefix)
         if node.key_expiry is not None:
             next_expiry = node.key_expiry if next_expiry is None else min(next_expiry, node.key_expiry)
     peers.sort(key=lambda p: p.public_key)
+    routes.extend(r for r in exitnode.routes(choice) if r not in own)
     return Plan(
         addresses=addresses,
         routes=tuple(routes),
         peers=tuple(peers),
         packet_filter=tuple(netmap.packet_filter),
         next_expiry=next_expiry,
+        exit=choice,
+        lan_rules=tuple(lan_prefixes) if choice.active and not allow_lan else (),
     )

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wiremesh.coord import admin_keys, oidc_login, policy_store, store
-from wiremesh.coord.core import CoordConfig, Coordinator, Stream
+from wiremesh.coord.core import CoordConfig, Coordinator, Stream, load_dns_config
 from wiremesh.coord.limits import DEFAULT_BURST, DEFAULT_RATE, AgentRateLimit, SourceLimits
 from wiremesh.core import bus, crypto
 from wiremesh.core.control import coordkey
@@ -341,6 +341,14 @@ def create_app(
             )
         return checked
 
+    def node_json(record: store.NodeRecord) -> dict[str, Any]:
+        """A node as the admin API shows it, with the approvals the policy in force makes itself
+        (its autoApprovers): the operator leaves those be when a MeshNode does not list them."""
+        out = record.to_admin_json()
+        auto = coord.policy.auto_approved(record.user, record.tags, record.advertised_routes)
+        out["auto_approved_routes"] = [r for r in record.approved_routes if r in auto]
+        return out
+
     policy_store.add_routes(app, coord, guarded, api)  # GET/PUT/DELETE /api/v1/policy
     if coord.interactive is not None:
         oidc_login.add_routes(app, coord.interactive)  # /login/{id} and /oidc/callback, for browsers
@@ -356,22 +364,22 @@ def create_app(
     @app.get(f"{api}/nodes", dependencies=guarded)
     async def list_nodes() -> list[dict[str, Any]]:
         records = await coord._db(store.load_all)
-        return [r.to_admin_json() for r in sorted(records, key=lambda r: r.id)]
+        return [node_json(r) for r in sorted(records, key=lambda r: r.id)]
 
     @app.get(f"{api}/nodes/{{node_id}}", dependencies=guarded)
     async def get_node(node_id: RowId) -> dict[str, Any]:
         record = await coord._db(lambda s: store.load_node(s, node_id))
         if record is None:
             raise HTTPException(404, f"no node with id {node_id}")
-        return record.to_admin_json()
+        return node_json(record)
 
     @app.delete(f"{api}/nodes/{{node_id}}", dependencies=guarded)
     async def delete_node(node_id: RowId) -> dict[str, Any]:
-        return (await coord.delete_node(node_id)).to_admin_json()
+        return node_json(await coord.delete_node(node_id))
 
     @app.post(f"{api}/nodes/{{node_id}}/expire", dependencies=guarded)
     async def expire_node(node_id: RowId) -> dict[str, Any]:
-        return (await coord.expire_node(node_id)).to_admin_json()
+        return node_json(await coord.expire_node(node_id))
 
     @app.post(f"{api}/nodes/{{node_id}}/rename", dependencies=guarded)
     async def rename_node(node_id: RowId, body: RenameBody) -> dict[str, Any]:
@@ -381,18 +389,19 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
         if name != body.name:
             raise HTTPException(400, f"invalid name {body.name!r}: use lowercase letters, digits and -")
-        return (await coord.admin_update(node_id, name=name)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, name=name))
 
     @app.post(f"{api}/nodes/{{node_id}}/tags", dependencies=guarded)
     async def tag_node(node_id: RowId, body: TagsBody) -> dict[str, Any]:
         tags = admin_tags(body.tags)
-        return (await coord.admin_update(node_id, tags=tags)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, tags=tags))
 
     @app.get(f"{api}/routes", dependencies=guarded)
     async def list_routes() -> list[dict[str, Any]]:
         records = await coord._db(store.load_all)
         out = []
         for r in sorted(records, key=lambda r: r.id):
+            primary = coord.mesh.primary_routes(r.id)
             for prefix in sorted(set(r.advertised_routes) | set(r.approved_routes)):
                 out.append(
                     {
@@ -401,6 +410,8 @@ def create_app(
                         "prefix": prefix,
                         "advertised": prefix in r.advertised_routes,
                         "approved": prefix in r.approved_routes,
+                        # Of the nodes routing an approved prefix, the one peers send it to.
+                        "primary": prefix in primary,
                     }
                 )
         return out
@@ -420,7 +431,7 @@ def create_app(
         if missing:
             raise HTTPException(400, f"node {record.name} does not advertise {', '.join(missing)}")
         approved = tuple(dict.fromkeys(record.approved_routes + tuple(prefixes)))
-        return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, approved_routes=approved))
 
     @app.post(f"{api}/nodes/{{node_id}}/routes/unapprove", dependencies=guarded)
     async def unapprove_routes(node_id: RowId, body: ApproveBody) -> dict[str, Any]:
@@ -437,7 +448,7 @@ def create_app(
             except ValueError:
                 raise HTTPException(400, f"invalid prefix {prefix[:64]!r}") from None
         approved = tuple(p for p in record.approved_routes if p not in withdrawn)
-        return (await coord.admin_update(node_id, approved_routes=approved)).to_admin_json()
+        return node_json(await coord.admin_update(node_id, approved_routes=approved))
 
     def key_json(info: bus.AuthKeyInfo) -> dict[str, Any]:
         out: dict[str, Any] = {f: getattr(info, f) for f in info.__dataclass_fields__}
@@ -519,6 +530,21 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON file with the DERP map sent in every netmap",
     )
     parser.add_argument(
+        "--dns-config",
+        default=os.environ.get("WIREMESH_DNS_CONFIG", ""),
+        help="JSON file with the tailnet's DNS configuration sent in every netmap: magic_dns, domain,"
+        " routes (split DNS: suffix -> resolvers), nameservers, search_domains"
+        " (default: MagicDNS on wiremesh.internal, everything else to each host's resolvers)",
+    )
+    parser.add_argument(
+        "--dead-connection-timeout",
+        type=float,
+        default=_env("DEAD_CONNECTION_TIMEOUT", 10.0),
+        help="seconds a netmap stream's data may go unacknowledged before coord drops the connection"
+        " and takes the node offline (a vanished host sends no FIN; HA subnet routers fail over"
+        " then); 0 = leave it to TCP (~15 min)",
+    )
+    parser.add_argument(
         "--no-handshake-sharing",
         action="store_true",
         help="do not announce accepted agent handshakes on NATS (the shared database still refuses "
@@ -555,6 +581,10 @@ def main(argv: list[str] | None = None) -> None:
         "(default: both on --listen)",
     )
     args = parser.parse_args(argv)
+    try:
+        load_dns_config(args.dns_config)  # refuse a bad file before anything starts
+    except ValueError as exc:
+        parser.error(str(exc))
     provisioned = _provisioned_keys(parser, args.provision_admin_key)
     settings = service.settings_from_args(args, "coord")
     try:
@@ -576,6 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval=args.heartbeat_interval,
         control_key_file=args.control_key_file,
         derp_map_file=args.derp_map,
+        dns_config_file=args.dns_config,
         share_handshakes=not args.no_handshake_sharing,
         oidc=oidc,
         server_url=server_url,
@@ -586,7 +617,13 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(
         coord, provisioned, api_docs=settings.api_docs, admin_port=admin_listen[1] if admin_listen else None
     )
-    service.serve(app, settings, on_exit=coord.begin_shutdown, extra_listen=admin_listen)
+    service.serve(
+        app,
+        settings,
+        on_exit=coord.begin_shutdown,
+        extra_listen=admin_listen,
+        dead_connection_timeout=args.dead_connection_timeout or None,
+    )
 
 
 def _provisioned_keys(

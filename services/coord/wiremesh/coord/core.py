@@ -31,7 +31,7 @@ from wiremesh.coord import limits, store
 from wiremesh.coord.oidc import OidcConfig
 from wiremesh.coord.oidc_login import InteractiveLogins, LoginPending
 from wiremesh.coord.policy_store import PolicyMesh, PolicyService
-from wiremesh.core import bus, crypto
+from wiremesh.core import bus, crypto, dnsconfig
 from wiremesh.core.busauth import BusAccess
 from wiremesh.core.control import coordkey
 from wiremesh.core.control import messages as cm
@@ -63,6 +63,7 @@ class CoordConfig:
     heartbeat_interval: float = 10.0
     control_key_file: str = ""
     derp_map_file: str = ""
+    dns_config_file: str = ""  # JSON (wiremesh.core.dnsconfig); default: MagicDNS on DEFAULT_DOMAIN
     # Announce accepted handshakes on NATS so other replicas refuse a replay from memory; the
     # database refuses it either way (off only to test exactly that).
     share_handshakes: bool = True
@@ -98,6 +99,20 @@ def create_private_key_file(path: pathlib.Path) -> None:
 
 class ClaimRefused(ControlError):
     """The request's handshake could not be claimed (a replay, or no database): answered as is."""
+
+
+def load_dns_config(path: str) -> dnsconfig.DNSConfig:
+    """The DNS configuration from a JSON file ("" = the defaults); ValueError says what is wrong."""
+    if not path:
+        return dnsconfig.DNSConfig()
+    try:
+        raw = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the DNS configuration {path}: {exc}") from None
+    try:
+        return dnsconfig.DNSConfig.from_json(raw)
+    except dnsconfig.DNSConfigError as exc:
+        raise ValueError(f"DNS configuration {path}: {exc}") from None
 
 
 class Stream:
@@ -158,6 +173,8 @@ class Coordinator:
         self.private_key = b""
         self.public_key = b""
         self.derp_map: dict[str, Any] = {}
+        self.dns = dnsconfig.DNSConfig()
+        self._dns_json = json.dumps(self.dns.to_json(), separators=(",", ":")).encode()
         self.packet_filter: list[dict[str, Any]] = []
         self._version = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -183,6 +200,9 @@ class Coordinator:
             "stale handshakes deleted from the shared replay table",
             registry=r,
         )
+        self.auto_approvals = Counter(
+            "wiremesh_coord_routes_auto_approved", "routes approved by the policy's autoApprovers", registry=r
+        )
         self.fanout = Histogram(
             "wiremesh_coord_change_fanout",
             "nodes affected by one change",
@@ -200,6 +220,8 @@ class Coordinator:
         self.public_key = crypto.public_key(self.private_key)
         if self.config.derp_map_file:
             self.derp_map = json.loads(pathlib.Path(self.config.derp_map_file).read_text())
+        self.dns = load_dns_config(self.config.dns_config_file)
+        self._dns_json = json.dumps(self.dns.to_json(), separators=(",", ":")).encode()
         for record in await self.db.run(store.load_all):
             self.mesh.upsert(record)
         await self.policy.load()
@@ -284,6 +306,22 @@ class Coordinator:
         for viewer in affected:
             for stream in self.streams.get(viewer, ()):
                 stream.dirty.add(node_id)
+                stream.wake.set()
+        # Subnet routers an election moved a prefix to or from (the primary went offline, say).
+        for router in self.mesh.take_entries_changed():
+            other = self.mesh.get(router)
+            if other is None:
+                continue
+            log.info(
+                "primary routes changed",
+                extra={"node_id": router, "routes": list(self.mesh.primary_routes(router))},
+            )
+            for viewer in self.mesh.viewers(other):
+                for stream in self.streams.get(viewer, ()):
+                    stream.dirty.add(router)
+                    stream.wake.set()
+            for stream in self.streams.get(router, ()):
+                stream.self_dirty = True
                 stream.wake.set()
         self.policy.flush_filter_changes()
 
@@ -509,7 +547,9 @@ class Coordinator:
             same_key: dict[str, Any] = {
                 "disco_key": disco_key,
                 "advertised_routes": routes,
-                "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
+                "approved_routes": self._approved(
+                    existing.user, tags, routes, existing.approved_routes, groups
+                ),
             }
             if tags != existing.tags:
                 same_key["tags"] = tags
@@ -550,6 +590,7 @@ class Coordinator:
                 key_expiry=self._expiry_for(tags, now),
                 endpoints=endpoints,
                 advertised_routes=routes,
+                approved_routes=self._approved(grant.user, tags, routes, (), groups),
             )
             record = await self._db(lambda s: store.create_node(s, new, now))
             try:
@@ -567,7 +608,6 @@ class Coordinator:
             "node_key": node_key,
             "disco_key": disco_key,
             "advertised_routes": routes,
-            "approved_routes": tuple(r for r in existing.approved_routes if r in routes),
             "expired": False,
         }
         if grant is not None:
@@ -577,6 +617,7 @@ class Coordinator:
         if user != existing.user:  # re-authenticated as another user: the node is theirs now
             values["user"] = user
         tags, refused, why = self._with_requested_tags(user, existing.tags, requested, groups)
+        values["approved_routes"] = self._approved(user, tags, routes, existing.approved_routes, groups)
         if tags != existing.tags:
             values["tags"] = tags
         if grant is not None or existing.expired or tags != existing.tags:
@@ -589,6 +630,37 @@ class Coordinator:
         await self.changed(updated, updated.id, "updated")
         log.info("node key rotated", extra={"node_id": updated.id, "node": updated.name})
         return updated, refused, why
+
+    def _approved(
+        self,
+        user: str,
+        tags: tuple[str, ...],
+        advertised: tuple[str, ...],
+        approved: tuple[str, ...],
+        groups: tuple[str, ...] = (),
+    ) -> tuple[str, ...]:
+        """The approvals a node keeps (those it still advertises) plus what the policy's
+        autoApprovers grant it now (its user's IdP `groups` count as in acls)."""
+        kept = tuple(r for r in approved if r in advertised)
+        auto = self.policy.auto_approved(user, tags, advertised, groups)
+        added = [r for r in auto if r not in kept]
+        if added:
+            self.auto_approvals.inc(len(added))
+            log.info("routes auto-approved", extra={"user": user, "tags": list(tags), "routes": added})
+        return tuple(dict.fromkeys(kept + auto))
+
+    async def apply_auto_approvals(self) -> int:
+        """Approve what the policy in force auto-approves for every node (after a policy change);
+        returns how many nodes changed."""
+        changed = 0
+        for record in list(self.mesh.records.values()):
+            approved = self._approved(
+                record.user, record.tags, record.advertised_routes, record.approved_routes, record.user_groups
+            )
+            if approved != record.approved_routes:
+                await self._update_node(record, {"approved_routes": approved}, "updated")
+                changed += 1
+        return changed
 
     def _with_requested_tags(
         self, user: str, carried: tuple[str, ...], requested: tuple[str, ...], groups: tuple[str, ...] = ()
@@ -641,7 +713,9 @@ class Coordinator:
             if req.advertised_routes is not None:
                 routes = cm.check_routes(req.advertised_routes)
                 values["advertised_routes"] = routes
-                values["approved_routes"] = tuple(r for r in record.approved_routes if r in routes)
+                values["approved_routes"] = self._approved(
+                    record.user, record.tags, routes, record.approved_routes, record.user_groups
+                )
             if req.hostname is not None:
                 values["hostname"] = cm.check_hostname(req.hostname)
             if req.home_relay is not None:
@@ -763,6 +837,8 @@ class Coordinator:
                 json.dumps(self.derp_map).encode(),
                 b',"packet_filter":',
                 self.mesh.packet_filter_json(node_id),
+                b',"dns":',
+                self._dns_json,
                 b"}",
             )
         )
@@ -836,6 +912,15 @@ class Coordinator:
         record = await self._db(lambda s: store.load_node(s, node_id))
         if record is None:
             raise store.StoreError(f"no node with id {node_id}", 404)
+        if "tags" in values and "approved_routes" not in values:
+            # A new identity may be one the policy's autoApprovers name.
+            values["approved_routes"] = self._approved(
+                record.user,
+                values["tags"],
+                record.advertised_routes,
+                record.approved_routes,
+                record.user_groups,
+            )
         return await self._update_node(record, values, "updated")
 
     # housekeeping ------------------------------------------------------------------------

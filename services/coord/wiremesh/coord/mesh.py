@@ -5,6 +5,9 @@ rebuilt and serialised once, and each affected stream is only marked dirty. Stre
 their delta from the cached bytes when they next write, so a burst of changes coalesces
 into one frame per stream.
 
+Subnet prefixes approved on several nodes are elected (routes.py): only the primary carries
+one in its allowed IPs, so a change of primary rebuilds both routers' entries (`take_entries_changed`).
+
 Visibility is a hook (`_can_see` / `_candidates`): coord runs `PolicyMesh` (policy_store.py),
 whose visible-peer sets come from the ACL policy compiler. The base class keeps two static
 modes for tests of the incremental machinery: "all" (everyone sees everyone) and "user"
@@ -17,14 +20,18 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 
+from wiremesh.coord.routes import RouteElection
 from wiremesh.coord.store import NodeRecord
 from wiremesh.core.netmap import Node
 
 VISIBILITY_MODES = ("all", "user")
 
 
-def peer_entry(record: NodeRecord) -> Node:
+def peer_entry(record: NodeRecord, election: RouteElection | None = None) -> Node:
+    """The node as its peers see it: its approved routes are in its allowed IPs only where it is
+    the primary router (all of them without an election)."""
     addresses = (f"{record.ipv4}/32", f"{record.ipv6}/128")
+    routed = tuple(r for r in record.approved_routes if election is None or election.is_primary(record.id, r))
     return Node(
         id=record.id,
         name=record.name,
@@ -33,7 +40,7 @@ def peer_entry(record: NodeRecord) -> Node:
         node_key=record.node_key,
         disco_key=record.disco_key,
         addresses=addresses,
-        allowed_ips=addresses + record.approved_routes,
+        allowed_ips=addresses + routed,
         endpoints=record.endpoints,
         home_relay=record.home_relay,
         online=record.online,
@@ -56,6 +63,9 @@ class Mesh:
         self.entries: dict[int, bytes] = {}  # node id -> its peer entry as JSON bytes
         self._by_user: dict[str, set[int]] = defaultdict(set)
         self._tagged: set[int] = set()
+        self.election = RouteElection()
+        # Other nodes whose peer entries an election moved a prefix to or from, since last taken.
+        self.entries_changed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -119,7 +129,8 @@ class Mesh:
         self._by_user[record.user].add(record.id)
         if record.tags:
             self._tagged.add(record.id)
-        self.entries[record.id] = json.dumps(peer_entry(record).to_json(), separators=(",", ":")).encode()
+        self._elect(record.id, old.approved_routes if old is not None else ())
+        self._serialise(record)
         affected.update(self.viewers(record))
         if old is not None and (
             old.tags != record.tags or old.user != record.user or old.expired != record.expired
@@ -136,7 +147,31 @@ class Mesh:
         self._unindex(old)
         del self.records[node_id]
         self.entries.pop(node_id, None)
+        self._elect(node_id, old.approved_routes)
         return affected
+
+    def _serialise(self, record: NodeRecord) -> None:
+        entry = peer_entry(record, self.election).to_json()
+        self.entries[record.id] = json.dumps(entry, separators=(",", ":")).encode()
+
+    def _elect(self, node_id: int, old_routes: tuple[str, ...]) -> None:
+        """Re-elect the prefixes the node routes (or routed); other routers that gained or lost
+        a prefix get their entries rebuilt and are noted in entries_changed."""
+        for other in self.election.update(self.records, node_id, old_routes):
+            record = self.records.get(other)
+            if other != node_id and record is not None:
+                self._serialise(record)
+                self.entries_changed.add(other)
+
+    def take_entries_changed(self) -> set[int]:
+        changed, self.entries_changed = self.entries_changed, set()
+        return changed
+
+    def primary_routes(self, node_id: int) -> tuple[str, ...]:
+        record = self.records.get(node_id)
+        if record is None:
+            return ()
+        return tuple(r for r in record.approved_routes if self.election.is_primary(node_id, r))
 
     def _unindex(self, record: NodeRecord) -> None:
         self._by_user[record.user].discard(record.id)

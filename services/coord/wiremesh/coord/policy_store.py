@@ -29,6 +29,7 @@ from wiremesh.core.policy import (
     Policy,
     PolicyCompiler,
     PolicyNode,
+    auto_approved,
     check_policy,
     run_tests,
 )
@@ -187,7 +188,7 @@ class PolicyService:
     """Loads, validates, stores, applies and announces the policy for one coord replica.
 
     `coord` is the Coordinator (duck-typed to avoid an import cycle): it provides `mesh`
-    (a PolicyMesh), `streams`, `db`, `nc` and `config.replica_id`.
+    (a PolicyMesh), `streams`, `db`, `nc`, `config.replica_id` and `apply_auto_approvals()`.
     """
 
     def __init__(self, coord: Any) -> None:
@@ -276,6 +277,9 @@ class PolicyService:
         if self._updates is not None:
             self._updates.labels("applied").inc()
         await self._announce(version)
+        # Advertisements waiting for an admin that the new policy's autoApprovers cover. Only the
+        # replica that set the policy does this; the others learn it as ordinary node changes.
+        await self.coord.apply_auto_approvals()
         log.info(
             "policy_set version=%d rules=%d nodes_changed=%d",
             version,
@@ -286,6 +290,14 @@ class PolicyService:
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.text, "version": self.version, "warnings": self.warnings}
+
+    # ---- routes: what the policy's autoApprovers approve
+
+    def auto_approved(
+        self, user: str, tags: tuple[str, ...], advertised: tuple[str, ...], groups: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
+        node = PolicyNode(id=0, user=user, tags=frozenset(tags), groups=frozenset(groups))
+        return auto_approved(self.current, node, advertised)
 
     # ---- tags: who may apply which (the policy's tagOwners)
 

@@ -291,6 +291,7 @@ class NewNode:
     key_expiry: float | None
     endpoints: tuple[str, ...]
     advertised_routes: tuple[str, ...]
+    approved_routes: tuple[str, ...] = ()  # what the policy's autoApprovers approve at once
 
 
 def create_node(session: Session, new: NewNode, now: float) -> NodeRecord:
@@ -318,7 +319,7 @@ def create_node(session: Session, new: NewNode, now: float) -> NodeRecord:
             expired=False,
             endpoints=list(new.endpoints),
             advertised_routes=list(new.advertised_routes),
-            approved_routes=[],
+            approved_routes=list(new.approved_routes),
             home_relay=None,
         )
         try:
