@@ -76,13 +76,19 @@ class QuietEngine:
 
 
 def test_the_agent_filters_every_packet_from_the_start_so_the_first_policy_cuts_older_flows(tmp_path):
-    from wiremesh.agent.mesh.controller import MeshAgent, MeshConfig, Plan
+    from wiremesh.agent.mesh.config import MeshConfig
+    from wiremesh.agent.mesh.controller import MeshAgent, Plan
     from wiremesh.agent.state import StateDir
 
     state = StateDir(str(tmp_path))
     engine = QuietEngine()
     agent = MeshAgent(
-        MeshConfig(login_server="http://127.0.0.1:9", state_dir=str(tmp_path), tun="wmtest"),
+        MeshConfig(
+            login_server="http://127.0.0.1:9",
+            state_dir=str(tmp_path),
+            tun="wmtest",
+            insecure_learn_coord_key=True,
+        ),
         state,
         state.load_or_create_keys(),
         engine,

@@ -69,7 +69,7 @@ def test_auth_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
 def test_coord_pin_prefers_the_flag_then_state_then_the_auth_keys_fingerprint():
     import dataclasses
 
-    from wiremesh.agent.mesh import MeshConfig, coord_pin
+    from wiremesh.agent.mesh.config import MeshConfig, coord_pin
     from wiremesh.core import crypto
     from wiremesh.core.control import coordkey
 
@@ -85,7 +85,7 @@ def test_coord_pin_prefers_the_flag_then_state_then_the_auth_keys_fingerprint():
 def test_learning_coords_key_is_refused_over_plain_http_unless_https_or_a_lab_says_so():
     import dataclasses
 
-    from wiremesh.agent.mesh import MeshConfig, coord_pin
+    from wiremesh.agent.mesh.config import MeshConfig, coord_pin
 
     http = MeshConfig(login_server="http://coord:8080", state_dir="/s", tun="wm0", auth_key="wmauth-abc-def")
     with pytest.raises(ValueError, match="coord's key is not pinned"):

@@ -24,7 +24,8 @@ from wiremesh.agent.engine import Engine, resolve_workers
 from wiremesh.agent.localapi import LocalAPIServer
 from wiremesh.agent.magicsock import MagicSock
 from wiremesh.agent.mesh.binding import MagicsockPaths, MeshAPI
-from wiremesh.agent.mesh.controller import MAX_AUTH_KEY_BYTES, MeshAgent, MeshConfig, coord_pin
+from wiremesh.agent.mesh.config import MAX_AUTH_KEY_BYTES, MeshConfig, coord_pin
+from wiremesh.agent.mesh.controller import MeshAgent
 from wiremesh.agent.mesh.metrics import MeshCollector
 from wiremesh.agent.state import Keys, StateDir, StateError
 from wiremesh.agent.svcproxy import ServiceProxy

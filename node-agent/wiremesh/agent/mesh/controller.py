@@ -10,10 +10,7 @@ down: the data plane keeps the last netmap.
 The auth key is only offered until the first successful login of the process: a node that coord
 later deletes or expires stays cut off (NeedsLogin) instead of silently re-registering.
 
-Coord's key is pinned (`coord_pin`): `--coord-key`, else the one state.json kept from the first
-successful login, else the fingerprint the pre-auth key carries; learning it from `GET /key` with
-nothing to check it against is allowed over https:// (TLS vouches for the server) or with
-`--insecure-learn-coord-key` (a lab), and refused over plain http://.
+Coord's key is pinned as config.py's `coord_pin` says.
 """
 
 from __future__ import annotations
@@ -39,11 +36,11 @@ from wiremesh.agent.control import (
     LoginResult,
 )
 from wiremesh.agent.mesh import report
+from wiremesh.agent.mesh.config import MAX_AUTH_KEY_BYTES, MeshConfig, coord_pin
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
 from wiremesh.agent.svcproxy import ServiceProxy
 from wiremesh.core import crypto
-from wiremesh.core.control import coordkey
 from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.netmap import NetworkMap, Node
@@ -57,7 +54,6 @@ STREAM_KEEPALIVE = 5.0  # coord sends a frame at least this often; a silent stre
 ENDPOINT_CHECK_INTERVAL = 10.0
 RELOGIN_INTERVAL = 10.0
 MAX_BACKOFF = 5.0
-MAX_AUTH_KEY_BYTES = 256
 
 
 class BackendState(enum.StrEnum):
@@ -86,58 +82,6 @@ class MeshPaths(Protocol):
     def endpoints(self) -> tuple[str, ...]:
         """Our endpoints to publish (ip:port)."""
         ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class MeshConfig:
-    login_server: str
-    state_dir: str
-    tun: str
-    auth_key: str = ""
-    hostname: str = ""
-    advertise_routes: tuple[str, ...] = ()
-    advertise_tags: tuple[str, ...] = ()  # asked of coord at login; granted per tagOwners
-    accept_routes: bool = False  # route peers' approved subnets into the tunnel
-    snat_subnet_routes: bool = True  # a subnet router masquerades what it forwards (subnetrouter.py)
-    # The exit node to use (a peer's name or mesh address; "" none); None keeps the saved choice.
-    exit_node: str | None = None
-    exit_node_allow_lan_access: bool | None = None
-    accept_dns: bool = False  # point the host's resolver at MagicDNS (agentdns.py)
-    ingress_to: str = ""  # a proxy pod: forward what the mesh sends us to this cluster address (svcproxy.py)
-    egress_to: str = ""  # a proxy pod: forward what the cluster sends us to this mesh device
-    listen_port: int = 0
-    socket_path: str = ""
-    mtu: int = hostnet.MIN_MTU
-    metrics_listen: str | None = None
-    workers: int = 0  # receive worker processes (Engine workers)
-    coord_key: str = ""  # --coord-key: coord's control key, pinned
-    insecure_learn_coord_key: bool = False  # lab only: learn it over plain http://
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CoordPin:
-    key: bytes | None  # pinned: every request is sealed to it
-    fingerprint: str | None  # from the pre-auth key: the key from GET /key must match it
-
-
-def coord_pin(config: MeshConfig, persisted: Persisted) -> CoordPin:
-    """How this agent knows coord's key; ValueError (with what to do) if it would have to trust
-    plain HTTP for it."""
-    if config.coord_key:
-        return CoordPin(crypto.decode_key(config.coord_key), None)
-    if persisted.coord_key:
-        return CoordPin(crypto.decode_key(persisted.coord_key), None)
-    _secret, fingerprint = coordkey.split_auth_key(config.auth_key)
-    if fingerprint is not None:
-        return CoordPin(None, fingerprint)
-    if config.login_server.startswith("https://") or config.insecure_learn_coord_key:
-        return CoordPin(None, None)
-    raise ValueError(
-        f"coord's key is not pinned and {config.login_server} is plain http://, where anyone on the path "
-        "could pose as coord: give --coord-key KEY (from `wiremesh admin coord-key` or coord's GET /key "
-        "read over a trusted path), or an auth key created by this coord (it carries the key's "
-        "fingerprint), or use https://; in a lab, --insecure-learn-coord-key"
-    )
 
 
 class MeshAgent:
