@@ -150,6 +150,13 @@ class MeshLab:
             s.settimeout(0.5)
             return s.connect_ex((host, port)) == 0
 
+    def coord_key(self) -> str:
+        """Coord's public control key, read from inside ctl (the trusted path an operator would
+        use; `wiremesh admin coord-key` gives the same) for an agent's --coord-key."""
+        code, answer = self.http(self.ctl.address, COORD_PORT, "GET", "/key")
+        assert code == 200, answer
+        return str(answer["public_key"])
+
     def http(
         self,
         host: str,

@@ -21,12 +21,6 @@ from wiremesh.lab.support import wait_until
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
 
-def coord_key(mesh: MeshLab) -> str:
-    code, answer = mesh.http(mesh.ctl.address, COORD_PORT, "GET", "/key")
-    assert code == 200, answer
-    return str(answer["public_key"])
-
-
 def replace_coord_with_impostor(mesh: MeshLab) -> None:
     """Another coord (fresh database, so a fresh key) on the same address and port."""
     mesh.stop_process(mesh.coord)
@@ -44,12 +38,12 @@ def test_an_impostor_coord_at_the_login_url_is_refused_by_an_agent_that_pinned_t
     with mesh_lab() as mesh:
         host = mesh.lab.host("a")
         agent = mesh.agent("a", host, mesh.auth_key())
-        real_key = coord_key(mesh)
+        real_key = mesh.coord_key()
         mesh.stop_agent(agent)
         state = json.loads((agent.state_dir / "state.json").read_text())
 
         replace_coord_with_impostor(mesh)
-        assert coord_key(mesh) != real_key
+        assert mesh.coord_key() != real_key
         # The impostor even hands out a valid auth key of its own: the pin must still win.
         mesh.agent("a", host, mesh.auth_key(), wait=False)
 
@@ -70,7 +64,7 @@ def test_plain_http_without_a_pinned_coord_key_is_refused_unless_a_lab_allows_it
         host = mesh.lab.host("b")
         created = mesh.admin_cli("authkeys", "create", "--user", "alice", "--reusable")
         old_form, fingerprint = coordkey.split_auth_key(created["key"])
-        assert fingerprint is not None and coordkey.matches(crypto.decode_key(coord_key(mesh)), fingerprint)
+        assert fingerprint is not None and coordkey.matches(crypto.decode_key(mesh.coord_key()), fingerprint)
         argv = [
             sys.executable, "-m", "wiremesh.agent.daemon", "--login-server", mesh.login_server,
             "--state-dir", str(tmp_path / "state-b"), "--tun", "wmpinb0", "--socket", str(tmp_path / "b.sock"),
@@ -82,7 +76,10 @@ def test_plain_http_without_a_pinned_coord_key_is_refused_unless_a_lab_allows_it
         assert not (tmp_path / "state-b" / "state.json").exists()
 
         # The same old-form key joins with the key pinned by hand, or in a lab that says so.
-        for extra, name in (([f"--coord-key={coord_key(mesh)}"], "c"), (["--insecure-learn-coord-key"], "d")):
+        for extra, name in (
+            ([f"--coord-key={mesh.coord_key()}"], "c"),
+            (["--insecure-learn-coord-key"], "d"),
+        ):
             log = tmp_path / f"{name}.log"
             with log.open("ab") as out:
                 proc = mesh.lab.popen(

@@ -45,6 +45,12 @@ POLICY = json.dumps(
 )
 
 
+def pinned(mesh: MeshLab) -> tuple[str, ...]:
+    """An agent without an auth key has no fingerprint of coord's key to check: it is given the key,
+    as a user would be (coord here is plain http://)."""
+    return ("--coord-key", mesh.coord_key())
+
+
 class OidcMeshLab(MeshLab):
     """A MeshLab whose coord logs users in through Hydra running inside ctl."""
 
@@ -126,8 +132,8 @@ def test_agents_sign_in_and_an_idp_group_decides_who_reaches_the_server(mesh: Oi
     code, answer = mesh.http(mesh.ctl.address, COORD_PORT, "PUT", "/api/v1/policy", POLICY)
     assert code == 200, answer
     server = mesh.agent("srv", mesh.lab.host("srv"), mesh.auth_key("--tags", "tag:server"))
-    alice = mesh.agent("alice", mesh.lab.host("alice"), None, wait=False)
-    carol = mesh.agent("carol", mesh.lab.host("carol"), None, wait=False)
+    alice = mesh.agent("alice", mesh.lab.host("alice"), None, wait=False, flags=pinned(mesh))
+    carol = mesh.agent("carol", mesh.lab.host("carol"), None, wait=False, flags=pinned(mesh))
     url = mesh.login_url(alice)
     assert url.startswith(f"{mesh.login_server}/login/")
     assert alice.status()["backend_state"] == "NeedsLogin"
@@ -147,7 +153,7 @@ def test_agents_sign_in_and_an_idp_group_decides_who_reaches_the_server(mesh: Oi
 
 
 def test_user_the_mesh_does_not_admit_is_refused_and_stays_out(mesh: OidcMeshLab) -> None:
-    mallory = mesh.agent("mallory", mesh.lab.host("mallory"), None, wait=False)
+    mallory = mesh.agent("mallory", mesh.lab.host("mallory"), None, wait=False, flags=pinned(mesh))
     page = mesh.sign_in(mallory, "mallory@evil.example", "mallory-pw")
     assert page.status == 403 and "not allowed to log in" in page.text
 
