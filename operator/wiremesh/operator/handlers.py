@@ -529,6 +529,12 @@ def make_registry(op: Operator) -> kopf.OperatorRegistry:
         settings.posting.level = logging.WARNING  # our own events, not one per handler run
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 30
+        # A deleted object keeps its finalizer until its poll timer has stopped. A timer caught in
+        # a coord call outlives kopf's few zero-time cycles, and kopf then looks again only every
+        # cancellation_polling seconds (60 by default): an ACL deletion took a minute. Give the
+        # timer half a second to finish its call, and look again every 2 s.
+        settings.background.instant_exit_timeout = 0.5
+        settings.background.cancellation_polling = 2
 
     # A registry of our own starts with no login handlers: use the official client's
     # configuration (in-cluster service account, else $KUBECONFIG / ~/.kube/config).
