@@ -277,6 +277,63 @@ def test_database_url_comes_from_its_secret_for_coord_and_keys(helm):
         assert ref == {"name": "wiremesh-db", "key": "url"}
 
 
+OIDC = (
+    "--set", "coord.oidc.issuer=https://idp.example.com",
+    "--set", "coord.oidc.clientId=wiremesh",
+    "--set", "coord.oidc.clientSecret.existingSecret=wiremesh-oidc",
+    "--set", "coord.loginServer=https://mesh.example.com",
+    "--set", "coord.oidc.allowedDomains={example.com,example.org}",
+    "--set", "coord.oidc.allowedGroups={admins@example.com}",
+    "--set", "coord.oidc.groupsClaim=roles",
+)  # fmt: skip
+
+
+def test_oidc_values_reach_coord_as_the_login_it_parses(helm, monkeypatch):
+    import argparse
+
+    from wiremesh.coord import oidc_login
+
+    (c,) = containers(one(render(helm, *OIDC), "Deployment", "wm-wiremesh-coord"))
+    env = env_of(c)
+    assert env["WIREMESH_OIDC_CLIENT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "wiremesh-oidc",
+        "key": "client-secret",
+    }
+    for name, entry in env.items():
+        if name.startswith(("WIREMESH_OIDC_", "WIREMESH_SERVER_URL")):
+            monkeypatch.setenv(name, entry.get("value", "the-secret-from-the-secret"))
+    parser = argparse.ArgumentParser()
+    oidc_login.add_arguments(parser)
+    config, server_url = oidc_login.config_from_args(parser.parse_args([]), "0.0.0.0:8080")
+    assert server_url == "https://mesh.example.com"
+    assert config is not None
+    assert config.issuer == "https://idp.example.com" and config.client_id == "wiremesh"
+    assert config.client_secret == "the-secret-from-the-secret"
+    assert config.redirect_uri == "https://mesh.example.com/oidc/callback"
+    assert config.allowed_domains == ("example.com", "example.org")
+    assert config.allowed_groups == ("admins@example.com",)
+    assert config.groups_claim == "roles"
+
+
+def test_no_oidc_login_unless_an_issuer_is_set(helm):
+    (c,) = containers(one(render(helm), "Deployment", "wm-wiremesh-coord"))
+    assert not [name for name in env_of(c) if name.startswith("WIREMESH_OIDC_")]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--set", "coord.oidc.issuer=https://idp.example.com"), "needs coord.oidc.clientId"),
+        (OIDC[:6], "serverUrl (or coord.loginServer)"),
+    ],
+    ids=["no-client", "no-server-url"],
+)
+def test_incomplete_oidc_values_are_a_clear_error(helm, args, message):
+    with pytest.raises(AssertionError) as refused:
+        render(helm, *args)
+    assert message in str(refused.value)
+
+
 def test_coord_replicas_without_a_shared_database_are_refused(helm):
     out = subprocess.run(
         [str(helm), "template", "wm", str(CHART), *KUBE, "--set", "coord.replicas=2"],
