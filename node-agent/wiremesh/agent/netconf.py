@@ -329,36 +329,25 @@ def set_lan_rules(prefixes: Iterable[str | Network], table: int = MESH_TABLE) ->
     LAN is not allowed; the agent's own marked traffic still reaches the LAN (rule 5210)."""
     wanted = {p if not isinstance(p, str) else parse_prefix(p) for p in prefixes}
     current = set(get_lan_rules(table))
+
+    def lan_rule(ipr: IPRoute, action: str, net: Network) -> None:
+        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+        rule = {"table": table, "priority": RULE_PRIORITY_LAN, "dst": str(net.network_address)}
+        try:
+            ipr.rule(action, family=family, dst_len=net.prefixlen, **rule)
+        except NetlinkError as exc:
+            if action == "del" and exc.code == 2:
+                return  # already gone
+            if action == "add" and family == socket.AF_INET6 and exc.code == EAFNOSUPPORT:
+                return  # IPv6 is off on this host
+            verb = "remove" if action == "del" else "add"
+            raise NetconfError(f"cannot {verb} the LAN rule for {net}: {exc}") from exc
+
     with IPRoute() as ipr:
         for net in current - wanted:
-            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-            try:
-                ipr.rule(
-                    "del",
-                    family=family,
-                    table=table,
-                    priority=RULE_PRIORITY_LAN,
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                )
-            except NetlinkError as exc:
-                if exc.code != 2:
-                    raise NetconfError(f"cannot remove the LAN rule for {net}: {exc}") from exc
+            lan_rule(ipr, "del", net)
         for net in sorted(wanted - current, key=str):
-            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-            try:
-                ipr.rule(
-                    "add",
-                    family=family,
-                    table=table,
-                    priority=RULE_PRIORITY_LAN,
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                )
-            except NetlinkError as exc:
-                if family == socket.AF_INET6 and exc.code == EAFNOSUPPORT:
-                    continue
-                raise NetconfError(f"cannot add the LAN rule for {net}: {exc}") from exc
+            lan_rule(ipr, "add", net)
 
 
 def connected_prefixes(exclude: Iterable[str] = ()) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 log = logging.getLogger("wiremesh.agent.subnetrouter")
 
@@ -69,18 +70,22 @@ def ruleset(tun: str, mtu: int, *, snat: bool) -> str:
             f'oifname "{tun}" ip saddr != {MESH_V4} masquerade',
             f'oifname "{tun}" ip6 saddr != {MESH_V6} masquerade',
         ]
-    lines = [
-        f"table inet {table_name(tun)} {{",
-        "  chain forward {",
-        "    type filter hook forward priority mangle; policy accept;",
-        *(f"    {rule}" for rule in clamp),
-        "  }",
-        "  chain postrouting {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-        *(f"    {rule}" for rule in nat),
-        "  }",
-        "}",
-    ]
+    return nft_table(
+        f"inet {table_name(tun)}",
+        [
+            ("forward", "type filter hook forward priority mangle", clamp),
+            ("postrouting", "type nat hook postrouting priority srcnat", nat),
+        ],
+    )
+
+
+def nft_table(table: str, chains: Sequence[tuple[str, str, Sequence[str]]]) -> str:
+    """An nft script defining `table` ("FAMILY NAME") with base chains (name, "type ... hook ...
+    priority ...", rules), each with policy accept."""
+    lines = [f"table {table} {{"]
+    for name, hook, rules in chains:
+        lines += [f"  chain {name} {{", f"    {hook}; policy accept;", *(f"    {r}" for r in rules), "  }"]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ import logging
 import re
 
 from wiremesh.agent import exitnode
-from wiremesh.agent.subnetrouter import SubnetRouterError, run_nft
+from wiremesh.agent.subnetrouter import SubnetRouterError, nft_table, run_nft
 from wiremesh.core.dnsconfig import DEFAULT_DOMAIN
 from wiremesh.core.netmap import NetworkMap
 
@@ -74,19 +74,13 @@ def ruleset(tun: str, rules: ProxyRules) -> str:
             f'iifname != "{tun}" fib daddr type local meta l4proto {{ tcp, udp }} dnat to {rules.egress_to}'
         )
         postrouting.append(f'oifname "{tun}" ip daddr {rules.egress_to} masquerade')
-    lines = [
-        f"table ip {table_name(tun)} {{",
-        "  chain prerouting {",
-        "    type nat hook prerouting priority dstnat; policy accept;",
-        *(f"    {r}" for r in prerouting),
-        "  }",
-        "  chain postrouting {",
-        "    type nat hook postrouting priority srcnat; policy accept;",
-        *(f"    {r}" for r in postrouting),
-        "  }",
-        "}",
-    ]
-    return "\n".join(lines) + "\n"
+    return nft_table(
+        f"ip {table_name(tun)}",
+        [
+            ("prerouting", "type nat hook prerouting priority dstnat", prerouting),
+            ("postrouting", "type nat hook postrouting priority srcnat", postrouting),
+        ],
+    )
 
 
 def wanted(
