@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
@@ -43,6 +42,7 @@ from wiremesh.lab.images import ImageSet
 from wiremesh.lab.images import build as build_images
 from wiremesh.lab.kubenode import CLUSTER_DOMAIN, KubeNode, NodeError, remove_dir
 from wiremesh.lab.lab import Host, Lab
+from wiremesh.lab.support import StartedService
 
 log = logging.getLogger("wiremesh.lab.cluster")
 
@@ -87,7 +87,7 @@ def _pki(directory: Path, apiserver_ip: str) -> dict[str, Path]:
     return paths
 
 
-class KubeCluster:
+class KubeCluster(StartedService):
     """A control plane and `nodes` nodes in `lab`, for as long as the context is open."""
 
     def __init__(self, lab: Lab, nodes: int = 2, *, images: ImageSet | None = None) -> None:
@@ -105,19 +105,6 @@ class KubeCluster:
         self.pki: dict[str, Path] = {}
 
     # ---- context
-
-    def __enter__(self) -> KubeCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def api_url(self) -> str:

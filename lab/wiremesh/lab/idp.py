@@ -41,13 +41,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from wiremesh.lab import gobuild
-from wiremesh.lab.support import wait_until
+from wiremesh.lab.support import StartedService, wait_until
 
 log = logging.getLogger("wiremesh.lab.idp")
 
@@ -310,7 +309,7 @@ def _spawn_here(argv: list[str], log_file: Any, env: Mapping[str, str]) -> subpr
     )
 
 
-class IdentityProvider:
+class IdentityProvider(StartedService):
     """Hydra (public and admin APIs) plus the login app, on `host`.
 
     By default both run here on loopback (the app in a thread). In a lab, pass `spawn` (start a
@@ -346,19 +345,6 @@ class IdentityProvider:
     @property
     def admin_url(self) -> str:
         return f"http://{self.host}:{self.admin_port}"
-
-    def __enter__(self) -> IdentityProvider:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def config_text(self) -> str:
         app = f"http://{self.host}:{self.app_port}"

@@ -38,13 +38,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from wiremesh.lab.support import StartedService
 
 log = logging.getLogger("wiremesh.lab.kube")
 
@@ -299,7 +300,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
-class KubeAPIServer:
+class KubeAPIServer(StartedService):
     """etcd + kube-apiserver on loopback, for as long as the context is open."""
 
     def __init__(self, start_timeout: float = 120.0, build_timeout: float = BUILD_TIMEOUT) -> None:
@@ -324,19 +325,6 @@ class KubeAPIServer:
     def kubeconfig(self) -> Path:
         assert self.dir is not None, "not started"
         return self.dir / "kubeconfig"
-
-    def __enter__(self) -> KubeAPIServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         apiserver_bin, etcd_bin = build(timeout=self.build_timeout)
