@@ -25,6 +25,7 @@ import pytest
 
 from wiremesh.core import crypto
 from wiremesh.core.wireguard import REKEY_AFTER_TIME, Device, HandshakeCompleted, PeerConfig
+from wiremesh.lab.support import internet_checksum
 
 pytestmark = pytest.mark.netns
 
@@ -64,20 +65,11 @@ def _setns_thread_socket(ns: str) -> socket.socket:
     return result[0]
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def icmp_echo(
     src: str, dst: str, ident: int, seq: int, reply: bool = False, payload: bytes = b"wiremesh"
 ) -> bytes:
     icmp = struct.pack("!BBHHH", 0 if reply else 8, 0, 0, ident, seq) + payload
-    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", internet_checksum(icmp)) + icmp[4:]
     header = struct.pack(
         "!BBHHHBBH4s4s",
         0x45,
@@ -91,7 +83,7 @@ def icmp_echo(
         ipaddress.IPv4Address(src).packed,
         ipaddress.IPv4Address(dst).packed,
     )
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
     return header + icmp
 
 
@@ -99,7 +91,7 @@ def icmp6_echo_request(src: str, dst: str, ident: int, seq: int, payload: bytes 
     s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
     icmp = struct.pack("!BBHHH", 128, 0, 0, ident, seq) + payload
     pseudo = s + d + struct.pack("!I3xB", len(icmp), 58)
-    icmp = icmp[:2] + struct.pack("!H", _checksum(pseudo + icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", internet_checksum(pseudo + icmp)) + icmp[4:]
     return struct.pack("!IHBB", 6 << 28, len(icmp), 58, 64) + s + d + icmp
 
 

@@ -17,6 +17,7 @@ import pytest
 from wiremesh.core.wireguard import Device, PeerConfig
 from wiremesh.lab import Lab
 from wiremesh.lab.demo import WIREMESH, keypair, metric_sum, scrape, start_side
+from wiremesh.lab.support import internet_checksum
 from wiremesh.lab.support import wait_until as wait_for
 
 pytestmark = pytest.mark.netns
@@ -24,18 +25,9 @@ pytestmark = pytest.mark.netns
 PORT = 51820
 
 
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def icmp_echo(src: str, dst: str, ident: int, seq: int) -> bytes:
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"wiremesh-test-payload"
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", internet_checksum(icmp)) + icmp[4:]
     header = struct.pack(
         "!BBHHHBBH4s4s",
         0x45,
@@ -49,7 +41,7 @@ def icmp_echo(src: str, dst: str, ident: int, seq: int) -> bytes:
         socket.inet_aton(src),
         socket.inet_aton(dst),
     )
-    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
     return header + icmp
 
 

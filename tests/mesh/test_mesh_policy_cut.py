@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import pytest
 from mesh_kit import Agent, MeshLab, mesh_lab, wait_until
 
+from wiremesh.lab.support import internet_checksum
+
 pytestmark = pytest.mark.netns
 
 # A may open SSH to B; C may open HTTP to A (which keeps A and C peers); nothing else.
@@ -127,15 +129,6 @@ def test_the_first_policy_cuts_a_connection_the_peer_opened_while_no_policy_was_
         assert client.recv(16) == b"so am i"
 
 
-def icmp_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def forged_fragmentation_needed(src: str, dst: str, quoted_tcp: tuple[str, int, str, int]) -> bytes:
     """An ICMP "fragmentation needed" (MTU 576) from `src` to `dst` quoting a TCP segment."""
     local, lport, remote, rport = quoted_tcp
@@ -144,7 +137,7 @@ def forged_fragmentation_needed(src: str, dst: str, quoted_tcp: tuple[str, int, 
         ipaddress.IPv4Address(local).packed, ipaddress.IPv4Address(remote).packed,
     ) + struct.pack("!HHI", lport, rport, 1)  # fmt: skip
     icmp = struct.pack("!BBHHH", ICMP_UNREACHABLE, FRAGMENTATION_NEEDED, 0, 0, 576) + quoted
-    icmp = icmp[:2] + struct.pack("!H", icmp_checksum(icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", internet_checksum(icmp)) + icmp[4:]
     header = struct.pack(
         "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, socket.IPPROTO_ICMP, 0,
         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,17 @@ class StartedService:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def internet_checksum(data: bytes) -> int:
+    """The ones'-complement sum of RFC 1071 (IPv4 header, ICMP, and with a pseudo-header prefixed,
+    ICMPv6): for tests that build packets by hand."""
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
 def wait_until(
