@@ -15,7 +15,7 @@ sysdeps:
 
 CARGO := $(shell command -v cargo 2>/dev/null || { test -x $(HOME)/.cargo/bin/cargo && echo $(HOME)/.cargo/bin/cargo; })
 
-$(STAMP): pyproject.toml lab/pyproject.toml requirements.lock native/wgkernel/Cargo.toml native/wgkernel/Cargo.lock native/wgkernel/src/lib.rs
+$(STAMP): pyproject.toml lab/pyproject.toml requirements.lock native/wgkernel/Cargo.toml native/wgkernel/Cargo.lock $(wildcard native/wgkernel/src/*.rs)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -c requirements.lock -e '.[dev]' -e ./lab

@@ -22,6 +22,7 @@ from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 from wiremesh.agent import netconf
 from wiremesh.agent.engine import Engine
 from wiremesh.agent.paths import StaticPaths
+from wiremesh.core.wireguard import kernel
 
 pytestmark = pytest.mark.netns
 
@@ -78,7 +79,20 @@ class PassThroughDevice:
 
     def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float):
         packets = [self.receive(d, source, now) for d in datagrams]
-        return [p for p in packets if p], not all(packets)
+        kept = [p for p in packets if p]
+        flows: list[tuple[int, int]] = []  # runs of one flow, as the Device marks them
+        previous = None
+        for i, packet in enumerate(kept):
+            key = kernel.flow_key(packet)
+            if key is not None and key == previous:
+                flows[-1] = (flows[-1][0], i + 1)
+            else:
+                flows.append((i, i + 1))
+            previous = key
+        return kept, flows, not all(packets)
+
+    def send_tso(self, raw: bytes, offset: int, mss: int, now: float):
+        return None  # no sessions here: super-packets take the per-packet path
 
     def datagrams_to_send(self):
         return []
@@ -157,8 +171,8 @@ class DropAll:
     def __init__(self) -> None:
         self.sent = 0
 
-    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
-        return []
+    def admit_flow(self, packet: bytes, count: int, now: float) -> bool:
+        return False
 
     def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]:
         self.sent += len(packets)
@@ -166,7 +180,7 @@ class DropAll:
 
 
 class Broken(DropAll):
-    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]:
+    def admit_flow(self, packet: bytes, count: int, now: float) -> bool:
         raise RuntimeError("filter bug")
 
 

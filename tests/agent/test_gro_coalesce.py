@@ -1,4 +1,4 @@
-"""Software GRO: runs of TCP segments become one virtio_net_hdr GSO write (wiremesh.agent.gro)."""
+"""Software GRO: runs of TCP segments become one virtio_net_hdr GSO write (wiremesh.core.gro)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wiremesh.agent import gro
+from wiremesh.core import gro
 
 SRC4, DST4 = ipaddress.IPv4Address("10.99.0.1").packed, ipaddress.IPv4Address("10.99.0.2").packed
 SRC6, DST6 = ipaddress.IPv6Address("fd00::1").packed, ipaddress.IPv6Address("fd00::2").packed

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_gro_coalesce import seg4, seg6
 from test_gso_segment import super4, super6
 
-from wiremesh.agent import gro, gso
+from wiremesh.core import gro, gso
 
 try:
     import wiremesh_wgkernel as native

@@ -75,17 +75,16 @@ def test_expired_sessions_drop_packets_and_the_next_send_starts_a_handshake() ->
 
 
 def test_an_exported_session_opens_the_peers_messages_exactly_as_the_device_does() -> None:
-    from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transport
+    from wiremesh.core.wireguard.transport import ReceiveSession, receive_run
 
     p = Pair()
     p.connect()
     index = p.peer_a.current.local_index
     exported = ReceiveSession(*p.b.export_receive_state(index))  # type: ignore[misc]
     datagrams = [p.a.send(ipv4_packet(A_V4, B_V4, b"x" * n), p.now)[0] for n in (0, 1, 15, 16, 999)]  # type: ignore[index]
+    peer = exported.peer
     for datagram in datagrams:
-        plaintext = open_transport(exported, datagram, p.now)
-        assert not isinstance(plaintext, str)
-        inner = inner_packet(plaintext)
-        assert not isinstance(inner, str)
-        assert inner[0] == p.b.receive(datagram, A_ENDPOINT, p.now)
-        assert open_transport(exported, datagram, p.now) == "replay"
+        run = receive_run(exported, peer, [datagram], 0, p.now, lambda src: peer)
+        assert run.packets == [p.b.receive(datagram, A_ENDPOINT, p.now)] and not run.drops
+        again = receive_run(exported, peer, [datagram], 0, p.now, lambda src: peer)
+        assert not again.packets and again.drops == {"replay": 1}

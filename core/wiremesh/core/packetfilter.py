@@ -252,6 +252,23 @@ class Filter:
         self.accepted_replies += replies
         return kept
 
+    def admit_flow(self, packet: bytes, count: int, now: float) -> bool:
+        """filter_inbound for `count` packets of one TCP/UDP flow (one 5-tuple, no fragments),
+        judged by the first, `packet`, and counted as `count`: packets with one flow key have one
+        verdict, whatever their flags or payload."""
+        accepted, replies = self.accepted, self.accepted_replies
+        before = dict(self.drops) if count > 1 else self.drops
+        if self.filter_inbound([packet], now):
+            if count > 1:
+                self.accepted += (self.accepted - accepted) * (count - 1)
+                self.accepted_replies += (self.accepted_replies - replies) * (count - 1)
+            return True
+        if count > 1:
+            for reason, n in self.drops.items():
+                if n != before.get(reason, 0):
+                    self.drops[reason] = n + count - 1
+        return False
+
     def check_inbound(self, packet: bytes, now: float) -> bool:
         """True if this decrypted packet from a peer may be delivered."""
         return bool(self.filter_inbound([packet], now))

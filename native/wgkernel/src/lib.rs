@@ -9,11 +9,15 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 
+mod batch;
 mod offload;
+mod replay;
 
-const HEADER: usize = 16; // type (4), receiver index (4), counter (8)
-const TAG: usize = 16;
-const MESSAGE_TRANSPORT: u32 = 4;
+use replay::Replay;
+
+pub(crate) const HEADER: usize = 16; // type (4), receiver index (4), counter (8)
+pub(crate) const TAG: usize = 16;
+pub(crate) const MESSAGE_TRANSPORT: u32 = 4;
 
 fn cipher(key: &[u8]) -> PyResult<LessSafeKey> {
     let unbound = UnboundKey::new(&CHACHA20_POLY1305, key)
@@ -21,7 +25,7 @@ fn cipher(key: &[u8]) -> PyResult<LessSafeKey> {
     Ok(LessSafeKey::new(unbound))
 }
 
-fn nonce(counter: u64) -> Nonce {
+pub(crate) fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
     Nonce::assume_unique_for_key(n)
@@ -110,11 +114,119 @@ fn coalesce<'py>(py: Python<'py>, packets: Vec<Bound<'py, PyBytes>>) -> Vec<Boun
     writes.iter().map(|w| PyBytes::new(py, w)).collect()
 }
 
+/// A TUN TSO super-packet (`raw` from `offset` on, TCP payload in `mss`-byte segments) as one
+/// buffer of sealed transport messages, counters from `counter` on: (buffer, the size of each
+/// message but the last, which may be shorter, the number of messages). One UDP_SEGMENT send
+/// carries such a buffer. ValueError with the reason if it is not a TSO packet.
+#[pyfunction]
+fn seal_tso<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    receiver: u32,
+    counter: u64,
+    raw: Bound<'py, PyBytes>,
+    offset: usize,
+    mss: usize,
+) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
+    let aead = cipher(key)?;
+    let input = raw.as_bytes();
+    if offset > input.len() {
+        return Err(PyValueError::new_err("offset past the end of the read"));
+    }
+    let (buffer, size, count) = py
+        .allow_threads(|| -> Result<(Vec<u8>, usize, usize), &'static str> {
+            let (segments, total) = batch::segment(&input[offset..], mss)?;
+            let mut out = vec![0u8; total];
+            batch::seal_into(&aead, receiver, counter, &segments, &mut out);
+            Ok((out, batch::sealed_len(segments[0].len()), segments.len()))
+        })
+        .map_err(PyValueError::new_err)?;
+    Ok((PyBytes::new(py, &buffer), size, count))
+}
+
+type Flow<'py> = (Bound<'py, PyBytes>, usize, usize);
+type Opened<'py> = (usize, Vec<Bound<'py, PyBytes>>, Vec<Flow<'py>>, (usize, usize, usize, usize, usize, usize));
+
+/// Open the run of transport messages of one receiver index that starts at `datagrams[start]`:
+/// (end of the run, the IP packets, flows, (authenticated, bytes authenticated, non-empty
+/// payloads, replay drops, decrypt_failed drops, not_ip drops)). Counters are checked against
+/// `replay` before decryption and committed after; `reject_after` and up are refused as replays.
+/// flows are (source address, start, end) over the packets: runs of one TCP/UDP flow, and every
+/// other packet alone, so that a caller checks a source and a filter once per run.
+#[pyfunction]
+fn open_run<'py>(
+    py: Python<'py>,
+    key: &[u8],
+    mut replay: PyRefMut<'py, Replay>,
+    datagrams: Vec<Bound<'py, PyBytes>>,
+    start: usize,
+    reject_after: u64,
+) -> PyResult<Opened<'py>> {
+    let views: Vec<&[u8]> = datagrams.iter().map(|d| d.as_bytes()).collect();
+    if start >= views.len()
+        || views[start].len() < HEADER + TAG
+        || views[start][..4] != MESSAGE_TRANSPORT.to_le_bytes()
+    {
+        return Err(PyValueError::new_err("a run starts with a transport message"));
+    }
+    let aead = cipher(key)?;
+    let end = batch::run_end(&views, start);
+    let mut stats = batch::RunStats::default();
+    let mut todo = Vec::with_capacity(end - start);
+    for (i, d) in views.iter().enumerate().take(end).skip(start) {
+        let c = batch::counter_of(d);
+        if c >= reject_after || !replay.precheck(c) {
+            stats.replay += 1;
+        } else {
+            todo.push(i);
+        }
+    }
+    let mut plain = Vec::with_capacity(todo.iter().map(|&i| views[i].len()).sum());
+    let opened = py.allow_threads(|| batch::open_all(&aead, &views, &todo, &mut plain));
+    let mut packets: Vec<Bound<'py, PyBytes>> = Vec::with_capacity(todo.len());
+    let mut flows: Vec<Flow<'py>> = Vec::new();
+    let mut current: Option<(u8, &[u8])> = None;
+    for (k, &i) in todo.iter().enumerate() {
+        let Some((at, n)) = opened[k] else {
+            stats.decrypt_failed += 1;
+            continue;
+        };
+        if !replay.commit(batch::counter_of(views[i])) {
+            stats.replay += 1; // a duplicate within this run
+            continue;
+        }
+        stats.authenticated += 1;
+        stats.nbytes += views[i].len();
+        if n == 0 {
+            continue; // a keepalive
+        }
+        stats.data += 1;
+        let Some((packet, src)) = batch::inner(&plain[at..at + n]) else {
+            stats.not_ip += 1;
+            current = None;
+            continue;
+        };
+        let key = batch::flow_key(packet);
+        let index = packets.len();
+        packets.push(PyBytes::new(py, packet));
+        match flows.last_mut() {
+            Some(last) if key.is_some() && key == current && last.2 == index => last.2 = index + 1,
+            _ => flows.push((PyBytes::new(py, src), index, index + 1)),
+        }
+        current = key;
+    }
+    let s = stats;
+    Ok((end, packets, flows, (s.authenticated, s.nbytes, s.data, s.replay, s.decrypt_failed, s.not_ip)))
+}
+
 #[pymodule]
 fn wiremesh_wgkernel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(seal, m)?)?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(segment_tcp, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
+    m.add_function(wrap_pyfunction!(seal_tso, m)?)?;
+    m.add_function(wrap_pyfunction!(open_run, m)?)?;
+    m.add_class::<Replay>()?;
     Ok(())
 }

@@ -33,11 +33,12 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
-from wiremesh.agent import gro, gso, netconf, tun, wgreport
+from wiremesh.agent import netconf, tun, tunwrite, wgreport
 from wiremesh.agent.paths import Paths
 from wiremesh.agent.sender import DatagramSender, open_sockets
 from wiremesh.agent.workerlink import ReceiveWorker
 from wiremesh.agent.workermessages import Decrypt, FilterCounts, FlowsSent
+from wiremesh.core import gro, gso
 from wiremesh.core.policy.model import FilterRule
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ TUN_READ_BATCH = 64
 TUN_READ_SIZE = 65536 + 64  # a 64 KiB TSO super-packet plus its virtio_net_hdr
 POLL_IDLE_MS = 1000
 _TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
+_TSO_TYPES = (gso.VIRTIO_NET_HDR_GSO_TCPV4, gso.VIRTIO_NET_HDR_GSO_TCPV6)
 FLOW_HEADER_BYTES = 128  # enough of a packet for the filter to key its flow (IPv6 options too)
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
@@ -64,7 +66,7 @@ class PacketFilter(Protocol):
     rules: tuple[FilterRule, ...]
     allow_all: bool
 
-    def filter_inbound(self, packets: list[bytes], now: float) -> list[bytes]: ...
+    def admit_flow(self, packet: bytes, count: int, now: float) -> bool: ...
 
     def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]: ...
 
@@ -154,7 +156,7 @@ class Engine:
     @property
     def packet_filter(self) -> PacketFilter | None:
         """Sees each batch we send (note_outbound_batch) and judges each decrypted batch before
-        it reaches the TUN (filter_inbound)."""
+        it reaches the TUN (admit_flow, once per run of one flow)."""
         return self._packet_filter
 
     @packet_filter.setter
@@ -391,7 +393,7 @@ class Engine:
 
     def _deliver(self, packet: bytes) -> None:
         flt = self._packet_filter
-        if flt is not None and not flt.filter_inbound([packet], time.time()):
+        if flt is not None and not flt.admit_flow(packet, 1, time.time()):
             self.drops["inbound_filter"] += 1
             return
         try:
@@ -525,27 +527,26 @@ class Engine:
                 log.exception("outbound_batch_failed packets=%d", len(batch))
 
     def _outbound(self, batch: list[bytes], skip: int) -> None:
-        """IP packets read from the TUN -> hook -> Device.send -> UDP."""
+        """IP packets read from the TUN -> packet filter -> Device -> UDP. A TSO super-packet
+        whose peer has a live session goes whole (send_tso); anything else is segmented and
+        sent per packet (send_batch)."""
+        t = time.time()
         if self._tso:
             packets: list[bytes] = []
             for raw in batch:
                 try:
-                    packets += gso.from_tun(raw)
-                except gso.SegmentationError as exc:
+                    if not self._send_tso(raw, t):
+                        packets += gso.from_tun(raw)
+                except (gso.SegmentationError, ValueError) as exc:
                     self.drops["tun_gso_malformed"] += 1
                     log.debug("tun_gso_malformed error=%s", exc)
+            if not packets:
+                return
             batch = packets
         elif skip:
             # No TUN offloads are enabled, so the kernel's header is always "plain".
             batch = [p[skip:] for p in batch]
-        t = time.time()
-        flt = self._packet_filter
-        if flt is not None:
-            opened = flt.note_outbound_batch(batch, t)
-            rx = self._rx
-            if opened and rx is not None:
-                # Before the packets leave, so the worker knows the flows when replies arrive.
-                rx.send(FlowsSent(tuple(p[:FLOW_HEADER_BYTES] for p in opened)))
+        self._note_outbound(batch, t)
         dev = self.device
         with self.lock:
             results, flush = dev.send_batch(batch, t)
@@ -556,6 +557,30 @@ class Engine:
             self._sender.send_all(out)
         if flush or out:
             self._timer_wake.set()
+
+    def _send_tso(self, raw: bytes, now: float) -> bool:
+        """One TUN TSO read sealed whole and sent in segmented sends; False if it is not one or
+        needs the per-packet path."""
+        _flags, gso_type, _hdr_len, mss, _start, _offset = gso.parse_vnet(raw)
+        if gso_type & ~gso.VIRTIO_NET_HDR_GSO_ECN not in _TSO_TYPES:
+            return False
+        # Every segment is of one flow: the filter learns it from the headers.
+        self._note_outbound([raw[gso.VNET_HDR_LEN : gso.VNET_HDR_LEN + FLOW_HEADER_BYTES]], now)
+        with self.lock:
+            sealed = self.device.send_tso(raw, gso.VNET_HDR_LEN, mss, now)
+        if sealed is None:
+            return False
+        self._sender.send_sealed(*sealed)
+        return True
+
+    def _note_outbound(self, packets: list[bytes], now: float) -> None:
+        flt = self._packet_filter
+        if flt is not None:
+            opened = flt.note_outbound_batch(packets, now)
+            rx = self._rx
+            if opened and rx is not None:
+                # Before the packets leave, so the worker knows the flows when replies arrive.
+                rx.send(FlowsSent(tuple(p[:FLOW_HEADER_BYTES] for p in opened)))
 
     def _udp_loop(self, sock: socket.socket) -> None:
         v6 = sock.family == socket.AF_INET6
@@ -596,26 +621,13 @@ class Engine:
         dev = self.device
         with self.lock:
             t = time.time()
-            packets, flush = dev.receive_batch(wireguard, source, t) if wireguard else ([], False)
+            packets, flows, flush = dev.receive_batch(wireguard, source, t) if wireguard else ([], [], False)
             # Decrypting can produce output too (a confirmed session's held packets, a rekey).
             out = dev.datagrams_to_send()
-        flt = self._packet_filter
-        if flt is not None and packets:
-            kept = flt.filter_inbound(packets, t)
-            self.drops["inbound_filter"] += len(packets) - len(kept)
-            packets = kept
         io["udp_receives"] += 1
         io["udp_datagrams_received"] += len(datagrams)
-        io["tun_packets_written"] += len(packets)
-        if self._vnet and packets:
-            packets = gro.coalesce(packets)
-        io["tun_writes"] += len(packets)
-        fd, write = self._tun_fd, os.write
-        for packet in packets:
-            try:
-                write(fd, packet)
-            except OSError:
-                self.drops["tun_write_error"] += 1
+        if packets:
+            tunwrite.deliver(self._tun_fd, packets, flows, self._packet_filter, t, self._vnet, io, self.drops)
         if out:
             self._sender.send_all(out)
         if flush or out:

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Hashable
 
-from wiremesh.agent import gro
+from wiremesh.agent import tunwrite
 from wiremesh.agent.workermessages import (
     Decrypt,
     FilterCounts,
@@ -49,9 +49,10 @@ from wiremesh.agent.workermessages import (
     SessionTraffic,
     Stop,
 )
+from wiremesh.core import gro
 from wiremesh.core.allowedips import AllowedIPs
 from wiremesh.core.packetfilter import Filter
-from wiremesh.core.wireguard.transport import ReceiveSession, inner_packet, open_transports
+from wiremesh.core.wireguard.transport import ReceiveSession, Run, receive_run
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,10 @@ class Worker:
 
     def _datagrams(self, datagrams: list[bytes], source: Hashable, now: float, forward_unknown: bool) -> None:
         packets: list[bytes] = []
+        flows: list[tuple[int, int]] = []
         i, n = 0, len(datagrams)
         while i < n:
             d = datagrams[i]
-            j = i + 1
             session = None
             if len(d) >= TRANSPORT_MIN_SIZE:
                 kind, receiver, _counter = _transport_unpack(d, 0)
@@ -204,57 +205,38 @@ class Worker:
                     self.drops["no_session"] += 1
                 elif not self._to_engine(NotForWorker(d, source)):
                     self.drops["worker_forward_full"] += 1
-                i = j
+                i += 1
                 continue
-            prefix = d[:8]  # type and receiver index: one session
-            while j < n and datagrams[j][:8] == prefix and len(datagrams[j]) >= TRANSPORT_MIN_SIZE:
-                j += 1
-            self._session_run(session, receiver, datagrams[i:j], source, now, packets)
-            i = j
-        if packets and self.filter is not None:
+            run = receive_run(session, session.peer, datagrams, i, now, self._owner)
+            self._count_run(receiver, source, run)
+            base = len(packets)
+            packets += run.packets
+            flows += [(a + base, b + base) for a, b in run.flows]
+            i = run.end
+        if not packets:
+            return
+        if self.filter is not None:
             # The flows we opened may have been reported just before their replies arrived:
             # apply what is queued on the control pair first.
             self._control()
-            kept = self.filter.filter_inbound(packets, now)
-            self.drops["inbound_filter"] += len(packets) - len(kept)
-            packets = kept
-        if not packets:
-            return
-        io, drops = self.io, self.drops
-        io["tun_packets_written"] += len(packets)
-        if self.vnet:
-            packets = gro.coalesce(packets)
-        io["tun_writes"] += len(packets)
-        fd, write = self.tun_fd, os.write
-        for packet in packets:
-            try:
-                write(fd, packet)
-            except OSError:
-                drops["tun_write_error"] += 1
+        tunwrite.deliver(self.tun_fd, packets, flows, self.filter, now, self.vnet, self.io, self.drops)
 
-    def _session_run(
-        self,
-        session: ReceiveSession,
-        receiver: int,
-        run: list[bytes],
-        source: Hashable,
-        now: float,
-        packets: list[bytes],
-    ) -> None:
-        """Transport messages of one session, opened in one kernel call, counted for the Engine's
-        report; their IP packets from allowed sources appended to `packets`."""
-        drops, cache = self.drops, self.route_cache
-        nbytes = authenticated = 0
-        data: list[bytes] = []
-        for datagram, plaintext in zip(run, open_transports(session, run, now), strict=True):
-            if isinstance(plaintext, str):
-                drops[plaintext] += 1
-                continue
-            authenticated += 1
-            nbytes += len(datagram)
-            if plaintext:
-                data.append(plaintext)
-        if not authenticated:
+    def _owner(self, src: bytes) -> bytes | None:
+        """The peer (public key) AllowedIPs gives `src` to, cached."""
+        cache = self.route_cache
+        owner = cache.get(src, _UNKNOWN)
+        if owner is _UNKNOWN:
+            if len(cache) >= ROUTE_CACHE_SIZE:
+                cache.clear()
+            owner = cache[src] = self.routes.lookup(src)
+        return owner
+
+    def _count_run(self, receiver: int, source: Hashable, run: Run) -> None:
+        """A run's drops, and what authenticated for the Engine's next report."""
+        drops = self.drops
+        for reason, count in run.drops.items():
+            drops[reason] += count
+        if not run.authenticated:
             return
         if self.reported.get(receiver, _UNKNOWN) != source:
             # A session's first packet confirms a responder's keypair, a new source is roaming:
@@ -265,24 +247,9 @@ class Worker:
         record = self.pending.get(key)
         if record is None:
             record = self.pending[key] = [0, 0, 0]
-        record[0] += nbytes
-        record[1] += authenticated
-        record[2] += len(data)
-        for plaintext in data:
-            inner = inner_packet(plaintext)
-            if isinstance(inner, str):
-                drops[inner] += 1
-                continue
-            packet, src = inner
-            owner = cache.get(src, _UNKNOWN)
-            if owner is _UNKNOWN:
-                if len(cache) >= ROUTE_CACHE_SIZE:
-                    cache.clear()
-                owner = cache[src] = self.routes.lookup(src)
-            if owner != session.peer:
-                drops["source_not_allowed"] += 1
-                continue
-            packets.append(packet)
+        record[0] += run.nbytes
+        record[1] += run.authenticated
+        record[2] += run.data
 
     def _receive(self, sock: socket.socket) -> bool:
         """One recvmsg (many datagrams with UDP_GRO); False when the socket had nothing."""

@@ -12,8 +12,9 @@ import struct
 from collections import Counter
 from collections.abc import Hashable, Iterable
 
-from wiremesh.agent import bypass, gro
+from wiremesh.agent import bypass
 from wiremesh.agent.paths import Paths, StaticPaths
+from wiremesh.core import gro
 
 log = logging.getLogger("wiremesh.agent.engine")
 
@@ -90,6 +91,37 @@ class DatagramSender:
             else:
                 self._send_segments(results, i, j, size, address)
             i = j
+
+    def send_sealed(self, buffer: bytes, size: int, count: int, endpoint: Hashable) -> None:
+        """`count` datagrams laid end to end in `buffer`, each `size` bytes but a shorter last
+        one (Device.send_tso), to one endpoint: UDP_SEGMENT sends of up to UDP_MAX_SEGMENTS."""
+        address = endpoint if type(endpoint) is tuple else self.resolve_direct(endpoint)
+        view = memoryview(buffer)
+        if address is None or not self.gso or count == 1:
+            self.send_all((bytes(view[k : k + size]), endpoint) for k in range(0, len(buffer), size))
+            return
+        sock = self.sock6 if ":" in address[0] else self.sock4
+        if sock is None:
+            self.drops["no_socket_for_family"] += count
+            return
+        step = min(UDP_MAX_SEGMENTS, UDP_MAX_GSO_BYTES // size) * size
+        control = [(SOL_UDP, UDP_SEGMENT, _segment_size(size))]
+        io = self.io
+        for k in range(0, len(buffer), step):
+            chunk = view[k : k + step]
+            try:
+                sock.sendmsg([chunk], control, 0, address)
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                    log.info("udp_gso_disabled error=%s", exc)
+                    self.gso = False
+                    rest = view[k:]
+                    self.send_all((bytes(rest[m : m + size]), address) for m in range(0, len(rest), size))
+                    return
+                self.drops[_send_error(exc)] += -(-len(chunk) // size)
+                continue
+            io["udp_gso_sends"] += 1
+            io["udp_gso_datagrams"] += -(-len(chunk) // size)
 
     def _send_segments(
         self, results: list[tuple[bytes, Hashable]], i: int, j: int, size: int, address: tuple[str, int]

@@ -60,7 +60,7 @@ from wiremesh.core.wireguard.timers import (
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
 )
-from wiremesh.core.wireguard.transport import inner_packet, open_transports
+from wiremesh.core.wireguard.transport import receive_run
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,47 @@ class Device:
         peer.tx_packets += len(datagrams)
         self._sent(peer, now, data=True)
 
+    def send_tso(
+        self, raw: bytes, offset: int, mss: int, now: float
+    ) -> tuple[bytes, int, int, Hashable] | None:
+        """A TUN TSO super-packet (raw[offset:], TCP payload in `mss`-byte segments) sealed for
+        the peer AllowedIPs routes it to, every segment in one buffer by one kernel call:
+        (buffer, datagram size, count, endpoint) for one segmented send, every datagram but a
+        shorter last one of that size. None when the packet needs more than this fast path (no
+        route, no live session or endpoint, a rekey due): the caller then segments it and uses
+        send_batch, which handles and counts all of those. ValueError if it is not a TSO packet."""
+        self._now = now
+        n = len(raw) - offset
+        if mss <= 0 or n < 40:
+            return None
+        version = raw[offset] >> 4
+        if version == 4:
+            peer = self._route(raw[offset + 16 : offset + 20])
+        elif version == 6:
+            peer = self._route(raw[offset + 24 : offset + 40])
+        else:
+            return None
+        if peer is None:
+            return None
+        session = peer.current
+        endpoint = peer.endpoint
+        if (
+            session is None
+            or endpoint is None
+            or now >= session.send_rekey_deadline
+            or session.send_counter + n // mss + 1 >= REKEY_AFTER_MESSAGES
+        ):
+            return None
+        counter = session.send_counter
+        buffer, size, count = kernel.seal_tso(
+            session.send_key, session.send_aead, session.remote_index, counter, raw, offset, mss
+        )
+        session.send_counter = counter + count
+        peer.tx_bytes += len(buffer)
+        peer.tx_packets += count
+        self._sent(peer, now, data=True)
+        return buffer, size, count, endpoint
+
     def _route(self, address: bytes) -> Peer | None:
         cache = self._route_cache
         try:
@@ -411,13 +452,17 @@ class Device:
             self.drops["internal_error"] += 1
             return None
 
-    def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float) -> tuple[list[bytes], bool]:
+    def receive_batch(
+        self, datagrams: list[bytes], source: Hashable, now: float
+    ) -> tuple[list[bytes], list[tuple[int, int]], bool]:
         """receive() for each datagram of one source, in order, with every run of transport
-        messages of one session opened by the transport kernel in one call. Returns the IP packets
-        for the TUN and whether anything but data arrived (handshakes, keepalives, drops: as
-        receive()'s None). Never raises."""
+        messages of one session opened by transport.receive_run (one kernel call). Returns the IP
+        packets for the TUN, the [start, end) runs of one flow over them (a filter or a
+        coalescer judges a run once), and whether anything but data arrived (handshakes,
+        keepalives, drops: as receive()'s None). Never raises."""
         self._now = now
         packets: list[bytes] = []
+        flows: list[tuple[int, int]] = []
         other = False
         i, n = 0, len(datagrams)
         while i < n:
@@ -425,11 +470,9 @@ class Device:
             j = i + 1
             try:
                 if len(datagram) >= TRANSPORT_MIN_SIZE and datagram[:4] == _TYPE_TRANSPORT:
-                    prefix = datagram[:8]  # type and receiver index: one session
-                    while j < n and datagrams[j][:8] == prefix and len(datagrams[j]) >= TRANSPORT_MIN_SIZE:
-                        j += 1
                     receiver = _u32_unpack(datagram, 4)[0]
-                    if not self._receive_run(datagrams[i:j], receiver, source, now, packets):
+                    j, clean = self._receive_run(datagrams, i, receiver, source, now, packets, flows)
+                    if not clean:
                         other = True
                 else:
                     other = True
@@ -439,57 +482,46 @@ class Device:
                 self.drops["internal_error"] += j - i
                 other = True
             i = j
-        return packets, other
+        return packets, flows, other
 
     def _receive_transport(
         self, datagram: bytes, n: int, receiver: int, counter: int, source: Hashable, now: float
     ) -> bytes | None:
         packets: list[bytes] = []
-        self._receive_run([datagram], receiver, source, now, packets)
+        self._receive_run([datagram], 0, receiver, source, now, packets, [])
         return packets[0] if packets else None
 
     def _receive_run(
-        self, run: list[bytes], receiver: int, source: Hashable, now: float, packets: list[bytes]
-    ) -> bool:
-        """Transport messages of one session -> their IP packets appended to `packets`; True
-        when every message was data that reached `packets`."""
+        self,
+        datagrams: list[bytes],
+        start: int,
+        receiver: int,
+        source: Hashable,
+        now: float,
+        packets: list[bytes],
+        flows: list[tuple[int, int]],
+    ) -> tuple[int, bool]:
+        """The run of one session's transport messages at datagrams[start] -> its IP packets
+        (from allowed sources) and flows appended; (the index after the run, True when every
+        message was data that reached `packets`)."""
         session = self._sessions.get(receiver)
         if session is None:
-            self.drops["unknown_peer" if receiver in self._retired else "no_session"] += len(run)
-            return False
-        clean = True
-        nbytes = authenticated = 0
-        data: list[bytes] = []
-        for datagram, plaintext in zip(run, open_transports(session, run, now), strict=True):
-            if isinstance(plaintext, str):
-                self.drops[plaintext] += 1
-                clean = False
-                continue
-            authenticated += 1
-            nbytes += len(datagram)
-            if plaintext:
-                data.append(plaintext)
-            else:
-                clean = False  # a keepalive
-        if not authenticated:
-            return False
-        # What authenticated messages mean (confirmation, counters, roaming, timers): the same
-        # whether they were decrypted here or by a worker.
-        self.note_received(receiver, source, nbytes, authenticated, len(data), now)
-        peer = session.peer
-        for plaintext in data:
-            inner = inner_packet(plaintext)
-            if isinstance(inner, str):
-                self.drops[inner] += 1
-                clean = False
-                continue
-            packet, src = inner
-            if self._route(src) is not peer:
-                self.drops["source_not_allowed"] += 1
-                clean = False
-                continue
-            packets.append(packet)
-        return clean
+            end = kernel.run_end(datagrams, start)
+            self.drops["unknown_peer" if receiver in self._retired else "no_session"] += end - start
+            return end, False
+        run = receive_run(session, session.peer, datagrams, start, now, self._route)
+        drops = self.drops
+        for reason, count in run.drops.items():
+            drops[reason] += count
+        if run.authenticated:
+            # What authenticated messages mean (confirmation, counters, roaming, timers): the
+            # same whether they were decrypted here or by a worker.
+            self.note_received(receiver, source, run.nbytes, run.authenticated, run.data, now)
+        base = len(packets)
+        packets += run.packets
+        flows += [(a + base, b + base) for a, b in run.flows]
+        clean = not run.drops and run.data == run.end - start
+        return run.end, clean
 
     def _receive_other(self, datagram: bytes, source: Hashable, now: float) -> None:
         datagram = bytes(datagram)  # handshake messages are small and rare; libraries below want bytes

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wiremesh.core import crypto
 from wiremesh.core.noise import HandshakeState
+from wiremesh.core.wireguard import kernel
 from wiremesh.core.wireguard.messages import LABEL_COOKIE, LABEL_MAC1, MESSAGE_TRANSPORT
-from wiremesh.core.wireguard.replay import ReplayWindow
 from wiremesh.core.wireguard.timers import REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ON_RECEIVE_AFTER
 
 _ZERO_PSK = bytes(32)
@@ -73,7 +73,7 @@ class Session:
         self.send_key = send_key
         self.recv_key = recv_key
         self.send_counter = 0
-        self.replay = ReplayWindow()
+        self.replay = kernel.new_replay_window()
         self.initiator = initiator
         self.created = created
         # Type 4, three zero bytes and the peer's index: the fixed start of every transport header.

@@ -1,25 +1,25 @@
-"""Receiving transport messages (type 4): the one path, pure functions.
+"""Receiving transport messages (type 4): the one path, a pure function.
 
-The Device runs every transport message it decrypts through these functions, and so does an
-agent's receive worker process for the sessions whose receive side it was handed
+The Device runs every transport message it decrypts through receive_run, and so does an agent's
+receive worker process for the sessions whose receive side it was handed
 (`Device.export_receive_state` -> `ReceiveSession`). Neither writes anything but the session's
 replay window; what else a received packet means (timers, confirming a session, roaming,
 counters) stays with the Device, which a worker tells through `Device.note_received`.
+
+A run is the messages of one session that arrived together; the transport kernel (kernel.py)
+opens it in one call, so the interpreter's work here is per run and per flow, not per packet.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wiremesh.core.wireguard import kernel
-from wiremesh.core.wireguard.replay import ReplayWindow
 from wiremesh.core.wireguard.timers import REJECT_AFTER_MESSAGES
-
-_counter = struct.Struct("<Q").unpack_from
 
 
 class ReceivingSession(Protocol):
@@ -27,7 +27,7 @@ class ReceivingSession(Protocol):
 
     recv_key: bytes
     recv_aead: ChaCha20Poly1305
-    replay: ReplayWindow
+    replay: Any  # kernel.new_replay_window()
     reject_deadline: float
 
 
@@ -40,62 +40,59 @@ class ReceiveSession:
         self.peer = peer  # the peer's public key
         self.recv_key = recv_key
         self.recv_aead = ChaCha20Poly1305(recv_key)
-        self.replay = ReplayWindow()
+        self.replay = kernel.new_replay_window()
         self.reject_deadline = reject_deadline
 
 
-def open_transports(session: ReceivingSession, datagrams: Sequence[bytes], now: float) -> list[bytes | str]:
-    """The decrypted payload of each transport message of `session`, in order, or its drop
-    reason: expired_session, replay or decrypt_failed. The messages that pass the replay
-    pre-check are opened by the transport kernel in one call (kernel.py); a counter is committed
-    to the replay window only once its message authenticated."""
-    n = len(datagrams)
+@dataclass(slots=True)
+class Run:
+    """What one run of transport messages gave."""
+
+    end: int  # the index after the run in the datagrams it was read from
+    packets: list[bytes] = field(default_factory=list)  # IP packets from allowed sources
+    flows: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of one flow each
+    authenticated: int = 0
+    nbytes: int = 0  # bytes of the messages that authenticated
+    data: int = 0  # authenticated messages that were not keepalives
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+def receive_run(
+    session: ReceivingSession,
+    peer: Hashable,
+    datagrams: Sequence[bytes],
+    start: int,
+    now: float,
+    owner: Callable[[bytes], Hashable],
+) -> Run:
+    """Open the run of transport messages of `session` that starts at datagrams[start] (whose
+    receiver index names the session). Messages fail as expired_session, replay (a counter seen,
+    too old or past REJECT_AFTER_MESSAGES), decrypt_failed or not_ip (an IP header whose length
+    covers no more than was decrypted); a counter is committed to the replay window only once its
+    message authenticated. A packet is kept only if `owner(source address)` (AllowedIPs) is
+    `peer`, else it counts as source_not_allowed; that is asked once per flow."""
     if now >= session.reject_deadline:
-        return ["expired_session"] * n
-    replay = session.replay
-    out: list[bytes | str] = ["replay"] * n
-    todo: list[int] = []
-    counters: list[int] = []
-    for i, datagram in enumerate(datagrams):
-        (counter,) = _counter(datagram, 8)
-        if counter >= REJECT_AFTER_MESSAGES or (counter <= replay.greatest and not replay.check(counter)):
-            continue
-        todo.append(i)
-        counters.append(counter)
-    if not todo:
-        return out
-    batch = datagrams if len(todo) == n else [datagrams[i] for i in todo]
-    for i, counter, plaintext in zip(
-        todo, counters, kernel.open_(session.recv_key, session.recv_aead, batch), strict=True
+        end = kernel.run_end(datagrams, start)
+        return Run(end, drops={"expired_session": end - start})
+    opened = kernel.open_run(
+        session.recv_key, session.recv_aead, session.replay, datagrams, start, REJECT_AFTER_MESSAGES
+    )
+    drops = {}
+    for reason, n in (
+        ("replay", opened.replay),
+        ("decrypt_failed", opened.decrypt_failed),
+        ("not_ip", opened.not_ip),
     ):
-        if plaintext is None:
-            out[i] = "decrypt_failed"
-        elif replay.update(counter):  # else a duplicate within this batch: stays "replay"
-            out[i] = plaintext
-    return out
-
-
-def open_transport(session: ReceivingSession, datagram: bytes, now: float) -> bytes | str:
-    """open_transports for one message."""
-    return open_transports(session, (datagram,), now)[0]
-
-
-def inner_packet(plaintext: bytes) -> tuple[bytes, bytes] | str:
-    """(the IP packet without its padding, its source address) from a non-empty payload, or the
-    drop reason not_ip: an IP header whose length covers no more than was decrypted. The caller
-    still checks that AllowedIPs gives the source address to the peer it came from."""
-    size = len(plaintext)
-    version = plaintext[0] >> 4
-    if version == 4 and size >= 20:
-        length = (plaintext[2] << 8) | plaintext[3]
-        src = plaintext[12:16]
-        if length < 20:
-            return "not_ip"
-    elif version == 6 and size >= 40:
-        length = ((plaintext[4] << 8) | plaintext[5]) + 40
-        src = plaintext[8:24]
-    else:
-        return "not_ip"
-    if length > size:
-        return "not_ip"
-    return (plaintext if length == size else plaintext[:length]), src
+        if n:
+            drops[reason] = n
+    packets = opened.packets
+    flows = [(a, b) for src, a, b in opened.flows if owner(src) == peer]
+    if len(flows) != len(opened.flows):
+        kept: list[bytes] = []
+        moved = []
+        for a, b in flows:
+            moved.append((len(kept), len(kept) + b - a))
+            kept += packets[a:b]
+        drops["source_not_allowed"] = len(packets) - len(kept)
+        packets, flows = kept, moved
+    return Run(opened.end, packets, flows, opened.authenticated, opened.nbytes, opened.data, drops)

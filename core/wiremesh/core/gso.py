@@ -18,7 +18,7 @@ import os
 import struct
 from typing import Any
 
-from wiremesh.agent.gro import (
+from wiremesh.core.gro import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_GSO_TCPV4,
