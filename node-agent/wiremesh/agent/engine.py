@@ -1,21 +1,16 @@
 """The data plane: moves packets between a TUN interface and UDP, through the WireGuard Device.
 
 The Device (wiremesh.core.wireguard) is sans-I/O and not thread-safe; the Engine owns the file
-descriptors and threads and serialises every Device call with one lock, taken once per batch:
+descriptors, the threads and the Device, and serialises every Device call with one lock, taken
+once per batch. Its packet half, the TUN reader, the UDP readers and the timer thread, is
+PacketLoops (packetloops.py); with a receive worker (workers=1, rxworker.py and workerlink.py)
+the UDP -> TUN path runs in that process instead.
 
-- a TUN reader thread: up to TUN_READ_BATCH packets -> packet filter -> Device.send -> runs of
-  equal-size datagrams to one address leave in one UDP_SEGMENT sendmsg (sender.py); in mesh mode
-  an endpoint is magicsock's object, resolved by path selection (paths.py) once per run
-- one UDP reader thread per socket (IPv4, IPv6), or the receive worker process (workers=1,
-  rxworker.py and workerlink.py): UDP_GRO receives -> Device.receive (the core's transport
-  receive path) -> packet filter -> TCP segments merged into one TUN write (gro.py)
-- a timer thread: Device.handle_timer at Device.next_timer(), flushing handshakes and keepalives
-
-Readers drain their descriptor and only poll() when it is empty; a wake pipe makes stop() prompt.
-TUN TSO (gso.py) is on where the native kernel segments (in Python it cost more than it saved). With a
-receive worker this process keeps handshakes, timers, roaming and the outbound path; it has no
-packet filter (setting one raises), and if the worker dies, this process receives again and the
-tunnel re-handshakes. The Device's clock is Unix time: it also dates handshake initiations.
+TUN TSO (gso) is on where the native kernel segments (in Python it cost more than it saved). With
+a receive worker this process keeps handshakes, timers, roaming and the outbound path; it has no
+packet filter of its own on the inbound path (the worker runs a copy), and if the worker dies,
+this process receives again and the tunnel re-handshakes. The Device's clock is Unix time: it
+also dates handshake initiations.
 """
 
 from __future__ import annotations
@@ -24,60 +19,28 @@ import contextlib
 import functools
 import logging
 import os
-import select
 import socket
 import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
-from wiremesh.agent import netconf, tun, tunwrite, wgreport
+from wiremesh.agent import netconf, tun, wgreport
+from wiremesh.agent.packetloops import TRANSPORT_PREFIX, PacketFilter, PacketLoops, looks_like_wireguard
 from wiremesh.agent.paths import Paths
 from wiremesh.agent.sender import DatagramSender, open_sockets
 from wiremesh.agent.workerlink import ReceiveWorker
-from wiremesh.agent.workermessages import Decrypt, FilterCounts, FlowsSent
+from wiremesh.agent.workermessages import Decrypt, FilterCounts
 from wiremesh.core import gro, gso
 from wiremesh.core.policy.model import FilterRule
 
 log = logging.getLogger(__name__)
 
-MAX_DATAGRAM = 65535
 # The kernel drops (rather than queues) packets for a TUN whose reader lags and its ring is full;
 # local TCP then sees loss and halves its window. A deeper ring absorbs bursts of a Python reader.
 TUN_TXQUEUELEN = 4096
-TUN_READ_BATCH = 64
-TUN_READ_SIZE = 65536 + 64  # a 64 KiB TSO super-packet plus its virtio_net_hdr
-POLL_IDLE_MS = 1000
-_TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
-_TSO_TYPES = (gso.VIRTIO_NET_HDR_GSO_TCPV4, gso.VIRTIO_NET_HDR_GSO_TCPV6)
-FLOW_HEADER_BYTES = 128  # enough of a packet for the filter to key its flow (IPv6 options too)
-MIN_TIMER_SLEEP = 0.001
-MAX_TIMER_SLEEP = 1.0
-
-
-class PacketFilter(Protocol):
-    """What the Engine asks of a packet filter (wiremesh.core.packetfilter.Filter), per batch
-    and with the batch's clock: decrypted packets it may deliver, and the packets we send (it
-    returns those that opened a flow of ours). With a receive worker, the worker runs a copy of
-    it: the Engine hands over its rules and our new flows, and adds the worker's counts back."""
-
-    rules: tuple[FilterRule, ...]
-    allow_all: bool
-
-    def admit_flow(self, packet: bytes, count: int, now: float) -> bool: ...
-
-    def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]: ...
-
-    def set_rules(self, rules: Iterable[FilterRule], allow_all: bool | None = None) -> None: ...
-
-    def count(self, drops: dict[str, int], accepted: int, accepted_replies: int) -> None: ...
-
-
-def looks_like_wireguard(data: bytes) -> bool:
-    """WireGuard messages start with type 1-4 and three zero bytes (disco and STUN do not)."""
-    return len(data) >= 4 and 1 <= data[0] <= 4 and data[1:4] == b"\x00\x00\x00"
 
 
 def resolve_workers(value: str | int) -> int:
@@ -90,7 +53,7 @@ def resolve_workers(value: str | int) -> int:
     return n
 
 
-class Engine:
+class Engine(PacketLoops):
     """Owns one Device, one TUN interface and the UDP sockets; see the module docstring."""
 
     def __init__(
@@ -369,7 +332,7 @@ class Engine:
             rx = self._rx
             if (
                 rx is not None
-                and data[:4] == _TRANSPORT_PREFIX
+                and data[:4] == TRANSPORT_PREFIX
                 and len(data) >= 8
                 and int.from_bytes(data[4:8], "little") in rx.exported
             ):
@@ -465,206 +428,3 @@ class Engine:
             "peers": peers,
             "drops": drops,
         }
-
-    # ----------------------------------------------------------------------- packet path
-
-    def _receive_other(self, data: bytes, address: tuple[str, int]) -> bool:
-        """True when path selection took the datagram; else it is the Device's (as garbage)."""
-        try:
-            return self.paths.receive_other(data, address)
-        except Exception:
-            self.drops["other_datagram_error"] += 1
-            log.exception("other_datagram_failed")
-            return True
-
-    def _source_endpoint(self, address: tuple[str, int]) -> Hashable:
-        try:
-            return self.paths.source_endpoint(address)
-        except Exception:  # a path selection bug must not cost the datagrams: use the address
-            self.drops["source_endpoint_error"] += 1
-            if self.drops["source_endpoint_error"] == 1:
-                log.exception("source_endpoint_failed address=%r", address)
-            return address
-
-    def _idle_wait(self, fd: int) -> bool:
-        """Wait until `fd` is readable; False when the engine is stopping."""
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping.is_set():
-            for ready_fd, _ in poller.poll(POLL_IDLE_MS):
-                if ready_fd == fd:
-                    return True
-        return False
-
-    def _tun_loop(self) -> None:
-        fd, read, io = self._tun_fd, os.read, self.io
-        skip = gro.VNET_HDR_LEN if self._vnet else 0
-        while True:
-            # Drain what the kernel has queued (up to a batch) so that the sends can be batched too.
-            batch: list[bytes] = []
-            try:
-                while len(batch) < TUN_READ_BATCH:
-                    batch.append(read(fd, TUN_READ_SIZE))
-            except BlockingIOError:
-                if not batch:
-                    if not self._idle_wait(fd):
-                        return
-                    continue
-            except OSError as exc:
-                if self._stopping.is_set():
-                    return
-                if not batch:
-                    self.drops["tun_read_error"] += 1
-                    log.warning("tun_read_failed error=%s", exc)
-                    time.sleep(0.01)
-                    continue
-            io["tun_reads"] += len(batch)
-            try:
-                self._outbound(batch, skip)
-            except Exception:  # a bug or a failing hook costs this batch, never the data plane
-                self.drops["engine_error"] += len(batch)
-                log.exception("outbound_batch_failed packets=%d", len(batch))
-
-    def _outbound(self, batch: list[bytes], skip: int) -> None:
-        """IP packets read from the TUN -> packet filter -> Device -> UDP. A TSO super-packet
-        whose peer has a live session goes whole (send_tso); anything else is segmented and
-        sent per packet (send_batch)."""
-        t = time.time()
-        if self._tso:
-            packets: list[bytes] = []
-            for raw in batch:
-                try:
-                    if not self._send_tso(raw, t):
-                        packets += gso.from_tun(raw)
-                except (gso.SegmentationError, ValueError) as exc:
-                    self.drops["tun_gso_malformed"] += 1
-                    log.debug("tun_gso_malformed error=%s", exc)
-            if not packets:
-                return
-            batch = packets
-        elif skip:
-            # No TUN offloads are enabled, so the kernel's header is always "plain".
-            batch = [p[skip:] for p in batch]
-        self._note_outbound(batch, t)
-        dev = self.device
-        with self.lock:
-            results, flush = dev.send_batch(batch, t)
-            # A successful send can produce output too (a rekey initiation): always drain.
-            out = dev.datagrams_to_send()
-        self._sender.send_batch(results)
-        if out:
-            self._sender.send_all(out)
-        if flush or out:
-            self._timer_wake.set()
-
-    def _send_tso(self, raw: bytes, now: float) -> bool:
-        """One TUN TSO read sealed whole and sent in segmented sends; False if it is not one or
-        needs the per-packet path."""
-        _flags, gso_type, _hdr_len, mss, _start, _offset = gso.parse_vnet(raw)
-        if gso_type & ~gso.VIRTIO_NET_HDR_GSO_ECN not in _TSO_TYPES:
-            return False
-        # Every segment is of one flow: the filter learns it from the headers.
-        self._note_outbound([raw[gso.VNET_HDR_LEN : gso.VNET_HDR_LEN + FLOW_HEADER_BYTES]], now)
-        with self.lock:
-            sealed = self.device.send_tso(raw, gso.VNET_HDR_LEN, mss, now)
-        if sealed is None:
-            return False
-        self._sender.send_sealed(*sealed)
-        return True
-
-    def _note_outbound(self, packets: list[bytes], now: float) -> None:
-        flt = self._packet_filter
-        if flt is not None:
-            opened = flt.note_outbound_batch(packets, now)
-            rx = self._rx
-            if opened and rx is not None:
-                # Before the packets leave, so the worker knows the flows when replies arrive.
-                rx.send(FlowsSent(tuple(p[:FLOW_HEADER_BYTES] for p in opened)))
-
-    def _udp_loop(self, sock: socket.socket) -> None:
-        v6 = sock.family == socket.AF_INET6
-        recvmsg, dontwait = sock.recvmsg, socket.MSG_DONTWAIT
-        ancsize = socket.CMSG_SPACE(4)
-        while True:
-            try:
-                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, ancsize, dontwait)
-            except BlockingIOError:
-                if not self._idle_wait(sock.fileno()):
-                    return
-                continue
-            except OSError as exc:
-                if self._stopping.is_set():
-                    return
-                # ICMP errors (ECONNREFUSED etc.) surface here on Linux; they are not fatal.
-                self.drops["udp_recv_error"] += 1
-                log.debug("udp_recv_failed error=%s", exc)
-                continue
-            if v6:
-                addr = (addr[0], addr[1])
-            try:
-                self._inbound(data, ancdata, addr)
-            except Exception:  # a bug or a failing filter costs this batch, never the data plane
-                self.drops["engine_error"] += 1
-                log.exception("inbound_batch_failed bytes=%d", len(data))
-
-    def _inbound(self, data: bytes, ancdata: list[tuple[int, int, bytes]], addr: tuple[str, int]) -> None:
-        """Datagrams from one receive -> Device.receive -> filter -> (coalesce) -> TUN."""
-        io = self.io
-        datagrams = gro.split_udp_gro(data, ancdata)
-        wireguard = []
-        for d in datagrams:
-            if d[:4] == _TRANSPORT_PREFIX or looks_like_wireguard(d) or not self._receive_other(d, addr):
-                wireguard.append(d)
-        # One recvmsg holds datagrams of one source: one question to path selection.
-        source = self._source_endpoint(addr) if wireguard else addr
-        dev = self.device
-        with self.lock:
-            t = time.time()
-            packets, flows, flush = dev.receive_batch(wireguard, source, t) if wireguard else ([], [], False)
-            # Decrypting can produce output too (a confirmed session's held packets, a rekey).
-            out = dev.datagrams_to_send()
-        io["udp_receives"] += 1
-        io["udp_datagrams_received"] += len(datagrams)
-        if packets:
-            tunwrite.deliver(self._tun_fd, packets, flows, self._packet_filter, t, self._vnet, io, self.drops)
-        if out:
-            self._sender.send_all(out)
-        if flush or out:
-            self._timer_wake.set()
-
-    def _timer_loop(self) -> None:
-        dev, lock = self.device, self.lock
-        while not self._stopping.is_set():
-            # Clear before looking, so a wake-up that arrives while we work is not lost.
-            self._timer_wake.clear()
-            now = time.time()
-            events: list[object] = []
-            deadline: float | None = None
-            try:
-                with lock:
-                    dev.handle_timer(now)
-                    out = dev.datagrams_to_send()
-                    while (event := dev.next_event()) is not None:
-                        events.append(event)
-                    deadline = dev.next_timer()
-                    self._sync_sessions()
-                self._sender.send_all(out)
-                for event in events:
-                    self._dispatch(event)
-            except Exception:  # keep the timers running: a missed tick beats a dead tunnel
-                self.drops["engine_error"] += 1
-                log.exception("timer_tick_failed")
-            if deadline is None:
-                timeout = MAX_TIMER_SLEEP
-            else:
-                timeout = min(max(deadline - time.time(), MIN_TIMER_SLEEP), MAX_TIMER_SLEEP)
-            self._timer_wake.wait(timeout)
-
-    def _dispatch(self, event: object) -> None:
-        log.info("wg_event %s", wgreport.describe_event(event))
-        try:
-            self.paths.wireguard_event(event)
-        except Exception:
-            self.drops["path_event_error"] += 1
-            log.exception("path_event_failed")
