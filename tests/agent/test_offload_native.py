@@ -4,6 +4,7 @@ of the Python ones in gso.py and gro.py, for well-formed input and for anything 
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -97,3 +98,40 @@ def test_a_long_run_merges_the_same_way() -> None:
     packets = [seg4(5000 + k * 1380, bytes([k]) * 1380) for k in range(40)]
     writes = native.coalesce(packets)
     assert writes == gro.coalesce_python(packets) and len(writes) < 3
+
+
+def tun_read(packet: bytes, flags: int, gso_type: int, gso_size: int, start: int, offset: int) -> bytes:
+    return struct.pack("=BBHHHH", flags, gso_type, 0, gso_size, start, offset) + packet
+
+
+tun_reads = st.lists(
+    st.one_of(
+        # a TCP segment or UDP datagram with its checksum left to us (CHECKSUM_PARTIAL)
+        st.builds(
+            lambda size, udp, start: tun_read(
+                seg4(7, b"q" * size, proto=17 if udp else 6), 1, 0, 0, start, 6 if udp else 16
+            ),
+            st.integers(0, 1400),
+            st.booleans(),
+            st.sampled_from([20, 0, 5000]),  # the right one, and offsets inside and outside
+        ),
+        # a plain packet
+        st.builds(lambda size: tun_read(seg6(9, b"p" * size), 0, 0, 0, 0, 0), st.integers(0, 200)),
+        # a TSO super-packet, ECN bit or not, and an unknown gso_type
+        st.builds(
+            lambda size, kind, mss: tun_read(super4(b"s" * size), 0, kind, mss, 20, 16),
+            st.integers(0, 9000),
+            st.sampled_from([1, 0x81, 4, 3]),
+            st.integers(0, 1500),
+        ),
+        st.binary(max_size=30),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tun_reads)
+def test_tun_reads_become_the_same_packets(reads: list[bytes]) -> None:
+    assert native is not None
+    assert native.tun_packets(reads) == gso.tun_packets_python(reads)

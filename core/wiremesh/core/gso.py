@@ -27,11 +27,13 @@ from wiremesh.core.gro import (
 )
 
 _native_segment: Any = None
+_native_tun_packets: Any = None
 if os.environ.get("WIREMESH_NATIVE", "1") != "0":
     try:  # optional: the native kernel (native/wgkernel)
         import wiremesh_wgkernel
 
         _native_segment = wiremesh_wgkernel.segment_tcp
+        _native_tun_packets = wiremesh_wgkernel.tun_packets
     except ImportError:
         pass
 
@@ -102,7 +104,7 @@ def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes
     if csum_start >= len(packet) or where + 2 > len(packet):
         raise SegmentationError("checksum offsets outside the packet")
     value = ~ones_sum(memoryview(packet)[csum_start:]) & 0xFFFF
-    if value == 0 and packet[0] >> 4 == 4 and packet[9] == PROTO_UDP:
+    if value == 0 and len(packet) > 9 and packet[0] >> 4 == 4 and packet[9] == PROTO_UDP:
         value = 0xFFFF  # UDP sends a computed zero as all ones
     return packet[:where] + _u16.pack(value) + packet[where + 2 :]
 
@@ -121,6 +123,28 @@ def from_tun(raw: bytes) -> list[bytes]:
     if gso_type not in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6) or gso_size == 0:
         raise SegmentationError(f"unsupported gso_type {gso_type} size {gso_size}")
     return segment_tcp(packet, gso_size)
+
+
+def tun_packets_python(reads: list[bytes]) -> tuple[list[bytes], int]:
+    """from_tun for each read: (the IP packets, how many reads were malformed and skipped)."""
+    packets: list[bytes] = []
+    malformed = 0
+    for raw in reads:
+        try:
+            packets += from_tun(raw)
+        except SegmentationError:
+            malformed += 1
+    return packets, malformed
+
+
+def tun_packets(reads: list[bytes]) -> tuple[list[bytes], int]:
+    """tun_packets_python in one native call when the native kernel is there (bytes only)."""
+    if _native_tun_packets is not None:
+        try:
+            return _native_tun_packets(reads)
+        except TypeError:  # a read that is not bytes: the Python path copes
+            pass
+    return tun_packets_python(reads)
 
 
 def segment_tcp(packet: bytes, mss: int) -> list[bytes]:

@@ -106,6 +106,25 @@ fn segment_tcp<'py>(py: Python<'py>, packet: Bound<'py, PyBytes>, mss: usize) ->
     Ok(segments.iter().map(|s| PyBytes::new(py, s)).collect())
 }
 
+/// The IP packets of a batch of TUN reads (virtio_net_hdr + packet each: TSO super-packets
+/// segmented, partial checksums completed) and how many reads were malformed (skipped).
+#[pyfunction]
+fn tun_packets<'py>(py: Python<'py>, reads: Vec<Bound<'py, PyBytes>>) -> (Vec<Bound<'py, PyBytes>>, usize) {
+    let inputs: Vec<&[u8]> = reads.iter().map(|r| r.as_bytes()).collect();
+    let (packets, malformed) = py.allow_threads(|| {
+        let mut packets = Vec::with_capacity(inputs.len());
+        let mut malformed = 0;
+        for raw in &inputs {
+            match offload::from_tun(raw) {
+                Ok(mut p) => packets.append(&mut p),
+                Err(_) => malformed += 1,
+            }
+        }
+        (packets, malformed)
+    });
+    (packets.iter().map(|p| PyBytes::new(py, p)).collect(), malformed)
+}
+
 /// TUN writes for decrypted packets, runs of one TCP flow merged into GSO packets.
 #[pyfunction]
 fn coalesce<'py>(py: Python<'py>, packets: Vec<Bound<'py, PyBytes>>) -> Vec<Bound<'py, PyBytes>> {
@@ -226,6 +245,7 @@ fn wiremesh_wgkernel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment_tcp, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     m.add_function(wrap_pyfunction!(seal_tso, m)?)?;
+    m.add_function(wrap_pyfunction!(tun_packets, m)?)?;
     m.add_function(wrap_pyfunction!(open_run, m)?)?;
     m.add_class::<Replay>()?;
     Ok(())

@@ -281,3 +281,46 @@ fn merge(run: &[&[u8]], t: usize, hl: usize, mss: usize, total: usize, last_flag
     }
     w
 }
+
+const GSO_NONE: u8 = 0;
+const GSO_ECN: u8 = 0x80;
+const PROTO_UDP: u8 = 17;
+
+/// Finish a CHECKSUM_PARTIAL packet: the field at csum_start + csum_offset holds the
+/// pseudo-header sum; the sum from csum_start on completes it.
+fn complete_checksum(packet: &[u8], csum_start: usize, csum_offset: usize) -> Result<Vec<u8>, &'static str> {
+    let at = csum_start + csum_offset;
+    if csum_start >= packet.len() || at + 2 > packet.len() {
+        return Err("checksum offsets outside the packet");
+    }
+    let mut value = (!ones_sum(&packet[csum_start..]) & 0xFFFF) as u16;
+    if value == 0 && packet.len() > 9 && packet[0] >> 4 == 4 && packet[9] == PROTO_UDP {
+        value = 0xFFFF; // UDP sends a computed zero as all ones
+    }
+    let mut out = packet.to_vec();
+    put16(&mut out, at, value);
+    Ok(out)
+}
+
+/// A TUN read (virtio_net_hdr + packet) -> the IP packets to encrypt, checksums complete.
+pub fn from_tun(raw: &[u8]) -> Result<Vec<Vec<u8>>, &'static str> {
+    if raw.len() < VNET_HDR_LEN {
+        return Err("read shorter than a virtio_net_hdr");
+    }
+    let flags = raw[0];
+    let gso_type = raw[1] & !GSO_ECN;
+    let gso_size = usize::from(u16::from_ne_bytes([raw[4], raw[5]]));
+    let csum_start = usize::from(u16::from_ne_bytes([raw[6], raw[7]]));
+    let csum_offset = usize::from(u16::from_ne_bytes([raw[8], raw[9]]));
+    let packet = &raw[VNET_HDR_LEN..];
+    if gso_type == GSO_NONE {
+        if flags & NEEDS_CSUM != 0 {
+            return Ok(vec![complete_checksum(packet, csum_start, csum_offset)?]);
+        }
+        return Ok(vec![packet.to_vec()]);
+    }
+    if (gso_type != GSO_TCPV4 && gso_type != GSO_TCPV6) || gso_size == 0 {
+        return Err("unsupported gso_type");
+    }
+    segment_tcp(packet, gso_size)
+}

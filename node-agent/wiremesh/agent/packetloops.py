@@ -42,7 +42,12 @@ TUN_READ_BATCH = 64
 TUN_READ_SIZE = 65536 + 64  # a 64 KiB TSO super-packet plus its virtio_net_hdr
 POLL_IDLE_MS = 1000
 TRANSPORT_PREFIX = b"\x04\x00\x00\x00"
-_TSO_TYPES = (gso.VIRTIO_NET_HDR_GSO_TCPV4, gso.VIRTIO_NET_HDR_GSO_TCPV6)
+# The virtio_net_hdr gso_type byte of a TSO read (TCPv4 or TCPv6, with or without ECN).
+_TSO_TYPE_BYTES = frozenset(
+    bytes([t | ecn])
+    for t in (gso.VIRTIO_NET_HDR_GSO_TCPV4, gso.VIRTIO_NET_HDR_GSO_TCPV6)
+    for ecn in (0, gso.VIRTIO_NET_HDR_GSO_ECN)
+)
 FLOW_HEADER_BYTES = 128  # enough of a packet for the filter to key its flow (IPv6 options too)
 MIN_TIMER_SLEEP = 0.001
 MAX_TIMER_SLEEP = 1.0
@@ -152,21 +157,20 @@ class PacketLoops:
 
     def _outbound(self, batch: list[bytes], skip: int) -> None:
         """IP packets read from the TUN -> packet filter -> Device -> UDP. A TSO super-packet
-        whose peer has a live session goes whole (send_tso); anything else is segmented and
-        sent per packet (send_batch)."""
+        whose peer has a live session goes whole (send_tso); anything else is made plain IP
+        packets (gso.tun_packets) and sent per packet (send_batch)."""
         t = time.time()
         if self._tso:
-            packets: list[bytes] = []
-            for raw in batch:
-                try:
-                    if not self._send_tso(raw, t):
-                        packets += gso.from_tun(raw)
-                except (gso.SegmentationError, ValueError) as exc:
-                    self.drops["tun_gso_malformed"] += 1
-                    log.debug("tun_gso_malformed error=%s", exc)
-            if not packets:
+            # TSO super-packets whose peer has a live session leave whole; the rest are made
+            # plain IP packets (segmented, checksums completed) in one call.
+            rest = [raw for raw in batch if not (raw[1:2] in _TSO_TYPE_BYTES and self._send_tso(raw, t))]
+            if not rest:
                 return
-            batch = packets
+            batch, malformed = gso.tun_packets(rest)
+            if malformed:
+                self.drops["tun_gso_malformed"] += malformed
+            if not batch:
+                return
         elif skip:
             # No TUN offloads are enabled, so the kernel's header is always "plain".
             batch = [p[skip:] for p in batch]
@@ -183,15 +187,20 @@ class PacketLoops:
             self._timer_wake.set()
 
     def _send_tso(self, raw: bytes, now: float) -> bool:
-        """One TUN TSO read sealed whole and sent in segmented sends; False if it is not one or
-        needs the per-packet path."""
-        _flags, gso_type, _hdr_len, mss, _start, _offset = gso.parse_vnet(raw)
-        if gso_type & ~gso.VIRTIO_NET_HDR_GSO_ECN not in _TSO_TYPES:
-            return False
+        """One TUN TSO read sealed whole and sent in segmented sends (or dropped, counted, if
+        malformed); False if it needs the per-packet path."""
+        if len(raw) < gso.VNET_HDR_LEN + 40:
+            return False  # too short for headers: tun_packets judges it
+        _flags, _gso_type, _hdr_len, mss, _start, _offset = gso.parse_vnet(raw)
         # Every segment is of one flow: the filter learns it from the headers.
         self._note_outbound([raw[gso.VNET_HDR_LEN : gso.VNET_HDR_LEN + FLOW_HEADER_BYTES]], now)
-        with self.lock:
-            sealed = self.device.send_tso(raw, gso.VNET_HDR_LEN, mss, now)
+        try:
+            with self.lock:
+                sealed = self.device.send_tso(raw, gso.VNET_HDR_LEN, mss, now)
+        except ValueError as exc:
+            self.drops["tun_gso_malformed"] += 1
+            log.debug("tun_gso_malformed error=%s", exc)
+            return True
         if sealed is None:
             return False
         self._sender.send_sealed(*sealed)
