@@ -171,8 +171,15 @@ def test_a_pod_reaches_the_laptop_through_an_egress_service(world: World) -> Non
         return out.strip() if out.startswith("laptop sees") else None
 
     answer = world.until(fetched, 240, "the web pod to reach the laptop through the egress proxy")
+
+    def proxy_address() -> str | None:
+        # The operator copies the address into the MeshNode's status at its next poll, which may
+        # come after the first request went through.
+        status = world.cluster.kubectl_json("get", "meshnode", "wm-default-laptop").get("status", {})
+        return status.get("addresses", {}).get("ipv4")
+
     # The laptop sees the proxy's mesh address, an identity its ACL knows.
-    proxy = world.cluster.kubectl_json("get", "meshnode", "wm-default-laptop")["status"]["addresses"]["ipv4"]
+    proxy = world.until(proxy_address, 60, "the egress proxy's MeshNode status to show its address")
     assert answer == f"laptop sees {proxy}"
 
 
