@@ -9,7 +9,22 @@
 # public python image; the test suite builds on a Debian root file system of its own, made with
 # mmdebstrap (lab/wiremesh/lab/images.py). PIP_INDEX_URL and PIP_CERT pass a package index and
 # its CA through to pip in the builder stage only; they are not kept in any image.
+#
+# `native` builds the WireGuard transport kernel (native/wgkernel, Rust) that the agent's data path
+# uses when it is there. RUST_IMAGE is any image with cargo and a C compiler (ring's C and assembly
+# parts need one); the default is the public rust image. The test suite passes a Debian image with
+# gcc and mounts this machine's Rust toolchain at RUSTUP_HOME and CARGO_HOME/bin. PyO3 needs no
+# Python here: the module is built for the stable ABI (abi3, Python 3.11 and later).
 ARG BASE_IMAGE=python:3.11-slim
+ARG RUST_IMAGE=rust:1-slim-bookworm
+
+FROM ${RUST_IMAGE} AS native
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH \
+    PYO3_NO_PYTHON=1 CARGO_TERM_PROGRESS_WHEN=never
+COPY native/wgkernel/Cargo.toml native/wgkernel/Cargo.lock /src/wgkernel/
+COPY native/wgkernel/src /src/wgkernel/src
+RUN cd /src/wgkernel && cargo build --release --locked --quiet \
+    && install -D -m 0755 target/release/libwiremesh_wgkernel.so /out/wiremesh_wgkernel.abi3.so
 
 FROM ${BASE_IMAGE} AS builder
 ARG PIP_INDEX_URL
@@ -26,9 +41,13 @@ COPY shell /src/shell
 COPY services /src/services
 COPY node-agent /src/node-agent
 COPY operator /src/operator
+COPY --from=native /out/wiremesh_wgkernel.abi3.so /src/native/
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation -w /src/dist /src \
     && /opt/wiremesh/bin/pip install -c /src/requirements.lock /src/dist/wiremesh-*.whl \
-    && /opt/wiremesh/bin/pip uninstall -y pip setuptools >/dev/null 2>&1 || true
+    && cp /src/native/wiremesh_wgkernel.abi3.so \
+        "$(/opt/wiremesh/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/" \
+    && /opt/wiremesh/bin/python -c 'import wiremesh_wgkernel' \
+    && { /opt/wiremesh/bin/pip uninstall -y pip setuptools >/dev/null 2>&1 || true; }
 
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/wiremesh/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

@@ -155,15 +155,17 @@ def test_every_workload_of_the_chart_is_ready(world: World) -> None:
 def test_the_runtime_images_hold_the_product_and_no_lab_sources_or_build_tools(world: World) -> None:
     probe = (
         "import importlib.util as u, os, shutil; "
+        "from wiremesh.core.wireguard import kernel; "
         "print(u.find_spec('wiremesh.coord') is not None, u.find_spec('wiremesh.lab') is None, "
         "u.find_spec('hatchling') is None, u.find_spec('pip') is None, "
-        "not os.path.exists('/src'), not os.path.exists('/opt/build'), shutil.which('gcc') is None)"
+        "not os.path.exists('/src'), not os.path.exists('/opt/build'), shutil.which('gcc') is None, "
+        "shutil.which('cargo') is None, kernel.NATIVE)"  # the Rust data path, built in the image
     )
     for component in ("coord", "agent"):
         out = world.cluster.kubectl(
             "exec", f"{_kind(component)}/wiremesh-{component}", "-n", NAMESPACE, "--", "python3", "-c", probe
         )
-        assert out.split() == ["True"] * 7, (component, out)
+        assert out.split() == ["True"] * 9, (component, out)
 
 
 def _kind(component: str) -> str:

@@ -39,10 +39,20 @@ log = logging.getLogger("wiremesh.lab.images")
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "nftables")
+# The Dockerfile's `native` stage (the Rust transport kernel): a C compiler and linker beside the
+# base; the Rust toolchain itself is this machine's, mounted read-only.
+RUST_BUILD_PACKAGES = (*BASE_PACKAGES, "gcc", "libc6-dev")
 COMPONENTS = ("coord", "keys", "stun", "derp", "operator", "agent")
 # What the Dockerfile copies (and .dockerignore lets through); the component images' tag digests it.
-CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "README.md", "requirements.lock")
-CONTEXT_TREES = ("core", "shell", "services", "node-agent", "operator")
+CONTEXT_FILES = (
+    "Dockerfile",
+    "pyproject.toml",
+    "README.md",
+    "requirements.lock",
+    "native/wgkernel/Cargo.toml",
+    "native/wgkernel/Cargo.lock",
+)
+CONTEXT_TREES = ("core", "shell", "services", "node-agent", "operator", "native/wgkernel/src")
 PAUSE_SOURCE = Path(__file__).parent / "cluster_files" / "pause.c"
 STEP_TIMEOUT = 1800.0
 
@@ -168,17 +178,30 @@ class Builder:
         self.run("push", "-q", reference, f"oci:{layout}:{reference}")
 
 
-def _base_rootfs(cache: Path) -> tuple[Path, str]:
-    """The Debian root file system tarball for the base image (made once per package list)."""
-    key = hashlib.sha256(f"{SUITE} {' '.join(BASE_PACKAGES)}".encode()).hexdigest()[:12]
+def rust_toolchain() -> tuple[Path, Path]:
+    """This machine's rustup toolchains and proxies, (RUSTUP_HOME, CARGO_HOME/bin), which the
+    Dockerfile's native stage mounts read-only."""
+    rustup_home = Path(os.environ.get("RUSTUP_HOME", Path.home() / ".rustup"))
+    cargo_bin = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo")) / "bin"
+    if not (rustup_home / "toolchains").is_dir() or not (cargo_bin / "cargo").exists():
+        raise ImageError(
+            "the agent image builds the native WireGuard kernel with Rust: install it with rustup "
+            f"(looked for {rustup_home}/toolchains and {cargo_bin}/cargo)"
+        )
+    return rustup_home, cargo_bin
+
+
+def _base_rootfs(cache: Path, packages: Sequence[str] = BASE_PACKAGES) -> tuple[Path, str]:
+    """The Debian root file system tarball for a base image (made once per package list)."""
+    key = hashlib.sha256(f"{SUITE} {' '.join(packages)}".encode()).hexdigest()[:12]
     tarball = cache / f"rootfs-{SUITE}-{key}.tar"
     if not tarball.exists():
         partial = tarball.with_suffix(".partial.tar")
-        log.info("images: making a %s root file system with mmdebstrap (%s)", SUITE, ",".join(BASE_PACKAGES))
+        log.info("images: making a %s root file system with mmdebstrap (%s)", SUITE, ",".join(packages))
         argv = [
             "mmdebstrap",
             "--variant=minbase",
-            f"--include={','.join(BASE_PACKAGES)}",
+            f"--include={','.join(packages)}",
             SUITE,
             str(partial),
             MIRROR,
@@ -203,6 +226,8 @@ def build(root: Path | None = None, cache: Path | None = None) -> ImageSet:
         fcntl.flock(lock, fcntl.LOCK_EX)
         layout = cache / f"layout-{tag}"
         tarball, base_key = _base_rootfs(cache)
+        rust_tarball, rust_key = _base_rootfs(cache, RUST_BUILD_PACKAGES)
+        rustup_home, cargo_bin = rust_toolchain()
         nats_bin = _nats_server()
         images = ImageSet(
             layout=layout,
@@ -218,6 +243,9 @@ def build(root: Path | None = None, cache: Path | None = None) -> ImageSet:
         base = f"localhost/wiremesh-base:{base_key}"
         if not builder.has_image(base):
             builder.from_rootfs(base, tarball)
+        rust_base = f"localhost/wiremesh-rustbase:{rust_key}"
+        if not builder.has_image(rust_base):
+            builder.from_rootfs(rust_base, rust_tarball)
         if not builder.has_image(images.pause):
             with tempfile.TemporaryDirectory() as tmp:
                 binary = Path(tmp) / "pause"
@@ -237,6 +265,9 @@ def build(root: Path | None = None, cache: Path | None = None) -> ImageSet:
             builder.run(
                 "bud", "-q", "--pull=never", "--isolation", "chroot", "--layers",
                 "--build-arg", f"BASE_IMAGE={base}",
+                "--build-arg", f"RUST_IMAGE={rust_base}",
+                "-v", f"{rustup_home}:/usr/local/rustup:ro",
+                "-v", f"{cargo_bin}:/usr/local/cargo/bin:ro",
                 "--build-arg", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
                 "--build-arg", f"PIP_INDEX_URL={os.environ.get('PIP_INDEX_URL', 'https://pypi.org/simple')}",
                 # The host's CA bundle: pip inside the build trusts what the host trusts.

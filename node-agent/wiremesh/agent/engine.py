@@ -35,6 +35,7 @@ from wiremesh.agent.workerlink import ReceiveWorker
 from wiremesh.agent.workermessages import Decrypt, FilterCounts
 from wiremesh.core import gro, gso
 from wiremesh.core.policy.model import FilterRule
+from wiremesh.core.wireguard import kernel
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +179,13 @@ class Engine(PacketLoops):
             t.start()
             self._threads.append(t)
         log.info(
-            "engine_started interface=%s listen_port=%d mtu=%d ipv6=%s rx_worker=%s",
+            "engine_started interface=%s listen_port=%d mtu=%d ipv6=%s rx_worker=%s kernel=%s",
             self.tun_name,
             self.listen_port,
             self.mtu,
             self._sock6 is not None,
             self._rx.process.pid if self._rx is not None and self._rx.process is not None else "-",
+            "native" if kernel.NATIVE else "python",
         )
 
     def stop(self) -> None:
