@@ -66,12 +66,9 @@ from wiremesh.core.wireguard import EndpointObserved
 
 log = logging.getLogger("wiremesh.agent.magicsock")
 
-STUN_TIMEOUT = 0.7
-STUN_TRIES = 3
 NETCHECK_INTERVAL = 20.0  # re-STUN this often: notices NAT rebinding and relay latency changes
 PATH_LOSS_NETCHECK_SPACING = 5.0  # and when a direct path is lost, at most this often
 TIMER_MAX_SLEEP = 0.1
-PROBE_SOCKET_LIMIT = 1024  # birthday probe sockets open at once, all peers together
 HANDSHAKE_INITIATION_LEN = 148
 INITIATION_RESEND_WINDOW = 4.5  # WireGuard retries an unanswered initiation after 5 s itself
 
