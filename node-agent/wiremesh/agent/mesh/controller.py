@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import socket
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -37,7 +36,7 @@ from wiremesh.agent.control import (
 )
 from wiremesh.agent.mesh import report
 from wiremesh.agent.mesh.applier import PlanApplier
-from wiremesh.agent.mesh.config import MAX_AUTH_KEY_BYTES, MeshConfig, coord_pin
+from wiremesh.agent.mesh.config import MAX_AUTH_KEY_BYTES, MeshConfig, coord_pin, default_hostname
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
 from wiremesh.agent.svcproxy import ServiceProxy
@@ -242,7 +241,7 @@ class MeshAgent:
         return await self.client.login(
             self.keys.node_public,
             self.keys.disco_public,
-            self.config.hostname or _default_hostname(),
+            self.config.hostname or default_hostname(),
             auth_key=auth_key,
             advertised_routes=self.config.advertise_routes,
             endpoints=self.endpoints,
@@ -416,63 +415,27 @@ class MeshAgent:
     # ---- the local API's requests
 
     def status(self) -> dict[str, Any]:
-        engine_status = self.engine.status()
-        engine_peers = engine_status.get("peers", {})
-        netmap = self.netmap
-        now = self.clock()
-        peers = []
-        if netmap is not None:
-            for node in netmap.peers:
-                if not peer_usable(node, now):
-                    continue
-                live = engine_peers.get(node.node_key, {})
-                dns_name = self.dns.dns_name(node.name) if self.dns else ""
-                active = node.node_key in engine_peers
-                peers.append(report.peer_entry(node, live, active, dns_name, self.applier.applied.exit))
-        me = netmap.self_node if netmap is not None else None
-        return {
-            "backend_state": str(self.backend_state),
-            "error": self.last_error,
-            "auth_url": self.auth_url,
-            "login_server": self.config.login_server,
-            "interface": self.config.tun,
-            "listen_port": engine_status.get("listen_port"),
-            "netmap_version": netmap.version if netmap is not None else None,
-            "self": {
-                "id": self.persisted.node_id,
-                "name": me.name if me else self.persisted.name,
-                "dns_name": self.dns.dns_name(me.name) if self.dns and me else "",
-                "hostname": me.hostname if me else (self.config.hostname or _default_hostname()),
-                "user": me.user if me else "",
-                "tags": list(me.tags) if me else [],
-                "advertised_tags": list(self.advertise_tags),
-                "refused_tags": list(self.refused_tags),
-                "tags_error": self.tags_error,
-                "node_key": self.keys.node_public,
-                "addresses": [a.split("/")[0] for a in self.persisted.addresses],
-                "online": self._logged_in and netmap is not None,
-                "endpoints": list(self.endpoints),
-                "advertised_routes": list(self.config.advertise_routes),
-                "approved_routes": list(me.approved_routes) if me else [],
-                "accept_routes": self.config.accept_routes,
-                "exit_node": report.exit_node_entry(
-                    self.persisted.exit_node,
-                    self.persisted.exit_node_allow_lan_access,
-                    self.applier.applied.exit,
-                ),
-                "key_expiry": me.key_expiry if me else None,
-            },
-            "peers": peers,
-            "packet_filter": {
-                "rules": len(self.filter.rules),
-                "allow_all": self.filter.allow_all,
-                "drops": dict(self.filter.drops),
-                "errors": self.applier.filter_errors,
-            },
-            "drops": engine_status.get("drops", {}),
-            "dns": self.dns.status() if self.dns is not None else {},
-            "proxy": self.proxy.status() if self.proxy is not None else {},
-        }
+        return report.status(
+            backend_state=str(self.backend_state),
+            error=self.last_error,
+            auth_url=self.auth_url,
+            config=self.config,
+            persisted=self.persisted,
+            netmap=self.netmap,
+            now=self.clock(),
+            engine_status=self.engine.status(),
+            node_key=self.keys.node_public,
+            logged_in=self._logged_in,
+            endpoints=self.endpoints,
+            advertised_tags=self.advertise_tags,
+            refused_tags=self.refused_tags,
+            tags_error=self.tags_error,
+            exit_choice=self.applier.applied.exit,
+            packet_filter=self.filter,
+            filter_errors=self.applier.filter_errors,
+            dns=self.dns,
+            proxy=self.proxy,
+        )
 
     def ip(self) -> list[str]:
         if self.backend_state is BackendState.LOGGED_OUT:
@@ -589,9 +552,3 @@ class MeshAgent:
         self.state_dir.remove()
         log.info("logged_out state_removed=%s", self.state_dir.path)
         return self.status()
-
-
-def _default_hostname() -> str:
-    name = socket.gethostname().split(".")[0].lower()
-    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-")
-    return cleaned[:63] or "node"
