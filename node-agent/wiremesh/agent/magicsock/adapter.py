@@ -21,8 +21,8 @@ the datagram to a relay. Datagrams from an address a Pong proved are attributed 
 peers, and reports an authenticated packet from elsewhere (EndpointObserved), which we adopt.
 
 An asyncio loop in its own thread runs the relay connections (relays.py), netcheck (STUN, region
-latency, port mapping: netcheck.py), the disco timers and the birthday probe sockets
-(probesockets.py).
+latency, port mapping: netcheck.py) and what follows from it, our endpoints and home relay
+(reachability.py), the disco timers and the birthday probe sockets (probesockets.py).
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from nacl.public import PrivateKey
 from wiremesh.agent.magicsock.endpoint import PeerEndpoint
 from wiremesh.agent.magicsock.netcheck import Netcheck, fmt
 from wiremesh.agent.magicsock.probesockets import ProbeSockets
+from wiremesh.agent.magicsock.reachability import Reachability
 from wiremesh.agent.magicsock.relays import RelayPool
 from wiremesh.core import disco, stun
-from wiremesh.core.disco import DiscoKey, Endpoint
+from wiremesh.core.disco import DiscoKey
 from wiremesh.core.magicsock import (
     PRIMARY_SOCKET,
     AddressConfirmed,
@@ -66,12 +67,7 @@ from wiremesh.core.wireguard import EndpointObserved
 
 log = logging.getLogger("wiremesh.agent.magicsock")
 
-STUN_TIMEOUT = 0.7
-STUN_TRIES = 3
-NETCHECK_INTERVAL = 20.0  # re-STUN this often: notices NAT rebinding and relay latency changes
-PATH_LOSS_NETCHECK_SPACING = 5.0  # and when a direct path is lost, at most this often
 TIMER_MAX_SLEEP = 0.1
-PROBE_SOCKET_LIMIT = 1024  # birthday probe sockets open at once, all peers together
 HANDSHAKE_INITIATION_LEN = 148
 INITIATION_RESEND_WINDOW = 4.5  # WireGuard retries an unanswered initiation after 5 s itself
 
@@ -100,8 +96,6 @@ class MagicSock:
         self.node_private = PrivateKey(node_private_key)
         self.node_key = bytes(self.node_private.public_key)
         self.disco = disco_key or DiscoKey()
-        self.on_change = on_change
-        self.portmap_enabled = portmap
         self.core = PathSelector(self.node_key, self.disco, time.monotonic())
         if birthday_sockets is not None:
             self.core.birthday_sockets = birthday_sockets
@@ -112,17 +106,23 @@ class MagicSock:
         self._aliases: dict[Hashable, PeerEndpoint] = {}
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
-        self.home_region: int | None = None
         self.relays = RelayPool(self.node_private, self, self.drops)
         self.netcheck_state = Netcheck(
             lambda data, server: self.engine.send_datagram(data, server), self.drops
         )
+        self.reachability = Reachability(
+            engine,
+            self.netcheck_state,
+            self.relays,
+            self.core,
+            self._lock,
+            self.counters,
+            on_change=on_change,
+            portmap=portmap,
+        )
         self.probes = ProbeSockets(self, self.drops)
         self.relays.regions = parse_derp_map(derp_map)
-        self.local_endpoints: tuple[Endpoint, ...] = ()
         self._initiations: dict[bytes, tuple[bytes, float]] = {}
-        self._home_lock: asyncio.Lock | None = None
-        self._netcheck_task: asyncio.Future[None] | None = None
         self._ping_waiters: dict[bytes, concurrent.futures.Future[PingResult]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -130,8 +130,6 @@ class MagicSock:
         self._ready = threading.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._last_reported: tuple[tuple[str, ...], int | None] | None = None
-        self._last_path_loss_netcheck = -PATH_LOSS_NETCHECK_SPACING
 
     # ------------------------------------------------------------------ the Engine's Paths (paths.py)
 
@@ -227,6 +225,7 @@ class MagicSock:
     def stop(self) -> None:
         self._stopping = True
         self.relays.stopping = True
+        self.reachability.stopping = True
         loop = self._loop
         if loop is not None and not loop.is_closed():
             fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
@@ -251,12 +250,12 @@ class MagicSock:
         self._wake = asyncio.Event()
         self._tasks = [asyncio.create_task(self._timer_loop(), name="magicsock-timers")]
         try:
-            await self._netcheck_and_home()
+            await self.reachability.netcheck_and_home()
         except Exception:
             log.exception("initial_netcheck_failed")
         finally:
             self._ready.set()
-        self._tasks.append(asyncio.create_task(self._periodic(), name="magicsock-netcheck"))
+        self._tasks.append(asyncio.create_task(self.reachability.periodic(), name="magicsock-netcheck"))
         self._tasks.append(asyncio.create_task(self.relays.watchdog(), name="magicsock-relay-watchdog"))
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -334,7 +333,7 @@ class MagicSock:
             return
         self.relays.regions = regions
         if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._netcheck_and_home(), self._loop)
+            asyncio.run_coroutine_threadsafe(self.reachability.netcheck_and_home(), self._loop)
 
     # ------------------------------------------------------------------ sending
 
@@ -358,9 +357,9 @@ class MagicSock:
         except RuntimeError:
             running = None
         if running is loop:
-            self.relays.send(dest, data, self.home_region)
+            self.relays.send(dest, data, self.reachability.home_region)
         else:
-            loop.call_soon_threadsafe(self.relays.send, dest, data, self.home_region)
+            loop.call_soon_threadsafe(self.relays.send, dest, data, self.reachability.home_region)
 
     def _wake_loop(self) -> None:
         loop, wake = self._loop, self._wake
@@ -406,7 +405,7 @@ class MagicSock:
                     # A lost direct path is often our NAT rebinding: learn our new public
                     # address now rather than at the next periodic netcheck, so that the
                     # CallMeMaybes of the discovery that follows carry it.
-                    self._call_in_loop(self._netcheck_after_path_loss)
+                    self._call_in_loop(self.reachability.netcheck_after_path_loss)
             elif isinstance(event, PingResult):
                 fut = self._ping_waiters.pop(event.tx_id, None)
                 if fut is not None and not fut.done():
@@ -415,7 +414,7 @@ class MagicSock:
                 log.info(
                     "mapping_changed published=%s observed=%s", fmt(event.published), fmt(event.observed)
                 )
-                self._call_in_loop(self._netcheck_soon)
+                self._call_in_loop(self.reachability.netcheck_soon)
             elif isinstance(event, OpenProbeSockets):
                 self._call_in_loop(self._open_probe_sockets, event.node_key, event.count)
             elif isinstance(event, CloseProbeSockets):
@@ -469,94 +468,12 @@ class MagicSock:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sleep)
 
-    async def _periodic(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(NETCHECK_INTERVAL)
-            try:
-                await self._netcheck_and_home()
-            except Exception:
-                log.exception("netcheck_failed")
-
-    def _netcheck_after_path_loss(self) -> None:
-        now = time.monotonic()
-        if now - self._last_path_loss_netcheck < PATH_LOSS_NETCHECK_SPACING:
-            return
-        self._last_path_loss_netcheck = now
-        self.counters["netcheck_after_path_loss"] += 1
-        self._netcheck_soon()
-
-    def _netcheck_soon(self) -> None:
-        if self._netcheck_task is None or self._netcheck_task.done():
-            self._netcheck_task = asyncio.ensure_future(self._netcheck_and_home())
-
-    # ------------------------------------------------------------------ netcheck and home relay
+    # ------------------------------------------------------------------ netcheck (reachability.py)
 
     async def netcheck(self) -> dict[str, Any]:
         """Probe every region now; returns the report (`wiremesh netcheck`)."""
-        await self._netcheck_and_home()
-        return self.netcheck_report()
-
-    def netcheck_report(self) -> dict[str, Any]:
-        return self.netcheck_state.report(self.home_region, self.local_endpoints)
-
-    async def _netcheck_and_home(self) -> None:
-        netcheck = self.netcheck_state
-        # The port-mapping request runs beside STUN: on a router without PCP/NAT-PMP it only
-        # times out, and the home relay should not wait for that.
-        portmap = (
-            asyncio.ensure_future(netcheck.portmap(self.engine.listen_port)) if self.portmap_enabled else None
-        )
-        await netcheck.probe(list(self.regions.values()), self.relays)
-        await self._set_local_endpoints()
-        await self._choose_home()
-        if portmap is not None and await portmap:
-            await self._set_local_endpoints()
-
-    async def _set_local_endpoints(self) -> None:
-        self.local_endpoints = await self.netcheck_state.endpoints(
-            self.engine.listen_port, self.engine.tun_name
-        )
-        with self._lock:
-            self.core.set_local_endpoints(
-                self.local_endpoints, self.netcheck_state.mapping_varies, time.monotonic()
-            )
-        self._report()
-
-    async def _choose_home(self) -> None:
-        # One decision at a time: a periodic netcheck and a lost relay must not race each other
-        # (the netcheck could otherwise re-elect the relay that has just gone).
-        if self._home_lock is None:
-            self._home_lock = asyncio.Lock()
-        async with self._home_lock:
-            await self._choose_home_locked()
-
-    async def _choose_home_locked(self) -> None:
-        home = await self.relays.elect_home(self.netcheck_state.region_latency, self.home_region)
-        if home is None or home == self.home_region:
-            return
-        log.info("home_region region=%s previous=%s", home, self.home_region)
-        self.home_region = home
-        with self._lock:
-            self.core.set_home_region(home)
-        client = self.relays.client(home)
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.note_preferred(True)
-        self._report()
-
-    def report_now(self) -> None:
-        """Tell on_change our endpoints and home region now (it is told of changes anyway)."""
-        self._report()
-
-    def _report(self) -> None:
-        state = (tuple(fmt(ep.address) for ep in self.local_endpoints), self.home_region)
-        if state == self._last_reported or self.on_change is None:
-            return
-        self._last_reported = state
-        try:
-            self.on_change(*state)
-        except Exception:
-            log.exception("on_change_failed")
+        await self.reachability.netcheck_and_home()
+        return self.reachability.netcheck_report()
 
     # ------------------------------------------------------------------ relays (RelayHandler)
 
@@ -575,10 +492,8 @@ class MagicSock:
     async def relay_closed(self, region: int, lost: bool) -> None:
         with self._lock:
             self.core.forget_relay_region(region)
-        if lost and region == self.home_region:
-            self.netcheck_state.region_latency.pop(region, None)
-            self.home_region = None
-            await self._choose_home()
+        if lost:
+            await self.reachability.relay_lost(region)
 
     # ------------------------------------------------------------------ status and ping
 
@@ -593,9 +508,9 @@ class MagicSock:
         return {
             "node_key": _b64(self.node_key),
             "disco_key": _b64(self.disco.public_key),
-            "home_region": self.home_region,
+            "home_region": self.reachability.home_region,
             "relays_connected": self.relays.connected(),
-            "netcheck": self.netcheck_report(),
+            "netcheck": self.reachability.netcheck_report(),
             "peers": peers,
             "drops": drops,
             "counters": {**counters, **self.relays.counters, **self.counters},

@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if netmap_dir:
             # Stand-in for coord: publish our endpoints and home region where peers read them.
-            ms.on_change = lambda eps, home: _publish(netmap_dir, ms.node_key, eps, home)
-            ms.report_now()
+            ms.reachability.on_change = lambda eps, home: _publish(netmap_dir, ms.node_key, eps, home)
+            ms.reachability.report_now()
         endpoints = ms.set_peers(peer_infos())
         engine.set_peers(
             [

@@ -63,8 +63,9 @@ class MagicsockPaths:
 
     def endpoints(self) -> tuple[str, ...]:
         ms = self.magicsock
-        if ms.local_endpoints:
-            return tuple(fmt(ep.address) for ep in ms.local_endpoints)
+        local = ms.reachability.local_endpoints
+        if local:
+            return tuple(fmt(ep.address) for ep in local)
         return hostnet.local_endpoints(ms.engine.listen_port, exclude=(ms.engine.tun_name,))
 
 

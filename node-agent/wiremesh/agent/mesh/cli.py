@@ -330,7 +330,7 @@ async def _serve(config: MeshConfig, state_dir: StateDir, keys: Keys, engine: An
     await dns.start()
     proxy = _service_proxy(config, engine)
     agent = MeshAgent(config, state_dir, keys, engine, paths=MagicsockPaths(magicsock), dns=dns, proxy=proxy)
-    magicsock.on_change = agent.report_paths
+    magicsock.reachability.on_change = agent.report_paths
     registry.register(MeshCollector(agent))
     registry.register(metrics.MagicsockCollector(magicsock))
     api = LocalAPIServer(MeshAPI(agent, magicsock), config.socket_path)

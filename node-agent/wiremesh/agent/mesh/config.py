@@ -1,4 +1,5 @@
-"""The mesh agent's configuration (wiremeshd's mesh flags) and how it pins coord's key.
+"""The mesh agent's configuration (wiremeshd's mesh flags), how it pins coord's key, and the
+hostname it registers under without --hostname.
 
 Coord's key is pinned (`coord_pin`): `--coord-key`, else the one state.json kept from the first
 successful login, else the fingerprint the pre-auth key carries; learning it from `GET /key` with
@@ -9,6 +10,7 @@ nothing to check it against is allowed over https:// (TLS vouches for the server
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 from wiremesh.agent import hostnet
 from wiremesh.agent.state import Persisted
@@ -68,3 +70,10 @@ def coord_pin(config: MeshConfig, persisted: Persisted) -> CoordPin:
         "read over a trusted path), or an auth key created by this coord (it carries the key's "
         "fingerprint), or use https://; in a lab, --insecure-learn-coord-key"
     )
+
+
+def default_hostname() -> str:
+    """This host's name as a DNS label: what the node registers under without --hostname."""
+    name = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-")
+    return cleaned[:63] or "node"

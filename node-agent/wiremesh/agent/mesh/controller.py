@@ -3,8 +3,8 @@ match it, and serve the local API's requests (up, down, logout, status).
 
 `MeshAgent` (asyncio) logs in with the keys from the state directory, streams the netmap (the
 control client reconnects with backoff and resyncs in full), and after every netmap change
-applies the difference between the new plan (plan.py) and the applied one to the Engine, so a
-removed or expired peer leaves the Device at once. When coord or NATS is away nothing is torn
+applies the difference between the new plan (plan.py) and the applied one to the Engine
+(applier.py), so a removed or expired peer leaves the Device at once. When coord or NATS is away nothing is torn
 down: the data plane keeps the last netmap.
 
 The auth key is only offered until the first successful login of the process: a node that coord
@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import socket
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -36,7 +35,8 @@ from wiremesh.agent.control import (
     LoginResult,
 )
 from wiremesh.agent.mesh import report
-from wiremesh.agent.mesh.config import MAX_AUTH_KEY_BYTES, MeshConfig, coord_pin
+from wiremesh.agent.mesh.applier import PlanApplier
+from wiremesh.agent.mesh.config import MAX_AUTH_KEY_BYTES, MeshConfig, coord_pin, default_hostname
 from wiremesh.agent.mesh.plan import Plan, peer_usable, plan
 from wiremesh.agent.state import Keys, Persisted, StateDir
 from wiremesh.agent.svcproxy import ServiceProxy
@@ -45,7 +45,6 @@ from wiremesh.core.control.channel import ControlError
 from wiremesh.core.control.messages import check_tags
 from wiremesh.core.netmap import NetworkMap, Node
 from wiremesh.core.packetfilter import Filter
-from wiremesh.core.policy.model import FilterRule
 
 log = logging.getLogger("wiremesh.agent.mesh")
 T = TypeVar("T")
@@ -119,12 +118,11 @@ class MeshAgent:
         self.client = client
         self.backend_state = BackendState.STARTING
         self.netmap: NetworkMap | None = None
-        self.applied = Plan()
+        self.applier = PlanApplier(engine, config.tun, dns.addresses if dns is not None else ())
         # One filter for the interface's whole life, on every packet even with no policy, so
         # that the first policy knows which flows were ours and cuts the peers' it does not allow.
         self.filter = Filter(allow_all=True)
         engine.packet_filter = self.filter
-        self.filter_errors = 0
         self.netmaps_received = 0
         self.last_error = ""
         self.endpoints: tuple[str, ...] = ()
@@ -151,8 +149,6 @@ class MeshAgent:
             )
         self._force_reauth = False
         self._logged_in = False
-        self._apply_failed = False
-        self._ipv6: bool | None = None  # learnt at the first address or route change
         self._kick = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -245,7 +241,7 @@ class MeshAgent:
         return await self.client.login(
             self.keys.node_public,
             self.keys.disco_public,
-            self.config.hostname or _default_hostname(),
+            self.config.hostname or default_hostname(),
             auth_key=auth_key,
             advertised_routes=self.config.advertise_routes,
             endpoints=self.endpoints,
@@ -316,15 +312,15 @@ class MeshAgent:
         self.auth_url = ""  # a refused or expired interactive login: the next try gets a new URL
         self.backend_state = BackendState.NEEDS_LOGIN
         self.netmap = None
-        await self._blocking(self._apply_plan, Plan(addresses=self.applied.addresses))
+        await self._blocking(self._apply_plan, Plan(addresses=self.applier.applied.addresses))
 
     async def _ticker(self) -> None:
         last_endpoint_check = self.clock()
         while True:
             await asyncio.sleep(1.0)
             now = self.clock()
-            expiry = self.applied.next_expiry
-            if self._apply_failed or (expiry is not None and now >= expiry):
+            expiry = self.applier.applied.next_expiry
+            if self.applier.failed or (expiry is not None and now >= expiry):
                 await self.apply()
             if now - last_endpoint_check >= ENDPOINT_CHECK_INTERVAL:
                 last_endpoint_check = now
@@ -388,7 +384,7 @@ class MeshAgent:
             lan_prefixes=self.lan_prefixes,
             allow_lan=self.persisted.exit_node_allow_lan_access,
         )
-        if wanted.exit != self.applied.exit and wanted.exit.error:
+        if wanted.exit != self.applier.applied.exit and wanted.exit.error:
             log.warning("exit_node_unusable error=%r", wanted.exit.error)
         await self._blocking(self._apply_plan, wanted)
         if self.dns is not None:
@@ -402,68 +398,13 @@ class MeshAgent:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _apply_plan(self, wanted: Plan) -> None:
-        old = self.applied
-        try:
-            if wanted.peers != old.peers:
-                self.engine.set_peers(wanted.peers)
-            if wanted.packet_filter != old.packet_filter:
-                self._install_filter(wanted.packet_filter)
-            if wanted.addresses and wanted.addresses != old.addresses:
-                self._set_addresses(wanted.addresses)
-            if wanted.routes != old.routes:
-                self.engine.set_routes(self._families(wanted.routes))
-            if wanted.lan_rules != old.lan_rules:
-                netconf.set_lan_rules(wanted.lan_rules, self.engine.route_table)
-        except (OSError, ValueError, netconf.NetconfError) as exc:
-            self.last_error = f"applying the netmap failed: {exc}"
-            log.error("apply_failed error=%r", str(exc))
-            # Forget what was applied: the ticker redoes every step a second later.
-            self.applied = Plan()
-            self._apply_failed = True
-            return
-        self.applied = wanted
-        self._apply_failed = False
-        if wanted.peers != old.peers:
-            log.info("peers_configured count=%d routes=%s", len(wanted.peers), ",".join(wanted.routes))
-
-    def _families(self, prefixes: Iterable[str]) -> tuple[str, ...]:
-        """`prefixes` less the IPv6 ones when this host has IPv6 turned off (said once)."""
-        prefixes = tuple(prefixes)
-        if self._ipv6 is None:
-            self._ipv6 = hostnet.ipv6_enabled(self.config.tun)
-            if not self._ipv6:
-                log.warning("ipv6_unavailable interface=%s action=ipv4_only", self.config.tun)
-        if self._ipv6:
-            return prefixes
-        return tuple(p for p in prefixes if ":" not in p)
+        # On the netlink worker; what went wrong becomes status's "error" (last_error).
+        if error := self.applier.apply(wanted):
+            self.last_error = error
 
     def _set_addresses(self, addresses: Iterable[str]) -> None:
-        addresses = tuple(addresses)
-        # MagicDNS answers on the TUN (local to this host only), never a source of our traffic.
-        resolver = self.dns.addresses if addresses and self.dns is not None else ()
-        try:
-            if resolver:
-                self.engine.set_addresses(self._families(addresses), never_source=self._families(resolver))
-            else:
-                self.engine.set_addresses(self._families(addresses))
-        except (OSError, ValueError, netconf.NetconfError) as exc:
-            self.last_error = f"setting addresses failed: {exc}"
-            log.error("addresses_failed error=%r", str(exc))
-
-    def _install_filter(self, packet_filter: tuple[Mapping[str, Any], ...]) -> None:
-        if not packet_filter:
-            self.engine.set_filter_rules((), allow_all=True)
-            log.info("packet_filter_installed rules=0 allow_all=true")
-            return
-        try:
-            rules = [FilterRule.from_dict(dict(rule)) for rule in packet_filter]
-        except (ValueError, TypeError) as exc:
-            # Fail closed: a policy we cannot read admits no new inbound flows.
-            self.filter_errors += 1
-            log.error("packet_filter_invalid error=%r action=deny_new_inbound", str(exc))
-            rules = []
-        self.engine.set_filter_rules(rules, allow_all=False)
-        log.info("packet_filter_installed rules=%d", len(rules))
+        if error := self.applier.set_addresses(addresses):
+            self.last_error = error
 
     def _save(self) -> None:
         try:
@@ -474,61 +415,27 @@ class MeshAgent:
     # ---- the local API's requests
 
     def status(self) -> dict[str, Any]:
-        engine_status = self.engine.status()
-        engine_peers = engine_status.get("peers", {})
-        netmap = self.netmap
-        now = self.clock()
-        peers = []
-        if netmap is not None:
-            for node in netmap.peers:
-                if not peer_usable(node, now):
-                    continue
-                live = engine_peers.get(node.node_key, {})
-                dns_name = self.dns.dns_name(node.name) if self.dns else ""
-                active = node.node_key in engine_peers
-                peers.append(report.peer_entry(node, live, active, dns_name, self.applied.exit))
-        me = netmap.self_node if netmap is not None else None
-        return {
-            "backend_state": str(self.backend_state),
-            "error": self.last_error,
-            "auth_url": self.auth_url,
-            "login_server": self.config.login_server,
-            "interface": self.config.tun,
-            "listen_port": engine_status.get("listen_port"),
-            "netmap_version": netmap.version if netmap is not None else None,
-            "self": {
-                "id": self.persisted.node_id,
-                "name": me.name if me else self.persisted.name,
-                "dns_name": self.dns.dns_name(me.name) if self.dns and me else "",
-                "hostname": me.hostname if me else (self.config.hostname or _default_hostname()),
-                "user": me.user if me else "",
-                "tags": list(me.tags) if me else [],
-                "advertised_tags": list(self.advertise_tags),
-                "refused_tags": list(self.refused_tags),
-                "tags_error": self.tags_error,
-                "node_key": self.keys.node_public,
-                "addresses": [a.split("/")[0] for a in self.persisted.addresses],
-                "online": self._logged_in and netmap is not None,
-                "endpoints": list(self.endpoints),
-                "advertised_routes": list(self.config.advertise_routes),
-                "approved_routes": list(me.approved_routes) if me else [],
-                "accept_routes": self.config.accept_routes,
-                "exit_node": report.exit_node_entry(
-                    self.persisted.exit_node, self.persisted.exit_node_allow_lan_access, self.applied.exit
-                ),
-                "key_expiry": me.key_expiry if me else None,
-            },
-            "peers": peers,
-            "packet_filter": {
-                "rules": len(self.filter.rules),
-                "allow_all": self.filter.allow_all,
-                "drops": dict(self.filter.drops),
-                "errors": self.filter_errors,
-            },
-            "drops": engine_status.get("drops", {}),
-            "dns": self.dns.status() if self.dns is not None else {},
-            "proxy": self.proxy.status() if self.proxy is not None else {},
-        }
+        return report.status(
+            backend_state=str(self.backend_state),
+            error=self.last_error,
+            auth_url=self.auth_url,
+            config=self.config,
+            persisted=self.persisted,
+            netmap=self.netmap,
+            now=self.clock(),
+            engine_status=self.engine.status(),
+            node_key=self.keys.node_public,
+            logged_in=self._logged_in,
+            endpoints=self.endpoints,
+            advertised_tags=self.advertise_tags,
+            refused_tags=self.refused_tags,
+            tags_error=self.tags_error,
+            exit_choice=self.applier.applied.exit,
+            packet_filter=self.filter,
+            filter_errors=self.applier.filter_errors,
+            dns=self.dns,
+            proxy=self.proxy,
+        )
 
     def ip(self) -> list[str]:
         if self.backend_state is BackendState.LOGGED_OUT:
@@ -640,14 +547,8 @@ class MeshAgent:
         self.netmap = None
         await self._blocking(self._apply_plan, Plan())
         await self._blocking(self._set_addresses, ())
-        self.applied = Plan()
+        self.applier.applied = Plan()
         self.persisted = Persisted()
         self.state_dir.remove()
         log.info("logged_out state_removed=%s", self.state_dir.path)
         return self.status()
-
-
-def _default_hostname() -> str:
-    name = socket.gethostname().split(".")[0].lower()
-    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-")
-    return cleaned[:63] or "node"

@@ -42,7 +42,7 @@ class MeshCollector:
             "wiremesh_netmaps_received", "Netmaps (full or delta) applied", value=agent.netmaps_received
         )
         yield GaugeMetricFamily(
-            "wiremesh_mesh_peers", "WireGuard peers configured", value=len(agent.applied.peers)
+            "wiremesh_mesh_peers", "WireGuard peers configured", value=len(agent.applier.applied.peers)
         )
         state = GaugeMetricFamily("wiremesh_backend_state", "1 for the current state", labels=["state"])
         for member in BackendState:

@@ -1,6 +1,6 @@
 """What the Engine should look like for one netmap: pure, netmap and `now` in, the wanted
 interface addresses, routes, WireGuard peers and packet-filter rules out. Everything the agent
-decides lives here; the controller (controller.py) applies it."""
+decides lives here; applier.py applies it to the Engine."""
 
 from __future__ import annotations
 
