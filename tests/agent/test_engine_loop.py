@@ -174,6 +174,9 @@ class DropAll:
     def admit_flow(self, packet: bytes, count: int, now: float) -> bool:
         return False
 
+    def in_live_flow(self, packet: bytes, now: float) -> bool:
+        return False
+
     def note_outbound_batch(self, packets: list[bytes], now: float) -> list[bytes]:
         self.sent += len(packets)
         return []

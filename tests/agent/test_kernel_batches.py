@@ -184,3 +184,22 @@ def test_the_filter_judges_a_flow_run_as_each_of_its_packets(rules: tuple[Filter
         each.drops,
     )
     assert one.flow_count == each.flow_count
+
+
+def test_a_denied_run_that_was_not_live_counts_every_packet_under_its_reason() -> None:
+    run = [seg4(1000 + 100 * k, b"z" * 100) for k in range(4)]
+    one, each = Filter(), Filter()
+    for flt in (one, each):
+        flt.set_rules((), allow_all=False)
+    assert not one.in_live_flow(run[0], 1.0)
+    assert not one.admit_flow(run[0], len(run), 1.0) and not each.filter_inbound(run, 1.0)
+    assert one.drops == each.drops and sum(one.drops.values()) == len(run)
+
+
+def test_a_live_flow_is_known_without_changing_anything() -> None:
+    flt = Filter()
+    flt.set_rules((), allow_all=True)
+    packet = seg4(1000, b"z" * 100)
+    assert not flt.in_live_flow(packet, 1.0)
+    assert flt.admit_flow(packet, 3, 1.0) and flt.accepted == 3
+    assert flt.in_live_flow(packet, 2.0) and flt.accepted == 3

@@ -257,17 +257,27 @@ class Filter:
         judged by the first, `packet`, and counted as `count`: packets with one flow key have one
         verdict, whatever their flags or payload."""
         accepted, replies = self.accepted, self.accepted_replies
-        before = dict(self.drops) if count > 1 else self.drops
+        if count == 1:
+            return bool(self.filter_inbound([packet], now))
+        # A live flow admits without touching the drop counters (filter_inbound's fast path);
+        # only a verdict that may deny needs to know which counter it moved.
+        before = None if self.in_live_flow(packet, now) else dict(self.drops)
         if self.filter_inbound([packet], now):
-            if count > 1:
-                self.accepted += (self.accepted - accepted) * (count - 1)
-                self.accepted_replies += (self.accepted_replies - replies) * (count - 1)
+            self.accepted += (self.accepted - accepted) * (count - 1)
+            self.accepted_replies += (self.accepted_replies - replies) * (count - 1)
             return True
-        if count > 1:
+        if before is not None:
             for reason, n in self.drops.items():
                 if n != before.get(reason, 0):
                     self.drops[reason] = n + count - 1
         return False
+
+    def in_live_flow(self, packet: bytes, now: float) -> bool:
+        """Does `packet` belong to a flow this filter admits without judging it again (a live
+        flow of ours, or of the peer's admitted under the current rules)? Changes nothing."""
+        key = _fast_key(packet)
+        flow = self._inbound.get(key) if key is not None else None
+        return flow is not None and flow.expiry >= now and (flow.ours or flow.generation == self._generation)
 
     def check_inbound(self, packet: bytes, now: float) -> bool:
         """True if this decrypted packet from a peer may be delivered."""

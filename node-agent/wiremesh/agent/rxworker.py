@@ -215,11 +215,19 @@ class Worker:
             i = run.end
         if not packets:
             return
-        if self.filter is not None:
-            # The flows we opened may have been reported just before their replies arrived:
-            # apply what is queued on the control pair first.
-            self._control()
-        tunwrite.deliver(self.tun_fd, packets, flows, self.filter, now, self.vnet, self.io, self.drops)
+        # The flows we opened may have been reported just before their replies arrived: a run
+        # the filter would deny is judged again once what is queued on the control pair applies.
+        tunwrite.deliver(
+            self.tun_fd,
+            packets,
+            flows,
+            self.filter,
+            now,
+            self.vnet,
+            self.io,
+            self.drops,
+            refresh=self._control,
+        )
 
     def _owner(self, src: bytes) -> bytes | None:
         """The peer (public key) AllowedIPs gives `src` to, cached."""
