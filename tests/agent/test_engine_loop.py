@@ -22,6 +22,7 @@ from agent_netns import call_in, namespace, ping, send_tcp_stream, unique
 from wiremesh.agent import netconf
 from wiremesh.agent.engine import Engine
 from wiremesh.agent.paths import StaticPaths
+from wiremesh.core import gro
 from wiremesh.core.wireguard import kernel
 
 pytestmark = pytest.mark.netns
@@ -77,19 +78,20 @@ class PassThroughDevice:
         results = [self.send(p, now) for p in packets]
         return [r for r in results if r is not None], None in results
 
-    def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float):
+    def receive_batch(self, datagrams: list[bytes], source: Hashable, now: float, vnet: bool = False):
         packets = [self.receive(d, source, now) for d in datagrams]
         kept = [p for p in packets if p]
-        flows: list[tuple[int, int]] = []  # runs of one flow, as the Device marks them
+        runs: list[list[bytes]] = []  # runs of one flow, as the Device makes them
         previous = None
-        for i, packet in enumerate(kept):
+        for packet in kept:
             key = kernel.flow_key(packet)
             if key is not None and key == previous:
-                flows[-1] = (flows[-1][0], i + 1)
+                runs[-1].append(packet)
             else:
-                flows.append((i, i + 1))
+                runs.append([packet])
             previous = key
-        return kept, flows, not all(packets)
+        flows = [(run[0], len(run), gro.coalesce(run) if vnet else run) for run in runs]
+        return flows, not all(packets)
 
     def send_tso(self, raw: bytes, offset: int, mss: int, now: float):
         return None  # no sessions here: super-packets take the per-packet path

@@ -105,16 +105,21 @@ def a_mixed_run() -> list[bytes]:
 
 
 @needs_native
-def test_native_and_python_open_a_run_alike() -> None:
+@pytest.mark.parametrize("vnet", [False, True])
+def test_native_and_python_open_a_run_alike(vnet: bool) -> None:
     assert native is not None
     datagrams = a_mixed_run()
     fast, slow = both_windows()
-    python = kernel.open_run_python(KEY, AEAD, slow, datagrams, 1, REJECT_AFTER_MESSAGES)
-    end, packets, flows, stats = native.open_run(KEY, fast, datagrams, 1, REJECT_AFTER_MESSAGES)
-    assert kernel.Opened(end, packets, flows, *stats) == python
+    python = kernel.open_run_python(KEY, AEAD, slow, datagrams, 1, REJECT_AFTER_MESSAGES, vnet)
+    end, flows, stats = native.open_run(KEY, fast, datagrams, 1, REJECT_AFTER_MESSAGES, vnet)
+    assert kernel.Opened(end, flows, *stats) == python
     assert python.end == len(datagrams) - 1
     # Flow a, flow b, flow a again (a new run: a filter sees the flows in order).
-    assert [(b - a) for _, a, b in python.flows] == [2, 2, 2]
+    assert [count for _, _, count, _ in python.flows] == [2, 2, 2]
+    first_a = seg4(1000, b"a" * 100)
+    assert [first for _, first, _, _ in python.flows][::2] == [first_a, seg4(1200, b"a" * 100)]
+    # With a virtio_net_hdr, each flow's two in-order segments are merged into one GSO write.
+    assert [len(writes) for _, _, _, writes in python.flows] == ([1, 1, 1] if vnet else [2, 2, 2])
     assert (python.authenticated, python.data, python.replay, python.decrypt_failed, python.not_ip) == (
         8,
         7,
@@ -124,9 +129,9 @@ def test_native_and_python_open_a_run_alike() -> None:
     )
     assert fast.greatest == slow.greatest == 8
     with pytest.raises(ValueError):
-        native.open_run(KEY, fast, datagrams, 0, REJECT_AFTER_MESSAGES)
+        native.open_run(KEY, fast, datagrams, 0, REJECT_AFTER_MESSAGES, vnet)
     with pytest.raises(ValueError):
-        kernel.open_run_python(KEY, AEAD, slow, datagrams, 0, REJECT_AFTER_MESSAGES)
+        kernel.open_run_python(KEY, AEAD, slow, datagrams, 0, REJECT_AFTER_MESSAGES, vnet)
 
 
 def test_a_run_keeps_only_packets_from_the_peers_allowed_sources() -> None:
@@ -135,10 +140,10 @@ def test_a_run_keeps_only_packets_from_the_peers_allowed_sources() -> None:
     datagrams = kernel.seal(KEY, AEAD, 3, 0, [ours, bytes(theirs), ours[:]])
     session = ReceiveSession(b"peer", KEY, reject_deadline=100.0)
     run = receive_run(session, b"peer", datagrams, 0, 1.0, lambda src: b"peer" if src[0] != 192 else b"else")
-    assert run.packets == [ours, ours] and run.flows == [(0, 1), (1, 2)]
+    assert run.flows == [(ours, 1, [ours]), (ours, 1, [ours])]
     assert run.drops == {"source_not_allowed": 1} and run.authenticated == 3
     expired = receive_run(session, b"peer", datagrams, 0, 100.0, lambda src: b"peer")
-    assert expired.drops == {"expired_session": 3} and not expired.packets and expired.end == 3
+    assert expired.drops == {"expired_session": 3} and not expired.flows and expired.end == 3
 
 
 def test_the_devices_tso_send_makes_what_segmenting_and_send_batch_make() -> None:
@@ -161,8 +166,15 @@ def test_the_devices_tso_send_makes_what_segmenting_and_send_batch_make() -> Non
     assert not held and b"".join(d for d, _ in batch) == buffer and len(batch[0][0]) == size
     # b opens the buffer's datagrams as one run of one flow.
     datagrams = [buffer[k : k + size] for k in range(0, len(buffer), size)]
-    packets, flows, other = p.b.receive_batch(datagrams, A_ENDPOINT, p.now)
-    assert flows == [(0, 4)] and not other and b"".join(x[52:] for x in packets) == bytes(ip[52:])
+    flows, other = p.b.receive_batch(datagrams, A_ENDPOINT, p.now)
+    ((first, count, packets),) = flows
+    assert count == 4 and not other and b"".join(x[52:] for x in packets) == bytes(ip[52:])
+    # With a virtio_net_hdr the four segments become one GSO write of the whole payload.
+    session_b = p.peer_a.current
+    assert session_b is not None
+    session_b.replay = kernel.new_replay_window()
+    ((first_v, count_v, writes),) = p.b.receive_batch(datagrams, A_ENDPOINT, p.now, vnet=True)[0]
+    assert (first_v, count_v) == (first, 4) and len(writes) == 1 and writes[0][10 + 52 :] == bytes(ip[52:])
 
 
 def test_no_live_session_leaves_a_tso_packet_to_the_per_packet_path() -> None:

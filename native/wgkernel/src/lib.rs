@@ -163,15 +163,17 @@ fn seal_tso<'py>(
     Ok((PyBytes::new(py, &buffer), size, count))
 }
 
-type Flow<'py> = (Bound<'py, PyBytes>, usize, usize);
-type Opened<'py> = (usize, Vec<Bound<'py, PyBytes>>, Vec<Flow<'py>>, (usize, usize, usize, usize, usize, usize));
+type Flow<'py> = (Bound<'py, PyBytes>, Bound<'py, PyBytes>, usize, Vec<Bound<'py, PyBytes>>);
+type Opened<'py> = (usize, Vec<Flow<'py>>, (usize, usize, usize, usize, usize, usize));
 
 /// Open the run of transport messages of one receiver index that starts at `datagrams[start]`:
-/// (end of the run, the IP packets, flows, (authenticated, bytes authenticated, non-empty
-/// payloads, replay drops, decrypt_failed drops, not_ip drops)). Counters are checked against
-/// `replay` before decryption and committed after; `reject_after` and up are refused as replays.
-/// flows are (source address, start, end) over the packets: runs of one TCP/UDP flow, and every
-/// other packet alone, so that a caller checks a source and a filter once per run.
+/// (end of the run, flows, (authenticated, bytes authenticated, non-empty payloads, replay drops,
+/// decrypt_failed drops, not_ip drops)). Counters are checked against `replay` before decryption
+/// and committed after; `reject_after` and up are refused as replays. A flow is a run of packets
+/// of one TCP/UDP flow (every other packet is one alone): (source address, its first packet,
+/// how many, the TUN writes that carry them), so that a caller checks a source and a filter once
+/// per flow. With `vnet` the writes start with a virtio_net_hdr and runs of TCP segments are
+/// merged into one (coalesce); without, they are the packets.
 #[pyfunction]
 fn open_run<'py>(
     py: Python<'py>,
@@ -180,6 +182,7 @@ fn open_run<'py>(
     datagrams: Vec<Bound<'py, PyBytes>>,
     start: usize,
     reject_after: u64,
+    vnet: bool,
 ) -> PyResult<Opened<'py>> {
     let views: Vec<&[u8]> = datagrams.iter().map(|d| d.as_bytes()).collect();
     if start >= views.len()
@@ -202,8 +205,9 @@ fn open_run<'py>(
     }
     let mut plain = Vec::with_capacity(todo.iter().map(|&i| views[i].len()).sum());
     let opened = py.allow_threads(|| batch::open_all(&aead, &views, &todo, &mut plain));
-    let mut packets: Vec<Bound<'py, PyBytes>> = Vec::with_capacity(todo.len());
-    let mut flows: Vec<Flow<'py>> = Vec::new();
+    // (start, end) over `packets` per flow, with the flow's source.
+    let mut packets: Vec<&[u8]> = Vec::with_capacity(todo.len());
+    let mut runs: Vec<(&[u8], usize, usize)> = Vec::new();
     let mut current: Option<(u8, &[u8])> = None;
     for (k, &i) in todo.iter().enumerate() {
         let Some((at, n)) = opened[k] else {
@@ -227,15 +231,30 @@ fn open_run<'py>(
         };
         let key = batch::flow_key(packet);
         let index = packets.len();
-        packets.push(PyBytes::new(py, packet));
-        match flows.last_mut() {
+        packets.push(packet);
+        match runs.last_mut() {
             Some(last) if key.is_some() && key == current && last.2 == index => last.2 = index + 1,
-            _ => flows.push((PyBytes::new(py, src), index, index + 1)),
+            _ => runs.push((src, index, index + 1)),
         }
         current = key;
     }
+    let writes: Vec<Vec<Vec<u8>>> = if vnet {
+        py.allow_threads(|| runs.iter().map(|&(_, a, b)| offload::coalesce(&packets[a..b])).collect())
+    } else {
+        Vec::new()
+    };
+    let mut flows: Vec<Flow<'py>> = Vec::with_capacity(runs.len());
+    for (r, &(src, a, b)) in runs.iter().enumerate() {
+        let out: Vec<Bound<'py, PyBytes>> = if vnet {
+            writes[r].iter().map(|w| PyBytes::new(py, w)).collect()
+        } else {
+            packets[a..b].iter().map(|p| PyBytes::new(py, p)).collect()
+        };
+        let first = if vnet { PyBytes::new(py, packets[a]) } else { out[0].clone() };
+        flows.push((PyBytes::new(py, src), first, b - a, out));
+    }
     let s = stats;
-    Ok((end, packets, flows, (s.authenticated, s.nbytes, s.data, s.replay, s.decrypt_failed, s.not_ip)))
+    Ok((end, flows, (s.authenticated, s.nbytes, s.data, s.replay, s.decrypt_failed, s.not_ip)))
 }
 
 #[pymodule]

@@ -256,13 +256,13 @@ class PacketLoops:
         dev = self.device
         with self.lock:
             t = time.time()
-            packets, flows, flush = dev.receive_batch(wireguard, source, t) if wireguard else ([], [], False)
+            flows, flush = dev.receive_batch(wireguard, source, t, self._vnet) if wireguard else ([], False)
             # Decrypting can produce output too (a confirmed session's held packets, a rekey).
             out = dev.datagrams_to_send()
         io["udp_receives"] += 1
         io["udp_datagrams_received"] += len(datagrams)
-        if packets:
-            tunwrite.deliver(self._tun_fd, packets, flows, self._packet_filter, t, self._vnet, io, self.drops)
+        if flows:
+            tunwrite.deliver(self._tun_fd, flows, self._packet_filter, t, io, self.drops)
         if out:
             self._sender.send_all(out)
         if flush or out:

@@ -52,7 +52,7 @@ from wiremesh.agent.workermessages import (
 from wiremesh.core import gro
 from wiremesh.core.allowedips import AllowedIPs
 from wiremesh.core.packetfilter import Filter
-from wiremesh.core.wireguard.transport import ReceiveSession, Run, receive_run
+from wiremesh.core.wireguard.transport import Flow, ReceiveSession, Run, receive_run
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,7 @@ class Worker:
     # ------------------------------------------------------------------ packet path
 
     def _datagrams(self, datagrams: list[bytes], source: Hashable, now: float, forward_unknown: bool) -> None:
-        packets: list[bytes] = []
-        flows: list[tuple[int, int]] = []
+        flows: list[Flow] = []
         i, n = 0, len(datagrams)
         while i < n:
             d = datagrams[i]
@@ -207,27 +206,15 @@ class Worker:
                     self.drops["worker_forward_full"] += 1
                 i += 1
                 continue
-            run = receive_run(session, session.peer, datagrams, i, now, self._owner)
+            run = receive_run(session, session.peer, datagrams, i, now, self._owner, self.vnet)
             self._count_run(receiver, source, run)
-            base = len(packets)
-            packets += run.packets
-            flows += [(a + base, b + base) for a, b in run.flows]
+            flows += run.flows
             i = run.end
-        if not packets:
+        if not flows:
             return
-        # The flows we opened may have been reported just before their replies arrived: a run
-        # the filter would deny is judged again once what is queued on the control pair applies.
-        tunwrite.deliver(
-            self.tun_fd,
-            packets,
-            flows,
-            self.filter,
-            now,
-            self.vnet,
-            self.io,
-            self.drops,
-            refresh=self._control,
-        )
+        # The flows we opened may have been reported just before their replies arrived: what is
+        # queued on the control pair applies before a flow the filter does not know is judged.
+        tunwrite.deliver(self.tun_fd, flows, self.filter, now, self.io, self.drops, refresh=self._control)
 
     def _owner(self, src: bytes) -> bytes | None:
         """The peer (public key) AllowedIPs gives `src` to, cached."""

@@ -1,6 +1,6 @@
 """Decrypted packets into the TUN, the same for the Engine and its receive worker: the packet
-filter judges each run of one flow once, runs of one TCP flow are merged into GSO writes
-(wiremesh.core.gro) when the TUN takes a virtio_net_hdr, and every write is counted."""
+filter judges each run of one flow once (the transport kernel made the runs and, when the TUN
+takes a virtio_net_hdr, merged their TCP segments into GSO writes), and every write is counted."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-from wiremesh.core import gro
+from wiremesh.core.wireguard.transport import Flow
 
 
 class FlowFilter(Protocol):
@@ -20,32 +20,28 @@ class FlowFilter(Protocol):
 
 def deliver(
     fd: int,
-    packets: list[bytes],
-    flows: list[tuple[int, int]],
+    flows: list[Flow],
     flt: FlowFilter | None,
     now: float,
-    vnet: bool,
     io: Counter[str],
     drops: Counter[str],
     refresh: Callable[[], None] | None = None,
 ) -> None:
-    """Write `packets` (flows: their [start, end) runs of one flow) to the TUN `fd`. `refresh`,
-    if given, brings the filter up to date (flows of ours it may not have heard of yet); it is
-    called before the first run that is not in a live flow is judged."""
+    """Write each flow's TUN writes to `fd` if the filter admits the flow (judged by its first
+    packet, counted as all of them). `refresh`, if given, brings the filter up to date (flows of
+    ours it may not have heard of yet); it is called before the first flow that is not live is
+    judged."""
     writes: list[bytes] = []
-    for a, b in flows:
+    for first, count, flow_writes in flows:
         if flt is not None:
-            if refresh is not None and not flt.in_live_flow(packets[a], now):
+            if refresh is not None and not flt.in_live_flow(first, now):
                 refresh()
                 refresh = None  # once per batch: what it brought applies to the rest as well
-            if not flt.admit_flow(packets[a], b - a, now):
-                drops["inbound_filter"] += b - a
+            if not flt.admit_flow(first, count, now):
+                drops["inbound_filter"] += count
                 continue
-        io["tun_packets_written"] += b - a
-        if vnet:
-            writes += gro.coalesce(packets[a:b])
-        else:
-            writes += packets[a:b]
+        io["tun_packets_written"] += count
+        writes += flow_writes
     io["tun_writes"] += len(writes)
     write = os.write
     for data in writes:

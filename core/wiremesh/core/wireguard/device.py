@@ -60,7 +60,7 @@ from wiremesh.core.wireguard.timers import (
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEYS_AFTER,
 )
-from wiremesh.core.wireguard.transport import receive_run
+from wiremesh.core.wireguard.transport import Flow, receive_run
 
 log = logging.getLogger(__name__)
 
@@ -453,16 +453,16 @@ class Device:
             return None
 
     def receive_batch(
-        self, datagrams: list[bytes], source: Hashable, now: float
-    ) -> tuple[list[bytes], list[tuple[int, int]], bool]:
+        self, datagrams: list[bytes], source: Hashable, now: float, vnet: bool = False
+    ) -> tuple[list[Flow], bool]:
         """receive() for each datagram of one source, in order, with every run of transport
-        messages of one session opened by transport.receive_run (one kernel call). Returns the IP
-        packets for the TUN, the [start, end) runs of one flow over them (a filter or a
-        coalescer judges a run once), and whether anything but data arrived (handshakes,
-        keepalives, drops: as receive()'s None). Never raises."""
+        messages of one session opened by transport.receive_run (one kernel call). Returns the
+        runs of one flow, (first packet, how many, the TUN writes: the packets, or with `vnet`
+        virtio_net_hdr writes with TCP segments merged), for a filter to judge once each, and
+        whether anything but data arrived (handshakes, keepalives, drops: as receive()'s None).
+        Never raises."""
         self._now = now
-        packets: list[bytes] = []
-        flows: list[tuple[int, int]] = []
+        flows: list[Flow] = []
         other = False
         i, n = 0, len(datagrams)
         while i < n:
@@ -471,7 +471,7 @@ class Device:
             try:
                 if len(datagram) >= TRANSPORT_MIN_SIZE and datagram[:4] == _TYPE_TRANSPORT:
                     receiver = _u32_unpack(datagram, 4)[0]
-                    j, clean = self._receive_run(datagrams, i, receiver, source, now, packets, flows)
+                    j, clean = self._receive_run(datagrams, i, receiver, source, now, flows, vnet)
                     if not clean:
                         other = True
                 else:
@@ -482,14 +482,14 @@ class Device:
                 self.drops["internal_error"] += j - i
                 other = True
             i = j
-        return packets, flows, other
+        return flows, other
 
     def _receive_transport(
         self, datagram: bytes, n: int, receiver: int, counter: int, source: Hashable, now: float
     ) -> bytes | None:
-        packets: list[bytes] = []
-        self._receive_run([datagram], 0, receiver, source, now, packets, [])
-        return packets[0] if packets else None
+        flows: list[Flow] = []
+        self._receive_run([datagram], 0, receiver, source, now, flows, vnet=False)
+        return flows[0][2][0] if flows else None
 
     def _receive_run(
         self,
@@ -498,18 +498,18 @@ class Device:
         receiver: int,
         source: Hashable,
         now: float,
-        packets: list[bytes],
-        flows: list[tuple[int, int]],
+        flows: list[Flow],
+        vnet: bool,
     ) -> tuple[int, bool]:
-        """The run of one session's transport messages at datagrams[start] -> its IP packets
-        (from allowed sources) and flows appended; (the index after the run, True when every
-        message was data that reached `packets`)."""
+        """The run of one session's transport messages at datagrams[start] -> its flows (from
+        allowed sources) appended; (the index after the run, True when every message was data
+        that reached `flows`)."""
         session = self._sessions.get(receiver)
         if session is None:
             end = kernel.run_end(datagrams, start)
             self.drops["unknown_peer" if receiver in self._retired else "no_session"] += end - start
             return end, False
-        run = receive_run(session, session.peer, datagrams, start, now, self._route)
+        run = receive_run(session, session.peer, datagrams, start, now, self._route, vnet)
         drops = self.drops
         for reason, count in run.drops.items():
             drops[reason] += count
@@ -517,9 +517,7 @@ class Device:
             # What authenticated messages mean (confirmation, counters, roaming, timers): the
             # same whether they were decrypted here or by a worker.
             self.note_received(receiver, source, run.nbytes, run.authenticated, run.data, now)
-        base = len(packets)
-        packets += run.packets
-        flows += [(a + base, b + base) for a, b in run.flows]
+        flows += run.flows
         clean = not run.drops and run.data == run.end - start
         return run.end, clean
 

@@ -15,12 +15,13 @@ caller (the Device, or an agent's receive worker).
 Two calls carry whole batches, so that the interpreter's work is per batch and not per packet:
 
     buffer, size, count = seal_tso(send_key, send_aead, receiver_index, first_counter, raw, offset, mss)
-    opened = open_run(recv_key, recv_aead, replay, datagrams, start, reject_after)
+    opened = open_run(recv_key, recv_aead, replay, datagrams, start, reject_after, vnet)
 
 seal_tso segments a TUN TSO super-packet and seals every segment into one buffer that a
 UDP_SEGMENT send carries as is. open_run opens the run of one session's messages starting at
 `start`, checks and commits their counters in `replay` (a window from new_replay_window()), and
-says where runs of one flow begin and end, so that callers check sources and policy per flow.
+hands back runs of one flow with the TUN writes that carry them (with `vnet`, TCP segments
+merged into GSO writes as gro.coalesce does), so that callers check sources and policy per flow.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from wiremesh.core import gso
+from wiremesh.core import gro, gso
 from wiremesh.core.wireguard.replay import ReplayWindow
 
 _HEADER = struct.Struct("<IIQ")
@@ -76,8 +77,9 @@ class Opened(NamedTuple):
     """What open_run found in one run of transport messages."""
 
     end: int  # the index after the run's last message
-    packets: list[bytes]  # IP packets, padding removed, in order
-    flows: list[tuple[bytes, int, int]]  # (source address, start, end) over packets, one flow each
+    # Per run of packets of one TCP/UDP flow (any other packet alone), in order: (source
+    # address, the first packet, how many packets, the TUN writes that carry them).
+    flows: list[tuple[bytes, bytes, int, list[bytes]]]
     authenticated: int
     nbytes: int  # bytes of the messages that authenticated
     data: int  # messages with a non-empty payload
@@ -134,6 +136,7 @@ def open_run_python(
     datagrams: Sequence[bytes],
     start: int,
     reject_after: int,
+    vnet: bool,
 ) -> Opened:
     d0 = datagrams[start]
     if len(d0) < 32 or d0[:4] != b"\x04\x00\x00\x00":
@@ -178,7 +181,11 @@ def open_run_python(
         else:
             flows.append((src, index, index + 1))
         current = key_
-    return Opened(end, packets, flows, authenticated, nbytes, data, dropped_replay, failed, not_ip)
+    out = [
+        (src, packets[a], b - a, gro.coalesce_python(packets[a:b]) if vnet else packets[a:b])
+        for src, a, b in flows
+    ]
+    return Opened(end, out, authenticated, nbytes, data, dropped_replay, failed, not_ip)
 
 
 def seal_tso_python(
@@ -197,7 +204,7 @@ Open = Callable[[bytes, ChaCha20Poly1305, Sequence[bytes]], list[bytes | None]]
 
 
 SealTSO = Callable[[bytes, ChaCha20Poly1305, int, int, bytes, int, int], tuple[bytes, int, int]]
-OpenRun = Callable[[bytes, ChaCha20Poly1305, Any, Sequence[bytes], int, int], Opened]
+OpenRun = Callable[[bytes, ChaCha20Poly1305, Any, Sequence[bytes], int, int, bool], Opened]
 
 
 def _native() -> tuple[Seal, Open, SealTSO, OpenRun, Callable[[], Any]] | None:
@@ -233,13 +240,14 @@ def _native() -> tuple[Seal, Open, SealTSO, OpenRun, Callable[[], Any]] | None:
         datagrams: Sequence[bytes],
         start: int,
         reject_after: int,
+        vnet: bool,
     ) -> Opened:
         try:
-            end, packets, flows, stats = native_open_run(key, replay, datagrams, start, reject_after)
+            end, flows, stats = native_open_run(key, replay, datagrams, start, reject_after, vnet)
         except TypeError:  # the extension reads bytes only: copy other buffers
             datagrams = [d if type(d) is bytes else bytes(d) for d in datagrams]
-            end, packets, flows, stats = native_open_run(key, replay, datagrams, start, reject_after)
-        return Opened(end, packets, flows, *stats)
+            end, flows, stats = native_open_run(key, replay, datagrams, start, reject_after, vnet)
+        return Opened(end, flows, *stats)
 
     return seal_native, open_native, seal_tso_native, open_run_native, native.Replay
 

@@ -44,13 +44,16 @@ class ReceiveSession:
         self.reject_deadline = reject_deadline
 
 
+Flow = tuple[bytes, int, list[bytes]]
+
+
 @dataclass(slots=True)
 class Run:
     """What one run of transport messages gave."""
 
     end: int  # the index after the run in the datagrams it was read from
-    packets: list[bytes] = field(default_factory=list)  # IP packets from allowed sources
-    flows: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of one flow each
+    # Runs of one flow from allowed sources: (first packet, how many packets, TUN writes).
+    flows: list[Flow] = field(default_factory=list)
     authenticated: int = 0
     nbytes: int = 0  # bytes of the messages that authenticated
     data: int = 0  # authenticated messages that were not keepalives
@@ -64,18 +67,20 @@ def receive_run(
     start: int,
     now: float,
     owner: Callable[[bytes], Hashable],
+    vnet: bool = False,
 ) -> Run:
     """Open the run of transport messages of `session` that starts at datagrams[start] (whose
     receiver index names the session). Messages fail as expired_session, replay (a counter seen,
     too old or past REJECT_AFTER_MESSAGES), decrypt_failed or not_ip (an IP header whose length
     covers no more than was decrypted); a counter is committed to the replay window only once its
     message authenticated. A packet is kept only if `owner(source address)` (AllowedIPs) is
-    `peer`, else it counts as source_not_allowed; that is asked once per flow."""
+    `peer`, else it counts as source_not_allowed; that is asked once per flow. A flow's writes
+    are its packets, or with `vnet` TUN writes with a virtio_net_hdr, TCP segments merged."""
     if now >= session.reject_deadline:
         end = kernel.run_end(datagrams, start)
         return Run(end, drops={"expired_session": end - start})
     opened = kernel.open_run(
-        session.recv_key, session.recv_aead, session.replay, datagrams, start, REJECT_AFTER_MESSAGES
+        session.recv_key, session.recv_aead, session.replay, datagrams, start, REJECT_AFTER_MESSAGES, vnet
     )
     drops = {}
     for reason, n in (
@@ -85,14 +90,13 @@ def receive_run(
     ):
         if n:
             drops[reason] = n
-    packets = opened.packets
-    flows = [(a, b) for src, a, b in opened.flows if owner(src) == peer]
-    if len(flows) != len(opened.flows):
-        kept: list[bytes] = []
-        moved = []
-        for a, b in flows:
-            moved.append((len(kept), len(kept) + b - a))
-            kept += packets[a:b]
-        drops["source_not_allowed"] = len(packets) - len(kept)
-        packets, flows = kept, moved
-    return Run(opened.end, packets, flows, opened.authenticated, opened.nbytes, opened.data, drops)
+    flows: list[Flow] = []
+    refused = 0
+    for src, first, count, writes in opened.flows:
+        if owner(src) == peer:
+            flows.append((first, count, writes))
+        else:
+            refused += count
+    if refused:
+        drops["source_not_allowed"] = refused
+    return Run(opened.end, flows, opened.authenticated, opened.nbytes, opened.data, drops)
