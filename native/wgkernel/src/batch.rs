@@ -15,32 +15,39 @@ pub fn sealed_len(packet: usize) -> usize {
     HEADER + ((packet + 15) & !15) + TAG
 }
 
-/// Seal `packets` one after another into `out` (sized by sealed_len), counters from `counter`.
-pub fn seal_into(aead: &LessSafeKey, receiver: u32, counter: u64, packets: &[Vec<u8>], out: &mut [u8]) {
-    let mut at = 0;
-    for (i, packet) in packets.iter().enumerate() {
-        let n = sealed_len(packet.len());
-        let d = &mut out[at..at + n];
-        let c = counter + i as u64;
-        d[0..4].copy_from_slice(&MESSAGE_TRANSPORT.to_le_bytes());
-        d[4..8].copy_from_slice(&receiver.to_le_bytes());
-        d[8..16].copy_from_slice(&c.to_le_bytes());
-        d[HEADER..HEADER + packet.len()].copy_from_slice(packet);
-        d[HEADER + packet.len()..n - TAG].fill(0);
-        let (body, tag) = d[HEADER..].split_at_mut(n - HEADER - TAG);
+/// Segment a TSO super-packet and seal each segment straight into one buffer, counters from
+/// `counter` on: (the buffer, the size of the first message, how many).
+pub fn seal_segments(
+    aead: &LessSafeKey,
+    receiver: u32,
+    counter: u64,
+    packet: &[u8],
+    mss: usize,
+) -> Result<(Vec<u8>, usize, usize), &'static str> {
+    let mut out: Vec<u8> = Vec::with_capacity(packet.len() + (packet.len() / mss.max(1) + 1) * 160);
+    let mut first = 0;
+    let mut c = counter;
+    let count = offload::segment_each(packet, mss, |head, payload| {
+        let at = out.len();
+        let plain = head.len() + payload.len();
+        let n = sealed_len(plain);
+        out.extend_from_slice(&MESSAGE_TRANSPORT.to_le_bytes());
+        out.extend_from_slice(&receiver.to_le_bytes());
+        out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(head);
+        out.extend_from_slice(payload);
+        out.resize(at + n, 0); // padding to 16, then room for the tag
+        let (body, tag) = out[at + HEADER..].split_at_mut(n - HEADER - TAG);
         let t = aead
             .seal_in_place_separate_tag(nonce(c), Aad::empty(), body)
             .expect("a transport payload is far below the cipher's limit");
         tag.copy_from_slice(t.as_ref());
-        at += n;
-    }
-}
-
-/// Segments of a super-packet and their sealed size: (segments, total bytes).
-pub fn segment(packet: &[u8], mss: usize) -> Result<(Vec<Vec<u8>>, usize), &'static str> {
-    let segments = offload::segment_tcp(packet, mss)?;
-    let total = segments.iter().map(|s| sealed_len(s.len())).sum();
-    Ok((segments, total))
+        if c == counter {
+            first = n;
+        }
+        c += 1;
+    })?;
+    Ok((out, first, count))
 }
 
 /// What opening one run found, besides the packets.

@@ -153,12 +153,7 @@ fn seal_tso<'py>(
         return Err(PyValueError::new_err("offset past the end of the read"));
     }
     let (buffer, size, count) = py
-        .allow_threads(|| -> Result<(Vec<u8>, usize, usize), &'static str> {
-            let (segments, total) = batch::segment(&input[offset..], mss)?;
-            let mut out = vec![0u8; total];
-            batch::seal_into(&aead, receiver, counter, &segments, &mut out);
-            Ok((out, batch::sealed_len(segments[0].len()), segments.len()))
-        })
+        .allow_threads(|| batch::seal_segments(&aead, receiver, counter, &input[offset..], mss))
         .map_err(PyValueError::new_err)?;
     Ok((PyBytes::new(py, &buffer), size, count))
 }

@@ -43,6 +43,19 @@ fn put16(b: &mut [u8], at: usize, v: u16) {
 /// Segments of one TCP super-packet with `mss` payload bytes each, checksums complete; Err with
 /// the reason when the packet is not what TSO hands over.
 pub fn segment_tcp(packet: &[u8], mss: usize) -> Result<Vec<Vec<u8>>, &'static str> {
+    let mut out = Vec::new();
+    segment_each(packet, mss, |head, payload| {
+        let mut segment = Vec::with_capacity(head.len() + payload.len());
+        segment.extend_from_slice(head);
+        segment.extend_from_slice(payload);
+        out.push(segment);
+    })?;
+    Ok(out)
+}
+
+/// segment_tcp handing each segment, as (headers, payload), to `emit` in order, so that a
+/// caller can lay segments out where it wants them without a copy per segment.
+pub fn segment_each<F: FnMut(&[u8], &[u8])>(packet: &[u8], mss: usize, mut emit: F) -> Result<usize, &'static str> {
     let n = packet.len();
     if n < 40 || mss == 0 {
         return Err("super-packet too short");
@@ -92,7 +105,8 @@ pub fn segment_tcp(packet: &[u8], mss: usize) -> Result<Vec<Vec<u8>>, &'static s
             let ipsum = !ones_sum(&fixed[..t]) & 0xFFFF;
             put16(&mut fixed, 10, ipsum as u16);
         }
-        return Ok(vec![fixed]);
+        emit(&fixed, &[]);
+        return Ok(1);
     }
     let seq0 = u32::from_be_bytes([packet[t + 4], packet[t + 5], packet[t + 6], packet[t + 7]]);
     let flags0 = packet[t + 13];
@@ -110,7 +124,6 @@ pub fn segment_tcp(packet: &[u8], mss: usize) -> Result<Vec<Vec<u8>>, &'static s
     let rest = total % mss;
     let count = full + usize::from(rest > 0);
     let mut head = packet[..hl].to_vec();
-    let mut out = Vec::with_capacity(count);
     for k in 0..count {
         let seglen = if k < full { mss } else { rest };
         let start = k * mss;
@@ -143,12 +156,9 @@ pub fn segment_tcp(packet: &[u8], mss: usize) -> Result<Vec<Vec<u8>>, &'static s
                 + ones_sum(seg),
         );
         put16(&mut head, t + 16, (!csum & 0xFFFF) as u16);
-        let mut segment = Vec::with_capacity(hl + seglen);
-        segment.extend_from_slice(&head);
-        segment.extend_from_slice(seg);
-        out.push(segment);
+        emit(&head, seg);
     }
-    Ok(out)
+    Ok(count)
 }
 
 fn plain(p: &[u8]) -> Vec<u8> {
