@@ -32,17 +32,28 @@ def test_every_runtime_dependency_is_pinned_in_the_lock() -> None:
 
 def test_the_builder_stage_is_separate_and_the_runtime_takes_only_the_virtualenv() -> None:
     stages = re.findall(r"^FROM (\S+) AS (\w+)", DOCKERFILE, re.M)
-    assert stages[0] == ("${BASE_IMAGE}", "builder")
-    assert stages[1] == ("${BASE_IMAGE}", "runtime")
+    assert stages[0] == ("${RUST_IMAGE}", "native")  # the Rust transport kernel
+    assert stages[1] == ("${BASE_IMAGE}", "builder")
+    assert stages[2] == ("${BASE_IMAGE}", "runtime")
     runtime = DOCKERFILE.split("AS runtime", 1)[1].split("\nFROM ", 1)[0]
     assert re.findall(r"^COPY .*", runtime, re.M) == ["COPY --from=builder /opt/wiremesh /opt/wiremesh"]
     assert "requirements.lock" in DOCKERFILE.split("AS runtime", 1)[0]
+    # The kernel reaches the runtime only inside the builder's virtualenv; it must import there.
+    builder = DOCKERFILE.split("AS builder", 1)[1].split("AS runtime", 1)[0]
+    assert "COPY --from=native /out/wiremesh_wgkernel.abi3.so" in builder
+    assert "import wiremesh_wgkernel" in builder
 
 
 def test_the_build_context_leaves_the_lab_tests_and_tools_out() -> None:
     copied = re.findall(r"^COPY (?!--from)(.*) \S+$", DOCKERFILE, re.M)
     sources = {part for line in copied for part in line.split()}
-    assert sources == {"requirements.lock", "pyproject.toml", "README.md", *images.CONTEXT_TREES}
+    assert sources == {
+        "requirements.lock",
+        "pyproject.toml",
+        "README.md",
+        *images.CONTEXT_TREES,
+        *images.CONTEXT_FILES,
+    } - {"Dockerfile"}
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") :][:1] == ["*"]  # everything is excluded unless let in below
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
@@ -59,6 +70,7 @@ def test_the_lab_is_a_distribution_of_its_own() -> None:
 
 def test_the_image_tag_changes_with_any_source_file(tmp_path: Path) -> None:
     for name in images.CONTEXT_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
     for tree in images.CONTEXT_TREES:
         (tmp_path / tree / "pkg").mkdir(parents=True)
